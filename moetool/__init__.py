@@ -1,0 +1,24 @@
+"""moetool: analyse Mixture-of-Experts checkpoints.
+
+Library first: every command is one call that returns a report with `to_dict()` and
+`to_dataframe()`.
+
+Example:
+    >>> import moetool
+    >>> moetool.count("mixtral-8x7b").total_params
+    46702792704
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def count(model, **kwargs):
+    """Total vs active parameters, memory, KV cache and FLOPs of MODEL; see `moetool.count.count`."""
+    from .count import count as _count
+
+    return _count(model, **kwargs)
+
+
+__all__ = ["count", "__version__"]

@@ -1,0 +1,150 @@
+"""DeepSeek-V2, DeepSeek-V3 (and Kimi-K2, same architecture), GLM-4.5 (glm4_moe).
+
+DeepSeek: multi-head latent attention (MLA): queries through an optional low-rank `q_lora_rank`,
+keys and values through a shared latent of `kv_lora_rank` plus a decoupled RoPE key of
+`qk_rope_head_dim`; the KV cache holds only that latent (kv_lora_rank + qk_rope_head_dim per token).
+GLM-4.5: GQA attention with q/k/v biases and optional QK-norm.
+Both: the first `first_k_dense_replace` layers dense, routed + shared experts after, and
+`num_nextn_predict_layers` multi-token-prediction layers stored in the checkpoint but not built
+by transformers (reported as MTP parameters, not in the total).
+"""
+
+from __future__ import annotations
+
+from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
+from . import common
+
+# Upstream defaults that differ per family (transformers' configuration_*.py).
+DEFAULTS = {
+    "deepseek_v2": dict(first_k_dense=0, norm_topk_prob=False, scoring="softmax", topk_method="greedy"),
+    "deepseek_v3": dict(first_k_dense=3, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
+    "glm4_moe": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
+}
+
+
+def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
+    family = "deepseek_v3" if model_type == "kimi_k2" else model_type
+    dflt = DEFAULTS[family]
+    d = cfg.int("hidden_size", min_value=1)
+    vocab = cfg.int("vocab_size", min_value=1)
+    n_layers = cfg.int("num_hidden_layers", min_value=1)
+    tie = common.tie_embeddings(cfg)
+    heads = cfg.int("num_attention_heads", min_value=1)
+
+    experts = cfg.first_int(["n_routed_experts", "num_local_experts"], 0)
+    moe = None
+    if experts:
+        scoring = cfg.str("scoring_func", dflt["scoring"])
+        router = RouterSpec(
+            scoring=scoring,
+            norm_topk_prob=cfg.bool("norm_topk_prob", dflt["norm_topk_prob"]),
+            routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0),
+            topk_method=cfg.str("topk_method", dflt["topk_method"]),
+            n_group=cfg.int("n_group", 1, min_value=1),
+            topk_group=cfg.int("topk_group", 1, min_value=1),
+            correction_bias=family != "deepseek_v2",
+        )
+        shared = cfg.int("n_shared_experts", 0)
+        f = cfg.int("moe_intermediate_size", min_value=1)
+        moe = MoESpec(num_experts=experts, top_k=cfg.int("num_experts_per_tok", min_value=1), expert_ffn=f,
+                      num_shared_experts=shared, shared_ffn=f * shared, router=router,
+                      activation=cfg.str("hidden_act", "silu"))
+    k_dense = cfg.int("first_k_dense_replace", dflt["first_k_dense"])
+    freq = cfg.int("moe_layer_freq", 1, min_value=1)
+    mtp = cfg.first_int(["num_nextn_predict_layers", "num_mtp_layers"], 0)
+
+    if family == "glm4_moe":
+        kv_heads = cfg.int("num_key_value_heads", heads, min_value=1)
+        hd = common.head_dim(cfg, d, heads)
+        attn_bias = cfg.bool("attention_bias", False)
+        qk_norm = cfg.bool("use_qk_norm", False)
+
+        def attention(inv: Inventory, i: int, group: str) -> LayerSpec:
+            _glm_attention(inv, i, d, heads, kv_heads, hd, attn_bias, qk_norm, group)
+            return common.gqa_layer(i, heads, kv_heads, hd, False)
+    else:
+        mla = _MLA(cfg, d, heads)
+
+        def attention(inv: Inventory, i: int, group: str) -> LayerSpec:
+            return mla.build(inv, i, group)
+
+    inv = Inventory()
+    layers = []
+    for i in range(n_layers + mtp):
+        is_mtp = i >= n_layers
+        group = "mtp" if is_mtp else None
+        layer = attention(inv, i, group or "attention")
+        inv.add(f"layers.{i}.input_norm.weight", group or "norms", (d,), i)
+        inv.add(f"layers.{i}.post_attention_norm.weight", group or "norms", (d,), i)
+        is_moe = moe is not None and i >= k_dense and i % freq == 0
+        if is_moe:
+            inv.linear(f"layers.{i}.router", group or "router", moe.num_experts, d, i)  # [E, D]
+            inv.swiglu(f"layers.{i}.experts", group or "routed_experts", d, moe.expert_ffn, i, copies=moe.num_experts)
+            if moe.num_shared_experts:
+                inv.swiglu(f"layers.{i}.shared_experts", group or "shared_experts", d, moe.shared_ffn, i)
+        else:
+            inv.swiglu(f"layers.{i}.mlp", group or "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i,
+                       bias=cfg.bool("mlp_bias", False))
+        if is_mtp:
+            # The MTP head: norms of the embedding and of the previous hidden state, their fused
+            # projection [D, 2D], and the shared head's norm. Its embedding and LM head are stored
+            # copies of the main ones and are not counted again.
+            for n in ("enorm", "hnorm", "shared_head.norm"):
+                inv.add(f"layers.{i}.{n}.weight", "mtp", (d,), i)
+            inv.add(f"layers.{i}.eh_proj.weight", "mtp", (d, 2 * d), i, matmul=True)
+        else:
+            layers.append(LayerSpec(index=i, mixer=layer.mixer, moe=is_moe, kv_per_token=layer.kv_per_token,
+                                    attn_flops_per_ctx=layer.attn_flops_per_ctx))
+    common.embed_and_head(inv, cfg, vocab, d, tie)
+    return ModelSpec(model_type=model_type, family=family, hidden_size=d, vocab_size=vocab, num_layers=n_layers,
+                     layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie, mtp_layers=mtp,
+                     max_position_embeddings=cfg.raw("max_position_embeddings"),
+                     torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))
+
+
+class _MLA:
+    def __init__(self, cfg: Cfg, d: int, heads: int):
+        self.d, self.heads = d, heads
+        self.q_lora = cfg.int("q_lora_rank", 0)
+        self.kv_lora = cfg.int("kv_lora_rank", min_value=1)
+        self.nope = cfg.int("qk_nope_head_dim", min_value=0)
+        self.rope = cfg.int("qk_rope_head_dim", min_value=0)
+        self.v = cfg.int("v_head_dim", min_value=1)
+        self.bias = cfg.bool("attention_bias", False)
+
+    def build(self, inv: Inventory, i: int, group: str) -> LayerSpec:
+        d, H, qk = self.d, self.heads, self.nope + self.rope
+        p = f"layers.{i}.attn"
+        norms = "norms" if group == "attention" else group
+        if self.q_lora:
+            inv.linear(f"{p}.q_a", group, self.q_lora, d, i, self.bias)        # [Rq, D]
+            inv.add(f"{p}.q_a_norm.weight", norms, (self.q_lora,), i)
+            inv.linear(f"{p}.q_b", group, H * qk, self.q_lora, i)              # [H*(nope+rope), Rq]
+        else:
+            inv.linear(f"{p}.q", group, H * qk, d, i)                          # [H*(nope+rope), D]
+        inv.linear(f"{p}.kv_a", group, self.kv_lora + self.rope, d, i, self.bias)  # [Rkv+rope, D]
+        inv.add(f"{p}.kv_a_norm.weight", norms, (self.kv_lora,), i)
+        inv.linear(f"{p}.kv_b", group, H * (self.nope + self.v), self.kv_lora, i)  # [H*(nope+v), Rkv]
+        inv.linear(f"{p}.o", group, d, H * self.v, i, self.bias)               # [D, H*v]
+        # The cache holds the compressed latent and the shared RoPE key (as DeepSeek's own
+        # inference and vLLM/SGLang do), not per-head K and V.
+        return LayerSpec(index=i, mixer="mla", moe=False, kv_per_token=self.kv_lora + self.rope,
+                         attn_flops_per_ctx=2 * H * (qk + self.v))
+
+
+def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd: int, bias: bool, qk_norm: bool,
+                   group: str) -> None:
+    p = f"layers.{i}.attn"
+    inv.linear(f"{p}.q", group, heads * hd, d, i, bias)
+    inv.linear(f"{p}.k", group, kv_heads * hd, d, i, bias)
+    inv.linear(f"{p}.v", group, kv_heads * hd, d, i, bias)
+    inv.linear(f"{p}.o", group, d, heads * hd, i)
+    if qk_norm:
+        norms = "norms" if group == "attention" else group
+        inv.add(f"{p}.q_norm.weight", norms, (hd,), i)
+        inv.add(f"{p}.k_norm.weight", norms, (hd,), i)
+
+
+def register(table: dict) -> None:
+    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe"):
+        table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)

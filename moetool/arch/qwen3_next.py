@@ -1,0 +1,72 @@
+"""Qwen3-Next (Qwen/Qwen3-Next-80B-A3B): hybrid of gated DeltaNet linear attention and gated full
+attention (q_proj is twice as wide: query and output gate), `layer_types` or one full-attention
+layer every `full_attention_interval`; MoE with a sigmoid-gated shared expert like Qwen2-MoE."""
+
+from __future__ import annotations
+
+from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
+from . import common
+
+
+def adapt(cfg: Cfg, model_type: str = "qwen3_next") -> ModelSpec:
+    d = cfg.int("hidden_size", min_value=1)
+    vocab = cfg.int("vocab_size", min_value=1)
+    n_layers = cfg.int("num_hidden_layers", min_value=1)
+    heads = cfg.int("num_attention_heads", min_value=1)
+    kv_heads = cfg.int("num_key_value_heads", heads, min_value=1)
+    hd = cfg.int("head_dim", 256, min_value=1)
+    tie = common.tie_embeddings(cfg)
+    bias = cfg.bool("attention_bias", False)
+    interval = cfg.int("full_attention_interval", 4, min_value=1)
+    types = cfg.str_list("layer_types", ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)])
+    nk, nv = cfg.int("linear_num_key_heads", 16, min_value=1), cfg.int("linear_num_value_heads", 32, min_value=1)
+    dk, dv = cfg.int("linear_key_head_dim", 128, min_value=1), cfg.int("linear_value_head_dim", 128, min_value=1)
+    kernel = cfg.int("linear_conv_kernel_dim", 4, min_value=1)
+    experts = cfg.int("num_experts", 0)
+    moe = None
+    if experts:
+        moe = MoESpec(num_experts=experts, top_k=cfg.int("num_experts_per_tok", min_value=1),
+                      expert_ffn=cfg.int("moe_intermediate_size", min_value=1), num_shared_experts=1,
+                      shared_ffn=cfg.int("shared_expert_intermediate_size", min_value=1),
+                      router=RouterSpec(norm_topk_prob=cfg.bool("norm_topk_prob", True)))
+    is_moe = common.sparse_step_schedule(cfg, n_layers, moe is not None)
+
+    inv = Inventory()
+    layers = []
+    for i in range(n_layers):
+        if types[i] == "full_attention":
+            inv.gqa(i, d, heads, kv_heads, hd, qkv_bias=bias, o_bias=bias, q_out=2 * heads * hd)
+            inv.norm(f"layers.{i}.attn.q_norm", hd, i)
+            inv.norm(f"layers.{i}.attn.k_norm", hd, i)
+            layer = common.gqa_layer(i, heads, kv_heads, hd, is_moe[i])
+        else:
+            p = f"layers.{i}.linear_attn"
+            conv_dim = 2 * nk * dk + nv * dv
+            inv.linear(f"{p}.in_proj_qkvz", "attention", 2 * nk * dk + 2 * nv * dv, d, i)
+            inv.linear(f"{p}.in_proj_ba", "attention", 2 * nv, d, i)
+            inv.add(f"{p}.conv1d.weight", "attention", (conv_dim, 1, kernel), i)
+            inv.add(f"{p}.dt_bias", "attention", (nv,), i)
+            inv.add(f"{p}.A_log", "attention", (nv,), i)
+            inv.norm(f"{p}.norm", dv, i)
+            inv.linear(f"{p}.out_proj", "attention", d, nv * dv, i)
+            layer = LayerSpec(index=i, mixer="linear_attention", moe=is_moe[i],
+                              state_elems=conv_dim * kernel + nv * dk * dv)
+        inv.norm(f"layers.{i}.input_norm", d, i)
+        inv.norm(f"layers.{i}.post_attention_norm", d, i)
+        if is_moe[i]:
+            inv.linear(f"layers.{i}.router", "router", moe.num_experts, d, i)
+            inv.swiglu(f"layers.{i}.experts", "routed_experts", d, moe.expert_ffn, i, copies=moe.num_experts)
+            inv.swiglu(f"layers.{i}.shared_expert", "shared_experts", d, moe.shared_ffn, i)
+            inv.linear(f"layers.{i}.shared_expert_gate", "shared_experts", 1, d, i)
+        else:
+            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i)
+        layers.append(layer)
+    common.embed_and_head(inv, cfg, vocab, d, tie)
+    return ModelSpec(model_type=model_type, family="qwen3_next", hidden_size=d, vocab_size=vocab, num_layers=n_layers,
+                     layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie,
+                     max_position_embeddings=cfg.raw("max_position_embeddings"), torch_dtype=cfg.raw("torch_dtype"),
+                     quantization=common.quantization(cfg))
+
+
+def register(table: dict) -> None:
+    table["qwen3_next"] = adapt

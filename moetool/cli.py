@@ -1,0 +1,117 @@
+"""The `moetool` command line. Each command parses, makes one library call, renders, and maps
+errors to exit codes: 0 ok, 1 a requested gate failed, 2 bad usage or bad input (one line on
+stderr), 3 internal error (traceback with MOETOOL_DEBUG=1).
+
+Heavy imports (torch, pandas, huggingface-hub) happen inside the commands that need them, so
+`moetool --help` and `moetool count` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from enum import Enum
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from . import __version__
+from .errors import MoetoolError
+
+app = typer.Typer(
+    name="moetool",
+    help="Analyse Mixture-of-Experts checkpoints: parameters, memory, KV cache, FLOPs, router traces.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"moetool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    pass
+
+
+@app.command()
+def count(
+    model: Annotated[str, typer.Argument(help="Local directory, config.json, .safetensors file, sample config name "
+                                              "(e.g. mixtral-8x7b), or hub id org/name.")],
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    context: Annotated[int, typer.Option(min=1, help="Context length for the KV cache and attention FLOPs.")] = 4096,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences served at once (KV cache).")] = 1,
+    kv_dtype: Annotated[str, typer.Option(help="KV cache element type: bf16, fp16, fp32, fp8.")] = "bf16",
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Show the per-layer table.")] = False,
+    config_only: Annotated[bool, typer.Option("--config-only", help="Count from config.json alone; skip the headers.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout (same as --format json).")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+) -> None:
+    """Total vs active parameters, breakdown, memory per storage format, KV cache, FLOPs per token."""
+    from . import render
+    from .count import count as do_count
+    from .formats import DTYPE_BYTES
+
+    if kv_dtype.lower() not in DTYPE_BYTES:
+        raise MoetoolError(f"--kv-dtype {kv_dtype!r} is not one of: {', '.join(sorted(DTYPE_BYTES))}")
+    report = do_count(model, revision=revision, context=context, batch=batch, kv_dtype=kv_dtype.lower(),
+                      use_headers=not config_only)
+    fmt = Format.json if json_ else fmt
+    if fmt is Format.json:
+        render.write_stdout(render.to_json(report.to_dict()))
+        for n in report.notes:
+            render.info(n)
+    elif fmt is Format.csv:
+        render.write_stdout(render.count_csv(report, per_layer))
+    else:
+        render.render_count(report, per_layer=per_layer)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: run the app and turn every failure into an exit code."""
+    from . import render
+
+    try:
+        app(args=argv, prog_name="moetool", standalone_mode=False)
+        code = 0
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.UsageError as e:
+        render.error_line(e.format_message().strip().replace("\n", " "))
+        code = 2
+    except click.exceptions.Abort:
+        render.error_line("aborted")
+        code = 130
+    except MoetoolError as e:
+        render.error_line(str(e))
+        code = e.exit_code
+    except BrokenPipeError:
+        code = 0  # `moetool ... | head` closed the pipe: not an error
+        try:
+            sys.stdout = None  # type: ignore[assignment]
+        except Exception:
+            pass
+    except KeyboardInterrupt:
+        render.error_line("interrupted")
+        code = 130
+    except Exception as e:  # an internal error: our bug, not the user's input
+        if render.debug_enabled():
+            traceback.print_exc()
+        render.error_line(f"internal error: {e.__class__.__name__}: {e} (set MOETOOL_DEBUG=1 for the traceback)")
+        code = 3
+    sys.exit(code)

@@ -1,0 +1,337 @@
+"""Total versus active parameters, memory per storage format, KV cache and FLOPs per token.
+
+Two ways, cross-checked: analytic from config.json (the adapter's parameter inventory, which
+mirrors what transformers builds) and exact from the safetensors headers (each stored tensor
+classified by `moetool.names`, quantized storage counted as logical parameters). When both exist
+the headers are authoritative and every difference is reported with its cause.
+
+Conventions (docs/count.md):
+- total_params: the model as transformers builds it: tied matrices once, MTP / next-n layers not
+  included (they are mtp_params), a vision tower included as its own group, buffers excluded.
+- active_params: per token: everything except routed experts, plus top-k routed experts of each
+  MoE layer; the input embedding included; vision excluded (it runs per image, not per token).
+- active_params_excl_embedding: the same without the input embedding matrix. With tied
+  embeddings the one matrix is the LM head, so it stays.
+
+Example:
+    >>> import moetool
+    >>> r = moetool.count("mixtral-8x7b")
+    >>> r.total_params, r.active_params_excl_embedding
+    (46702792704, 12748853248)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from . import formats
+from .arch import spec_from_config
+from .names import classify
+from .source import Checkpoint, resolve
+from .spec import GROUPS, ModelSpec
+
+SCHEMA_VERSION = 1
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class Difference:
+    group: str
+    analytic: int
+    headers: int
+    cause: str
+
+
+@dataclass
+class LayerCount:
+    layer: int
+    mixer: str
+    moe: bool
+    attention: int
+    router: int
+    routed_experts: int
+    shared_experts: int
+    dense_mlp: int
+    norms: int
+    total: int
+    active: int
+
+
+@dataclass
+class CountReport:
+    model: str
+    model_type: str
+    family: str
+    counted_from: str  # "headers" or "config"
+    total_params: int
+    active_params: int
+    active_params_excl_embedding: int
+    mtp_params: int
+    num_experts: Optional[int]
+    top_k: Optional[int]
+    num_moe_layers: int
+    num_layers: int
+    expert_params: int
+    num_shared_experts: int
+    tie_word_embeddings: bool
+    breakdown: dict[str, int]
+    bytes_stored: Optional[int]
+    bytes_stored_by_dtype: Optional[dict[str, int]]
+    quantization: Optional[str]
+    weights_bytes: dict[str, int]
+    offload_bytes: dict[str, int]
+    kv_cache: dict[str, Any]
+    flops_per_token: dict[str, Any]
+    cross_check: dict[str, Any]
+    per_layer: list[LayerCount]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"schema_version": SCHEMA_VERSION, "command": "count"}
+        d.update(asdict(self))
+        return d
+
+    def to_dataframe(self):
+        """Per-layer table as a pandas DataFrame (one row per layer)."""
+        import pandas as pd
+
+        return pd.DataFrame([asdict(l) for l in self.per_layer])
+
+
+def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: int = DEFAULT_CONTEXT, batch: int = 1,
+          kv_dtype: str = "bf16", use_headers: bool = True) -> CountReport:
+    """Count a checkpoint. `model` is any MODEL form (see `moetool.source.resolve`) or a Checkpoint."""
+    ckpt = model if isinstance(model, Checkpoint) else resolve(model, revision=revision, read_headers=use_headers)
+    spec = spec_from_config(ckpt.config, ckpt.config_path)
+    analytic = _analytic_groups(spec)
+    notes = list(ckpt.notes)
+    if ckpt.tensors is not None:
+        stored = _header_groups(spec, ckpt)
+        groups, per_layer_routed = stored.groups, stored.routed_per_layer
+        cross = _cross_check(spec, analytic, stored)
+        counted_from = "headers"
+    else:
+        groups, per_layer_routed = analytic, _routed_per_layer(spec)
+        cross = {"available": False, "match": None, "analytic_total": _total(analytic), "headers_total": None,
+                 "differences": [], "stored_not_counted": []}
+        counted_from = "config"
+
+    total = _total(groups)
+    moe = spec.moe
+    routed_active = sum(v * moe.top_k // moe.num_experts for v in per_layer_routed.values()) if moe else 0
+    active = total - groups["routed_experts"] - groups["vision"] + routed_active
+    active_excl = active - (0 if spec.tie_word_embeddings else groups["embedding"])
+    breakdown = {g: groups[g] for g in GROUPS if g != "mtp"}
+    if groups.get("other"):
+        breakdown["other"] = groups["other"]  # stored tensors no rule places: counted, and flagged
+    assert sum(breakdown.values()) == total, "breakdown must sum to total_params"
+
+    report = CountReport(
+        model=ckpt.source, model_type=spec.model_type, family=spec.family, counted_from=counted_from,
+        total_params=total, active_params=active, active_params_excl_embedding=active_excl,
+        mtp_params=groups["mtp"], num_experts=moe.num_experts if moe else None, top_k=moe.top_k if moe else None,
+        num_moe_layers=len(spec.moe_layers), num_layers=spec.num_layers, expert_params=spec.expert_params(),
+        num_shared_experts=moe.num_shared_experts if moe else 0, tie_word_embeddings=spec.tie_word_embeddings,
+        breakdown=breakdown, bytes_stored=ckpt.bytes_stored, bytes_stored_by_dtype=_bytes_by_dtype(ckpt),
+        quantization=_quant_method(spec), weights_bytes=_weights_bytes(spec), offload_bytes=_offload_bytes(spec),
+        kv_cache=_kv_cache(spec, context, batch, kv_dtype), flops_per_token=_flops(spec, context),
+        cross_check=cross, per_layer=_per_layer(spec), notes=notes + list(spec.notes),
+    )
+    report.kv_cache["serve_bytes"] = (report.bytes_stored if report.bytes_stored is not None
+                                      else report.weights_bytes["bf16"]) + report.kv_cache["bytes"]
+    report.kv_cache["serve_weights_from"] = "stored" if report.bytes_stored is not None else "bf16"
+    return report
+
+
+# --- analytic ---------------------------------------------------------------------------------
+
+def _analytic_groups(spec: ModelSpec) -> dict[str, int]:
+    groups = dict.fromkeys(GROUPS, 0)
+    for p in spec.params:
+        groups[p.group] += p.numel
+    return groups
+
+
+def _routed_per_layer(spec: ModelSpec) -> dict[int, int]:
+    out: dict[int, int] = defaultdict(int)
+    for p in spec.params:
+        if p.group == "routed_experts":
+            out[p.layer] += p.numel
+    return dict(out)
+
+
+def _total(groups: dict[str, int]) -> int:
+    return sum(v for g, v in groups.items() if g != "mtp")
+
+
+# --- from headers -----------------------------------------------------------------------------
+
+@dataclass
+class _Stored:
+    groups: dict[str, int]
+    routed_per_layer: dict[int, int]
+    not_counted: dict[str, list]  # kind -> [(name, elements, bytes)]
+    unknown: list[str]
+
+
+def _header_groups(spec: ModelSpec, ckpt: Checkpoint) -> _Stored:
+    q = spec.quantization or {}
+    bits = q.get("bits") if isinstance(q.get("bits"), int) and q.get("bits") in (2, 3, 4, 8) else 4
+    names = ckpt.tensors
+    bnb4 = bool(q.get("load_in_4bit")) or any(".quant_state.bitsandbytes__" in n for n in names)
+    groups = dict.fromkeys(GROUPS, 0)
+    groups["other"] = 0
+    routed: dict[int, int] = defaultdict(int)
+    not_counted: dict[str, list] = defaultdict(list)
+    unknown = []
+    for name, t in names.items():
+        role = classify(name, dtype=t.dtype, num_layers=spec.num_layers, encoder_layers=spec.encoder_layers,
+                        tied=spec.tie_word_embeddings, quant_bits=bits, bnb_4bit=bnb4)
+        if role.kind != "param":
+            not_counted[role.kind].append((name, t.numel, t.nbytes))
+            continue
+        n = t.numel * role.multiplier
+        groups[role.group] += n
+        if role.group == "routed_experts":
+            routed[role.layer] += n
+        if role.group == "other":
+            unknown.append(name)
+    if not groups["other"]:
+        del groups["other"]
+    return _Stored(groups, dict(routed), dict(not_counted), unknown)
+
+
+_KIND_CAUSE = {
+    "quant_meta": "quantization scales / zero points: stored alongside the quantized weights, not parameters",
+    "buffer": "persistent buffers (e.g. e_score_correction_bias, rotary inv_freq): stored, not parameters",
+    "tied_copy": "second stored copy of a tied matrix (tied LM head, or the MTP layer's embedding / head copies): counted once",
+}
+
+
+def _cross_check(spec: ModelSpec, analytic: dict[str, int], stored: _Stored) -> dict[str, Any]:
+    diffs = []
+    for g in list(GROUPS) + (["other"] if "other" in stored.groups else []):
+        a, h = analytic.get(g, 0), stored.groups.get(g, 0)
+        if a == h:
+            continue
+        if g == "mtp":
+            cause = (f"MTP / next-n layers: config says {spec.mtp_layers}; the headers hold {h:,} parameters in them"
+                     if spec.mtp_layers else "layers past num_hidden_layers stored in the checkpoint (MTP?)")
+        elif g == "other":
+            cause = f"tensors moetool cannot place ({len(stored.unknown)}; e.g. {stored.unknown[0]!r})"
+        elif g == "lm_head" and h == 0 and a > 0:
+            cause = "no LM head stored: the checkpoint ties it to the embedding though config.json says tie_word_embeddings=false"
+        else:
+            cause = "config.json and the stored tensors disagree (missing or extra tensors, or other shapes)"
+        diffs.append(asdict(Difference(g, a, h, cause)))
+    not_counted = [
+        {"kind": kind, "tensors": len(items), "elements": sum(i[1] for i in items), "bytes": sum(i[2] for i in items),
+         "cause": _KIND_CAUSE[kind], "example": items[0][0]}
+        for kind, items in sorted(stored.not_counted.items())
+    ]
+    a_total, h_total = _total(analytic), _total(stored.groups)
+    return {"available": True, "match": not diffs, "analytic_total": a_total, "headers_total": h_total,
+            "differences": diffs, "stored_not_counted": not_counted}
+
+
+def _bytes_by_dtype(ckpt: Checkpoint) -> Optional[dict[str, int]]:
+    if ckpt.tensors is None:
+        return None
+    out: dict[str, int] = defaultdict(int)
+    for t in ckpt.tensors.values():
+        out[t.dtype] += t.nbytes
+    return dict(sorted(out.items()))
+
+
+def _quant_method(spec: ModelSpec) -> Optional[str]:
+    q = spec.quantization
+    if not q:
+        return None
+    method = q.get("quant_method")
+    extra = q.get("fmt") or q.get("bits")
+    return f"{method}" + (f" ({extra})" if extra else "") if method else "unknown"
+
+
+# --- memory, KV cache, FLOPs ------------------------------------------------------------------
+
+def _weights_bytes(spec: ModelSpec) -> dict[str, int]:
+    """Bytes of the model weights (total_params, MTP excluded) in each storage format."""
+    return {f: sum(formats.param_bytes(p, f) for p in spec.params if p.group != "mtp") for f in formats.FORMATS}
+
+
+def _offload_bytes(spec: ModelSpec) -> dict[str, int]:
+    """What a runtime that offloads experts keeps on the accelerator: every non-expert weight plus
+    k routed experts of each MoE layer (vision included when present)."""
+    out = {}
+    moe = spec.moe
+    for f in formats.FORMATS:
+        total = 0
+        for p in spec.params:
+            if p.group == "mtp":
+                continue
+            b = formats.param_bytes(p, f)
+            total += b * moe.top_k // moe.num_experts if p.group == "routed_experts" and moe else b
+        out[f] = total
+    return out
+
+
+def _kv_cache(spec: ModelSpec, context: int, batch: int, kv_dtype: str) -> dict[str, Any]:
+    """KV cache for `batch` sequences of `context` tokens. GQA: K and V of every KV head; MLA:
+    the compressed latent + RoPE key; sliding-window / chunked layers keep at most their window;
+    Mamba and linear-attention layers keep a fixed state instead (same dtype)."""
+    size = formats.dtype_bytes(kv_dtype)
+    per_token_full = 0
+    kv_elems = 0
+    state_elems = 0
+    for l in spec.layers:
+        kept = context if l.window is None else min(context, l.window)
+        kv_elems += l.kv_per_token * kept
+        per_token_full += l.kv_per_token
+        state_elems += l.state_elems
+    return {
+        "context": context, "batch": batch, "dtype": kv_dtype,
+        "bytes_per_token": per_token_full * size,
+        "bytes": (kv_elems + state_elems) * size * batch,
+        "state_bytes": state_elems * size * batch,
+        "windowed_layers": sum(1 for l in spec.layers if l.window is not None),
+    }
+
+
+def _flops(spec: ModelSpec, context: int) -> dict[str, Any]:
+    """FLOPs to generate one token with `context` tokens in the cache: 2 per active matmul weight
+    (LM head included, embedding lookup and vision excluded) plus QK^T and AV over the cached
+    positions (window-limited). Mamba / linear-attention state updates are not included."""
+    moe = spec.moe
+    matmul = 0
+    for p in spec.params:
+        if not p.matmul or p.group in ("embedding", "vision", "mtp"):
+            continue
+        n = p.numel
+        if p.group == "routed_experts" and moe:
+            n = n * moe.top_k // moe.num_experts
+        matmul += 2 * n
+    if spec.tie_word_embeddings:  # the tied matrix serves as the head: V x D multiply-adds
+        matmul += 2 * spec.vocab_size * spec.hidden_size
+    attention = sum(l.attn_flops_per_ctx * (context if l.window is None else min(context, l.window)) for l in spec.layers)
+    return {"context": context, "matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def _per_layer(spec: ModelSpec) -> list[LayerCount]:
+    by: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for p in spec.params:
+        if p.layer is not None and p.group != "mtp":
+            by[p.layer][p.group] += p.numel
+    moe = spec.moe
+    rows = []
+    for l in spec.layers:
+        g = by[l.index]
+        total = sum(g.values())
+        routed = g["routed_experts"]
+        active = total - routed + (routed * moe.top_k // moe.num_experts if moe else 0)
+        rows.append(LayerCount(layer=l.index, mixer=l.mixer, moe=l.moe, attention=g["attention"] + g["ssm"],
+                               router=g["router"], routed_experts=routed, shared_experts=g["shared_experts"],
+                               dense_mlp=g["dense_mlp"], norms=g["norms"], total=total, active=active))
+    return rows

@@ -1,0 +1,167 @@
+"""Read and validate safetensors headers without touching tensor data.
+
+A safetensors file is: 8 bytes (little-endian u64 N), N bytes of JSON, then the data buffer.
+The JSON maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+relative to the data buffer) plus an optional ``"__metadata__"`` dict of strings.
+
+Nothing here is trusted before it is checked: the header length against the file size, every
+dtype, shape and offset, the byte size implied by the shape against the offsets, and overlaps.
+Any violation raises `BadCheckpoint` with one line naming the file and the fault.
+
+Example:
+    >>> from moetool.header import read_header
+    >>> h = read_header("model.safetensors")          # doctest: +SKIP
+    >>> h.tensors["lm_head.weight"].shape              # doctest: +SKIP
+    (32000, 4096)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .errors import BadCheckpoint
+
+# Bits per element of every dtype the safetensors format defines (0.6+ adds the sub-byte floats).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+# Headers of real checkpoints are a few MB at most (DeepSeek-V3 shards: ~100 KB). Refuse more
+# than this before reading it, so a corrupt length never turns into a huge allocation.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a header describes it. `nbytes` is end - begin in the data buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    file: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header: tensors by name, the free-form metadata, sizes."""
+
+    path: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    header_bytes: int
+    file_bytes: int
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate the header of a local .safetensors file (reads N + 8 bytes only)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            return _read_from(f, size, path)
+    except FileNotFoundError:
+        raise BadCheckpoint(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BadCheckpoint(f"{path}: is a directory, expected a .safetensors file") from None
+    except PermissionError:
+        raise BadCheckpoint(f"{path}: permission denied") from None
+
+
+def _read_from(f: BinaryIO, size: int, path: str) -> Header:
+    prefix = f.read(8)
+    n = header_length(prefix, size, path)
+    raw = f.read(n)
+    if len(raw) != n:
+        raise BadCheckpoint(f"{path}: truncated header: expected {n} bytes, file ends after {len(raw)}")
+    return parse_header(raw, size, path)
+
+
+def header_length(prefix: bytes, file_bytes: int | None, path: str) -> int:
+    """Decode and bound the 8-byte length prefix. `file_bytes` None means unknown (remote)."""
+    if len(prefix) < 8:
+        raise BadCheckpoint(f"{path}: not a safetensors file: {len(prefix)} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n == 0:
+        raise BadCheckpoint(f"{path}: malformed safetensors header: header length is 0")
+    if file_bytes is not None and n > file_bytes - 8:
+        raise BadCheckpoint(
+            f"{path}: malformed safetensors header: header length {n} is larger than the file ({file_bytes} bytes); "
+            "the file is truncated or not safetensors"
+        )
+    if n > MAX_HEADER_BYTES:
+        raise BadCheckpoint(f"{path}: malformed safetensors header: header length {n} exceeds {MAX_HEADER_BYTES} bytes")
+    return n
+
+
+def parse_header(raw: bytes, file_bytes: int | None, path: str) -> Header:
+    """Validate the JSON header bytes. With `file_bytes` known, offsets are checked against it."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BadCheckpoint(f"{path}: malformed safetensors header: not valid JSON ({_short(e)})") from None
+    if not isinstance(obj, dict):
+        raise BadCheckpoint(f"{path}: malformed safetensors header: expected a JSON object, got {type(obj).__name__}")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise BadCheckpoint(f"{path}: malformed safetensors header: __metadata__ must map strings to strings")
+
+    data_bytes = None if file_bytes is None else file_bytes - 8 - len(raw)
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in obj.items():
+        tensors[name] = _check_entry(name, entry, data_bytes, path)
+
+    # No two tensors may share bytes (the format also forbids holes, but real writers differ on
+    # alignment padding, so only overlaps are an error).
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise BadCheckpoint(f"{path}: malformed safetensors header: tensors {n0!r} and {n1!r} overlap")
+    return Header(path=path, tensors=tensors, metadata=dict(metadata), header_bytes=len(raw),
+                  file_bytes=file_bytes if file_bytes is not None else -1)
+
+
+def _check_entry(name: str, entry: object, data_bytes: int | None, path: str) -> TensorInfo:
+    where = f"{path}: malformed safetensors header: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise BadCheckpoint(f"{where}: entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise BadCheckpoint(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 16:
+        raise BadCheckpoint(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise BadCheckpoint(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+    begin, end = offsets
+    if data_bytes is not None and end > data_bytes:
+        raise BadCheckpoint(f"{where}: data_offsets end {end} is past the end of the data ({data_bytes} bytes); "
+                            "the file is truncated")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    expected = (bits + 7) // 8
+    if expected != end - begin:
+        raise BadCheckpoint(f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {end - begin}")
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end, file=path)
+
+
+def _short(e: Exception) -> str:
+    s = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return s[:120]

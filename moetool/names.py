@@ -1,0 +1,143 @@
+"""Map checkpoint tensor names to canonical keys: (group, layer, expert, projection).
+
+One table for every family: checkpoints of all supported architectures use a handful of naming
+schemes (Llama-style `model.layers.N.mlp.experts.E.gate_proj`, Mixtral's `block_sparse_moe ...
+w1/w2/w3`, fused `experts.gate_up_proj`, DBRX's `transformer.blocks.N.ffn.experts.mlp.w1`, T5's
+`encoder.block.N.layer.1.mlp.experts.expert_E.wi`). Rules are tried in order; the first match wins.
+
+Quantized storage is recognised here too, so counts are of logical parameters:
+- fp8 (DeepSeek-V3, compressed-tensors): `*.weight_scale_inv`, `*.weight_scale`, `*.input_scale`
+  are scale tensors, the F8 weight counts element for element;
+- MXFP4 (gpt-oss): `*_blocks` (uint8, 2 values a byte) count x2, `*_scales` are scales;
+- GPTQ / AWQ: `*.qweight` (int32, 32/bits values each) count x(32/bits); `qzeros`, `scales`,
+  `g_idx` are quantization metadata;
+- bitsandbytes 4-bit: a uint8 `weight` with `weight.absmax` / `weight.quant_state.*` counts x2.
+
+Example:
+    >>> classify("model.layers.3.block_sparse_moe.experts.7.w1.weight").key
+    ('routed_experts', 3, 7, 'gate')
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+# Tensors that hold quantization metadata, not parameters.
+_QUANT_META = re.compile(
+    r"(\.weight_scale_inv|\.weight_scale|\.input_scale|\.output_scale|\.k_scale|\.v_scale|_scales|\.scales|\.qzeros"
+    r"|\.g_idx|\.weight_zero_point|\.weight_g_idx|\.weight_shape|\.absmax|\.quant_map|\.nested_absmax"
+    r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
+)
+_BUFFERS = re.compile(r"(e_score_correction_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
+_VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector)\.")
+_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^shared\.weight$")
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$")
+_SHARED = re.compile(r"\.(shared_experts?|shared_mlp)(\.|_gate\.)")
+_ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(input_linear|output_linear)\.")
+_ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier)?\.(weight|bias)$|\.router\.(weight|bias)$")
+_NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)\.(weight|bias)$", re.I)
+_SSM = re.compile(r"\.(mamba|mixer)\.")
+_ATTN = re.compile(r"\.(self_attn|attn|attention|selfattention|encdecattention|linear_attn|norm_attn_norm)\.", re.I)
+_MLP = re.compile(r"\.(mlp|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
+_PROJ = [
+    (re.compile(r"\.(gate_up_proj|input_linear)"), "gate_up"),
+    (re.compile(r"\.(w1|gate_proj)[._]|\.(w1|gate_proj)$"), "gate"),
+    (re.compile(r"\.(w3|v1|up_proj|wi)[._]|\.(w3|v1|up_proj|wi)$"), "up"),
+    (re.compile(r"\.(w2|down_proj|wo|output_linear)[._]|\.(w2|down_proj|wo|output_linear)$"), "down"),
+]
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """What a stored tensor is. `kind`: "param" (counts), "quant_meta" (scales, zeros),
+    "buffer" (persistent non-parameters), "tied_copy" (a second copy of a tied matrix).
+    `multiplier`: logical parameters per stored element (2 for MXFP4 blocks, 8 for int4 in int32)."""
+
+    group: str
+    layer: Optional[int] = None
+    expert: Optional[int] = None
+    projection: Optional[str] = None
+    kind: str = "param"
+    multiplier: int = 1
+
+    @property
+    def key(self) -> tuple:
+        return (self.group, self.layer, self.expert, self.projection)
+
+
+def classify(name: str, *, dtype: str = "", num_layers: Optional[int] = None, encoder_layers: int = 0,
+             tied: bool = False, quant_bits: int = 4, bnb_4bit: bool = False) -> TensorRole:
+    """Classify one stored tensor name. `num_layers` (decoder layers built by transformers) sends
+    layers past it to the MTP group; `encoder_layers` offsets decoder blocks of encoder-decoders."""
+    if _QUANT_META.search(name):
+        return TensorRole("quant_meta", _layer(name, encoder_layers), kind="quant_meta", multiplier=0)
+    if _BUFFERS.search(name):
+        return TensorRole("buffer", _layer(name, encoder_layers), kind="buffer", multiplier=0)
+    multiplier = 1
+    if name.endswith("_blocks") and dtype == "U8":  # MXFP4: two E2M1 values per byte
+        multiplier = 2
+    elif name.endswith((".qweight", ".weight_packed")) and dtype in ("I32", "U32"):
+        multiplier = 32 // quant_bits
+    elif bnb_4bit and dtype == "U8" and name.endswith(".weight"):
+        multiplier = 2
+    layer = None if _VISION.search(name) else _layer(name, encoder_layers)
+    role = _group(name, layer, num_layers, tied)
+    return TensorRole(role[0], layer, role[1], role[2], role[3], multiplier)
+
+
+def _layer(name: str, encoder_layers: int) -> Optional[int]:
+    m = _LAYER.search(name)
+    if not m:
+        return None
+    i = int(m.group(1))
+    return i + encoder_layers if name.startswith("decoder.") else i
+
+
+def _group(name: str, layer: Optional[int], num_layers: Optional[int], tied: bool):
+    """-> (group, expert, projection, kind)"""
+    if _VISION.search(name):
+        return "vision", None, None, "param"
+    if layer is not None and num_layers is not None and layer >= num_layers or ".mtp" in name or "nextn" in name:
+        # DeepSeek-V3 / GLM-4.5 MTP layers store copies of the embedding and the head.
+        if _EMBED.search(name) or ".shared_head.head." in name:
+            return "mtp", None, None, "tied_copy"
+        return "mtp", _expert(name), _projection(name), "param"
+    if _EMBED.search(name):
+        if re.match(r"^(encoder|decoder)\.embed_tokens\.weight$", name):
+            return "embedding", None, None, "tied_copy"  # T5: copies of `shared.weight`
+        return "embedding", None, None, "param"
+    if _HEAD.search(name):
+        if tied and name.endswith("weight"):
+            return "lm_head", None, None, "tied_copy"
+        return "lm_head", None, None, "param"
+    if _SHARED.search(name):
+        return "shared_experts", None, _projection(name), "param"
+    if _ROUTED.search(name):
+        return "routed_experts", _expert(name), _projection(name), "param"
+    if _ROUTER.search(name) and _MLP.search(name):
+        return "router", None, None, "param"
+    if _NORM.search(name):
+        return "norms", None, None, "param"
+    if _SSM.search(name):
+        return "ssm", None, None, "param"
+    if _ATTN.search(name):
+        return "attention", None, None, "param"
+    if _MLP.search(name):
+        return "dense_mlp", None, _projection(name), "param"
+    return "other", None, None, "param"
+
+
+def _expert(name: str) -> Optional[int]:
+    m = _EXPERT.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _projection(name: str) -> Optional[str]:
+    for pattern, proj in _PROJ:
+        if pattern.search(name):
+            return proj
+    return None

@@ -1,0 +1,224 @@
+"""The only module that prints. Data goes to stdout (rich tables, or JSON / CSV written raw);
+progress, notes and errors go to stderr.
+
+JSON is `json.dumps(..., allow_nan=False)` straight to stdout (never through rich's wrapping
+printer), NaN / inf turned into null first; integers stay integers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from functools import lru_cache
+from typing import Any, Iterable, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+
+@lru_cache(maxsize=None)
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+
+
+def info(msg: str) -> None:
+    """A note for the person at the terminal, on stderr."""
+    stderr_console().print(f"[dim]{_escape(msg)}[/dim]")
+
+
+def warn(msg: str) -> None:
+    stderr_console().print(f"[yellow]warning:[/yellow] {_escape(msg)}")
+
+
+def error_line(msg: str) -> None:
+    """One line, no markup interpretation, straight to stderr."""
+    sys.stderr.write(f"moetool: error: {msg.splitlines()[0] if msg else 'unknown error'}\n")
+    sys.stderr.flush()
+
+
+def _escape(s: str) -> str:
+    from rich.markup import escape
+
+    return escape(s)
+
+
+def clean(obj: Any) -> Any:
+    """NaN / inf -> None, tuples -> lists, recursively (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(clean(obj), allow_nan=False, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def to_csv(rows: Iterable[dict[str, Any]]) -> str:
+    rows = list(rows)
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in clean(r).items()})
+    return buf.getvalue()
+
+
+# --- human formatting -------------------------------------------------------------------------
+
+def human_count(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def human_flops(n: int) -> str:
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} FLOP"
+
+
+# --- count ------------------------------------------------------------------------------------
+
+GROUP_LABELS = {
+    "embedding": "input embedding", "attention": "attention", "ssm": "Mamba (SSM)", "router": "routers",
+    "routed_experts": "routed experts", "shared_experts": "shared experts", "dense_mlp": "dense MLP",
+    "norms": "norms", "lm_head": "LM head", "vision": "vision tower", "mtp": "MTP layers", "other": "unplaced tensors",
+}
+
+
+def render_count(r, per_layer: bool = False) -> None:
+    """The terminal view of a CountReport."""
+    out = stdout_console()
+    src = "safetensors headers (exact)" if r.counted_from == "headers" else "config.json (analytic)"
+    out.print(f"[bold]{_escape(r.model)}[/bold]  model_type={r.model_type}  counted from {src}")
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_column(justify="right", style="cyan")
+    t.add_row("total parameters", f"{r.total_params:,}", human_count(r.total_params))
+    t.add_row("active per token, incl. input embedding", f"{r.active_params:,}", human_count(r.active_params))
+    t.add_row("active per token, excl. input embedding", f"{r.active_params_excl_embedding:,}",
+              human_count(r.active_params_excl_embedding))
+    if r.mtp_params:
+        t.add_row("MTP layers (stored, not in total)", f"{r.mtp_params:,}", human_count(r.mtp_params))
+    if r.num_experts:
+        shared = f", {r.num_shared_experts} shared" if r.num_shared_experts else ""
+        t.add_row("MoE", f"{r.num_experts} routed experts{shared}, top-{r.top_k}",
+                  f"{r.num_moe_layers} of {r.num_layers} layers")
+        t.add_row("one routed expert", f"{r.expert_params:,}", human_count(r.expert_params))
+    if r.tie_word_embeddings:
+        t.add_row("embeddings", "tied: the one matrix is the LM head", "")
+    out.print(t)
+
+    b = Table(title="Breakdown (sums to total)", title_justify="left", box=None, pad_edge=False)
+    b.add_column("group")
+    b.add_column("parameters", justify="right")
+    b.add_column("share", justify="right")
+    for g, v in r.breakdown.items():
+        if v:
+            b.add_row(GROUP_LABELS.get(g, g), f"{v:,}", f"{100 * v / r.total_params:.2f}%")
+    b.add_row("[bold]total[/bold]", f"[bold]{r.total_params:,}[/bold]", "100.00%")
+    out.print(b)
+
+    m = Table(title="Memory (weights; embeddings, head, routers and norms stay bf16)", title_justify="left",
+              box=None, pad_edge=False)
+    m.add_column("format")
+    m.add_column("all weights", justify="right")
+    m.add_column("non-expert + top-k experts", justify="right")
+    if r.bytes_stored is not None:
+        m.add_row("as stored", human_bytes(r.bytes_stored), "")
+    for f, v in r.weights_bytes.items():
+        m.add_row(f, human_bytes(v), human_bytes(r.offload_bytes[f]))
+    out.print(m)
+    kv = r.kv_cache
+    state = f" (of which fixed state {human_bytes(kv['state_bytes'])})" if kv["state_bytes"] else ""
+    out.print(f"[bold]KV cache[/bold] at context {kv['context']:,}, batch {kv['batch']}, {kv['dtype']}: "
+              f"{human_bytes(kv['bytes'])}{state}; {human_bytes(kv['bytes_per_token'])} per token before windows; "
+              f"serving total {human_bytes(kv['serve_bytes'])} (weights {kv['serve_weights_from']})")
+    fl = r.flops_per_token
+    out.print(f"[bold]FLOPs per token[/bold] at context {fl['context']:,}: {human_flops(fl['total'])} "
+              f"(matmuls {human_flops(fl['matmul'])}, attention {human_flops(fl['attention'])})")
+    cc = r.cross_check
+    if cc["available"]:
+        if cc["match"]:
+            out.print(f"[green]cross-check:[/green] config.json and the headers agree on every group "
+                      f"({cc['analytic_total']:,})")
+        else:
+            out.print("[yellow]cross-check:[/yellow] config.json and the headers differ:")
+            for d in cc["differences"]:
+                out.print(f"  {GROUP_LABELS.get(d['group'], d['group'])}: config {d['analytic']:,}, "
+                          f"headers {d['headers']:,}: {_escape(d['cause'])}")
+        for s in cc["stored_not_counted"]:
+            out.print(f"  stored but not counted: {s['tensors']} tensors, {s['elements']:,} elements, "
+                      f"{human_bytes(s['bytes'])}: {_escape(s['cause'])}")
+    if per_layer:
+        p = Table(title="Per layer", title_justify="left", box=None, pad_edge=False)
+        for c in ("layer", "mixer", "ffn", "attention", "router", "routed experts", "shared", "dense MLP", "norms",
+                  "total", "active"):
+            p.add_column(c, justify="right" if c not in ("mixer", "ffn") else "left")
+        for l in r.per_layer:
+            p.add_row(str(l.layer), l.mixer, "MoE" if l.moe else "dense", f"{l.attention:,}", f"{l.router:,}",
+                      f"{l.routed_experts:,}", f"{l.shared_experts:,}", f"{l.dense_mlp:,}", f"{l.norms:,}",
+                      f"{l.total:,}", f"{l.active:,}")
+        out.print(p)
+    for n in r.notes:
+        info(n)
+
+
+def count_csv(r, per_layer: bool) -> str:
+    if per_layer:
+        from dataclasses import asdict
+
+        return to_csv(asdict(l) for l in r.per_layer)
+    rows = [
+        {"metric": "total_params", "value": r.total_params},
+        {"metric": "active_params", "value": r.active_params},
+        {"metric": "active_params_excl_embedding", "value": r.active_params_excl_embedding},
+        {"metric": "mtp_params", "value": r.mtp_params},
+        {"metric": "num_experts", "value": r.num_experts},
+        {"metric": "top_k", "value": r.top_k},
+        {"metric": "num_moe_layers", "value": r.num_moe_layers},
+        {"metric": "expert_params", "value": r.expert_params},
+        {"metric": "bytes_stored", "value": r.bytes_stored},
+    ]
+    rows += [{"metric": f"breakdown.{g}", "value": v} for g, v in r.breakdown.items()]
+    rows += [{"metric": f"weights_bytes.{f}", "value": v} for f, v in r.weights_bytes.items()]
+    rows += [{"metric": f"offload_bytes.{f}", "value": v} for f, v in r.offload_bytes.items()]
+    rows += [{"metric": "kv_cache_bytes", "value": r.kv_cache["bytes"]},
+             {"metric": "flops_per_token", "value": r.flops_per_token["total"]}]
+    return to_csv(rows)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("MOETOOL_DEBUG", "") not in ("", "0")

@@ -1,0 +1,214 @@
+"""Resolve a MODEL argument to a `Checkpoint`: its config.json and, when there are safetensors
+weights, the validated headers of every shard (never the weights themselves).
+
+MODEL may be, in this order of precedence:
+1. a local directory holding config.json and safetensors (one file, or shards with
+   `model.safetensors.index.json`), or only config.json;
+2. a path to a config.json file;
+3. a path to a .safetensors file (config.json beside it);
+4. the name of a sample config (`moetool count mixtral-8x7b`; see `sample_configs/`);
+5. a Hugging Face repo id `org/name`: config.json through huggingface-hub (its cache, HF_TOKEN and
+   HF_HUB_OFFLINE are honoured) and the safetensors headers through HTTP range requests.
+
+Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are never opened: moetool never unpickles.
+
+Example:
+    >>> ckpt = resolve("mixtral-8x7b")
+    >>> ckpt.config["model_type"], ckpt.tensors is None
+    ('mixtral', True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import BadCheckpoint, BadConfig, MoetoolError
+from .header import Header, TensorInfo, header_length, parse_header, read_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_NAME = "model.safetensors.index.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CONVERT_HINT = ("convert it to safetensors first, e.g. in Python: "
+                "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)")
+
+
+@dataclass
+class Checkpoint:
+    """A resolved MODEL. `tensors` is None when there are no safetensors weights to read."""
+
+    source: str  # what the user passed
+    kind: str  # "directory" | "config" | "safetensors" | "sample" | "hub" | "bundled"
+    config: dict
+    config_path: str
+    root: Optional[str] = None  # local directory with the weights, when there are local weights
+    headers: list[Header] = field(default_factory=list)
+    tensors: Optional[dict[str, TensorInfo]] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_stored(self) -> Optional[int]:
+        """Bytes of tensor data in the safetensors files (headers excluded)."""
+        if self.tensors is None:
+            return None
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def resolve(model: str, *, revision: Optional[str] = None, read_headers: bool = True) -> Checkpoint:
+    """Turn a MODEL argument into a Checkpoint. Raises MoetoolError (one line) on bad input."""
+    if not model:
+        raise MoetoolError("no MODEL given")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _from_dir(model, path, read_headers)
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith(".safetensors"):
+            config_path = path.parent / "config.json"
+            if not config_path.is_file():
+                raise BadCheckpoint(f"{path}: no config.json beside it; moetool needs the model's config.json")
+            ckpt = Checkpoint(model, "safetensors", _load_config(config_path), str(config_path), root=str(path.parent))
+            if read_headers:
+                _attach(ckpt, [read_header(path)], None)
+            return ckpt
+        if name.endswith(PICKLE_SUFFIXES):
+            raise BadCheckpoint(f"{path}: pickle checkpoint; moetool never unpickles (it can run code): {CONVERT_HINT}")
+        if name.endswith(".json"):
+            return Checkpoint(model, "config", _load_config(path), str(path))
+        raise BadCheckpoint(f"{path}: not a config.json, .safetensors file or checkpoint directory")
+    sample = sample_config_path(model)
+    if sample is not None:
+        return Checkpoint(model, "sample", _load_config(sample), str(sample))
+    if _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
+        from .hub import resolve_hub  # huggingface-hub is imported only for hub ids
+
+        return resolve_hub(model, revision=revision, read_headers=read_headers)
+    raise MoetoolError(
+        f"{model}: no such file or directory, sample config or Hugging Face repo id; "
+        f"samples: {', '.join(sample_names())}"
+    )
+
+
+def _from_dir(model: str, path: Path, read_headers: bool) -> Checkpoint:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise BadCheckpoint(f"{path}: no config.json in this directory")
+    ckpt = Checkpoint(model, "directory", _load_config(config_path), str(config_path), root=str(path))
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = load_index(index)
+        shards = sorted(set(weight_map.values()))
+        for s in shards:
+            if not (path / s).is_file():
+                raise BadCheckpoint(f"{index}: names shard {s!r}, which is missing from {path}")
+        if read_headers:
+            _attach(ckpt, [read_header(path / s) for s in _progress(shards, "reading headers")], weight_map)
+        return ckpt
+    files = sorted(p for p in path.iterdir() if p.name.endswith(".safetensors") and p.is_file())
+    if files:
+        if read_headers:
+            _attach(ckpt, [read_header(f) for f in _progress(files, "reading headers")], None)
+        return ckpt
+    pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise BadCheckpoint(
+            f"{path}: holds only pickle weights ({pickles[0]}); moetool never unpickles: {CONVERT_HINT}; "
+            f"or pass {config_path} to count from the config alone"
+        )
+    ckpt.notes.append("no safetensors weights found: counts are from config.json alone")
+    return ckpt
+
+
+def load_index(index: Path) -> dict[str, str]:
+    try:
+        obj = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadCheckpoint(f"{index}: not a valid safetensors index ({str(e).splitlines()[0][:100]})") from None
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise BadCheckpoint(f"{index}: 'weight_map' must map tensor names to shard file names")
+    for shard in set(wm.values()):
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise BadCheckpoint(f"{index}: shard name {shard!r} is not a plain file name")
+    return wm
+
+
+def _attach(ckpt: Checkpoint, headers: list[Header], weight_map: Optional[dict[str, str]]) -> None:
+    """Merge shard headers into one tensor table; check it against the index when there is one."""
+    tensors: dict[str, TensorInfo] = {}
+    for h in headers:
+        for name, t in h.tensors.items():
+            if name in tensors:
+                raise BadCheckpoint(f"{h.path}: tensor {name!r} is also in {tensors[name].file}")
+            tensors[name] = t
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            t = tensors.get(name)
+            if t is None:
+                raise BadCheckpoint(f"index names tensor {name!r} in {shard}, but that shard's header does not hold it")
+            if os.path.basename(t.file) != shard:
+                raise BadCheckpoint(f"index puts tensor {name!r} in {shard}, but it is in {os.path.basename(t.file)}")
+    ckpt.headers = headers
+    ckpt.tensors = tensors
+
+
+def _load_config(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadConfig(f"{path}: cannot read ({e.__class__.__name__})") from None
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise BadConfig(f"{path}: not valid JSON ({str(e).splitlines()[0][:100]})") from None
+    if not isinstance(obj, dict):
+        raise BadConfig(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def sample_dir() -> Optional[Path]:
+    """`sample_configs/`: inside the installed package, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "sample_configs", here.parent / "sample_configs"):
+        if d.is_dir():
+            return d
+    return None
+
+
+def sample_names() -> list[str]:
+    d = sample_dir()
+    return sorted(p.stem for p in d.glob("*.json")) if d else []
+
+
+def sample_config_path(name: str) -> Optional[Path]:
+    d = sample_dir()
+    if d is None or not re.fullmatch(r"[\w.-]+", name):
+        return None
+    p = d / (name[:-5] if name.endswith(".json") else name)
+    p = p.with_name(p.name + ".json")
+    return p if p.is_file() else None
+
+
+def _progress(items, label: str):
+    """A progress bar on stderr for long header scans (many shards), silent otherwise."""
+    items = list(items)
+    if len(items) < 8 or not sys.stderr.isatty():
+        return items
+    from rich.progress import track
+
+    from .render import stderr_console
+
+    return track(items, description=label, console=stderr_console(), transient=True)
+
+
+# Shared with the hub path: parse a header from bytes fetched elsewhere.
+def header_from_bytes(prefix: bytes, rest: bytes, file_bytes: Optional[int], where: str) -> Header:
+    n = header_length(prefix, file_bytes, where)
+    if len(rest) < n:
+        raise BadCheckpoint(f"{where}: truncated header: expected {n} bytes, got {len(rest)}")
+    return parse_header(rest[:n], file_bytes, where)
