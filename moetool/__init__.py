@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 def count(model, **kwargs):
     """Total vs active parameters, memory, KV cache and FLOPs of MODEL; see `moetool.count.count`."""
-    from .count import count as _count
+    from .counting import count as _count
 
     return _count(model, **kwargs)
 

@@ -13,7 +13,6 @@ import traceback
 from enum import Enum
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from . import __version__
@@ -51,7 +50,7 @@ def _root(
 
 @app.command()
 def count(
-    model: Annotated[str, typer.Argument(help="Local directory, config.json, .safetensors file, sample config name "
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Local directory, config.json, .safetensors file, sample config name "
                                               "(e.g. mixtral-8x7b), or hub id org/name.")],
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     context: Annotated[int, typer.Option(min=1, help="Context length for the KV cache and attention FLOPs.")] = 4096,
@@ -64,7 +63,7 @@ def count(
 ) -> None:
     """Total vs active parameters, breakdown, memory per storage format, KV cache, FLOPs per token."""
     from . import render
-    from .count import count as do_count
+    from .counting import count as do_count
     from .formats import DTYPE_BYTES
 
     if kv_dtype.lower() not in DTYPE_BYTES:
@@ -82,19 +81,36 @@ def count(
         render.render_count(report, per_layer=per_layer)
 
 
+# Typer < 0.16 raises click's exceptions; later versions vendor click as typer._click. The
+# usage-error class is found through the public `typer.BadParameter` either way.
+_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def app_help() -> str:
+    import typer.main
+
+    command = typer.main.get_command(app)
+    ctx = command.make_context("moetool", [], resilient_parsing=True)
+    return command.get_help(ctx)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app and turn every failure into an exit code."""
     from . import render
 
     try:
-        app(args=argv, prog_name="moetool", standalone_mode=False)
-        code = 0
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.exceptions.UsageError as e:
-        render.error_line(e.format_message().strip().replace("\n", " "))
-        code = 2
-    except click.exceptions.Abort:
+        rv = app(args=argv, prog_name="moetool", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except typer.Exit as e:
+        code = getattr(e, "exit_code", 0)
+    except _USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `moetool`: help was wanted
+            print(app_help())
+            code = 0
+        else:
+            render.error_line(e.format_message().strip().replace("\n", " "))
+            code = 2
+    except typer.Abort:
         render.error_line("aborted")
         code = 130
     except MoetoolError as e:

@@ -18,7 +18,7 @@ def adapt(cfg: Cfg, model_type: str = "jamba") -> ModelSpec:
     n_layers = cfg.int("num_hidden_layers", min_value=1)
     heads, kv_heads, hd = common.attention_dims(cfg, d)
     tie = common.tie_embeddings(cfg)
-    E = cfg.int("num_experts", 16, min_value=1)
+    E = cfg.first_int(["num_experts", "num_local_experts"], 16, min_value=1)
     F = cfg.int("intermediate_size", min_value=1)
     moe = MoESpec(num_experts=E, top_k=cfg.int("num_experts_per_tok", 2, min_value=1), expert_ffn=F,
                   router=RouterSpec(norm_topk_prob=False))

@@ -48,11 +48,11 @@ STYLES: dict[str, Style] = {
     "olmoe": Style("olmoe", bias=_attention_bias("attention_bias", False, "all"), qk_norm="olmoe",
                    router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
     # Qwen/Qwen1.5-MoE-A2.7B: q/k/v bias, shared expert with a sigmoid gate, decoder_sparse_step.
-    "qwen2_moe": Style("qwen2_moe", experts_keys=("num_experts",), expert_ffn_key="moe_intermediate_size",
+    "qwen2_moe": Style("qwen2_moe", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                        bias=_attention_bias("qkv_bias", True, "qkv"), schedule="sparse_step", shared_expert=True,
                        router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
     # Qwen/Qwen3-30B-A3B: QK-norm per head.
-    "qwen3_moe": Style("qwen3_moe", experts_keys=("num_experts",), expert_ffn_key="moe_intermediate_size",
+    "qwen3_moe": Style("qwen3_moe", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                        bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", schedule="sparse_step",
                        router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
     # ibm-granite/granite-3.0-3b-a800m-instruct: top-k of the logits, softmax over those k.

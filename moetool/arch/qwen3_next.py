@@ -22,7 +22,7 @@ def adapt(cfg: Cfg, model_type: str = "qwen3_next") -> ModelSpec:
     nk, nv = cfg.int("linear_num_key_heads", 16, min_value=1), cfg.int("linear_num_value_heads", 32, min_value=1)
     dk, dv = cfg.int("linear_key_head_dim", 128, min_value=1), cfg.int("linear_value_head_dim", 128, min_value=1)
     kernel = cfg.int("linear_conv_kernel_dim", 4, min_value=1)
-    experts = cfg.int("num_experts", 0)
+    experts = cfg.first_int(["num_experts", "num_local_experts"], 0)
     moe = None
     if experts:
         moe = MoESpec(num_experts=experts, top_k=cfg.int("num_experts_per_tok", min_value=1),

@@ -18,7 +18,7 @@ def adapt(cfg: Cfg, model_type: str = "switch_transformers") -> ModelSpec:
     F = cfg.int("d_ff", min_value=1)
     n_enc = cfg.int("num_layers", min_value=1)
     n_dec = cfg.int("num_decoder_layers", n_enc, min_value=0)
-    E = cfg.int("num_experts", 8, min_value=1)
+    E = cfg.first_int(["num_experts", "num_local_experts"], 8, min_value=1)
     buckets = cfg.int("relative_attention_num_buckets", 32, min_value=1)
     tie = common.tie_embeddings(cfg, default=True)
     moe = MoESpec(num_experts=E, top_k=1, expert_ffn=F, router=RouterSpec(norm_topk_prob=False),

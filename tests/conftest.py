@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny checkpoints written by transformers, once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+from fakes import LLAMA4_MULTIMODAL, TINY_CONFIGS, build_transformers_model, transformers_param_count  # noqa: E402
+
+ALL_TINY = dict(TINY_CONFIGS)
+ALL_TINY["llama4-multimodal"] = LLAMA4_MULTIMODAL
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(name) -> (directory, transformers parameter count), built once."""
+    cache: dict[str, tuple[Path, int]] = {}
+
+    def get(name: str) -> tuple[Path, int]:
+        if name not in cache:
+            model = build_transformers_model(ALL_TINY[name])
+            d = tmp_path_factory.mktemp(name)
+            model.save_pretrained(d)
+            cache[name] = (d, transformers_param_count(model))
+        return cache[name]
+
+    return get
