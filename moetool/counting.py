@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from . import formats
 from .arch import spec_from_config
-from .names import classify
+from .names import _QUANT_META_SUFFIXES, classify_tuple
 from .source import Checkpoint, resolve
 from .spec import GROUPS, ModelSpec
 
@@ -120,6 +120,7 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
         counted_from = "config"
 
     total = _total(groups)
+    by_dtype = _bytes_by_dtype(ckpt)
     moe = spec.moe
     routed_active = sum(v * moe.top_k // moe.num_experts for v in per_layer_routed.values()) if moe else 0
     active = total - groups["routed_experts"] - groups["vision"] + routed_active
@@ -135,7 +136,7 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
         mtp_params=groups["mtp"], num_experts=moe.num_experts if moe else None, top_k=moe.top_k if moe else None,
         num_moe_layers=len(spec.moe_layers), num_layers=spec.num_layers, expert_params=spec.expert_params(),
         num_shared_experts=moe.num_shared_experts if moe else 0, tie_word_embeddings=spec.tie_word_embeddings,
-        breakdown=breakdown, bytes_stored=ckpt.bytes_stored, bytes_stored_by_dtype=_bytes_by_dtype(ckpt),
+        breakdown=breakdown, bytes_stored=None if by_dtype is None else sum(by_dtype.values()), bytes_stored_by_dtype=by_dtype,
         quantization=_quant_method(spec), weights_bytes=_weights_bytes(spec), offload_bytes=_offload_bytes(spec),
         kv_cache=_kv_cache(spec, context, batch, kv_dtype), flops_per_token=_flops(spec, context),
         cross_check=cross, per_layer=_per_layer(spec), notes=notes + list(spec.notes),
@@ -173,7 +174,7 @@ def _total(groups: dict[str, int]) -> int:
 class _Stored:
     groups: dict[str, int]
     routed_per_layer: dict[int, int]
-    not_counted: dict[str, list]  # kind -> [(name, elements, bytes)]
+    not_counted: dict[str, list]  # kind -> [tensors, elements, bytes, example name]
     unknown: list[str]
 
 
@@ -185,23 +186,33 @@ def _header_groups(spec: ModelSpec, ckpt: Checkpoint) -> _Stored:
     groups = dict.fromkeys(GROUPS, 0)
     groups["other"] = 0
     routed: dict[int, int] = defaultdict(int)
-    not_counted: dict[str, list] = defaultdict(list)
+    not_counted: dict[str, list] = {}  # kind -> [tensors, elements, bytes, example]
     unknown = []
+    meta_suffixes = _QUANT_META_SUFFIXES
+    prod = math.prod
     for name, t in names.items():
-        role = classify(name, dtype=t.dtype, num_layers=spec.num_layers, encoder_layers=spec.encoder_layers,
-                        tied=spec.tie_word_embeddings, quant_bits=bits, bnb_4bit=bnb4)
-        if role.kind != "param":
-            not_counted[role.kind].append((name, t.numel, t.nbytes))
-            continue
-        n = t.numel * role.multiplier
-        groups[role.group] += n
-        if role.group == "routed_experts":
-            routed[role.layer] += n
-        if role.group == "other":
-            unknown.append(name)
+        if name.endswith(meta_suffixes):  # fp8 / GPTQ scales: half of an fp8 checkpoint's tensors
+            kind = "quant_meta"
+        else:
+            group, layer, _, _, kind, mult = classify_tuple(name, t.dtype, spec.num_layers, spec.encoder_layers,
+                                                            spec.tie_word_embeddings, bits, bnb4)
+            if kind == "param":
+                n = prod(t.shape) * mult
+                groups[group] += n
+                if group == "routed_experts":
+                    routed[layer] += n
+                elif group == "other":
+                    unknown.append(name)
+                continue
+        agg = not_counted.get(kind)
+        if agg is None:
+            agg = not_counted[kind] = [0, 0, 0, name]
+        agg[0] += 1
+        agg[1] += prod(t.shape)
+        agg[2] += t.end - t.begin
     if not groups["other"]:
         del groups["other"]
-    return _Stored(groups, dict(routed), dict(not_counted), unknown)
+    return _Stored(groups, dict(routed), not_counted, unknown)
 
 
 _KIND_CAUSE = {
@@ -228,9 +239,9 @@ def _cross_check(spec: ModelSpec, analytic: dict[str, int], stored: _Stored) -> 
             cause = "config.json and the stored tensors disagree (missing or extra tensors, or other shapes)"
         diffs.append(asdict(Difference(g, a, h, cause)))
     not_counted = [
-        {"kind": kind, "tensors": len(items), "elements": sum(i[1] for i in items), "bytes": sum(i[2] for i in items),
-         "cause": _KIND_CAUSE[kind], "example": items[0][0]}
-        for kind, items in sorted(stored.not_counted.items())
+        {"kind": kind, "tensors": n, "elements": elements, "bytes": nbytes, "cause": _KIND_CAUSE[kind],
+         "example": example}
+        for kind, (n, elements, nbytes, example) in sorted(stored.not_counted.items())
     ]
     a_total, h_total = _total(analytic), _total(stored.groups)
     # `match`: config and headers agree on everything in total_params (an MTP difference is
@@ -244,7 +255,7 @@ def _bytes_by_dtype(ckpt: Checkpoint) -> Optional[dict[str, int]]:
         return None
     out: dict[str, int] = defaultdict(int)
     for t in ckpt.tensors.values():
-        out[t.dtype] += t.nbytes
+        out[t.dtype] += t.end - t.begin
     return dict(sorted(out.items()))
 
 

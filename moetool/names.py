@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 # Tensors that hold quantization metadata, not parameters.
@@ -69,14 +70,60 @@ class TensorRole:
         return (self.group, self.layer, self.expert, self.projection)
 
 
+_ZERO_DIGITS = str.maketrans("123456789", "000000000")
+
+
 def classify(name: str, *, dtype: str = "", num_layers: Optional[int] = None, encoder_layers: int = 0,
              tied: bool = False, quant_bits: int = 4, bnb_4bit: bool = False) -> TensorRole:
     """Classify one stored tensor name. `num_layers` (decoder layers built by transformers) sends
     layers past it to the MTP group; `encoder_layers` offsets decoder blocks of encoder-decoders."""
-    if _QUANT_META.search(name):
-        return TensorRole("quant_meta", _layer(name, encoder_layers), kind="quant_meta", multiplier=0)
+    group, layer, expert, _, kind, multiplier = classify_tuple(
+        name, dtype, num_layers, encoder_layers, tied, quant_bits, bnb_4bit)
+    projection = _projection(name) if group in ("routed_experts", "shared_experts", "dense_mlp", "mtp") else None
+    return TensorRole(group, layer, expert, projection, kind, multiplier)
+
+
+def classify_tuple(name: str, dtype: str, num_layers: Optional[int], encoder_layers: int, tied: bool,
+                   quant_bits: int, bnb_4bit: bool) -> tuple:
+    """`classify` as a plain tuple (group, layer, expert, projection, kind, multiplier) for hot
+    loops (DeepSeek-V3 has 92k tensors); `projection` is not resolved here (None).
+
+    Names differ across layers and experts only in their digits, and no group rule depends on a
+    digit's value, so the rules run once per template (every digit turned into 0) and the layer
+    and expert numbers are sliced back out of the name at the template's positions."""
+    template = name.translate(_ZERO_DIGITS)
+    layer_span, expert_span = _spans(template)
+    layer = None
+    if layer_span is not None:
+        layer = int(name[layer_span[0]:layer_span[1]])
+        if encoder_layers and name.startswith("decoder."):
+            layer += encoder_layers
+    mtp = layer is not None and num_layers is not None and layer >= num_layers
+    group, kind, multiplier = _role(template, dtype, mtp, tied, quant_bits, bnb_4bit)
+    if group == "vision":
+        layer = None
+    expert = None
+    if expert_span is not None and group in ("routed_experts", "mtp"):
+        expert = int(name[expert_span[0]:expert_span[1]])
+    return group, layer, expert, None, kind, multiplier
+
+
+@lru_cache(maxsize=8192)
+def _spans(template: str) -> tuple[Optional[tuple[int, int]], Optional[tuple[int, int]]]:
+    """Character spans of the layer and expert numbers in names of this template."""
+    m = _LAYER.search(template)
+    e = _EXPERT.search(template)
+    return (m.span(1) if m else None), (e.span(1) if e else None)
+
+
+@lru_cache(maxsize=8192)
+def _role(template: str, dtype: str, mtp: bool, tied: bool, quant_bits: int, bnb_4bit: bool):
+    """-> (group, kind, multiplier) of a name template."""
+    name = template
+    if name.endswith(_QUANT_META_SUFFIXES) or _QUANT_META.search(name):
+        return "quant_meta", "quant_meta", 0
     if _BUFFERS.search(name):
-        return TensorRole("buffer", _layer(name, encoder_layers), kind="buffer", multiplier=0)
+        return "buffer", "buffer", 0
     multiplier = 1
     if name.endswith("_blocks") and dtype == "U8":  # MXFP4: two E2M1 values per byte
         multiplier = 2
@@ -84,9 +131,11 @@ def classify(name: str, *, dtype: str = "", num_layers: Optional[int] = None, en
         multiplier = 32 // quant_bits
     elif bnb_4bit and dtype == "U8" and name.endswith(".weight"):
         multiplier = 2
-    layer = None if _VISION.search(name) else _layer(name, encoder_layers)
-    role = _group(name, layer, num_layers, tied)
-    return TensorRole(role[0], layer, role[1], role[2], role[3], multiplier)
+    group, _, _, kind = _group(name, 1 if mtp else None, 0 if mtp else None, tied)
+    return group, kind, multiplier
+
+
+_QUANT_META_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", "_scales", ".scales", ".qzeros", ".g_idx")
 
 
 def _layer(name: str, encoder_layers: int) -> Optional[int]:

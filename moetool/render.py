@@ -151,8 +151,9 @@ def render_count(r, per_layer: bool = False) -> None:
     b.add_row("[bold]total[/bold]", f"[bold]{r.total_params:,}[/bold]", "100.00%")
     out.print(b)
 
-    m = Table(title="Memory (weights; embeddings, head, routers and norms stay bf16)", title_justify="left",
-              box=None, pad_edge=False)
+    m = Table(title="Memory of the weights", title_justify="left", box=None, pad_edge=False,
+              caption="formats apply to linear weights; embeddings, head, routers and norms stay bf16",
+              caption_justify="left")
     m.add_column("format")
     m.add_column("all weights", justify="right")
     m.add_column("non-expert + top-k experts", justify="right")

@@ -147,11 +147,12 @@ def _attach(ckpt: Checkpoint, headers: list[Header], weight_map: Optional[dict[s
                 raise BadCheckpoint(f"{h.path}: tensor {name!r} is also in {tensors[name].file}")
             tensors[name] = t
     if weight_map is not None:
+        path_of = {os.path.basename(h.path): h.path for h in headers}
         for name, shard in weight_map.items():
             t = tensors.get(name)
             if t is None:
                 raise BadCheckpoint(f"index names tensor {name!r} in {shard}, but that shard's header does not hold it")
-            if os.path.basename(t.file) != shard:
+            if t.file != path_of.get(shard):
                 raise BadCheckpoint(f"index puts tensor {name!r} in {shard}, but it is in {os.path.basename(t.file)}")
     ckpt.headers = headers
     ckpt.tensors = tensors
