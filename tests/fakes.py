@@ -53,7 +53,7 @@ TINY_CONFIGS: list[tuple[str, dict]] = [
                          **{**_C, "num_key_value_heads": 4, "num_hidden_layers": 3})),
     ("dbrx", dict(model_type="dbrx", d_model=32, n_layers=2, n_heads=4, vocab_size=128, max_seq_len=256,
                   ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2),
-                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0))),
+                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=0.5))),
     ("llama4_text", dict(model_type="llama4_text", intermediate_size=48, intermediate_size_mlp=64,
                          num_local_experts=4, num_experts_per_tok=1, head_dim=8, interleave_moe_layer_step=2,
                          attention_chunk_size=16, **{**_C, "num_hidden_layers": 4})),
@@ -195,3 +195,89 @@ def deepseek_v3_tensors(config: dict) -> dict[str, tuple[str, list[int]]]:
     bf16("model.norm.weight", d)
     bf16("lm_head.weight", V, d)
     return t
+
+
+def _variant(base: str, **changes) -> dict:
+    d = dict(dict(TINY_CONFIGS)[base])
+    d.update(changes)
+    return d
+
+
+# Extra option combinations for the forward tests (RoPE scaling kinds, routing options).
+FORWARD_VARIANTS: list[tuple[str, dict]] = [
+    ("deepseek_v3-yarn", _variant("deepseek_v3", rope_scaling=dict(type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=1.0,
+                                                                   original_max_position_embeddings=64, beta_fast=32,
+                                                                   beta_slow=1), norm_topk_prob=False)),
+    ("deepseek_v3-nogroup", _variant("deepseek_v3", n_group=1, topk_group=1, num_experts_per_tok=3, q_lora_rank=None)),
+    ("deepseek_v2-greedy", _variant("deepseek_v2", topk_method="greedy", routed_scaling_factor=16.0, n_shared_experts=1)),
+    ("llama4_text-llama3rope", _variant("llama4_text", rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                         high_freq_factor=4.0,
+                                                                         original_max_position_embeddings=32),
+                                        num_experts_per_tok=2, attn_temperature_tuning=True, floor_scale=4)),
+    ("phimoe-longrope", _variant("phimoe", rope_scaling=dict(type="longrope", short_factor=[1.0, 1.1, 1.3, 1.7],
+                                                             long_factor=[1.0, 2.0, 4.0, 8.0], short_mscale=1.1,
+                                                             long_mscale=1.3, original_max_position_embeddings=64),
+                                 # 40 tokens < 64: the short regime, where transformers 5.x agrees with Phi's
+                                 # reference (past it, transformers keeps the short factors with the long mscale).
+                                 max_position_embeddings=256)),
+    ("olmoe-clip", _variant("olmoe", clip_qkv=0.3, norm_topk_prob=True)),
+    ("glm4_moe-noqknorm", _variant("glm4_moe", use_qk_norm=False, attention_bias=False, n_group=1, topk_group=1,
+                                   routed_scaling_factor=1.5)),
+    ("gpt_oss-window", _variant("gpt_oss", sliding_window=4, num_experts_per_tok=3)),
+]
+FORWARD_FAMILY_CONFIGS = [(n, c) for n, c in TINY_CONFIGS if c["model_type"] in (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe",
+    "phimoe", "dbrx", "llama4_text")] + FORWARD_VARIANTS
+
+
+def randomize_biases(model, seed: int) -> None:
+    """Routers start with zero biases and zero correction biases: give every bias, sink and buffer
+    of that kind random values so the tests exercise them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("bias", "sinks", "e_score_correction_bias")) and p.dtype.is_floating_point:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "correction" in name else 0.5))
+
+
+def transformers_routes(model, ids) -> tuple:
+    """Run transformers' model; capture each MoE layer's chosen experts and gate weights from its
+    router module: {layer: (experts [T, K], weights [T, K])}, plus the logits [T, V]."""
+    import re
+
+    import torch
+
+    captured: dict[int, tuple] = {}
+    family = model.config.model_type
+    hooks = []
+
+    def hook_for(layer: int, module):
+        def hook(mod, args, out):
+            if family == "llama4_text":
+                scores, logits = out
+                k = model.config.num_experts_per_tok
+                idx = torch.topk(logits, k, dim=-1).indices
+                captured[layer] = (idx, scores.gather(1, idx))
+            elif family == "dbrx":
+                w, idx = mod_parent[layer].route_tokens_to_experts(out)
+                captured[layer] = (idx, w)
+            else:
+                _, w, idx = out
+                captured[layer] = (idx, w)
+        return hook
+
+    mod_parent = {}
+    for name, module in model.named_modules():
+        m = re.search(r"\.(layers|blocks)\.(\d+)\.(mlp|block_sparse_moe|feed_forward|ffn)\.(gate|router)$", name)
+        if m and not isinstance(module, torch.nn.ModuleList):
+            layer = int(m.group(2))
+            if family == "dbrx":
+                mod_parent[layer] = model.get_submodule(name.rsplit(".", 1)[0])
+            hooks.append(module.register_forward_hook(hook_for(layer, module)))
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    for h in hooks:
+        h.remove()
+    return logits, captured

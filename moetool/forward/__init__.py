@@ -1,0 +1,60 @@
+"""The reference MoE forward pass (PyTorch): `run_forward(checkpoint, token_ids)`.
+
+Example:
+    >>> from moetool.forward import run_forward
+    >>> out = run_forward(resolve("path/to/ckpt"), [1, 2, 3])   # doctest: +SKIP
+    >>> out.routes[0].experts.shape                               # doctest: +SKIP
+    torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..arch import spec_from_config
+from ..errors import MoetoolError
+from ..source import Checkpoint
+from .config import FORWARD_FAMILIES, forward_config
+from .model import Decoder, ForwardResult, LayerRoute
+from .weights import WeightStore
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MoetoolError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MoetoolError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32", device: str = "auto",
+                router_dtype: str = "float32", record: bool = True,
+                progress: Optional[Callable[[int, int], None]] = None) -> ForwardResult:
+    """Run the prompt through the checkpoint, layer by layer; return logits and router decisions."""
+    if ckpt.tensors is None:
+        raise MoetoolError(f"{ckpt.source}: no safetensors weights to run (moetool never loads pickle checkpoints)")
+    spec = spec_from_config(ckpt.config, ckpt.config_path)
+    fc = forward_config(spec, ckpt.config)
+    if not token_ids:
+        raise MoetoolError("no tokens to run")
+    if fc.max_positions and len(token_ids) > fc.max_positions:
+        raise MoetoolError(f"prompt has {len(token_ids)} tokens, more than the model's context "
+                           f"(max_position_embeddings={fc.max_positions})")
+    if dtype not in DTYPES or router_dtype not in DTYPES:
+        raise MoetoolError(f"--dtype must be one of {', '.join(DTYPES)}")
+    store = WeightStore(ckpt.tensors)
+    try:
+        with torch.inference_mode():
+            return Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
+                           router_dtype=DTYPES[router_dtype], progress=progress).run(token_ids, record)
+    finally:
+        store.close()
+
+
+__all__ = ["run_forward", "ForwardResult", "LayerRoute", "FORWARD_FAMILIES", "pick_device"]

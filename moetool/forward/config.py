@@ -1,0 +1,206 @@
+"""What the forward pass needs beyond the ModelSpec: norms, RoPE, attention variants, multipliers.
+
+Read once from config.json with the family's upstream defaults (transformers' configuration_*.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+
+from ..errors import BadConfig, UnsupportedArchitecture
+from ..spec import Cfg, ModelSpec
+
+FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
+
+
+# transformers' defaults when a config gives no rope_theta.
+ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "phimoe": 1e6, "qwen2_moe": 1e6, "qwen3_moe": 1e6, "olmoe": 1e4,
+                       "granitemoe": 1e4, "gpt_oss": 150000.0, "llama4": 500000.0, "glm4_moe": 1e4,
+                       "deepseek_v2": 1e4, "deepseek_v3": 1e4}
+
+
+@dataclass
+class Rope:
+    theta: float
+    dim: int  # rotary dimensions (partial rotary: fewer than head_dim)
+    kind: str = "default"  # default | linear | llama3 | yarn | longrope
+    params: dict = field(default_factory=dict)
+    layout: Literal["half", "interleave"] = "half"  # rotate_half (split halves) or (x0, x1) pairs
+    max_position_embeddings: Optional[int] = None
+
+    def inv_freq_and_factor(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies [dim/2] and the cos/sin scale, as transformers' rope init functions."""
+        d, base, p = self.dim, self.theta, self.params
+        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+        if self.kind in ("default", "dynamic") or not p:
+            return inv, 1.0
+        factor = float(p.get("factor", 1.0))
+        if self.kind == "linear":
+            return inv / factor, 1.0
+        if self.kind == "llama3":
+            low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+            old = float(p["original_max_position_embeddings"])
+            low_wl, high_wl = old / low, old / high
+            wavelen = 2 * math.pi / inv
+            out = torch.where(wavelen > low_wl, inv / factor, inv)
+            smooth = (old / wavelen - low) / (high - low) if high != low else torch.zeros_like(inv)
+            smoothed = (1 - smooth) * out / factor + smooth * out
+            medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+            return torch.where(medium, smoothed, out), 1.0
+        if self.kind == "yarn":
+            return _yarn(d, base, p, self.max_position_embeddings)
+        if self.kind == "longrope":
+            orig = int(p.get("original_max_position_embeddings") or self.max_position_embeddings)
+            ext = p["long_factor"] if seq_len > orig else p["short_factor"]
+            ext = torch.tensor(ext, dtype=torch.float32)
+            inv = 1.0 / (ext * base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+            scale = (self.max_position_embeddings or orig) / orig
+            attn = p.get("attention_factor") or (1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(orig)))
+            # Phi-MoE stores its own cos/sin scales for the two regimes.
+            mscale = p.get("long_mscale") if seq_len > orig else p.get("short_mscale")
+            return inv, float(mscale if mscale is not None else attn)
+        raise UnsupportedArchitecture(f"RoPE scaling type {self.kind!r} is not supported by the reference forward")
+
+
+def _mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+def _yarn(d: int, base: float, p: dict, max_pos: Optional[int]) -> tuple[torch.Tensor, float]:
+    factor = float(p["factor"])
+    orig = float(p.get("original_max_position_embeddings") or max_pos)
+    attn = p.get("attention_factor")
+    m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+    if attn is None:
+        attn = _mscale(factor, m) / _mscale(factor, m_all) if m and m_all else _mscale(factor)
+    beta_fast, beta_slow = float(p.get("beta_fast") or 32), float(p.get("beta_slow") or 1)
+
+    def corr(rot: float) -> float:
+        return (d * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr(beta_fast), corr(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos = base ** (torch.arange(0, d, 2).float() / d)
+    extra = 1 - ramp
+    inv = (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra
+    return inv, float(attn)
+
+
+@dataclass
+class ForwardConfig:
+    family: str
+    hidden: int
+    vocab: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    norm: Literal["rms", "layernorm"]
+    rope: Rope
+    attn_scale: float
+    qk_norm: Literal["none", "head", "full", "l2"] = "none"
+    clip_qkv: Optional[float] = None
+    windows: list[Optional[int]] = field(default_factory=list)
+    use_rope: list[bool] = field(default_factory=list)
+    chunk: Optional[int] = None
+    mla: Optional[dict] = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    temperature_tuning: Optional[tuple[float, float]] = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
+    expert_act: Literal["silu", "gpt_oss"] = "silu"
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    dense_ffn: int = 0
+    max_positions: Optional[int] = None
+
+
+def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
+    family = spec.family
+    if family not in FORWARD_FAMILIES:
+        raise UnsupportedArchitecture(
+            f"model_type {spec.model_type!r} has no reference forward yet; supported: {', '.join(FORWARD_FAMILIES)}")
+    cfg = Cfg(config)
+    if family == "llama4" and spec.model_type == "llama4":
+        cfg = cfg.sub("text_config")
+    if family == "dbrx":
+        return _dbrx(spec, cfg)
+    d, heads = spec.hidden_size, cfg.int("num_attention_heads")
+    kv = cfg.int("num_key_value_heads", heads)
+    hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads
+    # transformers 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
+    params = cfg.raw("rope_parameters") or {}
+    scaling_dict = {**(cfg.raw("rope_scaling") or {}), **params} if isinstance(params, dict) else params
+    if not isinstance(scaling_dict, dict):
+        raise BadConfig("config.json: rope_scaling / rope_parameters must be an object")
+    kind = scaling_dict.get("rope_type") or scaling_dict.get("type") or "default"
+    theta = float(scaling_dict.get("rope_theta") or cfg.float("rope_theta", ROPE_THETA_DEFAULTS.get(family, 10000.0)))
+    if kind == "longrope" and "original_max_position_embeddings" not in scaling_dict and cfg.has("original_max_position_embeddings"):
+        scaling_dict = {**scaling_dict, "original_max_position_embeddings": cfg.int("original_max_position_embeddings")}
+    rope = Rope(theta=theta, dim=hd, kind=kind, params=scaling_dict, max_position_embeddings=cfg.raw("max_position_embeddings"))
+    fc = ForwardConfig(family=family, hidden=d, vocab=spec.vocab_size, layers=spec.num_layers, heads=heads,
+                       kv_heads=kv, head_dim=hd, eps=cfg.float("rms_norm_eps", 1e-6), norm="rms", rope=rope,
+                       attn_scale=hd ** -0.5, windows=[l.window for l in spec.layers],
+                       use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_position_embeddings"),
+                       dense_ffn=cfg.int("intermediate_size", 0))
+    if family == "phimoe":
+        fc.norm = "layernorm"
+        fc.eps = cfg.float("rms_norm_eps", 1e-5)
+    elif family == "olmoe":
+        fc.qk_norm, fc.clip_qkv = "full", cfg.raw("clip_qkv")
+    elif family == "qwen3_moe":
+        fc.qk_norm = "head"
+    elif family == "glm4_moe":
+        fc.qk_norm = "head" if cfg.bool("use_qk_norm", False) else "none"
+        rope.dim = int(hd * cfg.float("partial_rotary_factor", 0.5))
+    elif family == "granitemoe":
+        fc.attn_scale = cfg.float("attention_multiplier", 1.0)
+        fc.embedding_multiplier = cfg.float("embedding_multiplier", 1.0)
+        fc.residual_multiplier = cfg.float("residual_multiplier", 1.0)
+        fc.logits_scaling = cfg.float("logits_scaling", 1.0)
+    elif family == "gpt_oss":
+        fc.expert_act = "gpt_oss"
+        fc.swiglu_limit = cfg.float("swiglu_limit", 7.0)
+    elif family == "llama4":
+        rope.layout = "interleave"
+        fc.qk_norm = "l2" if cfg.bool("use_qk_norm", True) else "none"
+        interval = cfg.int("no_rope_layer_interval", 4)
+        no_rope = cfg.int_list("no_rope_layers", []) or [int((i + 1) % interval != 0) for i in range(spec.num_layers)]
+        fc.use_rope = [bool(no_rope[i]) for i in range(spec.num_layers)]
+        fc.chunk = cfg.int("attention_chunk_size", 8192)
+        fc.windows = [None] * spec.num_layers
+        if cfg.bool("attn_temperature_tuning", True):
+            fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
+        fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
+    elif family in ("deepseek_v2", "deepseek_v3"):
+        nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
+        fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
+        rope.dim = rdim
+        rope.layout = "interleave" if (family == "deepseek_v2" or cfg.bool("rope_interleave", True)) else "half"
+        fc.attn_scale = (nope + rdim) ** -0.5
+        if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
+            m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))
+            fc.attn_scale *= m * m
+    return fc
+
+
+def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
+    attn = cfg.sub("attn_config")
+    d, heads = spec.hidden_size, cfg.int("n_heads")
+    hd = d // heads
+    return ForwardConfig(family="dbrx", hidden=d, vocab=spec.vocab_size, layers=spec.num_layers, heads=heads,
+                         kv_heads=attn.int("kv_n_heads", 1), head_dim=hd, eps=1e-5, norm="layernorm",
+                         rope=Rope(theta=attn.float("rope_theta", 10000.0), dim=hd), attn_scale=hd ** -0.5,
+                         clip_qkv=attn.raw("clip_qkv"), windows=[None] * spec.num_layers,
+                         use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_seq_len"))

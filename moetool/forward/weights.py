@@ -1,0 +1,151 @@
+"""Read tensors straight from safetensors files, one at a time, without memory-mapping them.
+
+Each read is an `os.pread` of exactly the tensor's bytes (offsets from the validated header), so
+the process holds only what the forward keeps: a layer's weights and the experts it chose. After
+a layer the pages are dropped from the page cache too (`posix_fadvise(DONTNEED)`), which is what
+lets a checkpoint larger than RAM stream through with about one layer resident.
+
+Fused expert tensors ([E, ...] or DBRX's [E*F, D]) are sliced per expert by byte range: reading
+expert e never touches the others. fp8 weights with `weight_scale_inv` (128x128 blocks) and MXFP4
+`*_blocks` / `*_scales` are dequantised on load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from ..errors import BadCheckpoint
+from ..header import DTYPE_BITS, TensorInfo
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+# OCP MX FP4 (E2M1) code points, low nibble first (as gpt-oss and transformers store them).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+class WeightStore:
+    """Tensors of a checkpoint by stored name. `get` reads and converts one tensor.
+
+    Example:
+        >>> store = WeightStore(ckpt.tensors)                    # doctest: +SKIP
+        >>> w = store.get("model.layers.0.self_attn.q_proj.weight", torch.float32)  # doctest: +SKIP
+    """
+
+    def __init__(self, tensors: dict[str, TensorInfo]):
+        self.tensors = tensors
+        self._fds: dict[str, int] = {}
+        self._data_start: dict[str, int] = {}
+        self.bytes_read = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors or f"{name}_blocks" in self.tensors
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise BadCheckpoint(f"{path}: cannot open ({e.strerror})") from None
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+            self._fds[path] = fd
+            self._data_start[path] = 8 + n
+        return fd
+
+    def _read(self, t: TensorInfo, start: int, nbytes: int) -> bytearray:
+        fd = self._fd(t.file)
+        offset = self._data_start[t.file] + t.begin + start
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise BadCheckpoint(f"{t.file}: truncated: tensor {t.name!r} ends past the end of the file")
+            got += n
+        self.bytes_read += nbytes
+        return buf
+
+    def raw(self, name: str, index: Optional[int] = None, rows: Optional[int] = None) -> torch.Tensor:
+        """The stored tensor (no conversion). `index` selects one slice of the leading dimension;
+        with `rows` it selects rows [index*rows, (index+1)*rows) of a 2-D tensor (DBRX's [E*F, D])."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise BadCheckpoint(f"checkpoint is missing tensor {name!r}")
+        shape = list(t.shape)
+        bits = DTYPE_BITS[t.dtype]
+        if t.dtype not in TORCH_DTYPES:
+            raise BadCheckpoint(f"tensor {name!r}: dtype {t.dtype} cannot be loaded")
+        start, nbytes = 0, t.nbytes
+        if index is not None:
+            lead = rows if rows is not None else 1
+            per_row = math.prod(shape[1:]) * bits // 8
+            count = shape[0] // lead if rows is not None else shape[0]
+            if not 0 <= index < count:
+                raise BadCheckpoint(f"tensor {name!r}: slice {index} out of range ({count})")
+            start, nbytes = index * lead * per_row, lead * per_row
+            shape = ([lead] + shape[1:]) if rows is not None else shape[1:]
+        buf = self._read(t, start, nbytes)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=TORCH_DTYPES[t.dtype])
+        return torch.frombuffer(buf, dtype=TORCH_DTYPES[t.dtype]).reshape(shape)
+
+    def get(self, name: str, dtype: torch.dtype, index: Optional[int] = None, rows: Optional[int] = None,
+            device: Optional[torch.device] = None) -> torch.Tensor:
+        """Read, dequantise if needed, convert to `dtype` (and move to `device`)."""
+        if name not in self.tensors and f"{name}_blocks" in self.tensors:
+            w = self._mxfp4(name, index)
+        else:
+            w = self.raw(name, index, rows)
+            if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                w = self._fp8(name, w, index)
+        w = w.to(device=device or "cpu", dtype=dtype)
+        return w
+
+    def get_optional(self, name: Optional[str], dtype: torch.dtype, **kw) -> Optional[torch.Tensor]:
+        return None if name is None or name not in self else self.get(name, dtype, **kw)
+
+    def _fp8(self, name: str, w: torch.Tensor, index: Optional[int]) -> torch.Tensor:
+        """fp8 E4M3 with DeepSeek-V3's `weight_scale_inv`: one fp32 scale per 128x128 block."""
+        scale_name = name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+        w = w.to(torch.float32)
+        if scale_name not in self.tensors:
+            return w
+        s = self.raw(scale_name, index).to(torch.float32)
+        out, inp = w.shape[-2:]
+        bo = math.ceil(out / s.shape[-2])
+        bi = math.ceil(inp / s.shape[-1])
+        s = s.repeat_interleave(bo, dim=-2)[..., :out, :].repeat_interleave(bi, dim=-1)[..., :inp]
+        return w * s
+
+    def _mxfp4(self, name: str, index: Optional[int]) -> torch.Tensor:
+        """MXFP4 (gpt-oss): `*_blocks` [..., G, 16] uint8 with two E2M1 values a byte (low nibble
+        first) and `*_scales` [..., G] uint8 E8M0 exponents (bias 127) -> [..., G * 32] float32."""
+        blocks = self.raw(f"{name}_blocks", index)
+        scales = self.raw(f"{name}_scales", index).to(torch.int32) - 127
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        lo, hi = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]
+        vals = torch.stack((lo, hi), dim=-1).reshape(*blocks.shape[:-1], blocks.shape[-1] * 2)  # [..., G, 32]
+        vals = torch.ldexp(vals, scales.unsqueeze(-1))
+        return vals.reshape(*vals.shape[:-2], -1)
+
+    def release(self) -> None:
+        """Drop read pages of every open file from the page cache (they are re-read if needed)."""
+        for fd in self._fds.values():
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError):
+                pass
