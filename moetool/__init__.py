@@ -21,4 +21,11 @@ def count(model, **kwargs):
     return _count(model, **kwargs)
 
 
-__all__ = ["count", "__version__"]
+def trace(prompt=None, **kwargs):
+    """Run the reference forward on `prompt` and record router decisions; see `moetool.tracing.trace`."""
+    from .tracing import trace as _trace
+
+    return _trace(prompt, **kwargs)
+
+
+__all__ = ["count", "trace", "__version__"]

@@ -94,6 +94,91 @@ def app_help() -> str:
     return command.get_help(ctx)
 
 
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _parse_tokens(value: Optional[str]) -> Optional[list[int]]:
+    if value is None:
+        return None
+    try:
+        ids = [int(x) for x in value.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise MoetoolError(f"--tokens must be comma-separated integers, got {value!r}") from None
+    if not ids:
+        raise MoetoolError("--tokens is empty")
+    return ids
+
+
+@app.command()
+def trace(
+    prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Text to trace.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint: local directory, .safetensors "
+                                                 "file, or hub id (downloaded into the hub cache).")] = None,
+    tokens: Annotated[Optional[str], typer.Option(help="Token ids instead of a prompt, e.g. 1,2,3.")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype of the forward (the router runs in float32).")] = DType.float32,
+    router_dtype: Annotated[DType, typer.Option(help="Router matmul dtype (near ties flip in bf16).")] = DType.float32,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.")] = Device.auto,
+    save_logits: Annotated[Optional[str], typer.Option(help="Write final float32 logits [tokens, vocab] as .npy.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Run the reference forward pass and record every router decision."""
+    from . import render
+    from .tracing import save_logits as write_logits
+    from .tracing import trace as do_trace
+
+    if model is None:
+        raise MoetoolError("no model given: pass --model PATH_OR_HUB_ID")
+    ids = _parse_tokens(tokens)
+    if save_logits is not None and not save_logits.endswith(".npy"):
+        raise MoetoolError("--save-logits must name a .npy file")
+    with _layer_progress(enabled=not json_) as progress:
+        report = do_trace(prompt, model=model, tokens=ids, revision=revision, dtype=dtype.value,
+                          router_dtype=router_dtype.value, device=device.value, progress=progress)
+    if save_logits:
+        write_logits(report, save_logits)
+        render.info(f"logits [{len(report.tokens)}, {report.logits.shape[-1]}] written to {save_logits}")
+    if json_:
+        render.write_stdout(render.to_json(report.to_dict()))
+    else:
+        render.render_trace(report)
+
+
+class _layer_progress:
+    """A progress bar over decoder layers on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .render import stderr_console
+
+        self.bar = Progress(TextColumn("layers"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), console=stderr_console(), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("layers", total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app and turn every failure into an exit code."""
     from . import render

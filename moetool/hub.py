@@ -166,3 +166,28 @@ def _total_size(r) -> Optional[int]:
     if r.status_code == 200 and r.headers.get("content-length"):
         return int(r.headers["content-length"])
     return None
+
+
+def download_checkpoint(repo_id: str, revision: Optional[str] = None) -> str:
+    """Download config, tokenizer and safetensors weights (never pickles) into the hub cache, with
+    huggingface-hub's progress bars on stderr; returns the local snapshot directory."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        return snapshot_download(repo_id, revision=revision,
+                                 allow_patterns=["config.json", "tokenizer.json", "*.safetensors",
+                                                 "model.safetensors.index.json"])
+    except hf_errors.GatedRepoError:
+        raise MoetoolError(f"{where}: gated repo; accept its terms on the hub and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise MoetoolError(f"{where}: repository not found on the hub (or private: set HF_TOKEN)") from None
+    except hf_errors.RevisionNotFoundError:
+        raise MoetoolError(f"{where}: revision not found") from None
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
+        raise MoetoolError(f"{where}: not in the local hub cache and the hub cannot be reached") from None
+    except hf_errors.HfHubHTTPError as e:
+        raise MoetoolError(f"{where}: hub request failed: {str(e).splitlines()[0][:160]}") from None
+    except OSError as e:
+        raise MoetoolError(f"{where}: download failed: {e.__class__.__name__}: {str(e)[:120]}") from None

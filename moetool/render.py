@@ -223,3 +223,54 @@ def count_csv(r, per_layer: bool) -> str:
 
 def debug_enabled() -> bool:
     return os.environ.get("MOETOOL_DEBUG", "") not in ("", "0")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory and a rename: a failure
+    leaves no partial file and never clobbers an existing one."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        from .errors import MoetoolError
+
+        raise MoetoolError(f"{path}: directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".moetool-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --- trace ------------------------------------------------------------------------------------
+
+def render_trace(t, layers_per_table: int = 12) -> None:
+    """Per-token view: one row per token, one column per MoE layer, experts best first."""
+    out = stdout_console()
+    out.print(f"[bold]{_escape(t.model)}[/bold]  model_type={t.model_type}  {len(t.tokens)} tokens, "
+              f"{len(t.layers)} MoE layers, {t.num_experts} experts, top-{t.top_k}  ({t.dtype}, {t.device})")
+    for start in range(0, len(t.layers), layers_per_table):
+        chunk = t.layers[start:start + layers_per_table]
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("#", justify="right", style="dim")
+        table.add_column("token", no_wrap=True, max_width=18)
+        for l in chunk:
+            table.add_column(f"L{l.layer}", justify="left", no_wrap=True)
+        for i, tok in enumerate(t.tokens):
+            cells = []
+            for l in chunk:
+                es, ws = l.experts[i], l.weights[i]
+                first = f"[bold]{es[0]}[/bold]"
+                rest = " ".join(str(e) for e in es[1:])
+                cells.append(f"{first} {rest}".rstrip() + f" [dim]{ws[0]:.2f}[/dim]")
+            table.add_row(str(i), _escape(repr(tok.text)[1:-1]), *cells)
+        out.print(table)
+    out.print("[dim]each cell: the token's experts best first (first choice bold), then the first choice's gate weight[/dim]")

@@ -34,3 +34,17 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def write_tokenizer(directory: Path, vocab_size: int = 128) -> None:
+    """A small byte-level BPE tokenizer.json trained on a few sentences (tokenizers library)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100],
+                                  show_progress=False)
+    text = ["def add(a, b): return a + b", "The quick brown fox jumps over the lazy dog.", "import os, sys"] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(directory / "tokenizer.json"))
