@@ -466,6 +466,7 @@ class Decoder:
                 y = y * w_e[:, None].to(y.dtype)
             out.index_add_(0, tok, y)
             del gate, up, down
+            self.store.release()  # this expert's pages leave resident memory before the next one
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
                       "feed_forward.shared_expert.gate_proj.weight", required=False)
         if shared:

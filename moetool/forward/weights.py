@@ -1,9 +1,11 @@
-"""Read tensors straight from safetensors files, one at a time, without memory-mapping them.
+"""Read tensors straight from safetensors files, one at a time.
 
-Each read is an `os.pread` of exactly the tensor's bytes (offsets from the validated header), so
-the process holds only what the forward keeps: a layer's weights and the experts it chose. After
-a layer the pages are dropped from the page cache too (`posix_fadvise(DONTNEED)`), which is what
-lets a checkpoint larger than RAM stream through with about one layer resident.
+Files are memory-mapped (private, read-only in practice) and each tensor is a zero-copy view of
+exactly its bytes (offsets from the validated header): only the pages of tensors actually used
+are touched, so reading expert e of a fused [E, ...] tensor never touches the others. After each
+layer `release()` drops every mapped page from the process (`madvise(MADV_DONTNEED)`): resident
+memory stays about one layer plus activations, which is what lets a checkpoint larger than RAM
+stream through. The kernel's page cache keeps recently read pages for a later run.
 
 Fused expert tensors ([E, ...] or DBRX's [E*F, D]) are sliced per expert by byte range: reading
 expert e never touches the others. fp8 weights with `weight_scale_inv` (128x128 blocks) and MXFP4
@@ -13,7 +15,9 @@ expert e never touches the others. fp8 weights with `weight_scale_inv` (128x128 
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -40,44 +44,41 @@ class WeightStore:
 
     def __init__(self, tensors: dict[str, TensorInfo]):
         self.tensors = tensors
-        self._fds: dict[str, int] = {}
-        self._data_start: dict[str, int] = {}
+        self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # file -> (map, data start)
         self.bytes_read = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors or f"{name}_blocks" in self.tensors
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
+        for mm, _ in self._maps.values():
             try:
-                fd = os.open(path, os.O_RDONLY)
+                mm.close()
+            except BufferError:  # a tensor still views it; the map closes when that tensor goes
+                pass
+        self._maps.clear()
+
+    def _map(self, path: str) -> tuple[mmap.mmap, int]:
+        entry = self._maps.get(path)
+        if entry is None:
+            try:
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             except OSError as e:
                 raise BadCheckpoint(f"{path}: cannot open ({e.strerror})") from None
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-            self._fds[path] = fd
-            self._data_start[path] = 8 + n
-        return fd
+            entry = self._maps[path] = (mm, 8 + n)
+        return entry
 
-    def _read(self, t: TensorInfo, start: int, nbytes: int) -> bytearray:
-        fd = self._fd(t.file)
-        offset = self._data_start[t.file] + t.begin + start
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
-        got = 0
-        while got < nbytes:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise BadCheckpoint(f"{t.file}: truncated: tensor {t.name!r} ends past the end of the file")
-            got += n
+    def _view(self, t: TensorInfo, start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        mm, data_start = self._map(t.file)
+        offset = data_start + t.begin + start
+        if offset + nbytes > len(mm):
+            raise BadCheckpoint(f"{t.file}: truncated: tensor {t.name!r} ends past the end of the file")
         self.bytes_read += nbytes
-        return buf
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype)
 
     def raw(self, name: str, index: Optional[int] = None, rows: Optional[int] = None) -> torch.Tensor:
         """The stored tensor (no conversion). `index` selects one slice of the leading dimension;
@@ -98,10 +99,9 @@ class WeightStore:
                 raise BadCheckpoint(f"tensor {name!r}: slice {index} out of range ({count})")
             start, nbytes = index * lead * per_row, lead * per_row
             shape = ([lead] + shape[1:]) if rows is not None else shape[1:]
-        buf = self._read(t, start, nbytes)
         if nbytes == 0:
             return torch.empty(shape, dtype=TORCH_DTYPES[t.dtype])
-        return torch.frombuffer(buf, dtype=TORCH_DTYPES[t.dtype]).reshape(shape)
+        return self._view(t, start, nbytes, TORCH_DTYPES[t.dtype]).reshape(shape)
 
     def get(self, name: str, dtype: torch.dtype, index: Optional[int] = None, rows: Optional[int] = None,
             device: Optional[torch.device] = None) -> torch.Tensor:
@@ -143,9 +143,9 @@ class WeightStore:
         return vals.reshape(*vals.shape[:-2], -1)
 
     def release(self) -> None:
-        """Drop read pages of every open file from the page cache (they are re-read if needed)."""
-        for fd in self._fds.values():
+        """Drop every mapped page from this process's resident memory (re-read on next access)."""
+        for mm, _ in self._maps.values():
             try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except (AttributeError, OSError):
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):
                 pass
