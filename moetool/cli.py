@@ -118,46 +118,113 @@ def _parse_tokens(value: Optional[str]) -> Optional[list[int]]:
     return ids
 
 
+class TraceFormat(str, Enum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    parquet = "parquet"
+
+
 @app.command()
 def trace(
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Text to trace.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint: local directory, .safetensors "
                                                  "file, or hub id (downloaded into the hub cache).")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="Token ids instead of a prompt, e.g. 1,2,3.")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", help="Many prompts: .txt (one per line) or .jsonl "
+                                                "({\"text\": ...} per line).")] = None,
+    generate: Annotated[int, typer.Option(min=0, help="Greedy-generate N tokens after the prompt and trace them too.")] = 0,
+    capacity_factor: Annotated[Optional[float], typer.Option(help="Report tokens dropped at this capacity factor "
+                                                             "(Switch/GShard, position order).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Only these decoder layers, e.g. 0,3,5-7.")] = None,
+    logits: Annotated[bool, typer.Option("--logits", help="Include router logits, selection scores and the k/k+1 "
+                                         "margin per token in the JSON.")] = False,
+    plot: Annotated[Optional[str], typer.Option(help="Write a layer x expert load heatmap and a token x layer "
+                                                "first-choice map (.png or .svg).")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
     dtype: Annotated[DType, typer.Option(help="Compute dtype of the forward (the router runs in float32).")] = DType.float32,
     router_dtype: Annotated[DType, typer.Option(help="Router matmul dtype (near ties flip in bf16).")] = DType.float32,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.")] = Device.auto,
     save_logits: Annotated[Optional[str], typer.Option(help="Write final float32 logits [tokens, vocab] as .npy.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout (same as --format json).")] = False,
+    fmt: Annotated[TraceFormat, typer.Option("--format", help="table, json, or the long table (one row per prompt, "
+                                             "layer, token, slot) as jsonl, csv or parquet.")] = TraceFormat.table,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the --format output to this file "
+                                                  "(atomically) instead of stdout.")] = None,
 ) -> None:
-    """Run the reference forward pass and record every router decision."""
+    """Run the reference forward pass, record every router decision, and measure the routing."""
     from . import render
+    from .tracing import parse_layers, read_prompts, trace_many
     from .tracing import save_logits as write_logits
     from .tracing import trace as do_trace
 
     if model is None:
         raise MoetoolError("no model given: pass --model PATH_OR_HUB_ID")
-    ids = _parse_tokens(tokens)
+    fmt = TraceFormat.json if json_ else fmt
+    if fmt is TraceFormat.parquet and not output:
+        raise MoetoolError("--format parquet needs -o FILE")
+    if sum(x is not None for x in (prompt, tokens, file)) > 1:
+        raise MoetoolError("give one of PROMPT, --tokens or --file")
     if save_logits is not None and not save_logits.endswith(".npy"):
         raise MoetoolError("--save-logits must name a .npy file")
-    with _layer_progress(enabled=not json_) as progress:
-        report = do_trace(prompt, model=model, tokens=ids, revision=revision, dtype=dtype.value,
-                          router_dtype=router_dtype.value, device=device.value, progress=progress)
-    if save_logits:
-        write_logits(report, save_logits)
-        render.info(f"logits [{len(report.tokens)}, {report.logits.shape[-1]}] written to {save_logits}")
-    if json_:
-        render.write_stdout(render.to_json(report.to_dict()))
+    if save_logits and file:
+        raise MoetoolError("--save-logits works with one prompt, not --file")
+    if plot is not None and not plot.endswith((".png", ".svg")):
+        raise MoetoolError("--plot must name a .png or .svg file")
+    ids = _parse_tokens(tokens)
+    options = dict(dtype=dtype.value, router_dtype=router_dtype.value, device=device.value, generate=generate,
+                   capacity_factor=capacity_factor, layers=parse_layers(layers), router_logits=logits)
+    machine = fmt is not TraceFormat.table
+    if file:
+        prompts = read_prompts(file)
+        with _layer_progress(enabled=not machine or output is not None, label="prompts") as progress:
+            report = trace_many(prompts, model=model, revision=revision, progress=progress, **options)
+        single = None
     else:
-        render.render_trace(report)
+        with _layer_progress(enabled=not machine or output is not None) as progress:
+            report = do_trace(prompt, model=model, tokens=ids, revision=revision, progress=progress, **options)
+        single = report
+    if save_logits:
+        write_logits(single, save_logits)
+        render.info(f"logits [{len(single.tokens)}, {single.logits.shape[-1]}] written to {save_logits}")
+    if plot:
+        from .plot import plot_trace
+
+        plot_trace(single or report.prompts[0], plot)
+        render.info(f"plot written to {plot}" + (" (first prompt)" if single is None else ""))
+    if fmt is TraceFormat.table:
+        for r in ([single] if single else report.prompts):
+            render.render_trace(r)
+        if single is None:
+            render.render_corpus(report)
+        return
+    if fmt is TraceFormat.json:
+        data = render.to_json(report.to_dict()).encode()
+    elif fmt is TraceFormat.jsonl:
+        data = render.to_jsonl(report.rows()).encode()
+    elif fmt is TraceFormat.csv:
+        data = render.to_csv(report.rows()).encode()
+    else:
+        import io
+
+        buf = io.BytesIO()
+        report.to_dataframe().to_parquet(buf, index=False)
+        data = buf.getvalue()
+    if output:
+        render.atomic_write_bytes(output, data)
+        render.info(f"{fmt.value} written to {output}")
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
 
 
 class _layer_progress:
     """A progress bar over decoder layers on stderr, only when stderr is a terminal."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, label: str = "layers"):
         self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
         self.bar = None
 
     def __enter__(self):
@@ -167,7 +234,7 @@ class _layer_progress:
 
         from .render import stderr_console
 
-        self.bar = Progress(TextColumn("layers"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        self.bar = Progress(TextColumn(self.label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), console=stderr_console(), transient=True)
         self.bar.start()
         task = self.bar.add_task("layers", total=None)

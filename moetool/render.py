@@ -70,6 +70,10 @@ def write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+def to_jsonl(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(clean(r), allow_nan=False, ensure_ascii=False) + "\n" for r in rows)
+
+
 def to_csv(rows: Iterable[dict[str, Any]]) -> str:
     rows = list(rows)
     buf = io.StringIO()
@@ -273,4 +277,46 @@ def render_trace(t, layers_per_table: int = 12) -> None:
                 cells.append(f"{first} {rest}".rstrip() + f" [dim]{ws[0]:.2f}[/dim]")
             table.add_row(str(i), _escape(repr(tok.text)[1:-1]), *cells)
         out.print(table)
-    out.print("[dim]each cell: the token's experts best first (first choice bold), then the first choice's gate weight[/dim]")
+    out.print("[dim]each cell: the token's experts best first (first choice bold), then the first choice's gate weight"
+              + ("; * marks generated tokens" if any(tok.generated for tok in t.tokens) else "") + "[/dim]")
+    render_metrics(t.layers, t.summary, t.num_experts, t.top_k, title="Routing metrics per MoE layer")
+
+
+def _f(v, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render_metrics(layers, summary: dict, num_experts: int, top_k: int, title: str) -> None:
+    """The per-layer table of the main routing metrics and a summary line (docs/metrics.md)."""
+    out = stdout_console()
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
+    cols = ["layer", "max/mean", "MaxVio", "CV", "Gini", "H(load)", "dead", "cold", "bal.loss", "H(router)",
+            "top-k mass", "near-tie", "reuse1", "NMI", "drop"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for l in layers:
+        m = l.metrics if hasattr(l, "metrics") else l["metrics"]
+        layer = l.layer if hasattr(l, "layer") else l["layer"]
+        table.add_row(str(layer), _f(m["max_mean_ratio"]), _f(m["maxvio"]), _f(m["cv"]), _f(m["gini"]),
+                      _f(m["load_entropy_norm"]), str(m["dead_count"]), str(m["cold_count"]),
+                      _f(m["switch_balance_loss"]), _f(m["router_entropy_mean"]), _f(m["topk_mass_mean"]),
+                      _f(m["near_tie_rate"]), _f(m["reuse_first_choice"]), _f(m["transition_nmi"]), _f(m["drop_rate"]))
+    out.print(table)
+    s = summary
+    chance = 1 / num_experts
+    out.print(f"[bold]summary[/bold]: max/mean {_f(s['max_mean_ratio']['mean'])} (worst {_f(s['max_mean_ratio']['max'])} "
+              f"at layer {s['max_mean_ratio']['worst_layer']}), load entropy {_f(s['load_entropy_norm']['mean'])} "
+              f"(lowest {_f(s['load_entropy_norm']['min'])} at layer {s['load_entropy_norm']['worst_layer']}), "
+              f"dead experts {int(s['dead_count']['max'] or 0)} at most, first-choice reuse "
+              f"{_f(s['reuse_first_choice']['mean'])} vs chance {chance:.2f}")
+
+
+def render_corpus(c) -> None:
+    render_metrics(c.layers, c.summary, c.prompts[0].num_experts, c.prompts[0].top_k,
+                   title=f"Corpus-level routing metrics ({len(c.prompts)} prompts pooled)")
+    seq = c.sequence_level
+    stdout_console().print(f"[bold]sequence-level[/bold] (mean of per-prompt means): max/mean "
+                           f"{_f(seq.get('max_mean_ratio'))}, MaxVio {_f(seq.get('maxvio'))}, load entropy "
+                           f"{_f(seq.get('load_entropy_norm'))}; corpus-level: max/mean "
+                           f"{_f(c.summary['max_mean_ratio']['mean'])}, MaxVio {_f(c.summary['maxvio']['mean'])}, "
+                           f"load entropy {_f(c.summary['load_entropy_norm']['mean'])}")
