@@ -50,8 +50,9 @@ def _root(
 
 @app.command()
 def count(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Local directory, config.json, .safetensors file, sample config name "
-                                              "(e.g. mixtral-8x7b), or hub id org/name.")],
+    model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Local directory, config.json, .safetensors "
+                                                   "file, sample config name (e.g. mixtral-8x7b), or hub id org/name; "
+                                                   "default: the bundled model.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     context: Annotated[int, typer.Option(min=1, help="Context length for the KV cache and attention FLOPs.")] = 4096,
     batch: Annotated[int, typer.Option(min=1, help="Sequences served at once (KV cache).")] = 1,
@@ -60,25 +61,41 @@ def count(
     config_only: Annotated[bool, typer.Option("--config-only", help="Count from config.json alone; skip the headers.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="JSON on stdout (same as --format json).")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    expect_total: Annotated[Optional[str], typer.Option(help="Gate: expected total parameters, e.g. 46.7B.")] = None,
+    expect_active: Annotated[Optional[str], typer.Option(help="Gate: expected active parameters excluding the input "
+                                                         "embedding, e.g. 12.9B.")] = None,
+    tolerance: Annotated[str, typer.Option(help="Relative tolerance of --expect-*, e.g. 0.5%.")] = "0.5%",
+    baseline: Annotated[Optional[str], typer.Option(help="Gate: compare with a saved `count --json` report.")] = None,
+    max_drift: Annotated[Optional[str], typer.Option(help="Relative drift allowed against --baseline, e.g. 2%.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
 ) -> None:
     """Total vs active parameters, breakdown, memory per storage format, KV cache, FLOPs per token."""
+    from .gates import baseline_gate, count_gate, parse_fraction
     from . import render
     from .counting import count as do_count
     from .formats import DTYPE_BYTES
 
     if kv_dtype.lower() not in DTYPE_BYTES:
         raise MoetoolError(f"--kv-dtype {kv_dtype!r} is not one of: {', '.join(sorted(DTYPE_BYTES))}")
+    if model is None:
+        _say_default()
+    parse_fraction(tolerance, "--tolerance")
     report = do_count(model, revision=revision, context=context, batch=batch, kv_dtype=kv_dtype.lower(),
                       use_headers=not config_only)
+    gate = count_gate(report, expect_total, expect_active, tolerance)
+    data = report.to_dict()
+    gate = baseline_gate(gate, data, baseline, max_drift)
+    data["gate"] = gate.to_dict()
     fmt = Format.json if json_ else fmt
     if fmt is Format.json:
-        render.write_stdout(render.to_json(report.to_dict()))
+        render.write_stdout(render.to_json(data))
         for n in report.notes:
             render.info(n)
     elif fmt is Format.csv:
         render.write_stdout(render.count_csv(report, per_layer))
     else:
         render.render_count(report, per_layer=per_layer)
+    _finish_gate(gate, exit_zero)
 
 
 # Typer < 0.16 raises click's exceptions; later versions vendor click as typer._click. The
@@ -130,7 +147,8 @@ class TraceFormat(str, Enum):
 def trace(
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Text to trace.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint: local directory, .safetensors "
-                                                 "file, or hub id (downloaded into the hub cache).")] = None,
+                                                 "file, or hub id (downloaded into the hub cache); default: the "
+                                                 "bundled model.")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="Token ids instead of a prompt, e.g. 1,2,3.")] = None,
     file: Annotated[Optional[str], typer.Option("--file", help="Many prompts: .txt (one per line) or .jsonl "
                                                 "({\"text\": ...} per line).")] = None,
@@ -152,6 +170,13 @@ def trace(
                                              "layer, token, slot) as jsonl, csv or parquet.")] = TraceFormat.table,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the --format output to this file "
                                                   "(atomically) instead of stdout.")] = None,
+    max_imbalance: Annotated[Optional[float], typer.Option(help="Gate: max load / mean load in every layer.")] = None,
+    max_maxvio: Annotated[Optional[float], typer.Option(help="Gate: MaxVio in every layer.")] = None,
+    max_dead_experts: Annotated[Optional[int], typer.Option(min=0, help="Gate: experts never chosen, per layer.")] = None,
+    min_entropy: Annotated[Optional[float], typer.Option(help="Gate: normalised load entropy in every layer.")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="Gate: compare the summary with a saved `trace --json`.")] = None,
+    max_drift: Annotated[Optional[str], typer.Option(help="Relative drift allowed against --baseline, e.g. 2%.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
 ) -> None:
     """Run the reference forward pass, record every router decision, and measure the routing."""
     from . import render
@@ -160,7 +185,14 @@ def trace(
     from .tracing import trace as do_trace
 
     if model is None:
-        raise MoetoolError("no model given: pass --model PATH_OR_HUB_ID")
+        _say_default()
+    if prompt is None and tokens is None and file is None:
+        from .tracing import EXAMPLE_PROMPT
+
+        prompt = EXAMPLE_PROMPT
+        from . import render as _r
+
+        _r.info("no prompt given: tracing a built-in example (Python code, then English prose)")
     fmt = TraceFormat.json if json_ else fmt
     if fmt is TraceFormat.parquet and not output:
         raise MoetoolError("--format parquet needs -o FILE")
@@ -173,6 +205,12 @@ def trace(
     if plot is not None and not plot.endswith((".png", ".svg")):
         raise MoetoolError("--plot must name a .png or .svg file")
     ids = _parse_tokens(tokens)
+    from .gates import baseline_gate, check_threshold, parse_fraction, trace_gate
+
+    for value, flag in ((max_imbalance, "--max-imbalance"), (max_maxvio, "--max-maxvio"), (min_entropy, "--min-entropy")):
+        check_threshold(value, flag)
+    if max_drift is not None:
+        parse_fraction(max_drift, "--max-drift")
     options = dict(dtype=dtype.value, router_dtype=router_dtype.value, device=device.value, generate=generate,
                    capacity_factor=capacity_factor, layers=parse_layers(layers), router_logits=logits)
     machine = fmt is not TraceFormat.table
@@ -193,14 +231,22 @@ def trace(
 
         plot_trace(single or report.prompts[0], plot)
         render.info(f"plot written to {plot}" + (" (first prompt)" if single is None else ""))
+    gated_layers = ([(l.layer, l.metrics) for l in single.layers] if single
+                    else [(l["layer"], l["metrics"]) for l in report.layers])
+    gate = trace_gate(single.summary if single else report.summary, gated_layers, max_imbalance=max_imbalance,
+                      max_maxvio=max_maxvio, max_dead_experts=max_dead_experts, min_entropy=min_entropy)
+    full = report.to_dict()
+    gate = baseline_gate(gate, full, baseline, max_drift)
+    full["gate"] = gate.to_dict()
     if fmt is TraceFormat.table:
         for r in ([single] if single else report.prompts):
             render.render_trace(r)
         if single is None:
             render.render_corpus(report)
+        _finish_gate(gate, exit_zero)
         return
     if fmt is TraceFormat.json:
-        data = render.to_json(report.to_dict()).encode()
+        data = render.to_json(full).encode()
     elif fmt is TraceFormat.jsonl:
         data = render.to_jsonl(report.rows()).encode()
     elif fmt is TraceFormat.csv:
@@ -209,6 +255,10 @@ def trace(
         import io
 
         buf = io.BytesIO()
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise MoetoolError("--format parquet needs pyarrow: pip install 'moetool[parquet]'") from None
         report.to_dataframe().to_parquet(buf, index=False)
         data = buf.getvalue()
     if output:
@@ -217,6 +267,62 @@ def trace(
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
+    _finish_gate(gate, exit_zero)
+
+
+@app.command()
+def diff(
+    a: Annotated[str, typer.Argument(metavar="A.json", help="A saved `moetool trace --json` report.")],
+    b: Annotated[str, typer.Argument(metavar="B.json", help="Another trace of the same tokens.")],
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    max_first_choice_change: Annotated[Optional[float], typer.Option(help="Gate: share of tokens whose first choice "
+                                                                     "changed, in every layer.")] = None,
+    max_set_change: Annotated[Optional[float], typer.Option(help="Gate: share of tokens whose expert set changed.")] = None,
+    max_load_tv: Annotated[Optional[float], typer.Option(help="Gate: total-variation distance of the loads.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Compare two traces of the same tokens: changed first choices, changed expert sets, load shift."""
+    from . import render
+    from .diff import diff_traces, load_trace
+    from .gates import Gate, check_threshold
+
+    limits = [("first_choice_changed", check_threshold(max_first_choice_change, "--max-first-choice-change")),
+              ("expert_set_changed", check_threshold(max_set_change, "--max-set-change")),
+              ("load_tv", check_threshold(max_load_tv, "--max-load-tv"))]
+    report = diff_traces(load_trace(a), load_trace(b), a, b)
+    gate = Gate()
+    for metric, limit in limits:
+        if limit is not None:
+            for l in report.layers:
+                gate.check(metric, l[metric], limit, "<=", l["layer"])
+    report.gate = gate.to_dict()
+    if json_:
+        render.write_stdout(render.to_json(report.to_dict()))
+    else:
+        render.render_diff(report)
+    _finish_gate(gate, exit_zero)
+
+
+def _finish_gate(gate, exit_zero: bool) -> None:
+    """Print gate violations on stderr; exit 1 when a requested gate failed (unless --exit-zero)."""
+    from . import render
+
+    if not gate.enabled:
+        return
+    for v in gate.violations:
+        where = f" (layer {v['layer']})" if "layer" in v else ""
+        limit = v.get("limit", v.get("expected", v.get("baseline")))
+        render.warn(f"gate failed: {v['metric']}{where} = {v['value']}, limit {limit}")
+    if not gate.passed and not exit_zero:
+        raise typer.Exit(1)
+
+
+def _say_default() -> None:
+    from . import render
+    from .source import DEFAULT_NAME, default_model_dir
+
+    render.info(f"no model given: using the bundled default model {DEFAULT_NAME} ({default_model_dir()}); "
+                "see docs/default-model.md")
 
 
 class _layer_progress:

@@ -320,3 +320,21 @@ def render_corpus(c) -> None:
                            f"{_f(seq.get('load_entropy_norm'))}; corpus-level: max/mean "
                            f"{_f(c.summary['max_mean_ratio']['mean'])}, MaxVio {_f(c.summary['maxvio']['mean'])}, "
                            f"load entropy {_f(c.summary['load_entropy_norm']['mean'])}")
+
+
+def render_diff(d) -> None:
+    out = stdout_console()
+    out.print(f"[bold]diff[/bold] {_escape(d.a)} -> {_escape(d.b)}: {d.tokens} tokens, {len(d.layers)} MoE layers")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for c in ("layer", "first choice changed", "expert set changed", "load TV", "changes on near ties"):
+        table.add_column(c, justify="right")
+    for l in d.layers:
+        ties = "-" if l["changes_on_near_ties"] is None else f"{len(l['changes_on_near_ties'])} of {len(l['changed_tokens'])}"
+        table.add_row(str(l["layer"]), f"{l['first_choice_changed']:.3f}", f"{l['expert_set_changed']:.3f}",
+                      f"{l['load_tv']:.3f}", ties)
+    out.print(table)
+    s = d.summary
+    out.print(f"[bold]summary[/bold]: first choice changed {s['first_choice_changed']['mean']:.3f} on average "
+              f"(worst {s['first_choice_changed']['max']:.3f} at layer {s['first_choice_changed']['worst_layer']}); "
+              + ("near ties unknown: trace both with --logits" if s["changes_on_near_ties"] is None
+                 else f"{s['changes_on_near_ties']} of {s['changed_assignments']} changes sit on near ties"))

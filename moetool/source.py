@@ -59,8 +59,24 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def resolve(model: str, *, revision: Optional[str] = None, read_headers: bool = True) -> Checkpoint:
-    """Turn a MODEL argument into a Checkpoint. Raises MoetoolError (one line) on bad input."""
+DEFAULT_NAME = "moetool-default"
+
+
+def default_model_dir() -> Path:
+    """The bundled default MoE checkpoint (trained by scripts/train_default_model.py)."""
+    return Path(__file__).resolve().parent / "data" / "default"
+
+
+def resolve(model: Optional[str], *, revision: Optional[str] = None, read_headers: bool = True) -> Checkpoint:
+    """Turn a MODEL argument into a Checkpoint (None: the bundled default model). Raises
+    MoetoolError (one line) on bad input."""
+    if model is None or model == DEFAULT_NAME:
+        d = default_model_dir()
+        if not (d / "config.json").is_file():
+            raise MoetoolError(f"the bundled default model is missing from {d}; reinstall moetool")
+        ckpt = _from_dir(DEFAULT_NAME, d, read_headers)
+        ckpt.kind = "bundled"
+        return ckpt
     if not model:
         raise MoetoolError("no MODEL given")
     path = Path(model).expanduser()

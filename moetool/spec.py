@@ -149,6 +149,10 @@ class Cfg:
     """
 
     _MISSING = object()
+    # Fields that drive loops: refuse absurd values instead of looping for hours.
+    LIMITS = {"num_hidden_layers": 10_000, "n_layers": 10_000, "num_layers": 10_000, "num_decoder_layers": 10_000,
+              "num_local_experts": 1 << 20, "num_experts": 1 << 20, "n_routed_experts": 1 << 20,
+              "moe_num_experts": 1 << 20, "num_nextn_predict_layers": 100, "num_mtp_layers": 100}
 
     def __init__(self, d: dict, where: str = "config.json"):
         if not isinstance(d, dict):
@@ -174,7 +178,7 @@ class Cfg:
         v = int(v)
         if v < min_value:
             raise BadConfig(f"{self.where}: field {key!r} must be >= {min_value}, got {v}")
-        if v > 1 << 40:
+        if v > self.LIMITS.get(key, 1 << 40):
             raise BadConfig(f"{self.where}: field {key!r} is implausibly large ({v})")
         return v
 

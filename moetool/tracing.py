@@ -112,7 +112,7 @@ def load_tokenizer(ckpt: Checkpoint):
         raise MoetoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0][:120]})") from None
 
 
-def trace(prompt: Optional[str] = None, *, model: str | Checkpoint, tokens: Optional[list[int]] = None,
+def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = None, tokens: Optional[list[int]] = None,
           revision: Optional[str] = None, dtype: str = "float32", router_dtype: str = "float32",
           device: str = "auto", progress: Optional[Callable[[int, int], None]] = None, generate: int = 0,
           capacity_factor: Optional[float] = None, layers: Optional[set[int]] = None,
@@ -222,7 +222,7 @@ class CorpusReport:
                                                         "expert", "weight"])
 
 
-def trace_many(prompts: list[str], *, model: str | Checkpoint, revision: Optional[str] = None,
+def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, revision: Optional[str] = None,
                progress: Optional[Callable[[int, int], None]] = None, **kwargs) -> CorpusReport:
     """Trace each prompt; aggregate over all of them."""
     import numpy as np
@@ -306,8 +306,15 @@ def parse_layers(spec: Optional[str]) -> Optional[set[int]]:
     return out
 
 
-def _resolve_for_forward(model: str, revision: Optional[str]) -> Checkpoint:
-    """Local forms as for `count`; a hub id is downloaded (weights included) into the hub cache."""
+EXAMPLE_PROMPT = ("def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+                  "The for statement is used to iterate over the elements of a sequence.")
+
+
+def _resolve_for_forward(model: Optional[str], revision: Optional[str]) -> Checkpoint:
+    """Local forms as for `count`; a hub id is downloaded (weights included) into the hub cache;
+    None is the bundled default model."""
+    if model is None:
+        return resolve(None)
     if not os.path.exists(os.path.expanduser(model)):
         from .source import _REPO_ID, sample_config_path
 
