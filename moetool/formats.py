@@ -9,6 +9,7 @@ MXFP4 checkpoints keep them. A weight is [out, in]; blocks and groups run along 
 |-----------|-----------------|---------------------------------------------------------------|
 | bf16      | 2 bytes         | none                                                          |
 | fp8       | 1 byte (E4M3)   | fp32 per 128x128 block (DeepSeek-V3's `weight_scale_inv`)      |
+| fp8_channel | 1 byte (E4M3) | fp32 per output channel                                       |
 | int8      | 1 byte          | fp16 per output channel                                       |
 | int4_g128 | 4 bits          | fp16 scale + 4-bit zero point per 128 inputs (GPTQ layout)    |
 | nf4       | 4 bits          | fp32 absmax per 64 elements (bitsandbytes, no double quant)   |
@@ -34,6 +35,7 @@ def _ceil(a: int, b: int) -> int:
 _MATRIX: dict[str, Callable[[int, int], int]] = {
     "bf16": lambda o, i: 2 * o * i,
     "fp8": lambda o, i: o * i + 4 * _ceil(o, 128) * _ceil(i, 128),
+    "fp8_channel": lambda o, i: o * i + 4 * o,
     "int8": lambda o, i: o * i + 2 * o,
     "int4_g128": lambda o, i: _ceil(o * i, 2) + o * _ceil(i, 128) * 2 + _ceil(o * _ceil(i, 128), 2),
     "nf4": lambda o, i: _ceil(o * i, 2) + 4 * _ceil(o * i, 64),
@@ -51,6 +53,10 @@ def param_bytes(p: Param, fmt: str) -> int:
         return 2 * p.numel
     out, inp = p.shape
     return _MATRIX[fmt](out, inp) * p.copies
+
+
+def matrix_bytes(fmt: str, out: int, inp: int) -> int:
+    return _MATRIX[fmt](out, inp)
 
 
 def bits_per_weight(fmt: str, out: int = 4096, inp: int = 4096) -> float:
