@@ -303,6 +303,122 @@ def diff(
     _finish_gate(gate, exit_zero)
 
 
+class QuantFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    parquet = "parquet"
+
+
+@app.command("quantize-report")
+def quantize_report_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint (local directory, .safetensors, "
+                                                 "hub id); default: the bundled model.")] = None,
+    schemes: Annotated[Optional[str], typer.Option(help="Comma-separated: int8,int4_g128,nf4,fp8_channel,fp8_block,"
+                                                   "mxfp4,nvfp4 (default: all).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Only these decoder layers, e.g. 0,3,5-7.")] = None,
+    experts: Annotated[Optional[str], typer.Option(help="Only these experts, e.g. 0-7.")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Calibration text file (default: Python docs topics "
+                                                       "and stdlib source).")] = None,
+    calibration_tokens: Annotated[int, typer.Option(min=1, help="Calibration tokens to run.")] = 512,
+    weight_only: Annotated[bool, typer.Option("--weight-only", help="Weight-space metrics only, no forward.")] = False,
+    budget_bits: Annotated[Optional[float], typer.Option(help="Plan: average bits per expert weight, e.g. 4.5.")] = None,
+    budget_gb: Annotated[Optional[float], typer.Option(help="Plan: GB (1e9 bytes) for the routed experts.")] = None,
+    check_kl: Annotated[bool, typer.Option("--check-kl", help="Check the plan end to end: KL of the final logits "
+                                           "vs full precision on held-out text, plan vs best uniform scheme.")] = False,
+    export_plan: Annotated[Optional[str], typer.Option(help="Write the plan as JSON.")] = None,
+    llama_cpp: Annotated[Optional[str], typer.Option(help="Write the per-layer plan as llama.cpp --tensor-type lines.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Layer x expert heatmap of output error (.png/.svg).")] = None,
+    device: Annotated[Device, typer.Option(help="Device of the calibration forward.")] = Device.auto,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    fmt: Annotated[QuantFormat, typer.Option("--format", help="table, json, or one row per (layer, expert, "
+                                             "projection, scheme) as csv or parquet.")] = QuantFormat.table,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write --format output to this file.")] = None,
+    max_output_error: Annotated[Optional[float], typer.Option(help="Gate: output_rel_error of every routed expert "
+                                                              "projection under every scheme.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Per-expert quantization sensitivity on routed tokens, and a mixed-precision plan."""
+    from . import render
+    from .gates import Gate, check_threshold
+    from .quant.schemes import parse_schemes
+    from .tracing import parse_layers
+
+    if model is None:
+        _say_default()
+    chosen = parse_schemes(schemes)
+    for value, flag in ((budget_bits, "--budget-bits"), (budget_gb, "--budget-gb"),
+                        (max_output_error, "--max-output-error")):
+        if check_threshold(value, flag) is not None and value <= 0:
+            raise MoetoolError(f"{flag} must be positive, got {value}")
+    if budget_bits is not None and budget_gb is not None:
+        raise MoetoolError("give --budget-bits or --budget-gb, not both")
+    if (check_kl or export_plan or llama_cpp) and budget_bits is None and budget_gb is None:
+        raise MoetoolError("--check-kl, --export-plan and --llama-cpp need a plan: pass --budget-bits or --budget-gb")
+    if fmt is QuantFormat.parquet and not output:
+        raise MoetoolError("--format parquet needs -o FILE")
+    if plot is not None and not plot.endswith((".png", ".svg")):
+        raise MoetoolError("--plot must name a .png or .svg file")
+    from .quant.report import quantize_report
+
+    with _layer_progress(enabled=True, label="experts") as progress:
+        report = quantize_report(model, schemes=chosen, layers=parse_layers(layers), experts=parse_layers(experts),
+                                 calibration=calibration, calibration_tokens=calibration_tokens,
+                                 weight_only=weight_only, budget_bits=budget_bits, budget_gb=budget_gb,
+                                 device=device.value, progress=progress)
+    if check_kl:
+        from .quant.check import kl_check
+
+        report.plan["kl_check"] = kl_check(model, report.plan)
+    gate = Gate()
+    if max_output_error is not None:
+        for r in report.rows:
+            if isinstance(r.expert, int) and r.output_rel_error is not None:
+                gate.check("output_rel_error", r.output_rel_error, max_output_error, "<=", r.layer,
+                           f"expert {r.expert} {r.projection} {r.scheme}")
+    data = report.to_dict()
+    data["gate"] = gate.to_dict()
+    if export_plan:
+        render.atomic_write_bytes(export_plan, render.to_json(report.plan).encode())
+        render.info(f"plan written to {export_plan}")
+    if llama_cpp:
+        lines = "".join(f"--tensor-type {t}\n" for t in report.plan["llama_cpp_tensor_types"])
+        render.atomic_write_bytes(llama_cpp, lines.encode())
+        render.info(f"llama.cpp overrides written to {llama_cpp}")
+    if plot:
+        from .plot import plot_quant
+
+        plot_quant(report, plot)
+        render.info(f"plot written to {plot}")
+    fmt = QuantFormat.json if json_ else fmt
+    if fmt is QuantFormat.table:
+        render.render_quant(report)
+    else:
+        if fmt is QuantFormat.json:
+            payload = render.to_json(data).encode()
+        elif fmt is QuantFormat.csv:
+            from dataclasses import asdict
+
+            payload = render.to_csv(asdict(r) for r in report.rows).encode()
+        else:
+            import io
+
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise MoetoolError("--format parquet needs pyarrow: pip install 'moetool[parquet]'") from None
+            buf = io.BytesIO()
+            report.to_dataframe().astype({"expert": "string"}).to_parquet(buf, index=False)
+            payload = buf.getvalue()
+        if output:
+            render.atomic_write_bytes(output, payload)
+            render.info(f"{fmt.value} written to {output}")
+        else:
+            sys.stdout.buffer.write(payload)
+            sys.stdout.flush()
+    _finish_gate(gate, exit_zero)
+
+
 def _finish_gate(gate, exit_zero: bool) -> None:
     """Print gate violations on stderr; exit 1 when a requested gate failed (unless --exit-zero)."""
     from . import render

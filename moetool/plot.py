@@ -72,3 +72,42 @@ def plot_trace(report: Any, path: str) -> None:
     else:
         canvas.print_png(buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_quant(report: Any, path: str) -> None:
+    """Layer x expert heatmap of the output error (mean over projections) for each 4-bit scheme."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
+    from matplotlib.figure import Figure
+
+    from .render import atomic_write_bytes
+
+    routed = [r for r in report.rows if isinstance(r.expert, int)]
+    layers = sorted({r.layer for r in routed})
+    experts = sorted({r.expert for r in routed})
+    shown = [s for s in report.schemes if report.schemes[s] < 6] or list(report.schemes)
+    fig = Figure(figsize=(max(6.0, 0.3 * len(experts) + 3), 1.2 + 0.9 * len(shown) * max(1, len(layers)) ** 0.5 * 1.4),
+                 dpi=150, layout="constrained")
+    axes = fig.subplots(len(shown), 1, squeeze=False)[:, 0]
+    for ax, s in zip(axes, shown):
+        grid = np.full((len(layers), len(experts)), np.nan)
+        acc: dict = {}
+        for r in routed:
+            if r.scheme == s:
+                v = r.output_rel_error if r.output_rel_error is not None else r.rel_error
+                acc.setdefault((r.layer, r.expert), []).append(v)
+        for (l, e), vs in acc.items():
+            grid[layers.index(l), experts.index(e)] = float(np.mean(vs))
+        im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_title(f"{s} ({report.schemes[s]:.2f} bits/weight): relative output error, mean over gate/up/down",
+                     fontsize=8)
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+        ax.set_xticks(range(len(experts)), [str(e) for e in experts], fontsize=6)
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax)
+    axes[-1].set_xlabel("expert")
+    import io
+
+    buf = io.BytesIO()
+    (FigureCanvasSVG(fig).print_svg if path.endswith(".svg") else FigureCanvasAgg(fig).print_png)(buf)
+    atomic_write_bytes(path, buf.getvalue())

@@ -338,3 +338,44 @@ def render_diff(d) -> None:
               f"(worst {s['first_choice_changed']['max']:.3f} at layer {s['first_choice_changed']['worst_layer']}); "
               + ("near ties unknown: trace both with --logits" if s["changes_on_near_ties"] is None
                  else f"{s['changes_on_near_ties']} of {s['changed_assignments']} changes sit on near ties"))
+
+
+def render_quant(r) -> None:
+    out = stdout_console()
+    out.print(f"[bold]{_escape(r.model)}[/bold]  model_type={r.model_type}  calibration tokens {r.calibration_tokens}")
+    t = Table(title="Schemes: bits per weight (scales included) and error over routed experts", title_justify="left",
+              box=None, pad_edge=False, header_style="bold")
+    for c in ("scheme", "bits/weight", "rel. error (mean)", "SQNR dB (mean)", "output error (mean)", "output error (worst)"):
+        t.add_column(c, justify="right" if c != "scheme" else "left")
+    for s, b in r.schemes.items():
+        rows = [x for x in r.rows if x.scheme == s and isinstance(x.expert, int)]
+        outs = [x.output_rel_error for x in rows if x.output_rel_error is not None]
+        t.add_row(s, f"{b:.3f}", f"{sum(x.rel_error for x in rows) / len(rows):.4f}",
+                  f"{sum(x.sqnr_db for x in rows) / len(rows):.1f}",
+                  f"{sum(outs) / len(outs):.4f}" if outs else "-", f"{max(outs):.4f}" if outs else "-")
+    out.print(t)
+    for s in r.schemes:
+        w = r.worst(s, 5)
+        cells = ", ".join(f"L{x.layer} E{x.expert} {x.projection} "
+                          f"{(x.output_rel_error if x.output_rel_error is not None else x.rel_error):.4f}"
+                          + (" (few tokens)" if x.low_calibration else "") for x in w)
+        out.print(f"[bold]most sensitive under {s}[/bold]: {cells}")
+    low = sorted({(x.layer, x.expert) for x in r.rows if x.low_calibration})
+    if low:
+        out.print(f"[yellow]{len(low)} experts saw fewer than 16 calibration tokens[/yellow]: their output errors are "
+                  "noisy; add --calibration text or --calibration-tokens")
+    p = r.plan
+    if p:
+        pe, pl, u = p["per_expert"], p["per_layer"], p["uniform"]
+        out.print(f"[bold]plan[/bold] at {p['budget_bits_per_weight']:.3f} bits per weight: one scheme per expert "
+                  f"{pe['bits_per_weight']:.3f} bits, error {pe['error']:.4g}; one per layer and projection "
+                  f"{pl['bits_per_weight']:.3f} bits, error {pl['error']:.4g} (+{100 * pl['constraint_cost']:.1f}%)"
+                  + (f"; best uniform {u['scheme']} {u['bits_per_weight']:.3f} bits, error {u['error']:.4g}" if u else ""))
+        counts: dict = {}
+        for a in pe["assignments"]:
+            counts[a["scheme"]] = counts.get(a["scheme"], 0) + 1
+        out.print("  per-expert schemes: " + ", ".join(f"{s} x{n}" for s, n in sorted(counts.items())))
+        kl = p.get("kl_check")
+        if kl:
+            out.print(f"  KL(full || quantized) on {kl['tokens']} held-out tokens: plan {kl['kl_plan']:.5f}"
+                      + (f", uniform {kl['scheme_uniform']} {kl['kl_uniform']:.5f}" if "kl_uniform" in kl else ""))

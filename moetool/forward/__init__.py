@@ -35,7 +35,7 @@ def pick_device(device: str) -> str:
 
 def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32", device: str = "auto",
                 router_dtype: str = "float32", record: bool = True,
-                progress: Optional[Callable[[int, int], None]] = None) -> ForwardResult:
+                progress: Optional[Callable[[int, int], None]] = None, ffn_hook: Optional[Callable] = None) -> ForwardResult:
     """Run the prompt through the checkpoint, layer by layer; return logits and router decisions."""
     if ckpt.tensors is None:
         raise MoetoolError(f"{ckpt.source}: no safetensors weights to run (moetool never loads pickle checkpoints)")
@@ -52,7 +52,7 @@ def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32
     try:
         with torch.inference_mode():
             return Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
-                           router_dtype=DTYPES[router_dtype], progress=progress).run(token_ids, record)
+                           router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook).run(token_ids, record)
     finally:
         store.close()
 

@@ -285,14 +285,17 @@ class Experts:
         return gate, up, down, gb, ub, db
 
 
-def swiglu(x, gate, up, down, gb=None, ub=None, db=None, act: str = "silu", limit: float = 7.0, alpha: float = 1.702):
-    g, u = linear(x, gate, gb), linear(x, up, ub)  # [n, F]
+def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
+    """The expert's intermediate activation from its gate and up projections."""
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
-        h = (u + 1) * (g * torch.sigmoid(g * alpha))
-    else:
-        h = F_.silu(g) * u
+        return (u + 1) * (g * torch.sigmoid(g * alpha))
+    return F_.silu(g) * u
+
+
+def swiglu(x, gate, up, down, gb=None, ub=None, db=None, act: str = "silu", limit: float = 7.0, alpha: float = 1.702):
+    h = glu(linear(x, gate, gb), linear(x, up, ub), act, limit, alpha)  # [n, F]
     return linear(h, down, db)  # [n, D]
 
 
@@ -300,11 +303,15 @@ def swiglu(x, gate, up, down, gb=None, ub=None, db=None, act: str = "silu", limi
 
 class Decoder:
     def __init__(self, spec: ModelSpec, fc: ForwardConfig, store: WeightStore, *, dtype=torch.float32,
-                 device="cpu", router_dtype=torch.float32, progress: Optional[Callable[[int, int], None]] = None):
+                 device="cpu", router_dtype=torch.float32, progress: Optional[Callable[[int, int], None]] = None,
+                 ffn_hook: Optional[Callable] = None):
         self.spec, self.fc, self.store = spec, fc, store
         self.names = Names(store)
         self.dtype, self.device, self.router_dtype = dtype, torch.device(device), router_dtype
         self.progress = progress
+        # ffn_hook(decoder, layer, h [T, D], routing: (experts [T, K], weights [T, K]) or None for a
+        # dense FFN) sees every FFN's input; quantize-report scores experts there, layer by layer.
+        self.ffn_hook = ffn_hook
 
     def w(self, name: Optional[str]) -> Optional[torch.Tensor]:
         return self.store.get_optional(name, self.dtype, device=self.device)
@@ -353,6 +360,8 @@ class Decoder:
         if self.spec.layers[i].moe:
             f = self.moe(i, h, routes, record)
         else:
+            if self.ffn_hook:
+                self.ffn_hook(self, i, h, None)
             f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight"))
                             for p in ("gate", "up", "down")))
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
@@ -445,6 +454,8 @@ class Decoder:
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if record:
             routes.append(LayerRoute(i, idx.cpu(), weights.float().cpu(), logits.cpu(), scores.float().cpu()))
+        if self.ffn_hook:
+            self.ffn_hook(self, i, h, (idx, weights))
         experts = Experts(self.store, self.names, i, fc.family, moe.expert_ffn, self.dtype, self.device)
         out = torch.zeros_like(h)
         flat = idx.reshape(-1)
