@@ -168,7 +168,7 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
             scorer.score(layer, None, mats, X[0], X[1], len(h), float(len(h)), act)
             return
         loader = Experts(store, names, layer, fc.family, spec.moe.expert_ffn, torch.float32, "cpu")
-        idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing is not None else (None, None)
+        idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing[0] is not None else (None, None)
         for e in range(spec.moe.num_experts):
             if experts is not None and e not in experts:
                 continue
