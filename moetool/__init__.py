@@ -28,4 +28,11 @@ def trace(prompt=None, **kwargs):
     return _trace(prompt, **kwargs)
 
 
-__all__ = ["count", "trace", "__version__"]
+def quantize_report(model=None, **kwargs):
+    """Per-expert quantization sensitivity and a plan; see `moetool.quant.report.quantize_report`."""
+    from .quant.report import quantize_report as _quantize_report
+
+    return _quantize_report(model, **kwargs)
+
+
+__all__ = ["count", "trace", "quantize_report", "__version__"]

@@ -1,0 +1,101 @@
+"""Benchmark: quantize-report's weight-space throughput against the raw read speed of the same
+files, and its peak memory as the number of experts grows.
+
+A Qwen3-MoE-shaped checkpoint is written with random bf16 weights (hidden 1024, expert FFN 512,
+4 layers, E experts). Raw read: reading every routed-expert tensor's bytes from the files (page
+cache warm, as the report sees them). Weight-space: `quantize_report(weight_only=True)` with one
+scheme at a time, in expert-weight bytes per second. Peak RSS (`/usr/bin/time -v`) of the same
+report at E = 16 and E = 64: it streams one expert at a time, so it should not grow with E.
+
+Run: python benchmarks/quant_bench.py
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def make(root: Path, experts: int) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    D, F, L = 1024, 512, 4
+    cfg = dict(model_type="qwen3_moe", hidden_size=D, intermediate_size=2048, moe_intermediate_size=F,
+               num_hidden_layers=L, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+               num_experts=experts, num_experts_per_tok=8, vocab_size=1000, max_position_embeddings=4096)
+    g = torch.Generator().manual_seed(0)
+    t = {"model.embed_tokens.weight": torch.randn(1000, D, generator=g).bfloat16(),
+         "model.norm.weight": torch.ones(D).bfloat16(), "lm_head.weight": torch.randn(1000, D, generator=g).bfloat16()}
+    for i in range(L):
+        p = f"model.layers.{i}"
+        for n, shape in (("q_proj", (1024, D)), ("k_proj", (256, D)), ("v_proj", (256, D)), ("o_proj", (D, 1024))):
+            t[f"{p}.self_attn.{n}.weight"] = (torch.randn(*shape, generator=g) * 0.02).bfloat16()
+        t[f"{p}.self_attn.q_norm.weight"] = torch.ones(64).bfloat16()
+        t[f"{p}.self_attn.k_norm.weight"] = torch.ones(64).bfloat16()
+        t[f"{p}.input_layernorm.weight"] = torch.ones(D).bfloat16()
+        t[f"{p}.post_attention_layernorm.weight"] = torch.ones(D).bfloat16()
+        t[f"{p}.mlp.gate.weight"] = (torch.randn(experts, D, generator=g) * 0.02).bfloat16()
+        for e in range(experts):
+            for n, shape in (("gate_proj", (F, D)), ("up_proj", (F, D)), ("down_proj", (D, F))):
+                t[f"{p}.mlp.experts.{e}.{n}.weight"] = (torch.randn(*shape, generator=g) * 0.02).bfloat16()
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(root / "model.safetensors"), metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps(cfg))
+
+
+def raw_read(root: Path) -> tuple[float, int]:
+    from moetool.source import resolve
+
+    ck = resolve(str(root))
+    experts = [t for n, t in ck.tensors.items() if ".experts." in n]
+    n = sum(t.nbytes for t in experts)
+    with open(experts[0].file, "rb") as f:  # warm the page cache, then time a second pass
+        while f.read(1 << 24):
+            pass
+    t0 = time.perf_counter()
+    with open(experts[0].file, "rb") as f:
+        for t in sorted(experts, key=lambda t: t.begin):
+            f.seek(8 + int.from_bytes(open(t.file, "rb").read(8), "little") + t.begin)
+            f.read(t.nbytes)
+    return time.perf_counter() - t0, n
+
+
+def main() -> None:
+    from moetool.quant.report import quantize_report
+    from moetool.quant.schemes import SCHEMES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "e16"
+        make(root, 16)
+        secs, nbytes = raw_read(root)
+        raw = nbytes / secs
+        print(f"checkpoint: 4 layers x 16 experts x 3 projections of 1024x512, {nbytes / 1e6:.0f} MB of bf16 expert weights")
+        print(f"raw read of the expert tensors (page cache warm): {raw / 1e9:.2f} GB/s")
+        for s in SCHEMES:
+            t0 = time.perf_counter()
+            quantize_report(str(root), schemes=[s], weight_only=True)
+            rate = nbytes / (time.perf_counter() - t0)
+            print(f"  weight-space report, {s:12s}: {rate / 1e6:7.1f} MB/s = {rate / raw:.4f} x raw read")
+        make(Path(tmp) / "e64", 64)
+        for name in ("e16", "e64"):
+            code = (f"from moetool.quant.report import quantize_report; "
+                    f"quantize_report({str(Path(tmp) / name)!r}, schemes=['int4_g128'], weight_only=True)")
+            r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)
+            rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+            size = (Path(tmp) / name / "model.safetensors").stat().st_size
+            print(f"peak RSS, weight-space report, {name[1:]} experts/layer ({size / 1e6:.0f} MB file): {rss / 1e3:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
