@@ -252,21 +252,8 @@ def trace(
     elif fmt is TraceFormat.csv:
         data = render.to_csv(report.rows()).encode()
     else:
-        import io
-
-        buf = io.BytesIO()
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise MoetoolError("--format parquet needs pyarrow: pip install 'moetool[parquet]'") from None
-        report.to_dataframe().to_parquet(buf, index=False)
-        data = buf.getvalue()
-    if output:
-        render.atomic_write_bytes(output, data)
-        render.info(f"{fmt.value} written to {output}")
-    else:
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+        data = _parquet(report.to_dataframe())
+    _emit(data, output, fmt.value)
     _finish_gate(gate, exit_zero)
 
 
@@ -401,22 +388,33 @@ def quantize_report_cmd(
 
             payload = render.to_csv(asdict(r) for r in report.rows).encode()
         else:
-            import io
-
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise MoetoolError("--format parquet needs pyarrow: pip install 'moetool[parquet]'") from None
-            buf = io.BytesIO()
-            report.to_dataframe().astype({"expert": "string"}).to_parquet(buf, index=False)
-            payload = buf.getvalue()
-        if output:
-            render.atomic_write_bytes(output, payload)
-            render.info(f"{fmt.value} written to {output}")
-        else:
-            sys.stdout.buffer.write(payload)
-            sys.stdout.flush()
+            payload = _parquet(report.to_dataframe().astype({"expert": "string"}))
+        _emit(payload, output, fmt.value)
     _finish_gate(gate, exit_zero)
+
+
+def _parquet(df) -> bytes:
+    import io
+
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise MoetoolError("--format parquet needs pyarrow: pip install 'moetool[parquet]'") from None
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _emit(data: bytes, output: Optional[str], what: str) -> None:
+    """Machine-readable output: atomically to `output`, or raw to stdout."""
+    from . import render
+
+    if output:
+        render.atomic_write_bytes(output, data)
+        render.info(f"{what} written to {output}")
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
 
 
 def _finish_gate(gate, exit_zero: bool) -> None:

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from contextlib import contextmanager
+
 from .errors import BadCheckpoint, MoetoolError
 from .header import MAX_HEADER_BYTES, Header, header_length, parse_header
 from .source import INDEX_NAME, Checkpoint, _attach, _load_config, _progress, load_index
@@ -21,13 +23,38 @@ from .source import INDEX_NAME, Checkpoint, _attach, _load_config, _progress, lo
 FIRST_RANGE = 100_000  # one request covers the header of ~97% of safetensors files
 
 
-def resolve_hub(repo_id: str, *, revision: Optional[str] = None, read_headers: bool = True,
-                download_weights: bool = False) -> Checkpoint:
+@contextmanager
+def hub_errors(where: str):
+    """Turn huggingface-hub and network failures into one-line MoetoolErrors."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        yield
+    except MoetoolError:
+        raise
+    except hf_errors.GatedRepoError:
+        raise MoetoolError(f"{where}: gated repo; accept its terms on the hub and set HF_TOKEN") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise MoetoolError(f"{where}: repository not found on the hub (or private: set HF_TOKEN)") from None
+    except hf_errors.RevisionNotFoundError:
+        raise MoetoolError(f"{where}: revision not found") from None
+    except hf_errors.EntryNotFoundError:
+        raise MoetoolError(f"{where}: the repo has no config.json") from None
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
+        raise MoetoolError(f"{where}: not in the local hub cache and the hub cannot be reached "
+                           "(HF_HUB_OFFLINE is set, or no network)") from None
+    except hf_errors.HfHubHTTPError as e:
+        raise MoetoolError(f"{where}: hub request failed: {str(e).splitlines()[0][:160]}") from None
+    except OSError as e:  # connection refused, DNS failure, timeouts
+        raise MoetoolError(f"{where}: cannot reach the hub: {e.__class__.__name__}: {str(e)[:120]}") from None
+
+
+def resolve_hub(repo_id: str, *, revision: Optional[str] = None, read_headers: bool = True) -> Checkpoint:
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
-    try:
+    with hub_errors(where):
         config_path = hf_hub_download(repo_id, "config.json", revision=revision)
         ckpt = Checkpoint(repo_id, "hub", _load_config(Path(config_path)), config_path)
         commit = Path(config_path).parent.name  # snapshots/<commit>/config.json
@@ -50,23 +77,6 @@ def resolve_hub(repo_id: str, *, revision: Optional[str] = None, read_headers: b
             headers.append(h)
         _attach(ckpt, headers, weight_map)
         return ckpt
-    except MoetoolError:
-        raise
-    except hf_errors.GatedRepoError:
-        raise MoetoolError(f"{where}: gated repo; accept its terms on the hub and set HF_TOKEN") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise MoetoolError(f"{where}: repository not found on the hub (or private: set HF_TOKEN)") from None
-    except hf_errors.RevisionNotFoundError:
-        raise MoetoolError(f"{where}: revision not found") from None
-    except hf_errors.EntryNotFoundError:
-        raise MoetoolError(f"{where}: the repo has no config.json") from None
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
-        raise MoetoolError(f"{where}: not in the local hub cache and the hub cannot be reached "
-                           "(HF_HUB_OFFLINE is set, or no network)") from None
-    except hf_errors.HfHubHTTPError as e:
-        raise MoetoolError(f"{where}: hub request failed: {str(e).splitlines()[0][:160]}") from None
-    except OSError as e:  # connection refused, DNS failure, timeouts (httpx errors derive from it or not)
-        raise MoetoolError(f"{where}: cannot reach the hub: {e.__class__.__name__}: {str(e)[:120]}") from None
 
 
 def _cache_path(repo_id: str, commit: str, shard: str) -> Path:
@@ -172,22 +182,8 @@ def download_checkpoint(repo_id: str, revision: Optional[str] = None) -> str:
     """Download config, tokenizer and safetensors weights (never pickles) into the hub cache, with
     huggingface-hub's progress bars on stderr; returns the local snapshot directory."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hf_errors
 
-    where = f"{repo_id}" + (f"@{revision}" if revision else "")
-    try:
+    with hub_errors(f"{repo_id}" + (f"@{revision}" if revision else "")):
         return snapshot_download(repo_id, revision=revision,
                                  allow_patterns=["config.json", "tokenizer.json", "*.safetensors",
                                                  "model.safetensors.index.json"])
-    except hf_errors.GatedRepoError:
-        raise MoetoolError(f"{where}: gated repo; accept its terms on the hub and set HF_TOKEN") from None
-    except hf_errors.RepositoryNotFoundError:
-        raise MoetoolError(f"{where}: repository not found on the hub (or private: set HF_TOKEN)") from None
-    except hf_errors.RevisionNotFoundError:
-        raise MoetoolError(f"{where}: revision not found") from None
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
-        raise MoetoolError(f"{where}: not in the local hub cache and the hub cannot be reached") from None
-    except hf_errors.HfHubHTTPError as e:
-        raise MoetoolError(f"{where}: hub request failed: {str(e).splitlines()[0][:160]}") from None
-    except OSError as e:
-        raise MoetoolError(f"{where}: download failed: {e.__class__.__name__}: {str(e)[:120]}") from None

@@ -138,14 +138,6 @@ def _role(template: str, dtype: str, mtp: bool, tied: bool, quant_bits: int, bnb
 _QUANT_META_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", "_scales", ".scales", ".qzeros", ".g_idx")
 
 
-def _layer(name: str, encoder_layers: int) -> Optional[int]:
-    m = _LAYER.search(name)
-    if not m:
-        return None
-    i = int(m.group(1))
-    return i + encoder_layers if name.startswith("decoder.") else i
-
-
 def _group(name: str, layer: Optional[int], num_layers: Optional[int], tied: bool):
     """-> (group, expert, projection, kind)"""
     if _VISION.search(name):

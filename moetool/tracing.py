@@ -323,7 +323,9 @@ def _resolve_for_forward(model: Optional[str], revision: Optional[str]) -> Check
         if _REPO_ID.match(model):
             from .hub import download_checkpoint
 
-            return resolve(download_checkpoint(model, revision))
+            ckpt = resolve(download_checkpoint(model, revision))
+            ckpt.source, ckpt.kind = model, "hub"  # reports name the repo, not the cache path
+            return ckpt
     return resolve(model)
 
 

@@ -32,8 +32,40 @@ class FakeHub:
             def do_GET(self):
                 self._serve(body=True)
 
+            def _api(self, body: bool) -> bool:
+                """/api/models/{repo}/revision/{rev} (repo info) and /api/models/{repo}/tree/{rev} (file list)."""
+                import json
+                from urllib.parse import urlparse
+
+                m = re.match(r"^/api/models/([^/]+/[^/]+)/(revision|tree)/([^/?]+)", urlparse(self.path).path)
+                if not m:
+                    return False
+                repo, kind, _ = m.groups()
+                if repo not in hub.repos:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return True
+                files = sorted(p for p in hub.repos[repo].iterdir() if p.is_file())
+                if kind == "revision":
+                    obj = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": p.name} for p in files]}
+                else:
+                    obj = [{"type": "file", "path": p.name, "size": p.stat().st_size,
+                            "oid": hashlib.sha1(p.name.encode()).hexdigest()} for p in files]
+                data = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+                return True
+
             def _serve(self, body: bool):
                 hub.requests.append((self.command, self.path, dict(self.headers)))
+                if self.path.startswith("/api/") and self._api(body):
+                    return
                 m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", self.path)
                 if not m or m.group(1) not in hub.repos:
                     self.send_response(404)

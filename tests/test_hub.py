@@ -92,3 +92,27 @@ def test_hub_config_only_repo(tmp_path):
         r = count_cli("org/cfg", hub_env(hub, tmp_path / "cache"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["counted_from"] == "config"
+
+
+def test_trace_downloads_a_hub_checkpoint(tmp_path, tiny_checkpoint):
+    """`trace --model org/name` downloads the safetensors checkpoint into the hub cache, then traces it."""
+    import shutil
+
+    from conftest import write_tokenizer
+
+    src, _ = tiny_checkpoint("qwen3_moe")
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo)
+    write_tokenizer(repo)
+    (repo / "pytorch_model.bin").write_bytes(b"\x80\x04.")  # a pickle beside it: never downloaded
+    local = subprocess.run([sys.executable, "-m", "moetool", "trace", "def add", "--model", str(repo), "--json",
+                            "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    with FakeHub({"org/tiny-moe": repo}) as hub:
+        r = subprocess.run([sys.executable, "-m", "moetool", "trace", "def add", "--model", "org/tiny-moe", "--json",
+                            "--device", "cpu"], capture_output=True, text=True, env=hub_env(hub, tmp_path / "cache"),
+                           timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert "pytorch_model.bin" not in hub.bytes_sent
+    a, b = json.loads(local.stdout), json.loads(r.stdout)
+    assert b["model"] == "org/tiny-moe"
+    assert a["tokens"] == b["tokens"] and [l["experts"] for l in a["layers"]] == [l["experts"] for l in b["layers"]]
