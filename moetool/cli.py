@@ -36,7 +36,9 @@ class Format(str, Enum):
 
 def _version(value: bool) -> None:
     if value:
-        print(f"moetool {__version__}")
+        from .render import write_stdout
+
+        write_stdout(f"moetool {__version__}\n")
         raise typer.Exit()
 
 
@@ -477,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = getattr(e, "exit_code", 0)
     except _USAGE_ERRORS as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `moetool`: help was wanted
-            print(app_help())
+            render.write_stdout(app_help() + "\n")
             code = 0
         else:
             render.error_line(e.format_message().strip().replace("\n", " "))
