@@ -35,8 +35,11 @@ def pick_device(device: str) -> str:
 
 def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32", device: str = "auto",
                 router_dtype: str = "float32", record: bool = True,
-                progress: Optional[Callable[[int, int], None]] = None, ffn_hook: Optional[Callable] = None) -> ForwardResult:
-    """Run the prompt through the checkpoint, layer by layer; return logits and router decisions."""
+                progress: Optional[Callable[[int, int], None]] = None, ffn_hook: Optional[Callable] = None,
+                streaming: Optional[bool] = None) -> ForwardResult:
+    """Run the prompt through the checkpoint, layer by layer; return logits and router decisions.
+    `streaming` forces (True) or forbids (False) dropping pages after each expert and layer; by
+    default a checkpoint larger than a quarter of the available memory streams."""
     if ckpt.tensors is None:
         raise MoetoolError(f"{ckpt.source}: no safetensors weights to run (moetool never loads pickle checkpoints)")
     spec = spec_from_config(ckpt.config, ckpt.config_path)
@@ -48,13 +51,22 @@ def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32
                            f"(max_position_embeddings={fc.max_positions})")
     if dtype not in DTYPES or router_dtype not in DTYPES:
         raise MoetoolError(f"--dtype must be one of {', '.join(DTYPES)}")
-    store = WeightStore(ckpt.tensors)
-    try:
-        with torch.inference_mode():
-            return Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
-                           router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook).run(token_ids, record)
-    finally:
-        store.close()
+    store = weight_store(ckpt) if streaming is None else WeightStore(ckpt.tensors, streaming=streaming)
+    with torch.inference_mode():
+        out = Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
+                      router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook).run(token_ids, record)
+    store.release()  # a streaming store drops its pages; a resident one keeps them for the next forward
+    return out
+
+
+def weight_store(ckpt: Checkpoint) -> WeightStore:
+    """The checkpoint's WeightStore, kept on it so repeated forwards (generation, many prompts,
+    calibration) reuse the mapped files."""
+    store = getattr(ckpt, "_weight_store", None)
+    if store is None:
+        store = WeightStore(ckpt.tensors)
+        ckpt._weight_store = store
+    return store
 
 
 __all__ = ["run_forward", "ForwardResult", "LayerRoute", "FORWARD_FAMILIES", "pick_device"]

@@ -42,10 +42,13 @@ class WeightStore:
         >>> w = store.get("model.layers.0.self_attn.q_proj.weight", torch.float32)  # doctest: +SKIP
     """
 
-    def __init__(self, tensors: dict[str, TensorInfo]):
+    def __init__(self, tensors: dict[str, TensorInfo], streaming: Optional[bool] = None):
         self.tensors = tensors
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # file -> (map, data start)
         self.bytes_read = 0
+        # Streaming (drop pages after each expert and layer) when the checkpoint is large next to the
+        # memory available; otherwise pages stay mapped and repeated forwards reuse them.
+        self.streaming = needs_streaming(tensors) if streaming is None else streaming
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors or f"{name}_blocks" in self.tensors
@@ -142,10 +145,30 @@ class WeightStore:
         vals = torch.ldexp(vals, scales.unsqueeze(-1))
         return vals.reshape(*vals.shape[:-2], -1)
 
-    def release(self) -> None:
-        """Drop every mapped page from this process's resident memory (re-read on next access)."""
+    def release(self, force: bool = False) -> None:
+        """Drop every mapped page from this process's resident memory (re-read on next access),
+        when streaming (or forced)."""
+        if not (self.streaming or force):
+            return
         for mm, _ in self._maps.values():
             try:
                 mm.madvise(mmap.MADV_DONTNEED)
             except (AttributeError, OSError, ValueError):
                 pass
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); total physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def needs_streaming(tensors: dict[str, TensorInfo]) -> bool:
+    total = sum(t.end - t.begin for t in tensors.values())
+    return total > available_memory() // 4

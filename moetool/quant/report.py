@@ -200,7 +200,7 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
 
     n_tokens = 0
     if weight_only:
-        store = WeightStore(ckpt.tensors)
+        store = WeightStore(ckpt.tensors, streaming=True)  # one expert resident at a time
         dec = Decoder(spec, fc, store)
         for layer in moe_layers:
             score_layer(dec, layer, None, (None, None))
@@ -216,7 +216,7 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
         if fc.max_positions:
             ids = ids[: fc.max_positions]
         n_tokens = len(ids)
-        run_forward(ckpt, ids, device=pick_device(device), record=False,
+        run_forward(ckpt, ids, device=pick_device(device), record=False, streaming=True,
                     ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing))
     bits_avg = {}
     for s in schemes:
