@@ -131,50 +131,43 @@ def _role(template: str, dtype: str, mtp: bool, tied: bool, quant_bits: int, bnb
         multiplier = 32 // quant_bits
     elif bnb_4bit and dtype == "U8" and name.endswith(".weight"):
         multiplier = 2
-    group, _, _, kind = _group(name, 1 if mtp else None, 0 if mtp else None, tied)
+    group, kind = _group(name, mtp, tied)
     return group, kind, multiplier
 
 
 _QUANT_META_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", "_scales", ".scales", ".qzeros", ".g_idx")
 
 
-def _group(name: str, layer: Optional[int], num_layers: Optional[int], tied: bool):
-    """-> (group, expert, projection, kind)"""
+def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
+    """-> (group, kind). `mtp`: the name's layer is past the layers transformers builds."""
     if _VISION.search(name):
-        return "vision", None, None, "param"
-    if layer is not None and num_layers is not None and layer >= num_layers or ".mtp" in name or "nextn" in name:
+        return "vision", "param"
+    if mtp or ".mtp" in name or "nextn" in name:
         # DeepSeek-V3 / GLM-4.5 MTP layers store copies of the embedding and the head.
         if _EMBED.search(name) or ".shared_head.head." in name:
-            return "mtp", None, None, "tied_copy"
-        return "mtp", _expert(name), _projection(name), "param"
+            return "mtp", "tied_copy"
+        return "mtp", "param"
     if _EMBED.search(name):
         if re.match(r"^(encoder|decoder)\.embed_tokens\.weight$", name):
-            return "embedding", None, None, "tied_copy"  # T5: copies of `shared.weight`
-        return "embedding", None, None, "param"
+            return "embedding", "tied_copy"  # T5: copies of `shared.weight`
+        return "embedding", "param"
     if _HEAD.search(name):
-        if tied and name.endswith("weight"):
-            return "lm_head", None, None, "tied_copy"
-        return "lm_head", None, None, "param"
+        return ("lm_head", "tied_copy") if tied and name.endswith("weight") else ("lm_head", "param")
     if _SHARED.search(name):
-        return "shared_experts", None, _projection(name), "param"
+        return "shared_experts", "param"
     if _ROUTED.search(name):
-        return "routed_experts", _expert(name), _projection(name), "param"
+        return "routed_experts", "param"
     if _ROUTER.search(name) and _MLP.search(name):
-        return "router", None, None, "param"
+        return "router", "param"
     if _NORM.search(name):
-        return "norms", None, None, "param"
+        return "norms", "param"
     if _SSM.search(name):
-        return "ssm", None, None, "param"
+        return "ssm", "param"
     if _ATTN.search(name):
-        return "attention", None, None, "param"
+        return "attention", "param"
     if _MLP.search(name):
-        return "dense_mlp", None, _projection(name), "param"
-    return "other", None, None, "param"
-
-
-def _expert(name: str) -> Optional[int]:
-    m = _EXPERT.search(name)
-    return int(m.group(1)) if m else None
+        return "dense_mlp", "param"
+    return "other", "param"
 
 
 def _projection(name: str) -> Optional[str]:
