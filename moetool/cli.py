@@ -237,7 +237,7 @@ def trace(
                     else [(l["layer"], l["metrics"]) for l in report.layers])
     gate = trace_gate(single.summary if single else report.summary, gated_layers, max_imbalance=max_imbalance,
                       max_maxvio=max_maxvio, max_dead_experts=max_dead_experts, min_entropy=min_entropy)
-    full = report.to_dict()
+    full = report.to_dict() if (fmt is TraceFormat.json or baseline) else {"command": "trace"}
     gate = baseline_gate(gate, full, baseline, max_drift)
     full["gate"] = gate.to_dict()
     if fmt is TraceFormat.table:

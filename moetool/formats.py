@@ -73,7 +73,3 @@ def dtype_bytes(name: str) -> int:
         return DTYPE_BYTES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; known: {', '.join(sorted(DTYPE_BYTES))}") from None
-
-
-def is_matrix_param(p: Param) -> bool:
-    return p.matmul and len(p.shape) == 2 and math.prod(p.shape) > 0

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import BadCheckpoint, BadConfig, MoetoolError
-from .header import Header, TensorInfo, header_length, parse_header, read_header
+from .header import Header, TensorInfo, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
@@ -221,11 +221,3 @@ def _progress(items, label: str):
     from .render import stderr_console
 
     return track(items, description=label, console=stderr_console(), transient=True)
-
-
-# Shared with the hub path: parse a header from bytes fetched elsewhere.
-def header_from_bytes(prefix: bytes, rest: bytes, file_bytes: Optional[int], where: str) -> Header:
-    n = header_length(prefix, file_bytes, where)
-    if len(rest) < n:
-        raise BadCheckpoint(f"{where}: truncated header: expected {n} bytes, got {len(rest)}")
-    return parse_header(rest[:n], file_bytes, where)

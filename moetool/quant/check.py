@@ -47,9 +47,8 @@ def kl_check(model: Optional[str], plan: dict, eval_text: Optional[str] = None, 
     from safetensors.torch import save_file
 
     from ..arch import spec_from_config
-    from ..forward import run_forward
+    from ..forward import run_forward, weight_store
     from ..forward.model import Experts, Names
-    from ..forward.weights import WeightStore
     from ..source import resolve
     from ..tracing import _resolve_for_forward, load_tokenizer
 
@@ -61,7 +60,7 @@ def kl_check(model: Optional[str], plan: dict, eval_text: Optional[str] = None, 
     if tok is None:
         raise MoetoolError("--check-kl needs the checkpoint's tokenizer.json")
     ids = tok.encode(eval_text or default_eval_text()).ids[:tokens]
-    store = WeightStore(ckpt.tensors)
+    store = weight_store(ckpt)  # the mapping the forward below uses too
     names = Names(store)
     full = run_forward(ckpt, ids, device="cpu", record=False).logits
     results = {"tokens": len(ids)}
@@ -84,5 +83,4 @@ def kl_check(model: Optional[str], plan: dict, eval_text: Optional[str] = None, 
         lp, lq = torch.log_softmax(full.double(), -1), torch.log_softmax(q.double(), -1)
         results[f"kl_{label}"] = float((lp.exp() * (lp - lq)).sum(-1).mean())
         results[f"scheme_{label}"] = plan["uniform"]["scheme"] if label == "uniform" else "mixed"
-    store.close()
     return results

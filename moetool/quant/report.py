@@ -88,12 +88,10 @@ def _weight_stats(w: torch.Tensor) -> tuple[float, float]:
 class _Scorer:
     """Collects rows; called from the forward's FFN hook (or directly without calibration)."""
 
-    def __init__(self, schemes: list[str], layers: Optional[set[int]], experts: Optional[set[int]], reservoir: int,
-                 seed: int = 0, progress: Optional[Callable[[int, int], None]] = None):
-        self.schemes, self.layers, self.experts, self.reservoir = schemes, layers, experts, reservoir
+    def __init__(self, schemes: list[str], seed: int = 0):
+        self.schemes = schemes
         self.rows: list[ExpertRow] = []
         self.rng = random.Random(seed)
-        self.progress = progress
         self.done = 0
 
     def score(self, layer: int, expert, mats: dict[str, torch.Tensor], X: Optional[torch.Tensor],
@@ -152,7 +150,7 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
     if experts is not None and any(not 0 <= e < spec.moe.num_experts for e in experts):
         raise MoetoolError(f"--experts must be between 0 and {spec.moe.num_experts - 1}")
     act = lambda g, u: glu(g, u, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
-    scorer = _Scorer(schemes, layers, experts, reservoir, progress=progress)
+    scorer = _Scorer(schemes)
     total_experts = len(moe_layers) * (len(experts) if experts is not None else spec.moe.num_experts)
 
     def score_layer(dec: Decoder, layer: int, h: Optional[torch.Tensor], routing) -> None:

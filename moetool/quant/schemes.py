@@ -43,10 +43,6 @@ def bits(scheme: str, out: int, inp: int) -> float:
     return 8 * formats.matrix_bytes(_FORMAT[scheme], out, inp) / (out * inp)
 
 
-def storage_bytes(scheme: str, out: int, inp: int) -> int:
-    return formats.matrix_bytes(_FORMAT[scheme], out, inp)
-
-
 def _pad_cols(w: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
     pad = (-w.shape[1]) % block
     return (torch.nn.functional.pad(w, (0, pad)) if pad else w), pad
