@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from . import formats
 from .arch import spec_from_config
-from .names import _QUANT_META_SUFFIXES, classify_tuple
+from .names import classify_tuple
 from .source import Checkpoint, resolve
 from .spec import GROUPS, ModelSpec
 
@@ -104,11 +104,12 @@ class CountReport:
 def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: int = DEFAULT_CONTEXT, batch: int = 1,
           kv_dtype: str = "bf16", use_headers: bool = True) -> CountReport:
     """Count a checkpoint. `model` is any MODEL form (see `moetool.source.resolve`) or a Checkpoint."""
-    ckpt = model if isinstance(model, Checkpoint) else resolve(model, revision=revision, read_headers=use_headers)
+    ckpt = model if isinstance(model, Checkpoint) else resolve(model, revision=revision, read_headers=use_headers,
+                                                                tensor_table=False)
     spec = spec_from_config(ckpt.config, ckpt.config_path)
     analytic = _analytic_groups(spec)
     notes = list(ckpt.notes)
-    if ckpt.tensors is not None:
+    if ckpt.has_weights:
         stored = _header_groups(spec, ckpt)
         groups, per_layer_routed = stored.groups, stored.routed_per_layer
         cross = _cross_check(spec, analytic, stored)
@@ -175,41 +176,37 @@ class _Stored:
     groups: dict[str, int]
     routed_per_layer: dict[int, int]
     not_counted: dict[str, list]  # kind -> [tensors, elements, bytes, example name]
-    unknown: list[str]
+    unknown: list[tuple[int, str]]  # (tensors, example name) per name template nothing places
 
 
 def _header_groups(spec: ModelSpec, ckpt: Checkpoint) -> _Stored:
+    """Classify the stored tensors: one name per row of `ckpt.stats` (a name template, dtype and
+    layer), since every name of a row classifies alike."""
     q = spec.quantization or {}
     bits = q.get("bits") if isinstance(q.get("bits"), int) and q.get("bits") in (2, 3, 4, 8) else 4
-    names = ckpt.tensors
-    bnb4 = bool(q.get("load_in_4bit")) or any(".quant_state.bitsandbytes__" in n for n in names)
+    rows = ckpt.stats.rows
+    bnb4 = bool(q.get("load_in_4bit")) or any(".quant_state.bitsandbytes__" in t for t, _, _ in rows)
     groups = dict.fromkeys(GROUPS, 0)
     groups["other"] = 0
     routed: dict[int, int] = defaultdict(int)
     not_counted: dict[str, list] = {}  # kind -> [tensors, elements, bytes, example]
-    unknown = []
-    meta_suffixes = _QUANT_META_SUFFIXES
-    prod = math.prod
-    for name, t in names.items():
-        if name.endswith(meta_suffixes):  # fp8 / GPTQ scales: half of an fp8 checkpoint's tensors
-            kind = "quant_meta"
-        else:
-            group, layer, _, _, kind, mult = classify_tuple(name, t.dtype, spec.num_layers, spec.encoder_layers,
-                                                            spec.tie_word_embeddings, bits, bnb4)
-            if kind == "param":
-                n = prod(t.shape) * mult
-                groups[group] += n
-                if group == "routed_experts":
-                    routed[layer] += n
-                elif group == "other":
-                    unknown.append(name)
-                continue
+    unknown: list[tuple[int, str]] = []
+    for (_, dtype, _), (n, elements, nbytes, name) in rows.items():
+        group, layer, _, _, kind, mult = classify_tuple(name, dtype, spec.num_layers, spec.encoder_layers,
+                                                        spec.tie_word_embeddings, bits, bnb4)
+        if kind == "param":
+            groups[group] += elements * mult
+            if group == "routed_experts":
+                routed[layer] += elements * mult
+            elif group == "other":
+                unknown.append((n, name))
+            continue
         agg = not_counted.get(kind)
         if agg is None:
             agg = not_counted[kind] = [0, 0, 0, name]
-        agg[0] += 1
-        agg[1] += prod(t.shape)
-        agg[2] += t.end - t.begin
+        agg[0] += n
+        agg[1] += elements
+        agg[2] += nbytes
     if not groups["other"]:
         del groups["other"]
     return _Stored(groups, dict(routed), not_counted, unknown)
@@ -232,7 +229,8 @@ def _cross_check(spec: ModelSpec, analytic: dict[str, int], stored: _Stored) -> 
             cause = (f"MTP / next-n layers: config says {spec.mtp_layers}; the headers hold {h:,} parameters in them"
                      if spec.mtp_layers else "layers past num_hidden_layers stored in the checkpoint (MTP?)")
         elif g == "other":
-            cause = f"tensors moetool cannot place ({len(stored.unknown)}; e.g. {stored.unknown[0]!r})"
+            cause = (f"tensors moetool cannot place ({sum(n for n, _ in stored.unknown)}; "
+                     f"e.g. {stored.unknown[0][1]!r})")
         elif g == "lm_head" and h == 0 and a > 0:
             cause = "no LM head stored: the checkpoint ties it to the embedding though config.json says tie_word_embeddings=false"
         else:
@@ -251,12 +249,7 @@ def _cross_check(spec: ModelSpec, analytic: dict[str, int], stored: _Stored) -> 
 
 
 def _bytes_by_dtype(ckpt: Checkpoint) -> Optional[dict[str, int]]:
-    if ckpt.tensors is None:
-        return None
-    out: dict[str, int] = defaultdict(int)
-    for t in ckpt.tensors.values():
-        out[t.dtype] += t.end - t.begin
-    return dict(sorted(out.items()))
+    return ckpt.stats.bytes_by_dtype() if ckpt.has_weights else None
 
 
 def _quant_method(spec: ModelSpec) -> Optional[str]:

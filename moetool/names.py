@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
+from .header import name_template
+
 # Tensors that hold quantization metadata, not parameters.
 _QUANT_META = re.compile(
     r"(\.weight_scale_inv|\.weight_scale|\.input_scale|\.output_scale|\.k_scale|\.v_scale|_scales|\.scales|\.qzeros"
@@ -70,7 +72,6 @@ class TensorRole:
         return (self.group, self.layer, self.expert, self.projection)
 
 
-_ZERO_DIGITS = str.maketrans("123456789", "000000000")
 
 
 def classify(name: str, *, dtype: str = "", num_layers: Optional[int] = None, encoder_layers: int = 0,
@@ -91,7 +92,7 @@ def classify_tuple(name: str, dtype: str, num_layers: Optional[int], encoder_lay
     Names differ across layers and experts only in their digits, and no group rule depends on a
     digit's value, so the rules run once per template (every digit turned into 0) and the layer
     and expert numbers are sliced back out of the name at the template's positions."""
-    template = name.translate(_ZERO_DIGITS)
+    template = name_template(name)
     layer_span, expert_span = _spans(template)
     layer = None
     if layer_span is not None:
@@ -106,6 +107,11 @@ def classify_tuple(name: str, dtype: str, num_layers: Optional[int], encoder_lay
     if expert_span is not None and group in ("routed_experts", "mtp"):
         expert = int(name[expert_span[0]:expert_span[1]])
     return group, layer, expert, None, kind, multiplier
+
+
+def layer_span(template: str) -> Optional[tuple[int, int]]:
+    """Character span of the layer number in names of this template (see `classify_tuple`)."""
+    return _spans(template)[0]
 
 
 @lru_cache(maxsize=8192)

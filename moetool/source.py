@@ -24,12 +24,13 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from .errors import BadCheckpoint, BadConfig, MoetoolError
-from .header import Header, TensorInfo, read_header
+from .header import Header, TensorInfo, TensorStats, _IndexMismatch, read_header, scan_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
@@ -50,13 +51,26 @@ class Checkpoint:
     headers: list[Header] = field(default_factory=list)
     tensors: Optional[dict[str, TensorInfo]] = None
     notes: list[str] = field(default_factory=list)
+    _stats: Optional[TensorStats] = None
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether safetensors headers were read (as a full table or as a summary)."""
+        return self.tensors is not None or self._stats is not None
+
+    @property
+    def stats(self) -> Optional[TensorStats]:
+        """The headers summarised by name template (what `count` needs); None without weights."""
+        if self._stats is None and self.tensors is not None:
+            from .names import layer_span
+
+            self._stats = TensorStats.of_tensors(self.tensors.values(), layer_span)
+        return self._stats
 
     @property
     def bytes_stored(self) -> Optional[int]:
         """Bytes of tensor data in the safetensors files (headers excluded)."""
-        if self.tensors is None:
-            return None
-        return sum(t.nbytes for t in self.tensors.values())
+        return None if not self.has_weights else self.stats.bytes_stored
 
 
 DEFAULT_NAME = "moetool-default"
@@ -67,21 +81,26 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent / "data" / "default"
 
 
-def resolve(model: Optional[str], *, revision: Optional[str] = None, read_headers: bool = True) -> Checkpoint:
+def resolve(model: Optional[str], *, revision: Optional[str] = None, read_headers: bool = True,
+            tensor_table: bool = True) -> Checkpoint:
     """Turn a MODEL argument into a Checkpoint (None: the bundled default model). Raises
-    MoetoolError (one line) on bad input."""
+    MoetoolError (one line) on bad input.
+
+    Headers are always validated in full. `tensor_table=False` keeps only their summary
+    (`Checkpoint.stats`, all that counting needs) instead of one entry per tensor: several times
+    faster on checkpoints of many tensors, and shards are then scanned in parallel processes."""
     if model is None or model == DEFAULT_NAME:
         d = default_model_dir()
         if not (d / "config.json").is_file():
             raise MoetoolError(f"the bundled default model is missing from {d}; reinstall moetool")
-        ckpt = _from_dir(DEFAULT_NAME, d, read_headers)
+        ckpt = _from_dir(DEFAULT_NAME, d, read_headers, tensor_table)
         ckpt.kind = "bundled"
         return ckpt
     if not model:
         raise MoetoolError("no MODEL given")
     path = Path(model).expanduser()
     if path.is_dir():
-        return _from_dir(model, path, read_headers)
+        return _from_dir(model, path, read_headers, tensor_table)
     if path.is_file():
         name = path.name.lower()
         if name.endswith(".safetensors"):
@@ -90,7 +109,7 @@ def resolve(model: Optional[str], *, revision: Optional[str] = None, read_header
                 raise BadCheckpoint(f"{path}: no config.json beside it; moetool needs the model's config.json")
             ckpt = Checkpoint(model, "safetensors", _load_config(config_path), str(config_path), root=str(path.parent))
             if read_headers:
-                _attach(ckpt, [read_header(path)], None)
+                _read(ckpt, [path], None, tensor_table)
             return ckpt
         if name.endswith(PICKLE_SUFFIXES):
             raise BadCheckpoint(f"{path}: pickle checkpoint; moetool never unpickles (it can run code): {CONVERT_HINT}")
@@ -110,7 +129,7 @@ def resolve(model: Optional[str], *, revision: Optional[str] = None, read_header
     )
 
 
-def _from_dir(model: str, path: Path, read_headers: bool) -> Checkpoint:
+def _from_dir(model: str, path: Path, read_headers: bool, tensor_table: bool = True) -> Checkpoint:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise BadCheckpoint(f"{path}: no config.json in this directory")
@@ -123,12 +142,12 @@ def _from_dir(model: str, path: Path, read_headers: bool) -> Checkpoint:
             if not (path / s).is_file():
                 raise BadCheckpoint(f"{index}: names shard {s!r}, which is missing from {path}")
         if read_headers:
-            _attach(ckpt, [read_header(path / s) for s in _progress(shards, "reading headers")], weight_map)
+            _read(ckpt, [path / s for s in shards], weight_map, tensor_table)
         return ckpt
     files = sorted(p for p in path.iterdir() if p.name.endswith(".safetensors") and p.is_file())
     if files:
         if read_headers:
-            _attach(ckpt, [read_header(f) for f in _progress(files, "reading headers")], None)
+            _read(ckpt, files, None, tensor_table)
         return ckpt
     pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
@@ -146,12 +165,88 @@ def load_index(index: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadCheckpoint(f"{index}: not a valid safetensors index ({str(e).splitlines()[0][:100]})") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+    # (JSON object keys are always strings; `map(type, ...)` checks the values at C speed.)
+    if not isinstance(wm, dict) or not set(map(type, wm.values())) <= {str}:
         raise BadCheckpoint(f"{index}: 'weight_map' must map tensor names to shard file names")
     for shard in set(wm.values()):
         if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
             raise BadCheckpoint(f"{index}: shard name {shard!r} is not a plain file name")
     return wm
+
+
+def _read(ckpt: Checkpoint, files: list[Path], weight_map: Optional[dict[str, str]], tensor_table: bool) -> None:
+    """Validate every shard's header; keep the full tensor table, or only its summary."""
+    if tensor_table:
+        _attach(ckpt, [read_header(f) for f in _progress(files, "reading headers")], weight_map)
+        return
+    try:
+        ckpt._stats = scan_shards([str(f) for f in files], weight_map)
+        unindexed = ckpt._stats.unindexed
+        if len(set(unindexed)) != len(unindexed):
+            raise _IndexMismatch("a tensor the index does not name is in two shards")
+        if unindexed:
+            ckpt.notes.append(_unindexed_note(unindexed))
+    except _IndexMismatch:
+        # A tensor in the wrong shard, missing or repeated: the full tables name it.
+        _attach(ckpt, [read_header(f) for f in files], weight_map)
+        raise AssertionError("the shard scan and the full tables disagree on the index")  # pragma: no cover
+
+
+def scan_shards(paths: list[str], weight_map: Optional[dict[str, str]]) -> TensorStats:
+    """`scan_header` over every shard, in parallel processes where that pays (Linux, many shards,
+    more than one CPU, no other thread running; MOETOOL_JOBS=N sets the number, 1 = in process)."""
+    from .names import layer_span
+
+    global _SCAN
+    expected = Counter(weight_map.values()) if weight_map is not None else {}
+    _SCAN = (weight_map, expected, set() if weight_map is None else None, layer_span)
+    jobs = _jobs(len(paths))
+    total = TensorStats()
+    if jobs <= 1:
+        for p in _progress(paths, "reading headers"):
+            total.merge(_scan_one(p))
+        return total
+    import multiprocessing
+
+    per = -(-len(paths) // (jobs * 4))
+    chunks = [paths[i:i + per] for i in range(0, len(paths), per)]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        for part in _progress(pool.imap(_scan_chunk, chunks), "reading headers", total=len(chunks)):
+            total.merge(part)
+    return total
+
+
+_SCAN: tuple = ()  # (weight_map, tensors per shard, names seen, layer_span), inherited by forked workers
+
+
+def _scan_one(path: str) -> TensorStats:
+    weight_map, expected, names, layer_span = _SCAN
+    if weight_map is None:
+        return scan_header(path, layer_span, names=names)
+    shard = os.path.basename(path)
+    return scan_header(path, layer_span, weight_map.get, shard, expected.get(shard, 0))
+
+
+def _scan_chunk(paths: list[str]) -> TensorStats:
+    out = TensorStats()
+    for p in paths:
+        out.merge(_scan_one(p))
+    return out
+
+
+def _jobs(n_files: int) -> int:
+    env = os.environ.get("MOETOOL_JOBS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise MoetoolError(f"MOETOOL_JOBS={env!r}: expected a positive integer")
+        return min(int(env), n_files)
+    if n_files < 16 or sys.platform != "linux":
+        return 1
+    import threading
+
+    if threading.active_count() > 1:  # forking a threaded process can deadlock the children
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), 8, n_files // 8))
 
 
 def _attach(ckpt: Checkpoint, headers: list[Header], weight_map: Optional[dict[str, str]]) -> None:
@@ -163,6 +258,9 @@ def _attach(ckpt: Checkpoint, headers: list[Header], weight_map: Optional[dict[s
                 raise BadCheckpoint(f"{h.path}: tensor {name!r} is also in {tensors[name].file}")
             tensors[name] = t
     if weight_map is not None:
+        unindexed = [name for name in tensors if name not in weight_map]
+        if unindexed:
+            ckpt.notes.append(_unindexed_note(unindexed))
         path_of = {os.path.basename(h.path): h.path for h in headers}
         for name, shard in weight_map.items():
             t = tensors.get(name)
@@ -172,6 +270,11 @@ def _attach(ckpt: Checkpoint, headers: list[Header], weight_map: Optional[dict[s
                 raise BadCheckpoint(f"index puts tensor {name!r} in {shard}, but it is in {os.path.basename(t.file)}")
     ckpt.headers = headers
     ckpt.tensors = tensors
+
+
+def _unindexed_note(names: list[str]) -> str:
+    return (f"{len(names)} stored tensor(s) are not named in {INDEX_NAME} (e.g. {names[0]!r}): counted from "
+            "the headers, but a loader that follows the index may skip them")
 
 
 def _load_config(path: Path) -> dict:
@@ -211,13 +314,15 @@ def sample_config_path(name: str) -> Optional[Path]:
     return p if p.is_file() else None
 
 
-def _progress(items, label: str):
+def _progress(items, label: str, total: Optional[int] = None):
     """A progress bar on stderr for long header scans (many shards), silent otherwise."""
-    items = list(items)
-    if len(items) < 8 or not sys.stderr.isatty():
+    if total is None:
+        items = list(items)
+        total = len(items)
+    if total < 8 or not sys.stderr.isatty():
         return items
     from rich.progress import track
 
     from .render import stderr_console
 
-    return track(items, description=label, console=stderr_console(), transient=True)
+    return track(items, description=label, total=total, console=stderr_console(), transient=True)

@@ -13,7 +13,8 @@ import pytest
 
 from fakes import write_header_only
 from moetool.errors import BadCheckpoint
-from moetool.header import read_header
+from moetool.header import read_header, scan_header
+from moetool.names import layer_span
 
 MIXTRAL_CFG = json.loads((Path(__file__).parents[1] / "sample_configs" / "mixtral-8x7b.json").read_text())
 
@@ -67,6 +68,18 @@ def test_bad_safetensors_header(case, tmp_path):
     assert "\n" not in str(e.value) and str(p) in str(e.value)
 
 
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_fast_scan_gives_the_same_error(case, tmp_path):
+    """`count` validates through scan_header (no tensor table): the same faults, the same line."""
+    p = tmp_path / "model.safetensors"
+    BAD_FILES[case](p)
+    with pytest.raises(BadCheckpoint) as full:
+        read_header(p)
+    with pytest.raises(BadCheckpoint) as scan:
+        scan_header(str(p), layer_span)
+    assert str(scan.value) == str(full.value)
+
+
 def test_truncated_shard_via_cli(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(MIXTRAL_CFG))
     size = write_header_only(tmp_path / "model.safetensors", {"lm_head.weight": ("BF16", [32000, 4096])})
@@ -112,6 +125,15 @@ BAD_SOURCES = {
     "index tensor missing from shard": _dir_with(
         MIXTRAL_CFG, files={"s1.safetensors": {"x": ("F32", [2])}},
         index={"weight_map": {"lm_head.weight": "s1.safetensors"}}),
+    "index puts a tensor in the other shard": _dir_with(
+        MIXTRAL_CFG, files={"s1.safetensors": {"x": ("F32", [2])}, "s2.safetensors": {"y": ("F32", [2])}},
+        index={"weight_map": {"x": "s2.safetensors", "y": "s1.safetensors"}}),
+    "tensor the index does not name in two shards": _dir_with(
+        MIXTRAL_CFG, files={"s1.safetensors": {"x": ("F32", [2]), "z": ("F32", [2])},
+                            "s2.safetensors": {"y": ("F32", [2]), "z": ("F32", [2])}},
+        index={"weight_map": {"x": "s1.safetensors", "y": "s2.safetensors"}}),
+    "tensor in two shards, no index": _dir_with(
+        MIXTRAL_CFG, files={"s1.safetensors": {"x": ("F32", [2])}, "s2.safetensors": {"x": ("F32", [2])}}),
     "pickle only": lambda p: (_dir_with(MIXTRAL_CFG)(p), (p / "pytorch_model.bin").write_bytes(b"\x80\x04."), p)[2],
     "pickle file": lambda p: ((p / "model.pt").write_bytes(b"\x80\x04."), p / "model.pt")[1],
     "safetensors without config": lambda p: (write_header_only(p / "m.safetensors", {"x": ("F32", [2])}), p / "m.safetensors")[1],
@@ -152,3 +174,61 @@ def test_auto_map_is_never_executed(tmp_path):
     (tmp_path / "evil.py").write_text("open(__file__ + '.ran', 'w').write('x')\n")
     r = run_cli("count", str(tmp_path), "--json")
     assert r.returncode == 0 and not (tmp_path / "evil.py.ran").exists()
+
+
+def _many_shards(p: Path, n: int = 20) -> dict:
+    """A Mixtral-named checkpoint of `n` small shards with an index (enough to scan in parallel)."""
+    (p / "config.json").write_text(json.dumps(MIXTRAL_CFG))
+    weight_map = {}
+    for i in range(n):
+        shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        names = [f"model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight" for e in range(8)]
+        write_header_only(p / shard, {name: ("BF16", [4, 4]) for name in names})
+        weight_map.update(dict.fromkeys(names, shard))
+    return weight_map
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_bad_shard_among_many_is_one_line_in_parallel_too(jobs, tmp_path):
+    import os
+
+    _many_shards(tmp_path)
+    bad = tmp_path / "model-00013-of-00020.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-10])  # truncated data
+    r = run_cli("count", str(tmp_path), env={**os.environ, "MOETOOL_JOBS": jobs})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "model-00013-of-00020.safetensors" in r.stderr and "truncated" in r.stderr
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_index_mismatch_among_many_is_one_line_in_parallel_too(jobs, tmp_path):
+    import os
+
+    weight_map = _many_shards(tmp_path)
+    name = "model.layers.7.block_sparse_moe.experts.3.w1.weight"
+    weight_map[name] = "model-00002-of-00020.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    r = run_cli("count", str(tmp_path), env={**os.environ, "MOETOOL_JOBS": jobs})
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.count("\n") == 1 and name in r.stderr
+
+
+def test_bad_jobs_setting_is_one_line(tmp_path):
+    import os
+
+    _many_shards(tmp_path)
+    r = run_cli("count", str(tmp_path), env={**os.environ, "MOETOOL_JOBS": "two"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "MOETOOL_JOBS" in r.stderr
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_tensor_missing_from_index_is_counted_and_noted(table, tmp_path):
+    from moetool.counting import count
+    from moetool.source import resolve
+
+    _dir_with(MIXTRAL_CFG, files={"s1.safetensors": {"x": ("F32", [2]), "z": ("F32", [3])}},
+              index={"weight_map": {"x": "s1.safetensors"}})(tmp_path)
+    ckpt = resolve(str(tmp_path), tensor_table=table)
+    assert ckpt.stats.num_tensors == 2 and ckpt.bytes_stored == 20
+    assert any("'z'" in n and "not named in model.safetensors.index.json" in n for n in ckpt.notes)
+    assert any("'z'" in n for n in count(ckpt).notes)

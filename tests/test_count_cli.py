@@ -106,3 +106,12 @@ def test_deepseek_v3_163_header_only_shards(deepseek_v3_dir):
     assert kinds["buffer"]["tensors"] == 59  # e_score_correction_bias: 58 MoE layers + MTP
     assert out["quantization"] == "fp8 (e4m3)"
     assert out["bytes_stored_by_dtype"]["F8_E4M3"] > 600e9
+
+
+def test_deepseek_v3_parallel_scan_equals_serial(deepseek_v3_dir):
+    """Shards are scanned in worker processes when there are many: the output may not depend on it."""
+    import os
+
+    outs = [run_cli("count", str(deepseek_v3_dir), "--json", env={**os.environ, "MOETOOL_JOBS": j}) for j in "13"]
+    assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
+    assert outs[0].stdout == outs[1].stdout

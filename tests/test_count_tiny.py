@@ -26,6 +26,20 @@ def test_headers_equal_analytic_equal_transformers(name, tiny_checkpoint):
         8 + int.from_bytes(open(p, "rb").read(8), "little") for p in path.glob("*.safetensors"))
 
 
+@pytest.mark.parametrize("name", sorted(ALL_TINY))
+def test_fast_scan_summarises_like_the_full_table(name, tiny_checkpoint):
+    """`count` scans headers into a summary (`tensor_table=False`); summarising the full tensor
+    table the forward pass uses must give the same rows, and the same report."""
+    from moetool.source import resolve
+
+    path, _ = tiny_checkpoint(name)
+    table, scanned = resolve(str(path)), resolve(str(path), tensor_table=False)
+    assert scanned.tensors is None and table.tensors is not None
+    assert scanned.stats.rows == table.stats.rows
+    assert scanned.stats.num_tensors == len(table.tensors)
+    assert moetool.count(table).to_dict() == moetool.count(scanned).to_dict()
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe-sparse", "deepseek_v3", "gpt_oss", "jamba"])
 def test_active_matches_transformers_module_sum(name, tiny_checkpoint):
     """Active = everything but routed experts + k/E of them, computed from transformers' modules."""
