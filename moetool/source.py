@@ -194,7 +194,7 @@ def _read(ckpt: Checkpoint, files: list[Path], weight_map: Optional[dict[str, st
 
 def scan_shards(paths: list[str], weight_map: Optional[dict[str, str]]) -> TensorStats:
     """`scan_header` over every shard, in parallel processes where that pays (Linux, many shards,
-    more than one CPU, no other thread running; MOETOOL_JOBS=N sets the number, 1 = in process)."""
+    more than one CPU, no other thread in the process; MOETOOL_JOBS=N sets the number, 1 = in process)."""
     from .names import layer_span
 
     global _SCAN
@@ -242,9 +242,10 @@ def _jobs(n_files: int) -> int:
         return min(int(env), n_files)
     if n_files < 16 or sys.platform != "linux":
         return 1
-    import threading
-
-    if threading.active_count() > 1:  # forking a threaded process can deadlock the children
+    try:  # forking a process that runs other threads (even native ones) can deadlock the children
+        if len(os.listdir("/proc/self/task")) > 1:
+            return 1
+    except OSError:
         return 1
     return max(1, min(len(os.sched_getaffinity(0)), 8, n_files // 8))
 

@@ -5,6 +5,7 @@ exception or a hang; the header reader never allocates more than the file could 
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 from hypothesis import HealthCheck, given, settings
@@ -99,3 +100,71 @@ def test_adapters_never_crash(model_type, fields):
         return
     assert r.total_params == sum(r.breakdown.values()) >= 0
     assert spec.num_layers >= 1
+
+
+def _outcome(fn):
+    try:
+        return fn(), None
+    except MoetoolError as e:
+        return None, str(e)
+
+
+_NAMES = st.sampled_from([
+    "model.layers.{}.block_sparse_moe.experts.{}.w1.weight", "model.layers.{}.self_attn.q_proj.weight{}",
+    "model.embed_tokens.weight{}{}", "lm_head.weight", "model.layers.{}.mlp.experts.{}.down_proj.weight_scale_inv",
+    "odd\ud800.{}.{}", "model.layers.{}.input_layernorm.weight",
+])
+valid_entries = st.lists(st.tuples(_NAMES, st.integers(0, 70), st.integers(0, 300),
+                                   st.sampled_from(["F32", "BF16", "F8_E4M3", "U8", "I32", "F4"]),
+                                   st.lists(st.integers(0, 9), max_size=3)), max_size=12)
+
+
+@SETTINGS
+@given(valid_entries, st.integers(-1, 12), st.sampled_from(["none", "overlap", "short", "bigint", "metadata"]))
+def test_fast_scan_agrees_with_the_full_parser(tmp_path, entries, victim, fault):
+    """`count` validates through `scan_header`'s fast loop: on valid and faulty headers alike it
+    must give the full parser's verdict (same error line, or the same tensors)."""
+    from moetool.header import TensorStats, scan_header
+    from moetool.names import layer_span
+
+    obj, offset = {}, 0
+    for pattern, a, b, dtype, shape in entries:
+        n = (math.prod(shape) * header_mod.DTYPE_BITS[dtype] + 7) // 8
+        obj[pattern.format(a, b)] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    names = list(obj)
+    if names and 0 <= victim < len(names):
+        e = obj[names[victim]]
+        if fault == "overlap" and e["data_offsets"][1] > 0:
+            e["data_offsets"] = [max(0, e["data_offsets"][0] - 1), e["data_offsets"][1] - 1]
+        elif fault == "short":
+            e["data_offsets"] = [e["data_offsets"][0], e["data_offsets"][1] + 1]
+        elif fault == "bigint":
+            e["shape"] = [2 ** 70]
+    if fault == "metadata":
+        obj["__metadata__"] = {"format": "pt"} if victim % 2 else {"n": victim}
+    raw = json.dumps(obj).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+    full, full_err = _outcome(lambda: read_header(path))
+    stats, scan_err = _outcome(lambda: scan_header(str(path), layer_span))
+    assert scan_err == full_err
+    if full is not None:
+        assert stats.rows == TensorStats.of_tensors(full.tensors.values(), layer_span).rows
+        assert stats.num_tensors == len(full.tensors)
+
+
+@SETTINGS
+@given(headers, st.binary(max_size=256))
+def test_fast_scan_agrees_on_arbitrary_headers(tmp_path, obj, tail):
+    from moetool.header import TensorStats, scan_header
+    from moetool.names import layer_span
+
+    raw = json.dumps(obj).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + tail)
+    full, full_err = _outcome(lambda: read_header(path))
+    stats, scan_err = _outcome(lambda: scan_header(str(path), layer_span))
+    assert scan_err == full_err
+    if full is not None:
+        assert stats.rows == TensorStats.of_tensors(full.tensors.values(), layer_span).rows
