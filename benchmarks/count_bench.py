@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,9 +34,9 @@ print(sum(p.numel() for p in model.parameters()))
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     t = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return time.perf_counter() - t, out
 
 
@@ -49,19 +50,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "deepseek-v3"
         write_sharded(root, deepseek_v3_tensors(config), 163, config)
-        ours, ref = [], []
-        for _ in range(args.runs):
-            t, out = timed([sys.executable, "-m", "moetool", "count", str(root), "--json"])
+        cmd = [sys.executable, "-m", "moetool", "count", str(root), "--json"]
+        serial_env = {**os.environ, "MOETOOL_JOBS": "1"}
+        ours, serial, ref = [], [], []
+        for _ in range(args.runs):  # interleaved, so drifts in machine load hit every side alike
+            t, out = timed(cmd)
             ours.append(t)
             total = json.loads(out)["total_params"]
+            t, out_serial = timed(cmd, serial_env)
+            serial.append(t)
+            assert out_serial == out
             t, out = timed([sys.executable, "-c", META, str(root / "config.json")])
             ref.append(t)
             assert int(out) == total, (out, total)
-    m, r = statistics.median(ours), statistics.median(ref)
+    m, s, r = statistics.median(ours), statistics.median(serial), statistics.median(ref)
     print(f"checkpoint: DeepSeek-V3 shape, 163 header-only shards, {total:,} parameters (both sides agree)")
-    print(f"moetool count (headers, fresh process):        median {m:.3f} s over {args.runs} runs")
+    print(f"moetool count (headers, fresh process):          median {m:.3f} s over {args.runs} runs "
+          f"(shards scanned in parallel on {os.cpu_count()} CPUs)")
+    print(f"moetool count, MOETOOL_JOBS=1 (one process):     median {s:.3f} s")
     print(f"transformers meta instantiation (fresh process): median {r:.3f} s over {args.runs} runs")
-    print(f"ratio: moetool is {r / m:.1f}x faster")
+    print(f"ratio: moetool is {r / m:.1f}x faster ({r / s:.1f}x in one process)")
 
 
 if __name__ == "__main__":
