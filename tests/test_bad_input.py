@@ -61,23 +61,15 @@ BAD_FILES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
 def test_bad_safetensors_header(case, tmp_path):
+    """One line naming the file; `count`'s fast scan (no tensor table) gives the very same line."""
     p = tmp_path / "model.safetensors"
     BAD_FILES[case](p)
     with pytest.raises(BadCheckpoint) as e:
         read_header(p)
     assert "\n" not in str(e.value) and str(p) in str(e.value)
-
-
-@pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_fast_scan_gives_the_same_error(case, tmp_path):
-    """`count` validates through scan_header (no tensor table): the same faults, the same line."""
-    p = tmp_path / "model.safetensors"
-    BAD_FILES[case](p)
-    with pytest.raises(BadCheckpoint) as full:
-        read_header(p)
     with pytest.raises(BadCheckpoint) as scan:
         scan_header(str(p), layer_span)
-    assert str(scan.value) == str(full.value)
+    assert str(scan.value) == str(e.value)
 
 
 def test_truncated_shard_via_cli(tmp_path):
