@@ -193,45 +193,61 @@ def _read(ckpt: Checkpoint, files: list[Path], weight_map: Optional[dict[str, st
 
 
 def scan_shards(paths: list[str], weight_map: Optional[dict[str, str]]) -> TensorStats:
-    """`scan_header` over every shard, in parallel processes where that pays (Linux, many shards,
-    more than one CPU, no other thread in the process; MOETOOL_JOBS=N sets the number, 1 = in process)."""
+    """`scan_header` over every shard, in parallel processes where that pays (Linux, 16 or more
+    shards with an index, more than one CPU, no other thread in the process; MOETOOL_JOBS=N sets
+    the number, 1 = in process). Without an index a repeated name must be seen across all shards,
+    so they are scanned in this process."""
     from .names import layer_span
 
-    global _SCAN
-    expected = Counter(weight_map.values()) if weight_map is not None else {}
-    _SCAN = (weight_map, expected, set() if weight_map is None else None, layer_span)
     jobs = _jobs(len(paths))
-    total = TensorStats()
-    if jobs <= 1:
+    if weight_map is None:
+        names: set[str] = set()
+        total = TensorStats()
         for p in _progress(paths, "reading headers"):
-            total.merge(_scan_one(p))
+            total.merge(scan_header(p, layer_span, names=names))
         return total
+    scan = _IndexedScan(weight_map, Counter(weight_map.values()), layer_span)
+    if jobs <= 1:
+        return scan(paths, progress=True)
     import multiprocessing
 
     per = -(-len(paths) // (jobs * 4))
     chunks = [paths[i:i + per] for i in range(0, len(paths), per)]
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        for part in _progress(pool.imap(_scan_chunk, chunks), "reading headers", total=len(chunks)):
+    total = TensorStats()
+    # Forked workers inherit `scan` (the index included) through the initializer's arguments: fork
+    # passes them in memory, nothing is pickled but the chunks of paths and the small summaries.
+    with multiprocessing.get_context("fork").Pool(jobs, initializer=_set_worker_scan, initargs=(scan,)) as pool:
+        for part in _progress(pool.imap(_worker_scan, chunks), "reading headers", total=len(chunks)):
             total.merge(part)
     return total
 
 
-_SCAN: tuple = ()  # (weight_map, tensors per shard, names seen, layer_span), inherited by forked workers
+@dataclass
+class _IndexedScan:
+    """Scans shards against the index: each must hold exactly the tensors the index puts in it."""
+
+    weight_map: dict[str, str]
+    expected: Counter  # tensors per shard
+    layer_span: object
+
+    def __call__(self, paths: list[str], progress: bool = False) -> TensorStats:
+        total = TensorStats()
+        for p in _progress(paths, "reading headers") if progress else paths:
+            shard = os.path.basename(p)
+            total.merge(scan_header(p, self.layer_span, self.weight_map.get, shard, self.expected.get(shard, 0)))
+        return total
 
 
-def _scan_one(path: str) -> TensorStats:
-    weight_map, expected, names, layer_span = _SCAN
-    if weight_map is None:
-        return scan_header(path, layer_span, names=names)
-    shard = os.path.basename(path)
-    return scan_header(path, layer_span, weight_map.get, shard, expected.get(shard, 0))
+_WORKER_SCAN: Optional[_IndexedScan] = None  # set in each forked worker
 
 
-def _scan_chunk(paths: list[str]) -> TensorStats:
-    out = TensorStats()
-    for p in paths:
-        out.merge(_scan_one(p))
-    return out
+def _set_worker_scan(scan: _IndexedScan) -> None:
+    global _WORKER_SCAN
+    _WORKER_SCAN = scan
+
+
+def _worker_scan(paths: list[str]) -> TensorStats:
+    return _WORKER_SCAN(paths)
 
 
 def _jobs(n_files: int) -> int:

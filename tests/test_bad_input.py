@@ -177,6 +177,7 @@ def _many_shards(p: Path, n: int = 20) -> dict:
         names = [f"model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight" for e in range(8)]
         write_header_only(p / shard, {name: ("BF16", [4, 4]) for name in names})
         weight_map.update(dict.fromkeys(names, shard))
+    (p / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return weight_map
 
 
@@ -224,3 +225,14 @@ def test_tensor_missing_from_index_is_counted_and_noted(table, tmp_path):
     assert ckpt.stats.num_tensors == 2 and ckpt.bytes_stored == 20
     assert any("'z'" in n and "not named in model.safetensors.index.json" in n for n in ckpt.notes)
     assert any("'z'" in n for n in count(ckpt).notes)
+
+
+def test_repeat_across_many_shards_without_index(tmp_path):
+    """Without an index a repeated tensor must be caught across every shard, however many."""
+    _many_shards(tmp_path)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    name = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    write_header_only(tmp_path / "model-00020-of-00020.safetensors", {name: ("BF16", [4, 4])})
+    r = run_cli("count", str(tmp_path))
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert name in r.stderr and "also in" in r.stderr
