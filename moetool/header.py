@@ -97,6 +97,18 @@ def header_length(prefix: bytes, file_bytes: int | None, path: str) -> int:
 
 def parse_header(raw: bytes, file_bytes: int | None, path: str) -> Header:
     """Validate the JSON header bytes. With `file_bytes` known, offsets are checked against it."""
+    obj, metadata = _decode(raw, path)
+    data_bytes = None if file_bytes is None else file_bytes - 8 - len(raw)
+    new, info_cls = _new_info, TensorInfo
+    tensors = {name: new(info_cls, (name, dtype, tuple(shape), begin, end, path))
+               for name, dtype, shape, begin, end, _ in _valid_entries(obj, data_bytes, path)}
+    _check_overlaps(sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin), path)
+    return Header(path=path, tensors=tensors, metadata=dict(metadata), header_bytes=len(raw),
+                  file_bytes=file_bytes if file_bytes is not None else -1)
+
+
+def _decode(raw: bytes, path: str) -> tuple[dict, dict]:
+    """JSON header bytes -> (tensor entries, __metadata__), both still to be validated entry by entry."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -106,14 +118,16 @@ def parse_header(raw: bytes, file_bytes: int | None, path: str) -> Header:
     metadata = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise BadCheckpoint(f"{path}: malformed safetensors header: __metadata__ must map strings to strings")
+    return obj, metadata
 
-    data_bytes = None if file_bytes is None else file_bytes - 8 - len(raw)
+
+def _valid_entries(obj: dict, data_bytes: int | None, path: str):
+    """Yield (name, dtype, shape list, begin, end, numel) of every entry, in order, raising at the
+    first invalid one. The common, valid case runs in one tight block (92k times for DeepSeek-V3);
+    anything unusual goes to `_check_entry`, which raises the precise error."""
     limit = data_bytes if data_bytes is not None else float("inf")
-    tensors: dict[str, TensorInfo] = {}
-    bits_of, new, info_cls = DTYPE_BITS.get, _new_info, TensorInfo
+    bits_of = DTYPE_BITS.get
     for name, entry in obj.items():
-        # The common, valid case in one tight block; anything unusual goes to _check_entry,
-        # which raises the precise error (or accepts it).
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             bits = bits_of(dtype)
@@ -126,20 +140,21 @@ def parse_header(raw: bytes, file_bytes: int | None, path: str) -> Header:
                     numel *= d
                 else:
                     if (numel * bits + 7) // 8 == end - begin:
-                        tensors[name] = new(info_cls, (name, dtype, tuple(shape), begin, end, path))
+                        yield name, dtype, shape, begin, end, numel
                         continue
         except (TypeError, KeyError, ValueError, IndexError):
             pass
-        tensors[name] = _check_entry(name, entry, data_bytes, path)
+        t = _check_entry(name, entry, data_bytes, path)  # raises: the fast block accepts all it would
+        yield name, t.dtype, list(t.shape), t.begin, t.end, t.numel  # pragma: no cover
 
-    # No two tensors may share bytes (the format also forbids holes, but real writers differ on
-    # alignment padding, so only overlaps are an error).
-    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+
+def _check_overlaps(spans: list, path: str) -> None:
+    """`spans`: sorted (begin, end, name) of the non-empty tensors. No two may share bytes (the
+    format also forbids holes, but real writers differ on alignment padding, so only overlaps are
+    an error)."""
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise BadCheckpoint(f"{path}: malformed safetensors header: tensors {n0!r} and {n1!r} overlap")
-    return Header(path=path, tensors=tensors, metadata=dict(metadata), header_bytes=len(raw),
-                  file_bytes=file_bytes if file_bytes is not None else -1)
 
 
 def _check_entry(name: str, entry: object, data_bytes: int | None, path: str) -> TensorInfo:
@@ -260,22 +275,40 @@ class TensorStats:
 def scan_header(path: str, layer_span: Callable[[str], Optional[tuple[int, int]]],
                 owner: Optional[Callable[[str], Optional[str]]] = None, shard: Optional[str] = None,
                 expected: Optional[int] = None, names: Optional[set] = None) -> TensorStats:
-    """Read and validate one file's header as `read_header` does, but fold it into a `TensorStats`
-    instead of building one object per tensor (the count path's hot loop: DeepSeek-V3 has 92k).
+    """Read and validate one file's header as `read_header` does (the same checks, in the same
+    order, so the same one-line errors), but fold it into a `TensorStats` instead of building one
+    object per tensor (the count path: DeepSeek-V3 has 92k tensors).
 
-    The fast loop accepts only what `parse_header` accepts; on anything else the full parser runs
-    on the same bytes, so a fault gives the very same one-line error (and an odd but valid header
-    the same summary). With an index, `owner(name)` must be `shard` or None (not in the index:
-    listed in `unindexed`) for every tensor, and `expected` tensors must be named; without one,
-    names are added to `names` and a repeat is an error (`_IndexMismatch`: the caller re-reads).
+    With an index, `owner(name)` must be `shard` or None (not in the index: listed in `unindexed`)
+    for every tensor, and `expected` tensors must be named; without one, names are added to `names`
+    and a repeat is an error (`_IndexMismatch`: the caller re-reads the full tables to name it).
     """
     raw, size = _read_raw(path)
+    obj, _ = _decode(raw, path)
     stats = TensorStats(files=1, header_bytes=len(raw))
-    obj = _scan_into(stats.rows, raw, size - 8 - len(raw), layer_span)
-    if obj is None:  # the full parser raises the precise error, or accepts an unusual header
-        tensors = parse_header(raw, size, path).tensors
-        stats.rows = TensorStats.of_tensors(tensors.values(), layer_span).rows
-        obj = tensors
+    rows, spans_of, zero = stats.rows, {}, _ZERO_DIGITS
+    spans = []
+    for name, dtype, shape, begin, end, numel in _valid_entries(obj, size - 8 - len(raw), path):
+        if end > begin:
+            spans.append((begin, end))
+        try:
+            template = name.encode().translate(zero).decode()  # = name_template(name), inlined
+        except UnicodeEncodeError:
+            template = name_template(name)
+        span = spans_of.get(template, spans_of)
+        if span is spans_of:
+            span = spans_of[template] = layer_span(template)
+        key = (template, dtype, None if span is None else name[span[0]:span[1]])
+        row = rows.get(key)
+        if row is None:
+            rows[key] = [1, numel, end - begin, name]
+        else:
+            row[0] += 1
+            row[1] += numel
+            row[2] += end - begin
+    spans.sort()
+    if not all(b1 >= e0 for (_, e0), (b1, _) in zip(spans, spans[1:])):
+        parse_header(raw, size, path)  # names the two overlapping tensors
     if owner is not None:
         owners = set(map(owner, obj))
         if None in owners:  # in the shard, not in the index: counted, and reported by the caller
@@ -306,51 +339,6 @@ def _read_raw(path: str) -> tuple[bytes, int]:
     if len(raw) != n:
         raise BadCheckpoint(f"{path}: truncated header: expected {n} bytes, file ends after {len(raw)}")
     return raw, size
-
-
-def _scan_into(rows: dict, raw: bytes, limit: int, layer_span) -> Optional[dict]:
-    """The fast path of `scan_header`: the parsed object when every entry is plainly valid (rows
-    filled in), None at the first doubt (rows then meaningless)."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-        metadata = obj.pop("__metadata__", None) or {}
-        if type(metadata) is not dict or not all(type(k) is str and type(v) is str for k, v in metadata.items()):
-            return None
-        bits_of, spans_of, zero = DTYPE_BITS.get, {}, _ZERO_DIGITS
-        spans = []
-        for name, entry in obj.items():
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            bits = bits_of(dtype)
-            if not (bits and type(shape) is list and len(shape) <= 16 and type(begin) is int and type(end) is int
-                    and 0 <= begin <= end <= limit):
-                return None
-            numel = 1
-            for d in shape:
-                if type(d) is not int or d < 0:
-                    return None
-                numel *= d
-            if (numel * bits + 7) // 8 != end - begin:
-                return None
-            if end > begin:
-                spans.append((begin, end))
-            template = name.encode().translate(zero).decode()  # = name_template(name), inlined
-            span = spans_of.get(template, spans_of)
-            if span is spans_of:
-                span = spans_of[template] = layer_span(template)
-            key = (template, dtype, None if span is None else name[span[0]:span[1]])
-            row = rows.get(key)
-            if row is None:
-                rows[key] = [1, numel, end - begin, name]
-            else:
-                row[0] += 1
-                row[1] += numel
-                row[2] += end - begin
-    except (TypeError, KeyError, ValueError, IndexError, AttributeError, RecursionError):
-        return None  # (UnicodeError and JSONDecodeError are ValueErrors)
-    spans.sort()
-    if not all(b1 >= e0 for (_, e0), (b1, _) in zip(spans, spans[1:])):
-        return None
-    return obj
 
 
 class _IndexMismatch(Exception):
