@@ -222,8 +222,6 @@ class TensorStats:
     """
 
     rows: dict[tuple[str, str, Optional[str]], list] = field(default_factory=dict)
-    files: int = 0
-    header_bytes: int = 0
     unindexed: list[str] = field(default_factory=list)  # stored tensors the shard index does not name
 
     @classmethod
@@ -253,8 +251,6 @@ class TensorStats:
                 row[0] += n
                 row[1] += elements
                 row[2] += nbytes
-        self.files += other.files
-        self.header_bytes += other.header_bytes
         self.unindexed += other.unindexed
 
     @property
@@ -285,7 +281,7 @@ def scan_header(path: str, layer_span: Callable[[str], Optional[tuple[int, int]]
     """
     raw, size = _read_raw(path)
     obj, _ = _decode(raw, path)
-    stats = TensorStats(files=1, header_bytes=len(raw))
+    stats = TensorStats()
     rows, spans_of, zero = stats.rows, {}, _ZERO_DIGITS
     spans = []
     for name, dtype, shape, begin, end, numel in _valid_entries(obj, size - 8 - len(raw), path):

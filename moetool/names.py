@@ -72,8 +72,6 @@ class TensorRole:
         return (self.group, self.layer, self.expert, self.projection)
 
 
-
-
 def classify(name: str, *, dtype: str = "", num_layers: Optional[int] = None, encoder_layers: int = 0,
              tied: bool = False, quant_bits: int = 4, bnb_4bit: bool = False) -> TensorRole:
     """Classify one stored tensor name. `num_layers` (decoder layers built by transformers) sends

@@ -48,7 +48,6 @@ class Checkpoint:
     config: dict
     config_path: str
     root: Optional[str] = None  # local directory with the weights, when there are local weights
-    headers: list[Header] = field(default_factory=list)
     tensors: Optional[dict[str, TensorInfo]] = None
     notes: list[str] = field(default_factory=list)
     _stats: Optional[TensorStats] = None
@@ -285,7 +284,6 @@ def _attach(ckpt: Checkpoint, headers: list[Header], weight_map: Optional[dict[s
                 raise BadCheckpoint(f"index names tensor {name!r} in {shard}, but that shard's header does not hold it")
             if t.file != path_of.get(shard):
                 raise BadCheckpoint(f"index puts tensor {name!r} in {shard}, but it is in {os.path.basename(t.file)}")
-    ckpt.headers = headers
     ckpt.tensors = tensors
 
 
