@@ -17,7 +17,7 @@ Storage (bits per weight) comes from `moetool.formats`, the same accounting `moe
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -36,6 +36,7 @@ NF4_CODE = torch.tensor([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 ])
+_NF4_BINS = 256  # lookup bins per unit of the normalised value (nf4)
 
 
 def bits(scheme: str, out: int, inp: int) -> float:
@@ -43,95 +44,140 @@ def bits(scheme: str, out: int, inp: int) -> float:
     return 8 * formats.matrix_bytes(_FORMAT[scheme], out, inp) / (out * inp)
 
 
-def _pad_cols(w: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
-    pad = (-w.shape[1]) % block
-    return (torch.nn.functional.pad(w, (0, pad)) if pad else w), pad
+# --- shared pieces ----------------------------------------------------------------------------------
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def int8(w: torch.Tensor) -> torch.Tensor:
-    s = w.abs().amax(dim=1, keepdim=True) / 127.0
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    return torch.clamp(torch.round(w / s), -127, 127) * s
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """A constant lookup table on `device` (moved there once, then cached)."""
+    key = (name, device)
+    t = _TABLES.get(key)
+    if t is None:
+        t = _TABLES[key] = _CPU_TABLES[name].to(device)
+    return t
 
 
-def int4_g128(w: torch.Tensor, group: int = 128) -> torch.Tensor:
-    out, inp = w.shape
-    x, pad = _pad_cols(w, group)
-    x = x.reshape(out, -1, group)
-    xmin = torch.minimum(x.amin(dim=-1, keepdim=True), torch.zeros(()))
-    xmax = torch.maximum(x.amax(dim=-1, keepdim=True), torch.zeros(()))
-    both0 = (xmin == 0) & (xmax == 0)
-    xmin, xmax = torch.where(both0, -1.0, xmin), torch.where(both0, 1.0, xmax)
-    scale = (xmax - xmin) / 15
-    zero = torch.round(-xmin / scale)
-    q = torch.clamp(torch.round(x / scale) + zero, 0, 15)
-    return (scale * (q - zero)).reshape(out, -1)[:, :inp]
+def _pad_last(w: torch.Tensor, block: int) -> torch.Tensor:
+    pad = (-w.shape[-1]) % block
+    return torch.nn.functional.pad(w, (0, pad)) if pad else w
 
 
-def nf4(w: torch.Tensor, block: int = 64) -> torch.Tensor:
-    flat = w.reshape(-1)
-    n = flat.numel()
-    pad = (-n) % block
-    x = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block)
-    absmax = x.abs().amax(dim=1, keepdim=True)
-    normed = x / torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-    mids = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # decision thresholds between code points
-    idx = torch.bucketize(normed, mids)
-    return (NF4_CODE[idx] * absmax).reshape(-1)[:n].reshape(w.shape)
+def _absmax(x: torch.Tensor, dim) -> torch.Tensor:
+    """max |x| over `dim` (kept) as max(max x, -min x): two reductions, no |x| temporary (abs_ makes
+    an all-zero block's +0.0, as x.abs().amax() gives)."""
+    return torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg_()).abs_()
 
 
-def _fp8(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+def _nonzero(s: torch.Tensor) -> torch.Tensor:
+    return s.masked_fill(s == 0, 1.0)
 
 
-def fp8_channel(w: torch.Tensor) -> torch.Tensor:
-    s = w.abs().amax(dim=1, keepdim=True) / E4M3_MAX
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    return _fp8(w / s) * s
+def _round_minifloat(x: torch.Tensor, mbits: int, emin: int) -> torch.Tensor:
+    """Round x (already within the format's range) to the nearest float with `mbits` mantissa bits
+    and minimum normal exponent `emin` (subnormals below), ties to even, keeping the sign (-0.0 too).
 
-
-def fp8_block(w: torch.Tensor, block: int = 128) -> torch.Tensor:
-    out, inp = w.shape
-    po, pi = (-out) % block, (-inp) % block
-    x = torch.nn.functional.pad(w, (0, pi, 0, po)).reshape((out + po) // block, block, (inp + pi) // block, block)
-    s = x.abs().amax(dim=(1, 3), keepdim=True) / E4M3_MAX
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    return (_fp8(x / s) * s).reshape(out + po, inp + pi)[:out, :inp]
+    No search: with E = max(exponent(x), emin) the format's spacing there is 2^(E - mbits), and
+    (x + M) - M with M = 1.5 * 2^(23 + E - mbits) rounds x to a multiple of that spacing in float32's
+    own round-to-nearest-even (|x| < 2^(E+1) keeps x + M in M's binade). M is built from x's
+    exponent bits with integer operations."""
+    m = torch.bitwise_and(x.view(torch.int32), 0x7F800000)  # x's exponent field
+    m.clamp_(min=(emin + 127) << 23).add_(((23 - mbits) << 23) | 0x400000)
+    magic = m.view(torch.float32)
+    r = torch.add(x, magic)
+    return r.sub_(magic).copysign_(x)
 
 
 def e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest FP4 E2M1 value (ties to the even code), saturating at +-6."""
-    a = x.abs().clamp(max=E2M1_MAX)
-    grid = E2M1_GRID.to(x.device)
-    lo = torch.bucketize(a, grid, right=True).clamp(1, len(grid) - 1) - 1  # grid[lo] <= a
-    hi = (lo + 1).clamp(max=len(grid) - 1)
-    dlo, dhi = a - grid[lo], grid[hi] - a
-    pick_hi = (dhi < dlo) | ((dhi == dlo) & (hi % 2 == 0))
-    return torch.copysign(torch.where(pick_hi, grid[hi], grid[lo]), x)
+    return _round_minifloat(x.clamp(-E2M1_MAX, E2M1_MAX), 1, 0)
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x.clamp(-448, 448) cast to float8_e4m3fn and back, by arithmetic (ties to even; torch's cast)."""
+    return _round_minifloat(x.clamp(-E4M3_MAX, E4M3_MAX), 3, -6)
+
+
+# --- the schemes: W [..., out, in] float32 -> Q(W), each matrix on its own ---------------------------
+
+def int8(w: torch.Tensor) -> torch.Tensor:
+    s = _nonzero(_absmax(w, -1) / 127.0)
+    q = w / s
+    return q.round_().clamp_(-127, 127).mul_(s)
+
+
+def int4_g128(w: torch.Tensor, group: int = 128) -> torch.Tensor:
+    *lead, out, inp = w.shape
+    x = _pad_last(w, group).reshape(*lead, out, -1, group)
+    zero0 = x.new_zeros(())
+    xmin = torch.minimum(x.amin(dim=-1, keepdim=True), zero0)
+    xmax = torch.maximum(x.amax(dim=-1, keepdim=True), zero0)
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin, xmax = xmin.masked_fill(both0, -1.0), xmax.masked_fill(both0, 1.0)
+    scale = (xmax - xmin) / 15
+    zero = torch.round(-xmin / scale)
+    q = x / scale
+    q.round_().add_(zero).clamp_(0, 15).sub_(zero).mul_(scale)
+    q = q.reshape(*lead, out, -1)
+    return q if q.shape[-1] == inp else q[..., :inp]
+
+
+def nf4(w: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Nearest NF4 code point by table lookup: the normalised value's bin of width 1/256 gives the
+    number of decision thresholds below it, and the one threshold that can fall in the bin (the
+    thresholds are 0.04 apart or more) is compared exactly: bucketize's result without a search."""
+    *lead, out, inp = w.shape
+    n = out * inp
+    x = _pad_last(w.reshape(*lead, n), block).reshape(*lead, -1, block)
+    absmax = _absmax(x, -1)
+    normed = x / _nonzero(absmax)  # in [-1, 1]
+    bins = (normed * _NF4_BINS).add_(_NF4_BINS).to(torch.int32).reshape(-1)
+    thr = torch.index_select(_table("nf4_thr", x.device), 0, bins).view_as(normed)
+    idx = torch.index_select(_table("nf4_base", x.device), 0, bins).view_as(normed)
+    idx.add_(normed > thr)
+    q = torch.index_select(_table("nf4_code", x.device), 0, idx.reshape(-1)).view_as(normed).mul_(absmax)
+    q = q.reshape(*lead, -1)
+    return (q if q.shape[-1] == n else q[..., :n]).reshape(*lead, out, inp)
+
+
+def fp8_channel(w: torch.Tensor) -> torch.Tensor:
+    s = _nonzero(_absmax(w, -1) / E4M3_MAX)
+    return e4m3(w / s).mul_(s)
+
+
+def fp8_block(w: torch.Tensor, block: int = 128) -> torch.Tensor:
+    *lead, out, inp = w.shape
+    po, pi = (-out) % block, (-inp) % block
+    x = torch.nn.functional.pad(w, (0, pi, 0, po)) if po or pi else w
+    x = x.reshape(*lead, (out + po) // block, block, (inp + pi) // block, block)
+    s = _nonzero(_absmax(x, (-3, -1)) / E4M3_MAX)
+    q = e4m3(x / s).mul_(s).reshape(*lead, out + po, inp + pi)
+    return q if not (po or pi) else q[..., :out, :inp]
 
 
 def mxfp4(w: torch.Tensor, block: int = 32) -> torch.Tensor:
-    out, inp = w.shape
-    x, _ = _pad_cols(w, block)
-    x = x.reshape(out, -1, block)
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    exp = torch.floor(torch.log2(amax.clamp(min=torch.finfo(torch.float32).tiny)))
-    exp = torch.where(amax == 0, torch.full_like(exp, -127.0), exp)
-    scale = torch.exp2((exp - 2).clamp(-127, 128)).clamp(min=torch.finfo(torch.float32).tiny)  # E8M0, emax(E2M1) = 2
-    return (e2m1(x / scale) * scale).reshape(out, -1)[:, :inp]
+    *lead, out, inp = w.shape
+    x = _pad_last(w, block).reshape(*lead, out, -1, block)
+    amax = _absmax(x, -1)
+    tiny = torch.finfo(torch.float32).tiny
+    exp = torch.floor(torch.log2(amax.clamp(min=tiny)))
+    exp = exp.masked_fill(amax == 0, -127.0)
+    scale = torch.exp2((exp - 2).clamp(-127, 128)).clamp(min=tiny)  # E8M0, emax(E2M1) = 2
+    q = e2m1(x / scale).mul_(scale).reshape(*lead, out, -1)
+    return q if q.shape[-1] == inp else q[..., :inp]
 
 
-def nvfp4(w: torch.Tensor, block: int = 16) -> torch.Tensor:
-    out, inp = w.shape
-    x, _ = _pad_cols(w, block)
-    x = x.reshape(out, -1, block)
-    amax_t = w.abs().max()
-    tensor_scale = amax_t / (E4M3_MAX * E2M1_MAX) if amax_t > 0 else torch.tensor(1.0)
-    block_scale = x.abs().amax(dim=-1, keepdim=True) / E2M1_MAX
+def nvfp4(w: torch.Tensor, block: int = 16, amax_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """amax_t: the matrix's max |W| [..., 1, 1] when `w` is a band of its rows (else computed)."""
+    *lead, out, inp = w.shape
+    x = _pad_last(w, block).reshape(*lead, out, -1, block)
+    amax_t = (_absmax(w, (-2, -1)) if amax_t is None else amax_t).unsqueeze(-1)  # per matrix, [..., 1, 1, 1]
+    tensor_scale = torch.where(amax_t > 0, amax_t / (E4M3_MAX * E2M1_MAX), 1.0)
+    block_scale = _absmax(x, -1) / E2M1_MAX
     tiny = torch.finfo(torch.float8_e4m3fn).tiny
     s8 = (block_scale / tensor_scale).clamp(min=tiny, max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
-    q = e2m1((x * ((1.0 / tensor_scale) / s8)).clamp(-E2M1_MAX, E2M1_MAX))
-    return (q * s8 * tensor_scale).reshape(out, -1)[:, :inp]
+    q = e2m1(x * ((1.0 / tensor_scale) / s8)).mul_(s8).mul_(tensor_scale).reshape(*lead, out, -1)
+    return q if q.shape[-1] == inp else q[..., :inp]
 
 
 FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -140,9 +186,63 @@ FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# Elements per kernel call: the kernels' temporaries (a few per call) then stay in the CPU's cache
+# and the allocator recycles them; whole tensors' temporaries are fresh pages each time (page faults
+# cost more than the arithmetic). On a GPU the bands are simply large launches.
+CHUNK = 1 << 18
+
+
+def chunks(w: torch.Tensor, scheme: str, chunk: int = CHUNK) -> Iterator[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
+    """Quantize W [B, out, in] (float32) band by band: yields (matrices, rows, W band, Q(W) band),
+    W[matrices, rows] -> its fake-quantized values, each band's result exactly what the scheme gives
+    on the whole matrix (bands of whole matrices when they are small, else of rows aligned to the
+    scheme's blocks: 128 rows for fp8_block, whole NF4 blocks of 64 for nf4; nvfp4 gets the matrix's
+    absmax for its tensor scale)."""
+    fn = FUNCTIONS[scheme]
+    B, out, inp = w.shape
+    if out * inp <= chunk:
+        kb = max(1, chunk // (out * inp))
+        for b in range(0, B, kb):
+            x = w[b:b + kb]
+            yield slice(b, b + kb), slice(0, out), x, fn(x)
+        return
+    align = 128 if scheme == "fp8_block" else 64 // math.gcd(inp, 64) if scheme == "nf4" else 1
+    rows = max(align, chunk // inp // align * align)
+    for b in range(B):
+        amax = _absmax(w[b], (-2, -1)) if scheme == "nvfp4" else None
+        for r in range(0, out, rows):
+            x = w[b:b + 1, r:r + rows]
+            yield slice(b, b + 1), slice(r, r + rows), x, (fn(x) if amax is None else nvfp4(x, amax_t=amax))
+
+
 def fake_quantize(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    """W [out, in] -> quantize with `scheme`, dequantize, float32."""
-    return FUNCTIONS[scheme](w.to(torch.float32))
+    """W [..., out, in] -> quantize each matrix with `scheme`, dequantize; float32, on W's device.
+    A batch of matrices (all experts of a layer, or a block of them) is one call."""
+    w = w.to(torch.float32)
+    w3 = w.reshape(-1, *w.shape[-2:])
+    out = torch.empty_like(w3)
+    for mats, rows, _, q in chunks(w3, scheme):
+        out[mats, rows] = q
+    return out.reshape(w.shape)
+
+
+def _nf4_tables(bins: int = _NF4_BINS, eps: float = 1e-6) -> dict[str, torch.Tensor]:
+    """Per bin b of [-1, 1] (normed in [b / bins - 1, (b + 1) / bins - 1], widened by eps for the
+    rounding of normed * bins + bins): how many thresholds lie below it, and the threshold inside it
+    (+inf when none). Checked: never two thresholds in one bin."""
+    mids = ((NF4_CODE[1:] + NF4_CODE[:-1]) / 2).double()  # float32 thresholds, as bucketize sees them
+    base, thr = [], []
+    for b in range(2 * bins + 1):
+        lo, hi = b / bins - 1 - eps, (b + 1) / bins - 1 + eps
+        inside = [float(m) for m in mids if lo <= m <= hi]
+        assert len(inside) <= 1, "NF4 thresholds closer than a lookup bin"
+        base.append(int((mids < lo).sum()))
+        thr.append(inside[0] if inside else math.inf)
+    return {"nf4_base": torch.tensor(base, dtype=torch.int32), "nf4_thr": torch.tensor(thr, dtype=torch.float32),
+            "nf4_code": NF4_CODE.clone()}
+
+
+_CPU_TABLES = _nf4_tables()
 
 
 def parse_schemes(value: str | None) -> list[str]:
