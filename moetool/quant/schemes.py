@@ -176,7 +176,12 @@ def nvfp4(w: torch.Tensor, block: int = 16, amax_t: Optional[torch.Tensor] = Non
     block_scale = _absmax(x, -1) / E2M1_MAX
     tiny = torch.finfo(torch.float8_e4m3fn).tiny
     s8 = (block_scale / tensor_scale).clamp(min=tiny, max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
-    q = e2m1(x * ((1.0 / tensor_scale) / s8)).mul_(s8).mul_(tensor_scale).reshape(*lead, out, -1)
+    factor = (1.0 / tensor_scale) / s8
+    # A no-op unless max |W| < 2688 * 2^-149: then the tensor scale underflows to 0, every output is
+    # +-0 (q * s8 * 0), and zero factors keep it so where 0 * inf would give NaN.
+    underflow = tensor_scale == 0
+    s8, factor = s8.masked_fill(underflow, 0.0), factor.masked_fill(underflow, 0.0)
+    q = e2m1(x * factor).mul_(s8).mul_(tensor_scale).reshape(*lead, out, -1)
     return q if q.shape[-1] == inp else q[..., :inp]
 
 
@@ -219,7 +224,7 @@ def fake_quantize(w: torch.Tensor, scheme: str) -> torch.Tensor:
     """W [..., out, in] -> quantize each matrix with `scheme`, dequantize; float32, on W's device.
     A batch of matrices (all experts of a layer, or a block of them) is one call."""
     w = w.to(torch.float32)
-    w3 = w.reshape(-1, *w.shape[-2:])
+    w3 = w.reshape(math.prod(w.shape[:-2]), *w.shape[-2:])
     out = torch.empty_like(w3)
     for mats, rows, _, q in chunks(w3, scheme):
         out[mats, rows] = q
