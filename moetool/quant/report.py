@@ -78,11 +78,60 @@ class QuantReport:
         return sorted(rows, key=lambda r: -(r.output_rel_error if r.output_rel_error is not None else r.rel_error))[:n]
 
 
-def _weight_stats(w: torch.Tensor) -> tuple[float, float]:
-    x = w.double().reshape(-1)
-    mu, sd = x.mean(), x.std(unbiased=False)
-    kurt = float(((x - mu) ** 4).mean() / sd ** 4) if sd > 0 else float("nan")
-    return kurt, float(x.abs().max() / sd) if sd > 0 else float("nan")
+BLOCK_ELEMENTS = 1 << 24  # expert weights (all projections, float32) scored together: 64 MB, whatever E
+
+
+def _stats(w: torch.Tensor, chunk: int = S.CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per matrix of W [B, out, in] (float32): ||W||^2, kurtosis (Pearson) and max|W| / std(W), as
+    float64 [B] tensors (NaN where std is 0), from float32 arithmetic in cache-sized bands.
+
+    The moments are taken about m = float32(mean) (the mean itself summed in float64) of z = (W - m)
+    2^k, the power of two k putting max|z| in [1/2, 1) (exact scaling: no overflow of z^4 for huge
+    weights, no underflow for tiny ones); sums of z, z^2, z^3, z^4 (cascade-summed in float32 per
+    band, added in float64) then give the central moments about the true mean exactly as far as
+    float64 goes. Agrees with the float64 computation to float32 rounding (tests/test_quantize_report.py)."""
+    B = w.shape[0]
+    flat = w.reshape(B, -1)
+    n = flat.shape[1]
+    mean = flat.sum(1, dtype=torch.float64) / n
+    m32 = mean.to(torch.float32)
+    hi, lo = flat.amax(1), flat.amin(1)
+    absmax = torch.maximum(hi, -lo).double()
+    spread = torch.maximum(hi.double() - m32, m32 - lo.double())  # max |W - m|
+    k = torch.where(spread > 0, -torch.floor(torch.log2(spread)) - 1, torch.zeros_like(spread)).clamp(-126, 126)
+    scale = torch.exp2(k).to(torch.float32)
+    shift = (-m32 * scale).unsqueeze(1)
+    scale = scale.unsqueeze(1)
+    acc = torch.zeros(4, B, dtype=torch.float64, device=w.device)
+    step = max(1, chunk // B)
+    for c in range(0, n, step):
+        z = torch.addcmul(shift, flat[:, c:c + step], scale)  # (W - m) 2^k: the product is exact
+        z2 = z * z
+        acc[0] += z.sum(1)
+        acc[1] += z2.sum(1)
+        acc[2] += z.mul_(z2).sum(1)
+        acc[3] += z2.mul_(z2).sum(1)
+    s1, s2, s3, s4 = acc / n
+    c = s1  # the true mean, in z's units
+    m2 = s2 - c * c
+    m4 = s4 - 4 * c * s3 + 6 * c * c * s2 - 3 * c ** 4
+    scale64 = scale.squeeze(1).double()
+    sd = torch.sqrt(m2.clamp(min=0)) / scale64
+    kurt = torch.where(m2 > 0, m4 / (m2 * m2), math.nan)
+    outlier = torch.where(m2 > 0, absmax / sd, math.nan)
+    norm2 = n * (s2 / scale64 ** 2 + 2 * m32.double() * s1 / scale64 + m32.double() ** 2)  # sum of W^2
+    return norm2, kurt, outlier
+
+
+def _errors(w: torch.Tensor, scheme: str, diff: Optional[torch.Tensor]) -> torch.Tensor:
+    """||Q(W) - W||^2 per matrix of W [B, out, in] (float64 [B]); Q(W) - W into `diff` if given."""
+    err = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    for mats, rows, x, q in S.chunks(w, scheme):
+        q.sub_(x)
+        if diff is not None:
+            diff[mats, rows] = q
+        err[mats] += q.square_().reshape(q.shape[0], -1).sum(1)
+    return err
 
 
 class _Scorer:
@@ -96,33 +145,52 @@ class _Scorer:
 
     def score(self, layer: int, expert, mats: dict[str, torch.Tensor], X: Optional[torch.Tensor],
               g: Optional[torch.Tensor], tokens: int, gate_sum: float, act: Callable) -> None:
-        """mats: gate [F, D], up [F, D], down [D, F] (float32); X [n, D] routed inputs, g [n] gate weights."""
-        inputs = {}
-        if X is not None and len(X):
-            gate_out, up_out = X @ mats["gate"].T, X @ mats["up"].T
-            inputs = {"gate": (X, gate_out), "up": (X, up_out)}
-            h = act(gate_out, up_out)
-            inputs["down"] = (h, h @ mats["down"].T)
-            w2 = (g.double() ** 2) if g is not None else torch.ones(len(X), dtype=torch.float64)
+        """One expert: mats gate [F, D], up [F, D], down [D, F] (float32); X [n, D] routed inputs, g [n] gate weights."""
+        self.score_block(layer, [expert], {p: W.unsqueeze(0) for p, W in mats.items()}, [(X, g, tokens, gate_sum)], act)
+
+    def score_block(self, layer: int, experts: list, mats: dict[str, torch.Tensor], data: list, act: Callable) -> None:
+        """A block of experts at once: mats[p] = [B, out, in] float32 (B = len(experts)); data[i] =
+        (X [n, D] routed inputs or None, g [n] gate weights or None, tokens, gate weight sum).
+        Weight statistics and every scheme's error for the whole block in batched calls; the
+        activation-space error per expert (its own routed tokens) from the block's Q(W) - W."""
+        B = len(experts)
+        inputs: list[dict] = [{} for _ in range(B)]
+        w2: list = [None] * B
+        for i, (X, g, _, _) in enumerate(data):
+            if X is not None and len(X):
+                gate_out, up_out = X @ mats["gate"][i].T, X @ mats["up"][i].T
+                h = act(gate_out, up_out)
+                inputs[i] = {"gate": (X, gate_out), "up": (X, up_out), "down": (h, h @ mats["down"][i].T)}
+                w2[i] = (g.double() ** 2) if g is not None else torch.ones(len(X), dtype=torch.float64, device=X.device)
+        calibrated = [i for i in range(B) if inputs[i]]
+        results = {}  # proj -> (stats, {scheme: (err^2 [B], out_rel [B])})
         for proj, W in mats.items():
-            kurt, outlier = _weight_stats(W)
-            norm = W.double().norm()
+            diff = torch.empty_like(W) if calibrated else None
+            norm2, kurt, outlier = (t.tolist() for t in _stats(W))
+            per_scheme = {}
             for scheme in self.schemes:
-                Q = S.fake_quantize(W, scheme)
-                err = (Q - W).double().norm()
-                rel = float(err / norm) if norm > 0 else 0.0
-                sqnr = float(10 * math.log10(norm ** 2 / err ** 2)) if err > 0 else float("inf")
-                out_rel = None
-                if proj in inputs:
-                    x, y = inputs[proj]
-                    e = (x @ (Q - W).T).double()
-                    num = (w2 * e.pow(2).sum(1)).sum()
-                    den = (w2 * y.double().pow(2).sum(1)).sum()
-                    out_rel = float(torch.sqrt(num / den)) if den > 0 else None
-                out, inp = W.shape
-                self.rows.append(ExpertRow(layer, expert, proj, scheme, rel, sqnr, out_rel, tokens, gate_sum, kurt,
-                                           outlier, W.numel(), S.bits(scheme, out, inp),
-                                           isinstance(expert, int) and tokens < MIN_TOKENS))
+                err2 = _errors(W, scheme, diff).tolist()
+                out_rel: list = [None] * B
+                for i in calibrated:
+                    x, y = inputs[i][proj]
+                    e = (x @ diff[i].T).double()
+                    num = (w2[i] * e.pow(2).sum(1)).sum()
+                    den = (w2[i] * y.double().pow(2).sum(1)).sum()
+                    out_rel[i] = float(torch.sqrt(num / den)) if den > 0 else None
+                per_scheme[scheme] = (err2, out_rel)
+            results[proj] = (norm2, kurt, outlier, per_scheme)
+        for i, expert in enumerate(experts):
+            tokens, gate_sum = data[i][2], data[i][3]
+            for proj, W in mats.items():
+                norm2, kurt, outlier, per_scheme = results[proj]
+                norm, out, inp = math.sqrt(norm2[i]), W.shape[1], W.shape[2]
+                for scheme in self.schemes:
+                    err = math.sqrt(per_scheme[scheme][0][i])
+                    rel = err / norm if norm > 0 else 0.0
+                    sqnr = 10 * math.log10(norm2[i] / err ** 2) if err > 0 else float("inf")
+                    self.rows.append(ExpertRow(layer, expert, proj, scheme, rel, sqnr, per_scheme[scheme][1][i], tokens,
+                                               gate_sum, kurt[i], outlier[i], out * inp, S.bits(scheme, out, inp),
+                                               isinstance(expert, int) and tokens < MIN_TOKENS))
 
 
 def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]] = None,
@@ -152,6 +220,8 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
     act = lambda g, u: glu(g, u, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
     scorer = _Scorer(schemes)
     total_experts = len(moe_layers) * (len(experts) if experts is not None else spec.moe.num_experts)
+    dev = torch.device(pick_device(device))  # where the schemes run (the forward's device)
+    buffers: dict = {}  # the block buffers, allocated once and reused by every layer
 
     def score_layer(dec: Decoder, layer: int, h: Optional[torch.Tensor], routing) -> None:
         if layers is not None and layer not in layers:
@@ -161,37 +231,46 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
             if h is None:
                 return
             find = lambda p: names.find(layer, f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight")
-            mats = {p: store.get(find(p), torch.float32) for p in ("gate", "up", "down")}
+            mats = {p: store.get(find(p), torch.float32, device=dev) for p in ("gate", "up", "down")}
             X = _sample(h.float(), None, reservoir, scorer.rng)
             scorer.score(layer, None, mats, X[0], X[1], len(h), float(len(h)), act)
             return
-        loader = Experts(store, names, layer, fc.family, spec.moe.expert_ffn, torch.float32, "cpu")
+        # Stored dtype (views of the mapped file; fp8 / MXFP4 dequantised to float32), converted to
+        # float32 while copied into the block buffers on the scoring device.
+        loader = Experts(store, names, layer, fc.family, spec.moe.expert_ffn, None, "cpu")
         idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing[0] is not None else (None, None)
-        for e in range(spec.moe.num_experts):
-            if experts is not None and e not in experts:
-                continue
-            X = g = None
-            tokens, gsum = 0, 0.0
-            if idx is not None:
-                tok, slot = torch.where(idx == e)
-                tokens, gsum = len(tok), float(w[tok, slot].sum())
-                if fc.family == "llama4":  # the gate scales the input; the expert itself sees x * gate
-                    X, g = _sample(h[tok].float() * w[tok, slot, None], None, reservoir, scorer.rng)
-                else:
-                    X, g = _sample(h[tok].float(), w[tok, slot], reservoir, scorer.rng)
-            gate, up, down, *_ = loader.load(e)
-            scorer.score(layer, e, {"gate": gate.float(), "up": up.float(), "down": down.float()}, X, g, tokens,
-                         gsum, act)
-            del gate, up, down
-            store.release()
-            scorer.done += 1
+        chosen = [e for e in range(spec.moe.num_experts) if experts is None or e in experts]
+        first = dict(zip(("gate", "up", "down"), loader.load(chosen[0])[:3]))  # shapes only (views)
+        per_block = max(1, BLOCK_ELEMENTS // sum(t.numel() for t in first.values()))  # fixed bytes, whatever E
+        bufs = _buffers(buffers, first, per_block, dev)
+        del first
+        for start in range(0, len(chosen), per_block):
+            block, data = chosen[start:start + per_block], []
+            for i, e in enumerate(block):
+                gate, up, down, *_ = loader.load(e)
+                for p, t in (("gate", gate), ("up", up), ("down", down)):
+                    bufs[p][i].copy_(t)
+                del gate, up, down
+                store.release()
+                X = g = None
+                tokens, gsum = 0, 0.0
+                if idx is not None:
+                    tok, slot = torch.where(idx == e)
+                    tokens, gsum = len(tok), float(w[tok, slot].sum())
+                    if fc.family == "llama4":  # the gate scales the input; the expert itself sees x * gate
+                        X, g = _sample(h[tok].float() * w[tok, slot, None], None, reservoir, scorer.rng)
+                    else:
+                        X, g = _sample(h[tok].float(), w[tok, slot], reservoir, scorer.rng)
+                data.append((X, g, tokens, gsum))
+            scorer.score_block(layer, block, {p: b[:len(block)] for p, b in bufs.items()}, data, act)
+            scorer.done += len(block)
             if progress:
                 progress(scorer.done, total_experts)
         shared = names.find(layer, "mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
                             "feed_forward.shared_expert.gate_proj.weight", required=False)
         if shared and experts is None:
             base = shared[: -len("gate_proj.weight")]
-            mats = {p: store.get(base + f"{p}_proj.weight", torch.float32) for p in ("gate", "up", "down")}
+            mats = {p: store.get(base + f"{p}_proj.weight", torch.float32, device=dev) for p in ("gate", "up", "down")}
             X = _sample(h.float(), None, reservoir, scorer.rng) if h is not None else (None, None)
             scorer.score(layer, "shared", mats, X[0], X[1], len(h) if h is not None else 0,
                          float(len(h)) if h is not None else 0.0, act)
@@ -200,8 +279,9 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
     if weight_only:
         store = WeightStore(ckpt.tensors, streaming=True)  # one expert resident at a time
         dec = Decoder(spec, fc, store)
-        for layer in moe_layers:
-            score_layer(dec, layer, None, (None, None))
+        with torch.inference_mode():
+            for layer in moe_layers:
+                score_layer(dec, layer, None, (None, None))
         store.close()
     else:
         tok = load_tokenizer(ckpt)
@@ -227,6 +307,15 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
 
         report.plan = make_plan(report.rows, schemes, budget_bits=budget_bits, budget_gb=budget_gb)
     return report
+
+
+def _buffers(cache: dict, first: dict[str, torch.Tensor], n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """float32 buffers [n, out, in] per projection for a block of experts shaped like `first`."""
+    key = (tuple((p, tuple(t.shape)) for p, t in first.items()), n, device)
+    if key not in cache:
+        cache.clear()
+        cache[key] = {p: torch.empty((n, *t.shape), dtype=torch.float32, device=device) for p, t in first.items()}
+    return cache[key]
 
 
 def _sample(X: torch.Tensor, g: Optional[torch.Tensor], k: int, rng: random.Random):
