@@ -280,9 +280,9 @@ def test_bands_give_the_whole_matrix_result(scheme):
     """The band driver (rows aligned to the scheme's blocks, nvfp4's tensor scale from the whole
     matrix) reproduces the whole-matrix kernel whatever the band size."""
     g = torch.Generator().manual_seed(2)
-    for w in (torch.randn(3, 300, 200, generator=g), torch.randn(2, 256, 136, generator=g) * 0.01):
+    for w in (torch.randn(2, 300, 200, generator=g), torch.randn(2, 256, 136, generator=g) * 0.01):
         whole = torch.stack([schemes.FUNCTIONS[scheme](m.unsqueeze(0))[0] for m in w])
-        for chunk in (1, 5000, 40000, 10**9):
+        for chunk in (1000, 40000, 10**9):
             out = torch.full_like(w, math.nan)
             for mats, rows, x, q in schemes.chunks(w, scheme, chunk):
                 assert torch.equal(x, w[mats, rows])

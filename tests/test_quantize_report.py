@@ -5,6 +5,7 @@ respects its budget; bad input."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -128,3 +129,133 @@ def test_cli_json_contract_and_exports(planted, tmp_path):
 def test_cli_bad_input(planted, args, needle):
     r = run_cli("quantize-report", "--model", str(planted[0]), "--device", "cpu", "--weight-only", *args)
     assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# --- scoring before issue 16, verbatim (one matrix per call, float64 statistics, the old kernels):
+# the "before" the batched scorer must reproduce to float32 rounding
+
+def old_weight_stats(w: torch.Tensor) -> tuple[float, float]:
+    x = w.double().reshape(-1)
+    mu, sd = x.mean(), x.std(unbiased=False)
+    kurt = float(((x - mu) ** 4).mean() / sd ** 4) if sd > 0 else float("nan")
+    return kurt, float(x.abs().max() / sd) if sd > 0 else float("nan")
+
+
+def old_score(schemes_, mats, X, g, act):
+    """-> {(projection, scheme): (rel, sqnr, out_rel, kurtosis, outlier)} for one expert."""
+    import math
+
+    from test_quant_schemes import old_fake_quantize
+
+    out = {}
+    inputs = {}
+    if X is not None and len(X):
+        gate_out, up_out = X @ mats["gate"].T, X @ mats["up"].T
+        inputs = {"gate": (X, gate_out), "up": (X, up_out)}
+        h = act(gate_out, up_out)
+        inputs["down"] = (h, h @ mats["down"].T)
+        w2 = (g.double() ** 2) if g is not None else torch.ones(len(X), dtype=torch.float64)
+    for proj, W in mats.items():
+        kurt, outlier = old_weight_stats(W)
+        norm = W.double().norm()
+        for scheme in schemes_:
+            Q = old_fake_quantize(W, scheme)
+            err = (Q - W).double().norm()
+            rel = float(err / norm) if norm > 0 else 0.0
+            sqnr = float(10 * math.log10(norm ** 2 / err ** 2)) if err > 0 else float("inf")
+            out_rel = None
+            if proj in inputs:
+                x, y = inputs[proj]
+                e = (x @ (Q - W).T).double()
+                num = (w2 * e.pow(2).sum(1)).sum()
+                den = (w2 * y.double().pow(2).sum(1)).sum()
+                out_rel = float(torch.sqrt(num / den)) if den > 0 else None
+            out[proj, scheme] = (rel, sqnr, out_rel, kurt, outlier)
+    return out
+
+
+def _close(a, b, rel, name=""):
+    """Equal to float32 rounding: relative 1e-5; sqnr_db (a log of a ratio) to 1e-4 dB absolute,
+    which is the same relative 1e-5 on the ratio (and holds at 0 dB)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if math.isnan(a) or math.isnan(b) or math.isinf(a) or math.isinf(b):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    return abs(a - b) <= (1e-4 if name == "sqnr_db" else rel * abs(b))
+
+
+def _blocks():
+    """Blocks of 3 experts (gate/up [F, D], down [D, F]) with awkward weights: Gaussian, heavy-tailed,
+    a large mean next to a small spread, constant, zero, subnormal, huge (inf-free) matrices."""
+    g = torch.Generator().manual_seed(5)
+    F, D = 96, 160
+    normal = lambda *s: torch.randn(*s, generator=g)
+    student = torch.distributions.StudentT(1.5).sample((3, F, D)).clamp(-50, 50) * 0.02
+    yield {"gate": normal(3, F, D) * 0.02, "up": student, "down": normal(3, D, F) * 0.05}
+    shifted = 1000 + normal(3, F, D) * 1e-2  # |mean| / std = 1e5: the float32 moments must centre exactly
+    const = torch.full((3, D, F), -0.375)
+    const[1] = 0.0
+    yield {"gate": shifted, "up": normal(3, F, D) * 1e-40, "down": const}
+    yield {"gate": normal(3, F, D) * 1e30, "up": normal(3, F, D) * 1e-20 + 3e-20, "down": normal(3, D, F) * 1e-3}
+
+
+@pytest.mark.parametrize("block", range(3))
+def test_batched_scoring_equals_the_old_scoring(block):
+    """Every reported number of a block scored at once equals the old per-matrix float64 scoring to
+    float32 rounding (relative 1e-5; NaN / inf / None where the old gives them), with and without
+    routed tokens."""
+    from moetool.forward.model import glu
+    from moetool.quant import schemes
+    from moetool.quant.report import _Scorer
+
+    mats = list(_blocks())[block]
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(40, mats["gate"].shape[2], generator=g)
+    gw = torch.rand(40, generator=g)
+    data = [(X, gw, 40, float(gw.sum())), (None, None, 0, 0.0), (X[:5], None, 5, 5.0)]
+    act = lambda a, b: glu(a, b)
+    sc = _Scorer(list(schemes.SCHEMES))
+    sc.score_block(1, [0, 1, 2], mats, data, act)
+    rows = {(r.expert, r.projection, r.scheme): r for r in sc.rows}
+    assert len(rows) == len(sc.rows) == 3 * 3 * len(schemes.SCHEMES)
+    for i in range(3):
+        old = old_score(schemes.SCHEMES, {p: W[i] for p, W in mats.items()}, data[i][0], data[i][1], act)
+        for (proj, scheme), (rel, sqnr, out_rel, kurt, outlier) in old.items():
+            r = rows[i, proj, scheme]
+            got = (r.rel_error, r.sqnr_db, r.output_rel_error, r.kurtosis, r.outlier_ratio)
+            for name, a, b in zip(("rel_error", "sqnr_db", "output_rel_error", "kurtosis", "outlier_ratio"), got,
+                                  (rel, sqnr, out_rel, kurt, outlier)):
+                assert _close(a, b, 1e-5, name), (block, i, proj, scheme, name, a, b)
+            assert (r.tokens, r.numel) == (data[i][2], mats[proj][i].numel())
+
+
+def test_report_digits_unchanged(planted, monkeypatch, capsys):
+    """The whole report (calibrated) with the batched scorer and with the old per-expert scorer swapped
+    in: every row to float32 rounding, and the printed table digit for digit."""
+    from moetool.quant import report as R
+    from moetool.render import render_quant
+
+    kw = dict(schemes=["int8", "nf4", "mxfp4", "nvfp4"], layers={1}, device="cpu", calibration_tokens=128)
+    new = R.quantize_report(str(planted[0]), **kw)
+    render_quant(new)
+    new_text = capsys.readouterr().out
+
+    def old_block(self, layer, experts, mats, data, act):
+        for i, e in enumerate(experts):
+            X, g, tokens, gsum = data[i]
+            mats_i = {p: W[i].clone() for p, W in mats.items()}
+            for (proj, scheme), (rel, sqnr, out_rel, kurt, outlier) in old_score(self.schemes, mats_i, X, g, act).items():
+                out, inp = mats_i[proj].shape
+                self.rows.append(R.ExpertRow(layer, e, proj, scheme, rel, sqnr, out_rel, tokens, gsum, kurt, outlier,
+                                             out * inp, R.S.bits(scheme, out, inp),
+                                             isinstance(e, int) and tokens < R.MIN_TOKENS))
+
+    monkeypatch.setattr(R._Scorer, "score_block", old_block)
+    old = R.quantize_report(str(planted[0]), **kw)
+    render_quant(old)
+    assert capsys.readouterr().out == new_text
+    assert [(r.layer, r.expert, r.projection, r.scheme, r.tokens) for r in new.rows] == \
+        [(r.layer, r.expert, r.projection, r.scheme, r.tokens) for r in old.rows]
+    for a, b in zip(new.rows, old.rows):
+        for f in ("rel_error", "sqnr_db", "output_rel_error", "kurtosis", "outlier_ratio", "gate_weight_sum"):
+            assert _close(getattr(a, f), getattr(b, f), 1e-5, f), (a, f, getattr(a, f), getattr(b, f))

@@ -81,9 +81,9 @@ class QuantReport:
 BLOCK_ELEMENTS = 1 << 24  # expert weights (all projections, float32) scored together: 64 MB, whatever E
 
 
-def _stats(w: torch.Tensor, chunk: int = S.CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per matrix of W [B, out, in] (float32): ||W||^2, kurtosis (Pearson) and max|W| / std(W), as
-    float64 [B] tensors (NaN where std is 0), from float32 arithmetic in cache-sized bands.
+def _stats(w: torch.Tensor, chunk: int = S.CHUNK) -> tuple[torch.Tensor, ...]:
+    """Per matrix of W [B, out, in] (float32): ||W||^2, kurtosis (Pearson), max|W| / std(W) and
+    max|W|, as float64 [B] tensors (NaN where std is 0), from float32 arithmetic in cache-sized bands.
 
     The moments are taken about m = float32(mean) (the mean itself summed in float64) of z = (W - m)
     2^k, the power of two k putting max|z| in [1/2, 1) (exact scaling: no overflow of z^4 for huge
@@ -120,18 +120,22 @@ def _stats(w: torch.Tensor, chunk: int = S.CHUNK) -> tuple[torch.Tensor, torch.T
     kurt = torch.where(m2 > 0, m4 / (m2 * m2), math.nan)
     outlier = torch.where(m2 > 0, absmax / sd, math.nan)
     norm2 = n * (s2 / scale64 ** 2 + 2 * m32.double() * s1 / scale64 + m32.double() ** 2)  # sum of W^2
-    return norm2, kurt, outlier
+    return norm2, kurt, outlier, absmax
 
 
-def _errors(w: torch.Tensor, scheme: str, diff: Optional[torch.Tensor]) -> torch.Tensor:
-    """||Q(W) - W||^2 per matrix of W [B, out, in] (float64 [B]); Q(W) - W into `diff` if given."""
+def _errors(w: torch.Tensor, scheme: str, diff: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """||Q(W) - W||^2 per matrix of W [B, out, in] (float64 [B]); Q(W) - W into `diff` if given.
+    `scale` [B] (powers of two, for matrices with max |W| far from 1): the errors are squared as
+    (Q(W) - W) scale, so float32 squares neither overflow nor underflow."""
     err = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for mats, rows, x, q in S.chunks(w, scheme):
         q.sub_(x)
         if diff is not None:
             diff[mats, rows] = q
+        if scale is not None:
+            q.mul_(scale[mats].view(-1, 1, 1))
         err[mats] += q.square_().reshape(q.shape[0], -1).sum(1)
-    return err
+    return err if scale is None else err / scale.double() ** 2
 
 
 class _Scorer:
@@ -166,10 +170,15 @@ class _Scorer:
         results = {}  # proj -> (stats, {scheme: (err^2 [B], out_rel [B])})
         for proj, W in mats.items():
             diff = torch.empty_like(W) if calibrated else None
-            norm2, kurt, outlier = (t.tolist() for t in _stats(W))
+            norm2, kurt, outlier, absmax = _stats(W)
+            scale = None  # errors squared as they are unless some weights are extreme (one sync per block)
+            if bool(((absmax < 2.0 ** -30) | (absmax > 2.0 ** 30)).any()):
+                k = torch.where(absmax > 0, -torch.floor(torch.log2(absmax)) - 1, torch.zeros_like(absmax))
+                scale = torch.exp2(k.clamp(-126, 126)).to(torch.float32)
+            norm2, kurt, outlier = norm2.tolist(), kurt.tolist(), outlier.tolist()
             per_scheme = {}
             for scheme in self.schemes:
-                err2 = _errors(W, scheme, diff).tolist()
+                err2 = _errors(W, scheme, diff, scale).tolist()
                 out_rel: list = [None] * B
                 for i in calibrated:
                     x, y = inputs[i][proj]
