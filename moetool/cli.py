@@ -353,7 +353,7 @@ def quantize_report_cmd(
     from .quant.report import quantize_report
 
     with _layer_progress(enabled=True, label="experts") as progress:
-        report = quantize_report(model, schemes=chosen, layers=parse_layers(layers), experts=parse_layers(experts),
+        report = quantize_report(model, schemes=chosen, layers=parse_layers(layers), experts=parse_layers(experts, "--experts"),
                                  calibration=calibration, calibration_tokens=calibration_tokens,
                                  weight_only=weight_only, budget_bits=budget_bits, budget_gb=budget_gb,
                                  device=device.value, progress=progress)

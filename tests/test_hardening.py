@@ -191,3 +191,219 @@ def test_escapes_in_an_info_line(tmp_path):
 
     assert render.safe("a\x1b[2Jb\nc\td") == "a\\x1b[2Jb\\nc\\td"
     assert render.safe("plain ünïcode") == "plain ünïcode"
+
+
+# --- 13. headers the safetensors library rejects are rejected ---------------------------------------
+
+def _st_file(path: Path, header: bytes, data: bytes = b"") -> Path:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+_E = '{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}'
+LIBRARY_REJECTS = {
+    "duplicate tensor name": ('{"a":%s,"a":{"dtype":"F32","shape":[2,2],"data_offsets":[16,32]}}' % _E, 32),
+    "field given twice": ('{"a":{"dtype":"F32","dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}', 16),
+    "metadata a list": ('{"__metadata__":[],"a":%s}' % _E, 16),
+    "metadata an empty string": ('{"__metadata__":"","a":%s}' % _E, 16),
+    "metadata values not strings": ('{"__metadata__":{"k":1},"a":%s}' % _E, 16),
+    "trailing bytes": ('{"a":%s}' % _E, 20),
+    "a gap between tensors": ('{"a":%s,"b":{"dtype":"F32","shape":[1],"data_offsets":[20,24]}}' % _E, 24),
+    "dimension of 2^70": ('{"a":{"dtype":"F32","shape":[%d,0],"data_offsets":[0,0]}}' % 2 ** 70, 0),
+    "size overflowing 64 bits": ('{"a":{"dtype":"F32","shape":[%d,%d,0],"data_offsets":[0,0]}}' % (2 ** 40, 2 ** 40), 0),
+    "integer of 5000 digits": ('{"a":{"dtype":"F32","shape":[%s],"data_offsets":[0,0]}}' % ("1" * 5000), 0),
+    "deep nesting": ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", 0),
+    "sub-byte dtype not filling bytes": ('{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}', 2),
+}
+LIBRARY_ACCEPTS = {
+    "metadata null": ('{"__metadata__":null,"a":%s}' % _E, 16),
+    "dimension of 2^64-1": ('{"a":{"dtype":"F32","shape":[%d,0],"data_offsets":[0,0]}}' % (2 ** 64 - 1), 0),
+    "extra field": ('{"a":{"dtype":"F32","x":1,"shape":[2,2],"data_offsets":[0,16]}}', 16),
+    "zero-size tensor in line": ('{"a":%s,"z":{"dtype":"F32","shape":[0],"data_offsets":[16,16]}}' % _E, 16),
+    "key strings in metadata": ('{"__metadata__":{"data_offsets":"dtype"},"a":%s}' % _E, 16),
+}
+
+
+def _library_opens(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            list(f.keys())
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("case", sorted(LIBRARY_REJECTS))
+def test_header_rejected_like_the_safetensors_library(case, tmp_path):
+    from moetool.errors import BadCheckpoint
+    from moetool.header import read_header, scan_header
+    from moetool.names import layer_span
+
+    header, n = LIBRARY_REJECTS[case]
+    p = _st_file(tmp_path / "model.safetensors", header.encode(), bytes(n))
+    assert not _library_opens(p)
+    with pytest.raises(BadCheckpoint) as full:
+        read_header(p)
+    with pytest.raises(BadCheckpoint) as scan:
+        scan_header(str(p), layer_span)
+    assert str(full.value) == str(scan.value) and "\n" not in str(full.value)
+
+
+@pytest.mark.parametrize("case", sorted(LIBRARY_ACCEPTS))
+def test_header_accepted_like_the_safetensors_library(case, tmp_path):
+    from moetool.header import read_header, scan_header
+    from moetool.names import layer_span
+
+    header, n = LIBRARY_ACCEPTS[case]
+    p = _st_file(tmp_path / "model.safetensors", header.encode(), bytes(n))
+    assert _library_opens(p)
+    assert set(read_header(p).tensors) == {k for k in json.loads(header) if k != "__metadata__"}
+    scan_header(str(p), layer_span)
+
+
+def test_duplicate_tensor_name_is_named(tmp_path):
+    from moetool.errors import BadCheckpoint
+    from moetool.header import read_header
+
+    p = _st_file(tmp_path / "m.safetensors", LIBRARY_REJECTS["duplicate tensor name"][0].encode(), bytes(32))
+    with pytest.raises(BadCheckpoint, match="tensor name 'a' appears twice"):
+        read_header(p)
+
+
+# --- 4 and 14. the parallel header scan -----------------------------------------------------------
+
+_DYING_WORKER = """
+import os, sys
+import moetool.source as source
+parent = os.getpid()
+real = source._worker_scan
+def dying(paths):
+    if os.getpid() != parent:
+        os._exit(137)  # as if the OOM killer took it
+    return real(paths)
+source._worker_scan = dying
+os.environ["MOETOOL_JOBS"] = "2"
+ckpt = source.resolve(sys.argv[1], tensor_table=False)
+print(ckpt.stats.num_tensors, "|".join(ckpt.notes))
+"""
+
+
+def test_dead_scan_worker_does_not_hang(tmp_path):
+    from test_bad_input import _many_shards
+
+    _many_shards(tmp_path)
+    r = subprocess.run([PY, "-c", _DYING_WORKER, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    n, note = r.stdout.strip().split(" ", 1)
+    assert int(n) == 20 * 8 and "worker process died" in note
+
+
+def test_moetool_jobs_capped_at_cpu_count(monkeypatch):
+    from moetool import source
+
+    monkeypatch.setenv("MOETOOL_JOBS", "1000")
+    assert source._jobs(10_000) == len(os.sched_getaffinity(0))
+
+
+def test_ctrl_c_is_not_reported_by_scan_workers(tmp_path):
+    """SIGINT to the whole process group while workers scan: the parent's one line only."""
+    from test_bad_input import _many_shards
+
+    _many_shards(tmp_path)
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import moetool.source as source
+        real = source._worker_scan
+        def slow(paths):
+            import time
+            os.kill(os.getppid(), signal.SIGUSR1)
+            time.sleep(30)
+        source._worker_scan = slow
+        def once(*a):
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # one Ctrl-C, however many workers ask
+            os.killpg(0, signal.SIGINT)
+        signal.signal(signal.SIGUSR1, once)
+        os.environ["MOETOOL_JOBS"] = "2"
+        from moetool.cli import main
+        main(["count", sys.argv[1], "--json"])
+    """)
+    r = subprocess.run([PY, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       start_new_session=True)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip() == "moetool: error: interrupted", r.stderr
+
+
+# --- 8. crafted JSON: huge integers, deep nesting ---------------------------------------------------
+
+BIG_INT = "1" * 5000
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.fixture(scope="module")
+def saved_trace(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trace")
+    r = run_cli(*TRACE, "--json", "-o", str(d / "t.json"))
+    assert r.returncode == 0, r.stderr
+    return d / "t.json"
+
+
+@pytest.mark.parametrize("payload", ["bigint", "deep"])
+def test_crafted_config_and_index(tmp_path, payload):
+    cfg = json.loads((REPO / "sample_configs" / "mixtral-8x7b.json").read_text())
+    text = json.dumps(cfg)[:-1] + (f', "x": {BIG_INT}}}' if payload == "bigint" else f', "x": {DEEP}}}')
+    (tmp_path / "config.json").write_text(text)
+    assert "config.json" in one_line_error(run_cli("count", str(tmp_path / "config.json")))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "x.safetensors"}, "n": %s}' % (BIG_INT if payload == "bigint" else DEEP))
+    assert "index" in one_line_error(run_cli("count", str(tmp_path)))
+
+
+@pytest.mark.parametrize("payload", ["bigint", "deep"])
+def test_crafted_diff_and_baseline_inputs(tmp_path, saved_trace, payload):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"command": "trace", "x": %s}' % (BIG_INT if payload == "bigint" else DEEP))
+    assert "bad.json" in one_line_error(run_cli("diff", str(saved_trace), str(bad)))
+    assert "bad.json" in one_line_error(run_cli("count", "mixtral-8x7b", "--baseline", str(bad)))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "a", "n": %s}\n' % (BIG_INT if payload == "bigint" else DEEP))
+    assert "p.jsonl:1" in one_line_error(run_cli("trace", "--file", str(prompts)))
+
+
+def test_crafted_trace_structure_for_diff(tmp_path, saved_trace):
+    t = json.loads(saved_trace.read_text())
+    t["layers"][0]["experts"][0] = [999]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(t))
+    assert "expert ids" in one_line_error(run_cli("diff", str(saved_trace), str(bad)))
+    t["tokens"] = [1, 2]
+    bad.write_text(json.dumps(t))
+    one_line_error(run_cli("diff", str(saved_trace), str(bad)))
+
+
+# --- 10. unbounded reads and allocations -------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["trace", "--file", "/dev/zero"], ["diff", "/dev/zero", "/dev/zero"],
+                                  ["count", "mixtral-8x7b", "--baseline", "/dev/zero"],
+                                  ["quantize-report", "--calibration", "/dev/zero", "--calibration-tokens", "16"]])
+def test_dev_zero_inputs_are_bounded(args):
+    import resource
+
+    def limit():  # 1.5 GB of address space: an unbounded read fails the test instead of the machine
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))
+
+    r = subprocess.run([PY, "-m", "moetool", *args], capture_output=True, text=True, timeout=120,
+                       preexec_fn=limit)
+    assert "/dev/zero" in one_line_error(r)
+
+
+@pytest.mark.parametrize("args", [["trace", "--tokens", "1", "--layers", "0-99999999999"],
+                                  ["quantize-report", "--weight-only", "--experts", "0-99999999999"],
+                                  ["trace", "--tokens", "1", "--layers", "7"]])
+def test_huge_ranges_refused_before_allocating(args):
+    r = run_cli(*args)
+    assert "--layers" in one_line_error(r) or "--experts" in one_line_error(r)
