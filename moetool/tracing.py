@@ -143,6 +143,13 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
             raise MoetoolError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
     if not ids:
         raise MoetoolError("the prompt encodes to no tokens")
+    from .forward.config import forward_config
+
+    context = forward_config(spec, ckpt.config).max_positions
+    if context and len(ids) + max(0, generate) > context:  # checked before the first forward
+        grow = f" and --generate {generate} makes {len(ids) + generate}" if generate else ""
+        raise MoetoolError(f"the prompt has {len(ids)} tokens{grow}, more than the model's context "
+                           f"({context} tokens, max_position_embeddings)")
     dev = pick_device(device)
     n_prompt = len(ids)
     for _ in range(max(0, generate)):  # greedy continuation: one full forward per new token

@@ -407,3 +407,157 @@ def test_dev_zero_inputs_are_bounded(args):
 def test_huge_ranges_refused_before_allocating(args):
     r = run_cli(*args)
     assert "--layers" in one_line_error(r) or "--experts" in one_line_error(r)
+
+
+# --- 2, 9, 11, 16: the forward pass ----------------------------------------------------------------
+
+DEFAULT = REPO / "moetool" / "data" / "default"
+
+
+def _copy_default(tmp_path: Path, config_changes: dict | None = None, tensors=None) -> Path:
+    """The bundled model in tmp_path/m, config.json edited, tensors changed by `tensors(dict)`."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(DEFAULT, d)
+    if config_changes is not None:
+        cfg = json.loads((d / "config.json").read_text())
+        for k, v in config_changes.items():
+            if v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        (d / "config.json").write_text(json.dumps(cfg))
+    if tensors is not None:
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(d / "model.safetensors"))
+        tensors(t)
+        save_file(t, str(d / "model.safetensors"))
+    return d
+
+
+def _trace_error(d: Path) -> str:
+    from moetool import trace
+    from moetool.errors import MoetoolError
+
+    with pytest.raises(MoetoolError) as e:
+        trace(tokens=[1, 2, 3, 4], model=str(d), device="cpu")
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("where,layer", [("model.layers.2.block_sparse_moe.gate.weight", 2),
+                                         ("model.layers.1.self_attn.v_proj.weight", 1)])
+def test_nan_reaching_the_router_names_the_layer(tmp_path, where, layer):
+    def poison(t):
+        t[where][0, 0] = float("nan")
+
+    d = _copy_default(tmp_path, tensors=poison)
+    msg = _trace_error(d)
+    assert f"layer {layer}:" in msg and "not finite" in msg
+    assert ("weight" if "gate" in where else "hidden state") in msg
+    r = run_cli("trace", "--tokens", "1,2,3", "--model", str(d), "--json")
+    assert "not finite" in one_line_error(r) and r.stdout == ""
+
+
+def test_inf_in_the_router_weight(tmp_path):
+    def poison(t):
+        t["model.layers.0.block_sparse_moe.gate.weight"][3, :] = float("inf")
+
+    assert "layer 0:" in _trace_error(_copy_default(tmp_path, tensors=poison))
+
+
+ROPE_CASES = {
+    "yarn without factor": ({"rope_scaling": {"rope_type": "yarn"}}, "'factor'"),
+    "rope_scaling a list": ({"rope_scaling": [1, 2]}, "'rope_scaling'"),
+    "max_position_embeddings a string": ({"max_position_embeddings": "4096"}, "'max_position_embeddings'"),
+    "factor a string": ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "'factor'"),
+    "llama3 without original length": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                                       "'original_max_position_embeddings'"),
+    "longrope factors of the wrong length": ({"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0],
+                                                               "short_factor": [1.0]}}, "long_factor"),
+    "rope_type not a string": ({"rope_scaling": {"rope_type": 3}}, "'rope_type'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_malformed_rope_and_context_fields(tmp_path, case):
+    changes, field = ROPE_CASES[case]
+    assert field in _trace_error(_copy_default(tmp_path, changes))
+
+
+def test_router_with_another_number_of_experts(tmp_path):
+    def shrink(t):
+        name = "model.layers.1.block_sparse_moe.gate.weight"
+        t[name] = t[name][:6].clone()  # config.json says 8 experts
+
+    msg = _trace_error(_copy_default(tmp_path, tensors=shrink))
+    assert "model.layers.1.block_sparse_moe.gate.weight" in msg and "[6, 128]" in msg and "[8, 128]" in msg
+
+
+def test_transposed_projection(tmp_path):
+    def transpose(t):
+        name = "model.layers.0.self_attn.k_proj.weight"
+        t[name] = t[name].t().contiguous()  # [64, 128] stored as [128, 64]
+
+    msg = _trace_error(_copy_default(tmp_path, tensors=transpose))
+    assert msg.startswith("layer 0:")
+
+
+def test_lm_head_is_streamed_in_row_blocks(monkeypatch):
+    """The head is never converted whole above HEAD_BLOCK_BYTES; the logits are the same."""
+    from moetool.forward import model as fm
+    from moetool.forward import run_forward
+    from moetool.source import resolve
+
+    ids = [5, 17, 300, 2000, 9]
+    whole = run_forward(resolve(None), ids, device="cpu").logits
+    monkeypatch.setattr(fm, "HEAD_BLOCK_BYTES", 100 * 128 * 4)  # blocks of 100 rows of the 2048
+    converted = []
+    real_linear = fm.linear
+
+    def spy(x, w, b=None):
+        converted.append(w.shape[0])
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(fm, "linear", spy)
+    blocked = run_forward(resolve(None), ids, device="cpu").logits
+    assert max(converted) <= 256  # experts (256 rows) and blocks of 100: never the 2048-row head
+    assert torch_equal(whole, blocked)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a - b).abs().max() <= 1e-5)
+
+
+def test_logits_too_large_for_memory_are_refused(monkeypatch):
+    from moetool.errors import MoetoolError
+    from moetool.forward import model as fm
+    from moetool.forward import run_forward, weights
+    from moetool.source import resolve
+
+    monkeypatch.setattr(fm, "HEAD_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(weights, "available_memory", lambda: 10_000)
+    with pytest.raises(MoetoolError, match="more than the memory available"):
+        run_forward(resolve(None), [1, 2, 3], device="cpu", streaming=False)
+
+
+def test_generate_checked_against_the_context_before_starting(tmp_path, monkeypatch):
+    from moetool import forward, trace
+    from moetool.errors import MoetoolError
+
+    calls = []
+    monkeypatch.setattr(forward, "run_forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(MoetoolError, match="--generate 2000 makes 2003, more than the model's context"):
+        trace(tokens=[1, 2, 3], generate=2000, device="cpu")
+    assert not calls
+
+
+def test_check_kl_fits_a_short_context(tmp_path):
+    from moetool.quant.check import kl_check
+
+    d = _copy_default(tmp_path, {"max_position_embeddings": 256})
+    plan = {"per_expert": {"assignments": [{"layer": 0, "expert": 0, "scheme": "int4_g128"}]}, "uniform": None}
+    out = kl_check(str(d), plan)
+    assert out["tokens"] == 256 and out["kl_plan"] >= 0
