@@ -561,3 +561,20 @@ def test_check_kl_fits_a_short_context(tmp_path):
     plan = {"per_expert": {"assignments": [{"layer": 0, "expert": 0, "scheme": "int4_g128"}]}, "uniform": None}
     out = kl_check(str(d), plan)
     assert out["tokens"] == 256 and out["kl_plan"] >= 0
+
+
+def test_diff_into_head_exits_zero(saved_trace):
+    r = run_shell(f"{PY} -m moetool diff {saved_trace} {saved_trace} | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}")
+    assert r.stdout.strip() == "0", r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_escapes_in_a_table_title(tmp_path):
+    cfg = (REPO / "sample_configs" / "mixtral-8x7b.json").read_text()
+    d = tmp_path / "odd\x1b]0;pwned\x07name"
+    d.mkdir()
+    (d / "config.json").write_text(cfg)
+    r = run_cli("count", str(d))
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "odd\\x1b]0;pwned\\x07name" in r.stdout
