@@ -207,6 +207,7 @@ def trace(
     if plot is not None and not plot.endswith((".png", ".svg")):
         raise MoetoolError("--plot must name a .png or .svg file")
     ids = _parse_tokens(tokens)
+    _check_outputs((output, "-o"), (save_logits, "--save-logits"), (plot, "--plot"))
     from .gates import baseline_gate, check_threshold, parse_fraction, trace_gate
 
     for value, flag in ((max_imbalance, "--max-imbalance"), (max_maxvio, "--max-maxvio"), (min_entropy, "--min-entropy")):
@@ -348,10 +349,11 @@ def quantize_report_cmd(
         raise MoetoolError("--format parquet needs -o FILE")
     if plot is not None and not plot.endswith((".png", ".svg")):
         raise MoetoolError("--plot must name a .png or .svg file")
+    _check_outputs((output, "-o"), (export_plan, "--export-plan"), (llama_cpp, "--llama-cpp"), (plot, "--plot"))
     from .quant.report import quantize_report
 
     with _layer_progress(enabled=True, label="experts") as progress:
-        report = quantize_report(model, schemes=chosen, layers=parse_layers(layers), experts=parse_layers(experts),
+        report = quantize_report(model, schemes=chosen, layers=parse_layers(layers), experts=parse_layers(experts, "--experts"),
                                  calibration=calibration, calibration_tokens=calibration_tokens,
                                  weight_only=weight_only, budget_bits=budget_bits, budget_gb=budget_gb,
                                  device=device.value, progress=progress)
@@ -415,8 +417,16 @@ def _emit(data: bytes, output: Optional[str], what: str) -> None:
         render.atomic_write_bytes(output, data)
         render.info(f"{what} written to {output}")
     else:
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+        render.write_stdout_bytes(data)
+
+
+def _check_outputs(*outputs: tuple[Optional[str], str]) -> None:
+    """Refuse unusable output paths before the work starts (files.check_output)."""
+    from .files import check_output
+
+    for path, flag in outputs:
+        if path is not None:
+            check_output(path, flag)
 
 
 def _finish_gate(gate, exit_zero: bool) -> None:
@@ -472,11 +482,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app and turn every failure into an exit code."""
     from . import render
 
+    _signals_to_exceptions()
     try:
         rv = app(args=argv, prog_name="moetool", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
+        if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit code 130, silently
+            render.error_line("interrupted")
     except typer.Exit as e:
         code = getattr(e, "exit_code", 0)
+        if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into Exit(130)
+            render.error_line("interrupted")
     except _USAGE_ERRORS as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `moetool`: help was wanted
             render.write_stdout(app_help() + "\n")
@@ -490,18 +505,53 @@ def main(argv: Optional[list[str]] = None) -> None:
     except MoetoolError as e:
         render.error_line(str(e))
         code = e.exit_code
-    except BrokenPipeError:
+    except (BrokenPipeError, render.StdoutClosed):
         code = 0  # `moetool ... | head` closed the pipe: not an error
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        except Exception:
-            pass
     except KeyboardInterrupt:
         render.error_line("interrupted")
         code = 130
+    except _Terminated:
+        render.error_line("terminated")
+        code = 143
     except Exception as e:  # an internal error: our bug, not the user's input
         if render.debug_enabled():
             traceback.print_exc()
         render.error_line(f"internal error: {e.__class__.__name__}: {e} (set MOETOOL_DEBUG=1 for the traceback)")
         code = 3
+    _quiet_stdout()
     sys.exit(code)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that `finally` blocks (a temporary output file's
+    removal) run before the exit (code 143)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _signals_to_exceptions() -> None:
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a thread): keep the default
+        pass
+
+
+def _quiet_stdout() -> None:
+    """Flush stdout now; if that fails (a closed pipe, a full device), point fd 1 at /dev/null so
+    the interpreter's own flush at exit neither fails nor prints a second message."""
+    import os
+
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass

@@ -40,18 +40,40 @@ class DiffReport:
 
 
 def load_trace(path: str) -> dict:
+    from .files import read_text_bounded
+
+    text = read_text_bounded(path, "trace")
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoetoolError(f"{path}: cannot read a trace ({e.__class__.__name__})") from None
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, integers over 4300 digits
+        raise MoetoolError(f"{path}: cannot read a trace ({_json_reason(e)})") from None
     if not isinstance(obj, dict) or obj.get("command") != "trace":
         raise MoetoolError(f"{path}: not a `moetool trace --json` report")
     if "prompts" in obj:
         raise MoetoolError(f"{path}: a many-prompt trace; diff compares single-prompt traces")
     if not isinstance(obj.get("tokens"), list) or not isinstance(obj.get("layers"), list):
         raise MoetoolError(f"{path}: trace has no tokens / layers")
+    E = obj.get("num_experts")
+    if type(E) is not int or not 0 < E <= 1 << 20:
+        raise MoetoolError(f"{path}: num_experts must be a positive integer")
+    if not all(isinstance(t, dict) for t in obj["tokens"]):
+        raise MoetoolError(f"{path}: every token must be an object")
+    for l in obj["layers"]:
+        ok = isinstance(l, dict) and type(l.get("layer")) is int and isinstance(l.get("experts"), list) and all(
+            isinstance(row, list) and row and all(type(e) is int and 0 <= e < E for e in row) for row in l["experts"])
+        if not ok:
+            raise MoetoolError(f"{path}: layer {l.get('layer') if isinstance(l, dict) else '?'!s}: expected "
+                               f"{{layer, experts}} with expert ids in 0..{E - 1}")
+        for key in ("margin", "selection_scores"):
+            if key in l and not isinstance(l[key], list):
+                raise MoetoolError(f"{path}: layer {l['layer']}: {key} must be a list")
     return obj
+
+
+def _json_reason(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    return f"not valid JSON: {str(e).splitlines()[0][:100]}"
 
 
 def diff_traces(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> DiffReport:

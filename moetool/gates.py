@@ -132,10 +132,14 @@ def baseline_gate(gate: Gate, current: dict, baseline_path: Optional[str], max_d
             raise MoetoolError("--max-drift needs --baseline OLD.json")
         return gate
     drift = parse_fraction(max_drift or "0%", "--max-drift")
+    from .files import read_text_bounded
+
+    text = read_text_bounded(baseline_path, "baseline")
     try:
-        old = json.loads(open(baseline_path, encoding="utf-8").read())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoetoolError(f"{baseline_path}: cannot read the baseline ({e.__class__.__name__})") from None
+        old = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, integers over 4300 digits
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:100]
+        raise MoetoolError(f"{baseline_path}: cannot read the baseline (not valid JSON: {reason})") from None
     if not isinstance(old, dict) or old.get("command") != current.get("command"):
         raise MoetoolError(f"{baseline_path}: not a saved `moetool {current.get('command')} --json` report")
     gate.enabled = True

@@ -102,23 +102,46 @@ def parse_header(raw: bytes, file_bytes: int | None, path: str) -> Header:
     new, info_cls = _new_info, TensorInfo
     tensors = {name: new(info_cls, (name, dtype, tuple(shape), begin, end, path))
                for name, dtype, shape, begin, end, _ in _valid_entries(obj, data_bytes, path)}
-    _check_overlaps(sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin), path)
+    _check_overlaps(sorted((t.begin, t.end, t.name) for t in tensors.values()), path, data_bytes)
     return Header(path=path, tensors=tensors, metadata=dict(metadata), header_bytes=len(raw),
                   file_bytes=file_bytes if file_bytes is not None else -1)
 
 
 def _decode(raw: bytes, path: str) -> tuple[dict, dict]:
-    """JSON header bytes -> (tensor entries, __metadata__), both still to be validated entry by entry."""
+    """JSON header bytes -> (tensor entries, __metadata__), both still to be validated entry by entry.
+    Like the safetensors library: a repeated key (two tensors of one name, a field given twice) and
+    numbers that do not fit 64 bits are errors; `__metadata__` is absent, null or strings to strings."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, >4300 digits
         raise BadCheckpoint(f"{path}: malformed safetensors header: not valid JSON ({_short(e)})") from None
     if not isinstance(obj, dict):
         raise BadCheckpoint(f"{path}: malformed safetensors header: expected a JSON object, got {type(obj).__name__}")
-    metadata = obj.pop("__metadata__", None) or {}
+    n = len(obj) - ("__metadata__" in obj)
+    if raw.count(b'"data_offsets"') != n or raw.count(b'"dtype"') != n or raw.count(b'"shape"') != n:
+        _check_duplicate_keys(raw, path)  # rare: the cheap count cannot rule out a repeated key
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise BadCheckpoint(f"{path}: malformed safetensors header: __metadata__ must map strings to strings")
     return obj, metadata
+
+
+def _check_duplicate_keys(raw: bytes, path: str) -> None:
+    def pairs(items: list) -> dict:
+        seen: set = set()
+        for k, _ in items:
+            if k in seen:
+                what = "tensor name" if depth(items) else "key"
+                raise BadCheckpoint(f"{path}: malformed safetensors header: {what} {k!r} appears twice")
+            seen.add(k)
+        return dict(items)
+
+    def depth(items: list) -> bool:  # the top level holds the entries (objects with a dtype)
+        return any(isinstance(v, dict) and "dtype" in v for _, v in items)
+
+    json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
 
 
 def _valid_entries(obj: dict, data_bytes: int | None, path: str):
@@ -135,11 +158,13 @@ def _valid_entries(obj: dict, data_bytes: int | None, path: str):
                     and 0 <= begin <= end <= limit:
                 numel = 1
                 for d in shape:
-                    if type(d) is not int or d < 0:
+                    if type(d) is not int or not 0 <= d <= _U64:
                         break
                     numel *= d
+                    if numel > _U64:
+                        break
                 else:
-                    if (numel * bits + 7) // 8 == end - begin:
+                    if numel * bits == 8 * (end - begin) and numel * bits <= _U64:
                         yield name, dtype, shape, begin, end, numel
                         continue
         except (TypeError, KeyError, ValueError, IndexError):
@@ -148,13 +173,25 @@ def _valid_entries(obj: dict, data_bytes: int | None, path: str):
         yield name, t.dtype, list(t.shape), t.begin, t.end, t.numel  # pragma: no cover
 
 
-def _check_overlaps(spans: list, path: str) -> None:
-    """`spans`: sorted (begin, end, name) of the non-empty tensors. No two may share bytes (the
-    format also forbids holes, but real writers differ on alignment padding, so only overlaps are
-    an error)."""
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise BadCheckpoint(f"{path}: malformed safetensors header: tensors {n0!r} and {n1!r} overlap")
+_U64 = 2 ** 64 - 1  # the safetensors library's sizes are 64-bit: larger shapes overflow it
+
+
+def _check_overlaps(spans: list, path: str, data_bytes: int | None = None) -> None:
+    """`spans`: sorted (begin, end, name) of every tensor. As in the safetensors library, the
+    tensors must tile the data buffer: no two share bytes, no gap between them, and (when the
+    file's size is known) nothing after the last one."""
+    at, last = 0, None
+    for b, e, n in spans:
+        if b < at:
+            raise BadCheckpoint(f"{path}: malformed safetensors header: tensors {last!r} and {n!r} overlap")
+        if b > at:
+            after = f"after tensor {last!r}" if last is not None else "at the start of the data"
+            raise BadCheckpoint(f"{path}: malformed safetensors header: bytes {at}-{b} {after} belong to no tensor "
+                                f"(before {n!r}); the safetensors library refuses such a file")
+        at, last = e, n
+    if data_bytes is not None and at != data_bytes:
+        raise BadCheckpoint(f"{path}: malformed safetensors header: {data_bytes - at} bytes after the last tensor "
+                            "belong to no tensor (trailing data); the safetensors library refuses such a file")
 
 
 def _check_entry(name: str, entry: object, data_bytes: int | None, path: str) -> TensorInfo:
@@ -174,10 +211,18 @@ def _check_entry(name: str, entry: object, data_bytes: int | None, path: str) ->
             if type(d) is not int or d < 0:
                 numel = -1
                 break
-            numel *= d
+            numel = numel * d if d <= _U64 else _U64 + 1
+            if numel > _U64:
+                break
     if numel < 0:
         raise BadCheckpoint(f"{path}: malformed safetensors header: tensor {name!r}: shape must be a list of "
                             f"non-negative integers, got {shape!r}")
+    if numel > _U64 or numel * bits > _U64:
+        raise BadCheckpoint(f"{path}: malformed safetensors header: tensor {name!r}: shape {shape} is too large "
+                            "(its size overflows 64 bits)")
+    if numel * bits % 8:
+        raise BadCheckpoint(f"{path}: malformed safetensors header: tensor {name!r}: {numel} elements of {dtype} "
+                            "do not fill whole bytes")
     if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int \
             or not 0 <= offsets[0] <= offsets[1]:
         raise BadCheckpoint(f"{path}: malformed safetensors header: tensor {name!r}: data_offsets must be "
@@ -285,8 +330,7 @@ def scan_header(path: str, layer_span: Callable[[str], Optional[tuple[int, int]]
     rows, spans_of, zero = stats.rows, {}, _ZERO_DIGITS
     spans = []
     for name, dtype, shape, begin, end, numel in _valid_entries(obj, size - 8 - len(raw), path):
-        if end > begin:
-            spans.append((begin, end))
+        spans.append((begin, end))
         try:
             template = name.encode().translate(zero).decode()  # = name_template(name), inlined
         except UnicodeEncodeError:
@@ -303,8 +347,10 @@ def scan_header(path: str, layer_span: Callable[[str], Optional[tuple[int, int]]
             row[1] += numel
             row[2] += end - begin
     spans.sort()
-    if not all(b1 >= e0 for (_, e0), (b1, _) in zip(spans, spans[1:])):
-        parse_header(raw, size, path)  # names the two overlapping tensors
+    data_bytes = size - 8 - len(raw)
+    if (spans[-1][1] if spans else 0) != data_bytes or (spans and spans[0][0] != 0) \
+            or not all(b1 == e0 for (_, e0), (b1, _) in zip(spans, spans[1:])):
+        parse_header(raw, size, path)  # names the overlapping tensors, the gap or the trailing bytes
     if owner is not None:
         owners = set(map(owner, obj))
         if None in owners:  # in the shard, not in the index: counted, and reported by the caller

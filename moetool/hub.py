@@ -23,9 +23,81 @@ from .source import INDEX_NAME, Checkpoint, _attach, _load_config, _progress, lo
 FIRST_RANGE = 100_000  # one request covers the header of ~97% of safetensors files
 
 
+DEFAULT_TIMEOUT = 10.0  # seconds to connect, and between bytes read; MOETOOL_HUB_TIMEOUT overrides
+
+
+def hub_timeout() -> float:
+    """Connect / read timeout of every hub request, from MOETOOL_HUB_TIMEOUT (seconds)."""
+    env = os.environ.get("MOETOOL_HUB_TIMEOUT", "").strip()
+    if not env:
+        return DEFAULT_TIMEOUT
+    try:
+        t = float(env)
+    except ValueError:
+        t = -1.0
+    if not 0 < t < 1e6:
+        raise MoetoolError(f"MOETOOL_HUB_TIMEOUT={env!r}: expected a positive number of seconds")
+    return t
+
+
+def _use_timeout(t: float) -> None:
+    """huggingface-hub reads its download timeout at call time; its HEAD timeout is passed per call.
+    Its retry and resume log lines are silenced: a failure is reported once, by hub_errors."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import logging as hf_logging
+
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = t
+    constants.HF_HUB_ETAG_TIMEOUT = t
+    hf_logging.set_verbosity_error()
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def transport_message(e: BaseException) -> Optional[str]:
+    """What went wrong on the wire, in one line, for an exception (or its causes) raised by a hub
+    request; None when it is not a transport failure. Classes are matched by name: the HTTP
+    library is httpx (or its fork httpx2), whichever huggingface-hub uses."""
+    from huggingface_hub import constants
+
+    host = constants.ENDPOINT
+    for x in _chain(e):
+        name, text = type(x).__name__, str(x)
+        if name == "OfflineModeIsEnabled":  # not a failure of the wire: HF_HUB_OFFLINE is set
+            return None
+        status = getattr(getattr(x, "response", None), "status_code", None)
+        if name.endswith("Timeout") or isinstance(x, TimeoutError):
+            return (f"the hub ({host}) did not answer within {hub_timeout():g} s "
+                    "(set MOETOOL_HUB_TIMEOUT=SECONDS to wait longer)")
+        if name == "TooManyRedirects":
+            return f"the hub ({host}) redirected in a loop (too many redirects)"
+        if name in ("RemoteProtocolError", "ReadError", "IncompleteRead") or "incomplete" in text.lower() \
+                or "without sending complete message body" in text:
+            return f"the connection to the hub ({host}) broke before the whole response arrived (truncated)"
+        if name == "ConnectError" or isinstance(x, ConnectionError):
+            low = text.lower()
+            if any(k in low for k in ("name or service not known", "nodename nor servname", "name resolution",
+                                      "getaddrinfo", "no address associated")):
+                return f"cannot resolve the hub's host name ({host}): DNS failure or no network"
+            if "refused" in low:
+                return f"connection refused by {host}: nothing listens there (check HF_ENDPOINT or the network)"
+            return f"cannot connect to the hub ({host}): {text.splitlines()[0][:120] if text else name}"
+        if status == 429:
+            return "the hub is rate-limiting requests (HTTP 429); wait and retry, or set HF_TOKEN"
+        if isinstance(status, int) and status >= 500:
+            return f"the hub answered HTTP {status} (a server error); retry later"
+    return None
+
+
 @contextmanager
 def hub_errors(where: str):
-    """Turn huggingface-hub and network failures into one-line MoetoolErrors."""
+    """Turn huggingface-hub and network failures into one-line MoetoolErrors, each with its own
+    true cause (an unreachable hub is never "the repo has no config.json")."""
     from huggingface_hub import errors as hf_errors
 
     try:
@@ -38,15 +110,39 @@ def hub_errors(where: str):
         raise MoetoolError(f"{where}: repository not found on the hub (or private: set HF_TOKEN)") from None
     except hf_errors.RevisionNotFoundError:
         raise MoetoolError(f"{where}: revision not found") from None
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
+        # (LocalEntryNotFoundError subclasses EntryNotFoundError: it must come first.)
+        cause = transport_message(e)
+        if cause:
+            raise MoetoolError(f"{where}: {cause}") from None
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise MoetoolError(f"{where}: not in the local hub cache, and HF_HUB_OFFLINE is set (no downloads); "
+                               "run once online or unset HF_HUB_OFFLINE") from None
+        raise MoetoolError(f"{where}: not in the local hub cache and the hub cannot be reached") from None
     except hf_errors.EntryNotFoundError:
         raise MoetoolError(f"{where}: the repo has no config.json") from None
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
-        raise MoetoolError(f"{where}: not in the local hub cache and the hub cannot be reached "
-                           "(HF_HUB_OFFLINE is set, or no network)") from None
-    except hf_errors.HfHubHTTPError as e:
-        raise MoetoolError(f"{where}: hub request failed: {str(e).splitlines()[0][:160]}") from None
-    except OSError as e:  # connection refused, DNS failure, timeouts
-        raise MoetoolError(f"{where}: cannot reach the hub: {e.__class__.__name__}: {str(e)[:120]}") from None
+    except Exception as e:
+        cause = transport_message(e)
+        if cause:
+            raise MoetoolError(f"{where}: {cause}") from None
+        if isinstance(e, hf_errors.HfHubHTTPError):
+            raise MoetoolError(f"{where}: hub request failed: {str(e).splitlines()[0][:160]}") from None
+        if isinstance(e, OSError):
+            raise MoetoolError(f"{where}: cannot reach the hub: {e.__class__.__name__}: {str(e)[:120]}") from None
+        raise
+
+
+def _probe(repo_id: str, filename: str, revision: Optional[str]) -> None:
+    """One HEAD request, no retries, before huggingface-hub's own (which retries five times with
+    back-off and a log line each, ~25 s, when the hub is down): a transport failure is reported at
+    once. Skipped offline and when the file is already cached (the cache is then used as is)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+        return
+    get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=hub_timeout())
 
 
 def resolve_hub(repo_id: str, *, revision: Optional[str] = None, read_headers: bool = True) -> Checkpoint:
@@ -54,14 +150,20 @@ def resolve_hub(repo_id: str, *, revision: Optional[str] = None, read_headers: b
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    timeout = hub_timeout()
+    _use_timeout(timeout)
     with hub_errors(where):
-        config_path = hf_hub_download(repo_id, "config.json", revision=revision)
+        _probe(repo_id, "config.json", revision)
+        config_path = hf_hub_download(repo_id, "config.json", revision=revision, etag_timeout=timeout)
         ckpt = Checkpoint(repo_id, "hub", _load_config(Path(config_path)), config_path)
         commit = Path(config_path).parent.name  # snapshots/<commit>/config.json
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):  # it names cache folders and revisions below
+            raise MoetoolError(f"{where}: the hub sent a malformed commit id ({commit[:60]!r} in X-Repo-Commit); "
+                               "a broken server or proxy")
         if not read_headers:
             return ckpt
         try:
-            index_path = hf_hub_download(repo_id, INDEX_NAME, revision=revision)
+            index_path = hf_hub_download(repo_id, INDEX_NAME, revision=revision, etag_timeout=timeout)
             weight_map = load_index(Path(index_path))
             shards = sorted(set(weight_map.values()))
         except hf_errors.EntryNotFoundError:
@@ -99,9 +201,20 @@ def _shard_header(repo_id: str, shard: str, revision: Optional[str], commit: str
         return read_header(cached)
     cache = _cache_path(repo_id, commit, shard)
     if cache.is_file():
-        blob = cache.read_bytes()
-        size = int.from_bytes(blob[:8], "little")
-        return _parse(blob[8:16], blob[16:], size, where)
+        try:
+            blob = cache.read_bytes()
+            size = int.from_bytes(blob[:8], "little")
+            return _parse(blob[8:16], blob[16:], size, where)
+        except (OSError, BadCheckpoint):
+            # A corrupt cache entry (a crash mid-write, a disk error, an edit) must not break the repo
+            # for good: drop it and fetch the header again.
+            try:
+                cache.unlink()
+            except OSError:
+                pass
+            if constants.HF_HUB_OFFLINE:
+                raise MoetoolError(f"{where}: the cached header is corrupt ({cache}) and HF_HUB_OFFLINE is set; "
+                                   "run once online to fetch it again") from None
     if constants.HF_HUB_OFFLINE:
         raise MoetoolError(f"{where}: header not cached and HF_HUB_OFFLINE is set; run once online, "
                            "or pass the config.json to count from the config alone")
@@ -138,12 +251,13 @@ def _ranged_header(repo_id: str, shard: str, revision: str, where: str):
 
     def fetch(start: int, end: int) -> tuple[bytes, Optional[int], int]:
         want = end - start + 1
-        with session.stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end}"}) as r:
+        with session.stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end}"},
+                            timeout=hub_timeout()) as r:
             if r.status_code == 404:
                 return b"", None, 404
             if r.status_code not in (200, 206):
                 raise MoetoolError(f"{where}: hub answered HTTP {r.status_code} to a header request")
-            size = _total_size(r)
+            size = _total_size(r, where)
             body = bytearray()
             skip = start if r.status_code == 200 else 0  # server ignored the range: skip, then stop early
             for chunk in r.iter_bytes():
@@ -167,15 +281,25 @@ def _ranged_header(repo_id: str, shard: str, revision: str, where: str):
     return first[:8], rest, size
 
 
-def _total_size(r) -> Optional[int]:
+MAX_FILE_BYTES = 1 << 50  # 1 PiB: no safetensors shard is larger; a bigger "size" is a broken server
+
+
+def _total_size(r, where: str) -> Optional[int]:
     cr = r.headers.get("content-range")
+    size = None
     if cr:
-        m = re.match(r"bytes \d+-\d+/(\d+)", cr)
-        if m:
-            return int(m.group(1))
-    if r.status_code == 200 and r.headers.get("content-length"):
-        return int(r.headers["content-length"])
-    return None
+        m = re.fullmatch(r"\s*bytes (\d+)-(\d+)/(\d+)\s*", cr)
+        if not m or int(m.group(1)) > int(m.group(2)):
+            raise MoetoolError(f"{where}: the hub sent a malformed Content-Range header: {cr[:80]!r}")
+        size = int(m.group(3))
+        if int(m.group(2)) >= size:
+            raise MoetoolError(f"{where}: the hub sent an inconsistent Content-Range header: {cr[:80]!r}")
+    elif r.status_code == 200 and r.headers.get("content-length", "").strip().isdigit():
+        size = int(r.headers["content-length"])
+    if size is not None and size > MAX_FILE_BYTES:
+        raise MoetoolError(f"{where}: the hub claims the file is {size} bytes, which no safetensors file is "
+                           "(a broken server or proxy)")
+    return size
 
 
 def download_checkpoint(repo_id: str, revision: Optional[str] = None) -> str:
@@ -183,7 +307,9 @@ def download_checkpoint(repo_id: str, revision: Optional[str] = None) -> str:
     huggingface-hub's progress bars on stderr; returns the local snapshot directory."""
     from huggingface_hub import snapshot_download
 
+    _use_timeout(hub_timeout())
     with hub_errors(f"{repo_id}" + (f"@{revision}" if revision else "")):
+        _probe(repo_id, "config.json", revision)
         return snapshot_download(repo_id, revision=revision,
                                  allow_patterns=["config.json", "tokenizer.json", "*.safetensors",
                                                  "model.safetensors.index.json"])

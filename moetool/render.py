@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterable, Optional
@@ -33,7 +34,54 @@ def stderr_console() -> Console:
 def stdout_console() -> Console:
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    if sys.stdout is None:
+        _stdout_closed()
+    return Console(file=_Stdout(), highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+
+
+class StdoutClosed(Exception):
+    """The reader of stdout went away (`moetool ... | head -1`): not an error, the CLI exits 0.
+    (Not an OSError: typer turns a broken-pipe OSError into exit code 1.)"""
+
+
+class _Stdout:
+    """sys.stdout for rich, with write failures turned into StdoutClosed or one line (exit 2)."""
+
+    def __getattr__(self, name):
+        return getattr(sys.stdout, name)
+
+    def write(self, text: str) -> int:
+        return _guard_stdout(lambda: sys.stdout.write(text))
+
+    def flush(self) -> None:
+        _guard_stdout(sys.stdout.flush)
+
+
+def _guard_stdout(op):
+    try:
+        return op()
+    except BrokenPipeError:
+        raise StdoutClosed() from None
+    except OSError as e:
+        from .errors import MoetoolError
+        from .files import _reason
+
+        raise MoetoolError(f"cannot write to stdout: {_reason(e)}") from None
+
+
+def _stdout_closed() -> None:
+    from .errors import MoetoolError
+
+    raise MoetoolError("cannot write to stdout: it is closed; redirect it or use -o FILE")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def safe(s: str) -> str:
+    """`s` with control characters escaped (\\n, \\x1b ...): a path holding terminal escape codes or
+    a newline is shown, never obeyed or cut."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], s)
 
 
 def _styled_stderr() -> bool:
@@ -45,6 +93,7 @@ def _styled_stderr() -> bool:
 
 def info(msg: str) -> None:
     """A note for the person at the terminal, on stderr."""
+    msg = safe(msg)
     if _styled_stderr():
         stderr_console().print(f"[dim]{_escape(msg)}[/dim]")
     else:
@@ -52,6 +101,7 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
+    msg = safe(msg)
     if _styled_stderr():
         stderr_console().print(f"[yellow]warning:[/yellow] {_escape(msg)}")
     else:
@@ -65,14 +115,14 @@ def _plain_stderr(line: str) -> None:
 
 def error_line(msg: str) -> None:
     """One line, no markup interpretation, straight to stderr."""
-    sys.stderr.write(f"moetool: error: {msg.splitlines()[0] if msg else 'unknown error'}\n")
+    sys.stderr.write(f"moetool: error: {safe(msg) if msg else 'unknown error'}\n")
     sys.stderr.flush()
 
 
 def _escape(s: str) -> str:
     from rich.markup import escape
 
-    return escape(s)
+    return escape(safe(s))
 
 
 def clean(obj: Any) -> Any:
@@ -91,8 +141,21 @@ def to_json(obj: Any) -> str:
 
 
 def write_stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    write_stdout_bytes(text.encode())
+
+
+def write_stdout_bytes(data: bytes) -> None:
+    """Data to stdout. A closed pipe raises StdoutClosed (the CLI exits 0); any other write
+    failure (stdout on a full disk or /dev/full) is one line, exit 2."""
+    if sys.stdout is None:
+        _stdout_closed()
+
+    def write() -> None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    _guard_stdout(write)
 
 
 def to_jsonl(rows: Iterable[dict[str, Any]]) -> str:
@@ -257,28 +320,11 @@ def debug_enabled() -> bool:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and a rename: a failure
-    leaves no partial file and never clobbers an existing one."""
-    import tempfile
+    """Write `data` to `path` (files.write_output: atomic for regular files, in place for devices
+    and FIFOs, one-line errors)."""
+    from .files import write_output
 
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(directory):
-        from .errors import MoetoolError
-
-        raise MoetoolError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".moetool-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_output(path, data)
 
 
 # --- trace ------------------------------------------------------------------------------------

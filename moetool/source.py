@@ -161,7 +161,7 @@ def _from_dir(model: str, path: Path, read_headers: bool, tensor_table: bool = T
 def load_index(index: Path) -> dict[str, str]:
     try:
         obj = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: >4300-digit integers
         raise BadCheckpoint(f"{index}: not a valid safetensors index ({str(e).splitlines()[0][:100]})") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     # (JSON object keys are always strings; `map(type, ...)` checks the values at C speed.)
@@ -179,7 +179,7 @@ def _read(ckpt: Checkpoint, files: list[Path], weight_map: Optional[dict[str, st
         _attach(ckpt, [read_header(f) for f in _progress(files, "reading headers")], weight_map)
         return
     try:
-        ckpt._stats = scan_shards([str(f) for f in files], weight_map)
+        ckpt._stats = scan_shards([str(f) for f in files], weight_map, ckpt.notes)
         unindexed = ckpt._stats.unindexed
         if len(set(unindexed)) != len(unindexed):
             raise _IndexMismatch("a tensor the index does not name is in two shards")
@@ -191,7 +191,8 @@ def _read(ckpt: Checkpoint, files: list[Path], weight_map: Optional[dict[str, st
         raise AssertionError("the shard scan and the full tables disagree on the index")  # pragma: no cover
 
 
-def scan_shards(paths: list[str], weight_map: Optional[dict[str, str]]) -> TensorStats:
+def scan_shards(paths: list[str], weight_map: Optional[dict[str, str]],
+                notes: Optional[list[str]] = None) -> TensorStats:
     """`scan_header` over every shard, in parallel processes where that pays (Linux, 16 or more
     shards with an index, more than one CPU, no other thread in the process; MOETOOL_JOBS=N sets
     the number, 1 = in process). Without an index a repeated name must be seen across all shards,
@@ -209,15 +210,32 @@ def scan_shards(paths: list[str], weight_map: Optional[dict[str, str]]) -> Tenso
     if jobs <= 1:
         return scan(paths, progress=True)
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     per = -(-len(paths) // (jobs * 4))
     chunks = [paths[i:i + per] for i in range(0, len(paths), per)]
     total = TensorStats()
     # Forked workers inherit `scan` (the index included) through the initializer's arguments: fork
     # passes them in memory, nothing is pickled but the chunks of paths and the small summaries.
-    with multiprocessing.get_context("fork").Pool(jobs, initializer=_set_worker_scan, initargs=(scan,)) as pool:
-        for part in _progress(pool.imap(_worker_scan, chunks), "reading headers", total=len(chunks)):
+    # A worker that dies (the out-of-memory killer) breaks the pool, which the executor reports
+    # (a multiprocessing.Pool would wait for its result forever): then scan in this process.
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_set_worker_scan,
+                               initargs=(scan,))
+    try:
+        for part in _progress(pool.map(_worker_scan, chunks), "reading headers", total=len(chunks)):
             total.merge(part)
+    except BrokenProcessPool:
+        if notes is not None:
+            notes.append("a header-scan worker process died (out of memory?); the headers were scanned in one "
+                         "process instead")
+        return scan(paths, progress=True)
+    except BaseException:  # a bad shard, Ctrl-C: stop the other workers now rather than wait for them
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return total
 
 
@@ -241,8 +259,14 @@ _WORKER_SCAN: Optional[_IndexedScan] = None  # set in each forked worker
 
 
 def _set_worker_scan(scan: _IndexedScan) -> None:
+    import signal
+
     global _WORKER_SCAN
     _WORKER_SCAN = scan
+    # Ctrl-C reaches the whole process group: only the parent reports it (one line). SIGTERM (the
+    # pool's shutdown) ends a worker quietly, not through the CLI's SIGTERM handler.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_scan(paths: list[str]) -> TensorStats:
@@ -254,7 +278,7 @@ def _jobs(n_files: int) -> int:
     if env:
         if not env.isdigit() or int(env) < 1:
             raise MoetoolError(f"MOETOOL_JOBS={env!r}: expected a positive integer")
-        return min(int(env), n_files)
+        return min(int(env), n_files, _cpu_count())  # more processes than CPUs only cost memory
     if n_files < 16 or sys.platform != "linux":
         return 1
     try:  # forking a process that runs other threads (even native ones) can deadlock the children
@@ -262,7 +286,14 @@ def _jobs(n_files: int) -> int:
             return 1
     except OSError:
         return 1
-    return max(1, min(len(os.sched_getaffinity(0)), 8, n_files // 8))
+    return max(1, min(_cpu_count(), 8, n_files // 8))
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _attach(ckpt: Checkpoint, headers: list[Header], weight_map: Optional[dict[str, str]]) -> None:
@@ -299,7 +330,7 @@ def _load_config(path: Path) -> dict:
         raise BadConfig(f"{path}: cannot read ({e.__class__.__name__})") from None
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, integers over 4300 digits
         raise BadConfig(f"{path}: not valid JSON ({str(e).splitlines()[0][:100]})") from None
     if not isinstance(obj, dict):
         raise BadConfig(f"{path}: expected a JSON object, got {type(obj).__name__}")

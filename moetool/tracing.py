@@ -126,6 +126,8 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
     spec = spec_from_config(ckpt.config, ckpt.config_path)
     if capacity_factor is not None and not (capacity_factor > 0 and capacity_factor < float("inf")):
         raise MoetoolError(f"--capacity-factor must be a positive finite number, got {capacity_factor}")
+    if layers is not None and max(layers) >= spec.num_layers:
+        raise MoetoolError(f"--layers {max(layers)}: the model has {spec.num_layers} layers (0..{spec.num_layers - 1})")
     tok = load_tokenizer(ckpt)
     if tokens is None:
         if prompt is None:
@@ -141,6 +143,13 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
             raise MoetoolError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
     if not ids:
         raise MoetoolError("the prompt encodes to no tokens")
+    from .forward.config import forward_config
+
+    context = forward_config(spec, ckpt.config).max_positions
+    if context and len(ids) + max(0, generate) > context:  # checked before the first forward
+        grow = f" and --generate {generate} makes {len(ids) + generate}" if generate else ""
+        raise MoetoolError(f"the prompt has {len(ids)} tokens{grow}, more than the model's context "
+                           f"({context} tokens, max_position_embeddings)")
     dev = pick_device(device)
     n_prompt = len(ids)
     for _ in range(max(0, generate)):  # greedy continuation: one full forward per new token
@@ -263,10 +272,9 @@ def read_prompts(path: str) -> list[str]:
     """One prompt per line (.txt), or JSON lines with a "text" field (.jsonl)."""
     import json
 
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoetoolError(f"{path}: cannot read prompts ({e.__class__.__name__})") from None
+    from .files import read_text_bounded
+
+    lines = read_text_bounded(path, "prompts").splitlines()
     if path.endswith(".jsonl"):
         prompts = []
         for n, line in enumerate(lines, 1):
@@ -274,7 +282,7 @@ def read_prompts(path: str) -> list[str]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # also integers over 4300 digits, deep nesting
                 raise MoetoolError(f"{path}:{n}: not valid JSON") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise MoetoolError(f'{path}:{n}: expected an object with a "text" string')
@@ -286,8 +294,12 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def parse_layers(spec: Optional[str]) -> Optional[set[int]]:
-    """'0,3,5-7' -> {0, 3, 5, 6, 7}."""
+MAX_INDEX = 1 << 16  # no model has this many layers or experts; bounds what a range can allocate
+
+
+def parse_layers(spec: Optional[str], flag: str = "--layers") -> Optional[set[int]]:
+    """'0,3,5-7' -> {0, 3, 5, 6, 7}. Indices of MAX_INDEX or more are refused before anything is
+    allocated (`0-99999999999` would otherwise build a set of 10^11 integers)."""
     if spec is None:
         return None
     out: set[int] = set()
@@ -295,14 +307,20 @@ def parse_layers(spec: Optional[str]) -> Optional[set[int]]:
         for part in spec.split(","):
             part = part.strip()
             if "-" in part:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("-", 1))
+                if a > b:
+                    raise MoetoolError(f"{flag}: range {part} is empty (start after end)")
             elif part:
-                out.add(int(part))
+                a = b = int(part)
+            else:
+                continue
+            if a < 0 or b >= MAX_INDEX:
+                raise MoetoolError(f"{flag}: {part} is outside 0..{MAX_INDEX - 1}")
+            out.update(range(a, b + 1))
     except ValueError:
-        raise MoetoolError(f"--layers must look like 0,3,5-7, got {spec!r}") from None
+        raise MoetoolError(f"{flag} must look like 0,3,5-7, got {spec!r}") from None
     if not out:
-        raise MoetoolError("--layers is empty")
+        raise MoetoolError(f"{flag} is empty")
     return out
 
 

@@ -57,6 +57,9 @@ class Rope:
         if self.kind == "longrope":
             orig = int(p.get("original_max_position_embeddings") or self.max_position_embeddings)
             ext = p["long_factor"] if seq_len > orig else p["short_factor"]
+            if len(ext) != d // 2:
+                raise BadConfig(f"config.json: rope_scaling long_factor / short_factor must hold {d // 2} numbers "
+                                f"(rotary dimensions / 2), not {len(ext)}")
             ext = torch.tensor(ext, dtype=torch.float32)
             inv = 1.0 / (ext * base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
             scale = (self.max_position_embeddings or orig) / orig
@@ -140,19 +143,21 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     kv = cfg.int("num_key_value_heads", heads)
     hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads
     # transformers 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
-    params = cfg.raw("rope_parameters") or {}
-    scaling_dict = {**(cfg.raw("rope_scaling") or {}), **params} if isinstance(params, dict) else params
-    if not isinstance(scaling_dict, dict):
-        raise BadConfig("config.json: rope_scaling / rope_parameters must be an object")
+    for key in ("rope_scaling", "rope_parameters"):
+        if cfg.has(key) and not isinstance(cfg.raw(key), dict):
+            raise BadConfig(f"config.json: field {key!r} must be an object or null, got {type(cfg.raw(key)).__name__}")
+    scaling_dict = {**(cfg.raw("rope_scaling") or {}), **(cfg.raw("rope_parameters") or {})}
     kind = scaling_dict.get("rope_type") or scaling_dict.get("type") or "default"
+    _check_rope(kind, scaling_dict, cfg)
     theta = float(scaling_dict.get("rope_theta") or cfg.float("rope_theta", ROPE_THETA_DEFAULTS.get(family, 10000.0)))
     if kind == "longrope" and "original_max_position_embeddings" not in scaling_dict and cfg.has("original_max_position_embeddings"):
         scaling_dict = {**scaling_dict, "original_max_position_embeddings": cfg.int("original_max_position_embeddings")}
-    rope = Rope(theta=theta, dim=hd, kind=kind, params=scaling_dict, max_position_embeddings=cfg.raw("max_position_embeddings"))
+    max_pos = cfg.int("max_position_embeddings", None, min_value=1)
+    rope = Rope(theta=theta, dim=hd, kind=kind, params=scaling_dict, max_position_embeddings=max_pos)
     fc = ForwardConfig(family=family, hidden=d, vocab=spec.vocab_size, layers=spec.num_layers, heads=heads,
                        kv_heads=kv, head_dim=hd, eps=cfg.float("rms_norm_eps", 1e-6), norm="rms", rope=rope,
                        attn_scale=hd ** -0.5, windows=[l.window for l in spec.layers],
-                       use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_position_embeddings"),
+                       use_rope=[True] * spec.num_layers, max_positions=max_pos,
                        dense_ffn=cfg.int("intermediate_size", 0))
     if family == "phimoe":
         fc.norm = "layernorm"
@@ -195,6 +200,36 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     return fc
 
 
+# What each RoPE scaling type needs (transformers' rope init functions); the numbers must be finite.
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+                  "llama3": ("factor", "original_max_position_embeddings"), "longrope": ("long_factor", "short_factor")}
+_ROPE_NUMBERS = ("rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
+                 "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "long_mscale", "short_mscale")
+
+
+def _check_rope(kind, p: dict, cfg: Cfg) -> None:
+    """Refuse malformed RoPE fields in one line naming the field (not a KeyError in the forward)."""
+    where = "config.json: rope_scaling / rope_parameters"
+    if not isinstance(kind, str):
+        raise BadConfig(f"{where}: 'rope_type' must be a string, got {kind!r}")
+    sub = Cfg(p, where)
+    for key in _ROPE_REQUIRED.get(kind, ()):
+        if p.get(key) is None:
+            raise BadConfig(f"{where}: RoPE type {kind!r} needs the field {key!r}")
+    for key in _ROPE_NUMBERS:
+        if p.get(key) is not None and sub.float(key) <= 0 and key not in ("mscale", "mscale_all_dim"):
+            raise BadConfig(f"{where}: field {key!r} must be positive, got {p[key]!r}")
+    for key in ("long_factor", "short_factor"):
+        v = p.get(key)
+        if v is not None and not (isinstance(v, list) and all(
+                not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in v)):
+            raise BadConfig(f"{where}: field {key!r} must be a list of positive numbers")
+    if kind in ("yarn", "longrope") and p.get("original_max_position_embeddings") is None \
+            and cfg.raw("max_position_embeddings") is None and cfg.raw("original_max_position_embeddings") is None:
+        raise BadConfig(f"{where}: RoPE type {kind!r} needs 'original_max_position_embeddings' or "
+                        "'max_position_embeddings'")
+
+
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
     attn = cfg.sub("attn_config")
     d, heads = spec.hidden_size, cfg.int("n_heads")
@@ -203,4 +238,4 @@ def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
                          kv_heads=attn.int("kv_n_heads", 1), head_dim=hd, eps=1e-5, norm="layernorm",
                          rope=Rope(theta=attn.float("rope_theta", 10000.0), dim=hd), attn_scale=hd ** -0.5,
                          clip_qkv=attn.raw("clip_qkv"), windows=[None] * spec.num_layers,
-                         use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_seq_len"))
+                         use_rope=[True] * spec.num_layers, max_positions=cfg.int("max_seq_len", None, min_value=1))

@@ -44,6 +44,27 @@ class ForwardResult:
     bytes_read: int = 0
 
 
+HEAD_BLOCK_BYTES = 256 * 1024 * 1024  # the LM head is converted in blocks of rows above this size
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple, what: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise BadCheckpoint(f"tensor {name!r} has shape {list(t.shape)}, but config.json implies {list(expected)} "
+                            f"({what})")
+
+
+def non_finite_router(i: int, h: torch.Tensor, name: str, w: torch.Tensor, b) -> str:
+    """Which input made layer i's router logits NaN or infinite."""
+    if not torch.isfinite(h).all():
+        where = "its input (the hidden state)"
+        cause = "a weight of this layer's attention or of an earlier layer is NaN or infinite"
+    elif not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+        where, cause = f"its weight {name!r}", "the checkpoint stores NaN or infinite values there"
+    else:
+        where, cause = "an overflow", "the hidden state is too large for the router dtype"
+    return f"layer {i}: the router's logits are not finite, from {where}: {cause}; routing would be meaningless"
+
+
 # --- names --------------------------------------------------------------------------------------
 
 class Names:
@@ -336,7 +357,13 @@ class Decoder:
         routes: list[LayerRoute] = []
         masks: dict = {}
         for i in range(fc.layers):
-            x = self.layer(i, x, cos, sin, masks, routes, record)
+            try:
+                x = self.layer(i, x, cos, sin, masks, routes, record)
+            except RuntimeError as e:  # a tensor whose shape disagrees with config.json
+                msg = str(e).splitlines()[0] if str(e) else ""
+                if "alloc" in msg or not any(k in msg for k in ("shape", "size", "mat1", "dimension")):
+                    raise
+                raise BadCheckpoint(f"layer {i}: a tensor's shape disagrees with config.json ({msg[:160]})") from None
             self.store.release()
             if self.progress:
                 self.progress(i + 1, fc.layers)
@@ -389,6 +416,10 @@ class Decoder:
             if fc.clip_qkv:
                 q, k, v = (t.clamp(-fc.clip_qkv, fc.clip_qkv) for t in (q, k, v))
             o_name, o_bias = find(p + "o_proj.weight"), find(p + "o_proj.bias", required=False)
+        if q.shape[-1] != H * Dh or k.shape[-1] != Hkv * Dh or v.shape[-1] != Hkv * Dh:
+            raise BadCheckpoint(f"layer {i}: the q/k/v projections give {q.shape[-1]}/{k.shape[-1]}/{v.shape[-1]} "
+                                f"features, config.json implies {H * Dh}/{Hkv * Dh}/{Hkv * Dh} "
+                                "(num_attention_heads, num_key_value_heads, head_dim)")
         q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dh)
         if fc.qk_norm == "head":  # Qwen3 / GLM: RMSNorm per head
             q = rms_norm(q, self.w(find("self_attn.q_norm.weight")), fc.eps)
@@ -448,7 +479,10 @@ class Decoder:
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
+        check_shape(rw, router_w, (moe.num_experts, h.shape[1]), "[num_experts, hidden_size]")
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
+        if not torch.isfinite(logits).all():
+            raise BadCheckpoint(non_finite_router(i, h, rw, router_w, router_b))
         corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", required=False), torch.float32,
                                        device=self.device)
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
@@ -496,5 +530,30 @@ class Decoder:
         x = norm(x, fw, fb, fc)
         head = n.head if n.head in self.store else n.embed  # tied: the embedding is the head
         hb = n.head[: -len("weight")] + "bias"
-        logits = linear(x, self.w(head), self.w(hb) if hb in self.store else None).float()  # [T, V]
+        logits = self._head(x, head, self.w(hb) if hb in self.store else None)  # [T, V] float32
         return logits / fc.logits_scaling if fc.logits_scaling != 1.0 else logits
+
+    def _head(self, x, name: str, bias) -> torch.Tensor:
+        """x @ head.T in float32. A large head (vocab x hidden over HEAD_BLOCK_BYTES once converted)
+        is converted and multiplied in blocks of rows, never whole; logits that cannot fit in the
+        available memory are refused in one line."""
+        t = self.store.tensors.get(name)
+        V = t.shape[0] if t is not None and len(t.shape) == 2 else None
+        esize = torch.finfo(self.dtype).bits // 8
+        if V is None or t.dtype not in ("F32", "BF16", "F16") or V * t.shape[1] * esize <= HEAD_BLOCK_BYTES:
+            return linear(x, self.w(name), bias).float()
+        from .weights import available_memory
+
+        need = x.shape[0] * V * 4
+        if need > available_memory():
+            raise MoetoolError(f"the logits of {x.shape[0]} tokens over a vocabulary of {V:,} need {need / 2**30:.1f} "
+                               f"GiB, more than the memory available ({available_memory() / 2**30:.1f} GiB)")
+        stored = self.store.raw(name)  # a zero-copy view of the mapped file
+        rows = max(1, HEAD_BLOCK_BYTES // (t.shape[1] * esize))
+        out = torch.empty(x.shape[0], V, dtype=torch.float32, device=x.device)
+        for a in range(0, V, rows):
+            w = stored[a:a + rows].to(device=self.device, dtype=self.dtype)
+            out[:, a:a + rows] = linear(x, w, None if bias is None else bias[a:a + rows]).float()
+            del w
+            self.store.release()
+        return out

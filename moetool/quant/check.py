@@ -59,7 +59,10 @@ def kl_check(model: Optional[str], plan: dict, eval_text: Optional[str] = None, 
     tok = load_tokenizer(ckpt)
     if tok is None:
         raise MoetoolError("--check-kl needs the checkpoint's tokenizer.json")
-    ids = tok.encode(eval_text or default_eval_text()).ids[:tokens]
+    from ..forward.config import forward_config
+
+    context = forward_config(spec, ckpt.config).max_positions  # the held-out text fits the model's context
+    ids = tok.encode(eval_text or default_eval_text()).ids[:min(tokens, context or tokens)]
     store = weight_store(ckpt)  # the mapping the forward below uses too
     names = Names(store)
     full = run_forward(ckpt, ids, device="cpu", record=False).logits

@@ -336,7 +336,6 @@ def _sample(X: torch.Tensor, g: Optional[torch.Tensor], k: int, rng: random.Rand
 
 
 def _calibration_text(path: str) -> str:
-    try:
-        return open(path, encoding="utf-8").read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoetoolError(f"{path}: cannot read calibration text ({e.__class__.__name__})") from None
+    from ..files import read_text_bounded
+
+    return read_text_bounded(path, "calibration text")
