@@ -93,6 +93,7 @@ class _Scorer:
         self.rows: list[ExpertRow] = []
         self.rng = random.Random(seed)
         self.done = 0
+        self.calibrated = True
 
     def score(self, layer: int, expert, mats: dict[str, torch.Tensor], X: Optional[torch.Tensor],
               g: Optional[torch.Tensor], tokens: int, gate_sum: float, act: Callable) -> None:
@@ -122,10 +123,10 @@ class _Scorer:
                 out, inp = W.shape
                 self.rows.append(ExpertRow(layer, expert, proj, scheme, rel, sqnr, out_rel, tokens, gate_sum, kurt,
                                            outlier, W.numel(), S.bits(scheme, out, inp),
-                                           isinstance(expert, int) and tokens < MIN_TOKENS))
+                                           self.calibrated and isinstance(expert, int) and tokens < MIN_TOKENS))
 
 
-def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]] = None,
+def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]] = None,
                     layers: Optional[set[int]] = None, experts: Optional[set[int]] = None,
                     calibration: Optional[str] = None, calibration_tokens: int = 512, reservoir: int = 256,
                     weight_only: bool = False, budget_bits: Optional[float] = None, budget_gb: Optional[float] = None,
@@ -139,7 +140,9 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
     from ..tracing import _resolve_for_forward, load_tokenizer
 
     schemes = schemes or list(S.SCHEMES)
-    ckpt = _resolve_for_forward(model, None)
+    from ..source import Checkpoint
+
+    ckpt = model if isinstance(model, Checkpoint) else _resolve_for_forward(model, None)
     spec = spec_from_config(ckpt.config, ckpt.config_path)
     fc = forward_config(spec, ckpt.config)
     if spec.moe is None:
@@ -151,6 +154,7 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
         raise MoetoolError(f"--experts must be between 0 and {spec.moe.num_experts - 1}")
     act = lambda g, u: glu(g, u, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
     scorer = _Scorer(schemes)
+    scorer.calibrated = not weight_only  # weight space only: no token counts to warn about
     total_experts = len(moe_layers) * (len(experts) if experts is not None else spec.moe.num_experts)
 
     def score_layer(dec: Decoder, layer: int, h: Optional[torch.Tensor], routing) -> None:
@@ -215,7 +219,8 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
             ids = ids[: fc.max_positions]
         n_tokens = len(ids)
         run_forward(ckpt, ids, device=pick_device(device), record=False, streaming=True,
-                    ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing))
+                    ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing),
+                    last_layer=max(moe_layers))  # nothing to score after the last requested layer
     bits_avg = {}
     for s in schemes:
         rows = [r for r in scorer.rows if r.scheme == s]
