@@ -639,8 +639,8 @@ def _say_default() -> None:
     from . import render
     from .source import DEFAULT_NAME, default_model_dir
 
-    render.info(f"no model given: using the bundled default model {DEFAULT_NAME} ({default_model_dir()}); "
-                "see docs/default-model.md")
+    render.info(f"no model given: using the bundled default model {DEFAULT_NAME} ({default_model_dir()}), "
+                "a small MoE that moetool trained itself")
 
 
 class _layer_progress:

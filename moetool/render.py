@@ -255,6 +255,8 @@ def render_count(r, per_layer: bool = False) -> None:
     rows = []
     if r.bytes_stored is not None:
         rows.append(["as stored", human_bytes(r.bytes_stored), ""])
+    if getattr(r, "bytes_declared", None) is not None:
+        rows.append([f"as declared ({r.declared_storage})", human_bytes(r.bytes_declared), ""])
     rows += [[f, human_bytes(v), human_bytes(r.offload_bytes[f])] for f, v in r.weights_bytes.items()]
     print_table([("format", "left"), ("all weights", "right"), ("non-expert + top-k experts", "right")], rows,
                 title="Memory of the weights",
