@@ -242,13 +242,11 @@ def trace(
     model, prompt = _model_and_prompt(args or [], model, tokens is not None or file is not None)
     if prompt == "-":
         prompt = sys.stdin.read()
-    if model is None:
-        _say_default()
-    if prompt is None and tokens is None and file is None:
+    example = prompt is None and tokens is None and file is None
+    if example:
         from .tracing import EXAMPLE_PROMPT
 
         prompt = EXAMPLE_PROMPT
-        render.info("no prompt given: tracing a built-in example (Python code, then English prose)")
     fmt = TraceFormat.json if json_ else fmt
     if fmt is TraceFormat.parquet and not output:
         raise MoetoolError("--format parquet needs -o FILE")
@@ -278,6 +276,10 @@ def trace(
     ckpt = open_checkpoint(model, revision)
     wanted = parse_layers(layers)
     _check_layers(ckpt, wanted)
+    if model is None:
+        _say_default()
+    if example:
+        render.info("no prompt given: tracing a built-in example (Python code, then English prose)")
     set_threads(threads, ckpt)
     options = dict(dtype=dtype.value, router_dtype=router_dtype.value, device=device.value, generate=generate,
                    capacity_factor=capacity_factor, layers=wanted, router_logits=logits)
@@ -485,8 +487,6 @@ def quantize_report_cmd(
     if model_arg is not None and model is not None:
         raise MoetoolError("give the model once: as the argument or with --model")
     model = model_arg if model_arg is not None else model
-    if model is None:
-        _say_default()
     if weight_only and max_output_error is not None:
         raise MoetoolError("--max-output-error gates the activation error, which --weight-only does not measure; "
                            "drop one of them")
@@ -511,6 +511,8 @@ def quantize_report_cmd(
 
     ckpt = open_checkpoint(model)
     _check_budget(ckpt, chosen, budget_bits)
+    if model is None:
+        _say_default()
     set_threads(threads, ckpt)
     with _layer_progress(enabled=True, label="experts") as progress:
         report = quantize_report(ckpt, schemes=chosen, layers=parse_layers(layers), experts=parse_layers(experts),
