@@ -93,6 +93,21 @@ class CountReport:
     bytes_declared: Optional[int] = None
     declared_storage: Optional[str] = None
 
+    def _summary(self) -> list[tuple[str, Any]]:
+        return [("model", self.model), ("model_type", self.model_type), ("total_params", self.total_params),
+                ("active_params", self.active_params), ("num_experts", self.num_experts), ("top_k", self.top_k),
+                ("counted_from", self.counted_from)]
+
+    def __repr__(self) -> str:
+        from .render import short_repr
+
+        return short_repr("CountReport", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .render import short_html
+
+        return short_html("CountReport", self._summary())
+
     def to_dict(self) -> dict[str, Any]:
         d = {"schema_version": SCHEMA_VERSION, "command": "count"}
         d.update(asdict(self))

@@ -190,6 +190,22 @@ def to_csv(rows: Iterable[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+# --- reprs of result objects (short, whatever the size of the report) ---------------------------
+
+def short_repr(name: str, items: list[tuple[str, Any]]) -> str:
+    """`Name(key=value, ...)` of a few summary values: what a report shows at the REPL."""
+    return f"{name}(" + ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in items) + ")"
+
+
+def short_html(name: str, items: list[tuple[str, Any]]) -> str:
+    """The same summary as a small HTML table, for notebooks (`_repr_html_`)."""
+    import html
+
+    rows = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in items)
+    return f"<table><caption style='text-align:left'><b>{html.escape(name)}</b></caption>{rows}</table>"
+
+
 # --- human formatting -------------------------------------------------------------------------
 
 def human_count(n: Optional[int]) -> str:

@@ -42,6 +42,12 @@ class LayerTrace:
     weights: list[list[float]]
     metrics: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        from .render import short_repr
+
+        return short_repr("LayerTrace", [("layer", self.layer), ("tokens", len(self.experts)),
+                                         ("top_k", len(self.experts[0]) if self.experts else 0)])
+
 
 @dataclass
 class TraceReport:
@@ -60,6 +66,22 @@ class TraceReport:
     router_logits: Any = field(default=None, repr=False)  # {layer: tensor [T, E]}
     selection_scores: Any = field(default=None, repr=False)
     include_router_logits: bool = False
+
+    def _summary(self) -> list[tuple[str, Any]]:
+        s = self.summary.get("max_mean_ratio", {})
+        return [("model", self.model), ("model_type", self.model_type), ("tokens", len(self.tokens)),
+                ("moe_layers", len(self.layers)), ("num_experts", self.num_experts), ("top_k", self.top_k),
+                ("max_mean_ratio", round(s["mean"], 3) if s.get("mean") is not None else None)]
+
+    def __repr__(self) -> str:
+        from .render import short_repr
+
+        return short_repr("TraceReport", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .render import short_html
+
+        return short_html("TraceReport", self._summary())
 
     def to_dict(self, header: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "command": "trace"} if header else {}
@@ -247,6 +269,23 @@ class CorpusReport:
     summary: dict
     sequence_level: dict
 
+    def _summary(self) -> list[tuple[str, Any]]:
+        first, s = self.prompts[0], self.summary.get("max_mean_ratio", {})
+        return [("model", first.model), ("prompts", len(self.prompts)),
+                ("tokens", sum(len(p.tokens) for p in self.prompts)), ("moe_layers", len(self.layers)),
+                ("num_experts", first.num_experts), ("top_k", first.top_k),
+                ("max_mean_ratio", round(s["mean"], 3) if s.get("mean") is not None else None)]
+
+    def __repr__(self) -> str:
+        from .render import short_repr
+
+        return short_repr("CorpusReport", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .render import short_html
+
+        return short_html("CorpusReport", self._summary())
+
     def to_dict(self) -> dict[str, Any]:
         first = self.prompts[0]
         return {
@@ -268,8 +307,15 @@ class CorpusReport:
 
 
 def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, revision: Optional[str] = None,
-               progress: Optional[Callable[[int, int], None]] = None, **kwargs) -> CorpusReport:
-    """Trace each prompt; aggregate over all of them."""
+               progress: Optional[Callable[[int, int], None]] = None, dtype: str = "float32",
+               router_dtype: str = "float32", device: str = "auto", generate: int = 0,
+               capacity_factor: Optional[float] = None, layers: Optional[set[int]] = None,
+               router_logits: bool = False) -> CorpusReport:
+    """Trace each prompt (options as for `trace`); aggregate over all of them: corpus-level
+    metrics (all tokens pooled) and sequence-level ones (each prompt's, averaged).
+    `progress(done, total)` is called after each prompt."""
+    kwargs = dict(dtype=dtype, router_dtype=router_dtype, device=device, generate=generate,
+                  capacity_factor=capacity_factor, layers=layers, router_logits=router_logits)
     import numpy as np
 
     from .metrics import layer_metrics, summarise

@@ -329,3 +329,38 @@ def _tensor_names(path: Path) -> list[str]:
 
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
+
+
+# --- 29: the Python API ----------------------------------------------------------------------------
+
+def test_python_api():
+    import inspect
+
+    import moetool
+
+    assert {"count", "trace", "trace_many", "quantize_report", "MoetoolError"} <= set(moetool.__all__)
+    assert moetool.MoetoolError is __import__("moetool.errors").errors.MoetoolError
+    for f in (moetool.count, moetool.trace, moetool.trace_many, moetool.quantize_report):
+        params = inspect.signature(f).parameters
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), f
+    assert "context" in inspect.signature(moetool.count).parameters
+    import importlib
+
+    named = re.findall(r"`(moetool(?:\.\w+)+)", moetool.__doc__)
+    assert "moetool.counting.count" in named
+    for name in named:  # every module and function the docstring names exists
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:n]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attr in parts[n:]:
+            obj = getattr(obj, attr)
+    r = moetool.count("deepseek-v3")
+    assert len(repr(r)) < 300 and "671" in repr(r) and "<table>" in r._repr_html_()
+    t = moetool.trace(tokens=list(range(1, 200)), device="cpu")
+    assert len(repr(t)) < 300 and len(repr(t.layers[0])) < 100 and "TraceReport" in t._repr_html_()
+    c = moetool.trace_many(["def add", "import os"], device="cpu")
+    assert len(repr(c)) < 300 and "prompts=2" in repr(c)

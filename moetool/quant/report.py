@@ -59,6 +59,21 @@ class QuantReport:
     calibration_tokens: int
     plan: dict = field(default_factory=dict)
 
+    def _summary(self) -> list[tuple[str, Any]]:
+        return [("model", self.model), ("model_type", self.model_type), ("schemes", ", ".join(self.schemes)),
+                ("rows", len(self.rows)), ("calibration_tokens", self.calibration_tokens),
+                ("plan", "yes" if self.plan else "no")]
+
+    def __repr__(self) -> str:
+        from ..render import short_repr
+
+        return short_repr("QuantReport", self._summary())
+
+    def _repr_html_(self) -> str:
+        from ..render import short_html
+
+        return short_html("QuantReport", self._summary())
+
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
