@@ -364,3 +364,39 @@ def test_python_api():
     assert len(repr(t)) < 300 and len(repr(t.layers[0])) < 100 and "TraceReport" in t._repr_html_()
     c = moetool.trace_many(["def add", "import os"], device="cpu")
     assert len(repr(c)) < 300 and "prompts=2" in repr(c)
+
+
+# --- 20: readable plots ------------------------------------------------------------------------------
+
+def test_plot_readable_at_many_experts_and_long_prompts(wide_ckpt, tmp_path):
+    import matplotlib
+    from PIL import Image
+
+    import moetool
+    from moetool.plot import plot_trace
+
+    long = moetool.trace(model=str(wide_ckpt), tokens=[i % 120 + 1 for i in range(346)], device="cpu")
+    png = tmp_path / "long.png"
+    plot_trace(long, str(png))
+    w, h = Image.open(png).size
+    assert w <= 1920 and h <= 1440  # before: 0.35 in per expert, 0.22 in per token, at 150 dpi
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # keep text as text to read it back
+        svg = tmp_path / "long.svg"
+        plot_trace(long, str(svg))
+        text = svg.read_text()
+        assert str(wide_ckpt) in text and "top-8 of 128 experts" in text
+        assert "gate weight" in text and "first-choice expert" not in text  # no 128 categorical colours
+        few = moetool.trace(tokens=[1, 2, 3], device="cpu")  # 8 experts: one colour each
+        plot_trace(few, str(svg))
+        assert "first-choice expert" in svg.read_text() and "moetool-default" in svg.read_text()
+        corpus = moetool.trace_many(["def add", "import os", "The fox"], model=str(wide_ckpt), device="cpu")
+        plot_trace(corpus, str(svg))
+        text = svg.read_text()
+        assert "3 prompts pooled" in text and "experts sorted by load" in text
+
+
+def test_plot_with_file_pools_the_corpus(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def add(a, b): return a + b\nThe quick brown fox\n")
+    r = run_cli("trace", "--file", str(prompts), "--plot", str(tmp_path / "c.png"), "--device", "cpu")
+    assert r.returncode == 0 and "all 2 prompts pooled" in r.stderr and (tmp_path / "c.png").stat().st_size > 0
