@@ -241,7 +241,7 @@ def trace(
 
     model, prompt = _model_and_prompt(args or [], model, tokens is not None or file is not None)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().removesuffix("\n")  # as "$(cat file)" would
     example = prompt is None and tokens is None and file is None
     if example:
         from .tracing import EXAMPLE_PROMPT
