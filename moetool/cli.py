@@ -490,8 +490,8 @@ def quantize_report_cmd(
     if weight_only and max_output_error is not None:
         raise MoetoolError("--max-output-error gates the activation error, which --weight-only does not measure; "
                            "drop one of them")
-    if weight_only and (calibration is not None or check_kl):
-        raise MoetoolError("--weight-only runs no calibration text: drop --calibration / --check-kl")
+    if weight_only and calibration is not None:
+        raise MoetoolError("--weight-only runs no calibration text: drop --calibration or --weight-only")
     chosen = parse_schemes(schemes)
     for value, flag in ((budget_bits, "--budget-bits"), (budget_gb, "--budget-gb"),
                         (max_output_error, "--max-output-error")):
