@@ -88,6 +88,25 @@ class CountReport:
     cross_check: dict[str, Any]
     per_layer: list[LayerCount]
     notes: list[str] = field(default_factory=list)
+    # config-only counts of a quantized checkpoint: the bytes its `quantization_config` declares
+    # (every stored parameter, MTP layers included, as `bytes_stored` would count them)
+    bytes_declared: Optional[int] = None
+    declared_storage: Optional[str] = None
+
+    def _summary(self) -> list[tuple[str, Any]]:
+        return [("model", self.model), ("model_type", self.model_type), ("total_params", self.total_params),
+                ("active_params", self.active_params), ("num_experts", self.num_experts), ("top_k", self.top_k),
+                ("counted_from", self.counted_from)]
+
+    def __repr__(self) -> str:
+        from .render import short_repr
+
+        return short_repr("CountReport", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .render import short_html
+
+        return short_html("CountReport", self._summary())
 
     def to_dict(self) -> dict[str, Any]:
         d = {"schema_version": SCHEMA_VERSION, "command": "count"}
@@ -109,6 +128,9 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
     spec = spec_from_config(ckpt.config, ckpt.config_path)
     analytic = _analytic_groups(spec)
     notes = list(ckpt.notes)
+    if spec.max_position_embeddings and context > spec.max_position_embeddings:
+        notes.append(f"warning: --context {context:,} is past the model's maximum of {spec.max_position_embeddings:,} "
+                     "tokens (max_position_embeddings): the KV cache and FLOPs are for a context it was not built for")
     if ckpt.has_weights:
         stored = _header_groups(spec, ckpt)
         groups, per_layer_routed = stored.groups, stored.routed_per_layer
@@ -142,10 +164,32 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
         kv_cache=_kv_cache(spec, context, batch, kv_dtype), flops_per_token=_flops(spec, context),
         cross_check=cross, per_layer=_per_layer(spec), notes=notes + list(spec.notes),
     )
-    report.kv_cache["serve_bytes"] = (report.bytes_stored if report.bytes_stored is not None
-                                      else report.weights_bytes["bf16"]) + report.kv_cache["bytes"]
-    report.kv_cache["serve_weights_from"] = "stored" if report.bytes_stored is not None else "bf16"
+    if report.bytes_stored is None and spec.quantization:
+        _declare_storage(report, spec)
+    weights, source = ((report.bytes_stored, "stored") if report.bytes_stored is not None else
+                       (report.bytes_declared, report.declared_storage) if report.bytes_declared is not None else
+                       (report.weights_bytes["bf16"], "bf16"))
+    report.kv_cache["serve_bytes"] = weights + report.kv_cache["bytes"]
+    report.kv_cache["serve_weights_from"] = source
     return report
+
+
+def _declare_storage(report: CountReport, spec: ModelSpec) -> None:
+    """Config-only count of a quantized checkpoint: the storage its `quantization_config`
+    declares (modules_to_not_convert kept in bf16), or a note when moetool cannot model it."""
+    q = spec.quantization or {}
+    found = formats.declared_format(q)
+    if found is None:
+        report.notes.append(f"quantization_config ({_quant_method(spec)}) is not modelled: memory and serving "
+                            "total are for bf16; count the safetensors headers for the stored size")
+        return
+    fmt, label = found
+    keep, unknown = formats.unconverted_groups(q)
+    report.bytes_declared = sum(formats.param_bytes(p, "bf16" if p.group in keep else fmt) for p in spec.params)
+    report.declared_storage = label
+    if unknown:
+        report.notes.append(f"modules_to_not_convert entries moetool cannot place, assumed quantized: "
+                            f"{', '.join(unknown[:3])}")
 
 
 # --- analytic ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ MXFP4 checkpoints keep them. A weight is [out, in]; blocks and groups run along 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 from .spec import Param
 
@@ -73,3 +73,43 @@ def dtype_bytes(name: str) -> int:
         return DTYPE_BYTES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; known: {', '.join(sorted(DTYPE_BYTES))}") from None
+
+
+# --- the storage a config.json declares (`quantization_config`) -------------------------------
+
+# module-name fragments of `modules_to_not_convert` (and its aliases) -> the group they keep unquantized
+_MODULE_GROUPS = (("embed", "embedding"), ("lm_head", "lm_head"), ("shared_expert", "shared_experts"),
+                  ("router", "router"), ("mlp.gate", "router"), ("block_sparse_moe.gate", "router"),
+                  ("self_attn", "attention"), ("attention", "attention"), (".attn", "attention"),
+                  ("mamba", "ssm"), ("linear_attn", "ssm"), ("vision", "vision"), ("experts", "routed_experts"))
+
+
+def declared_format(q: dict) -> Optional[tuple[str, str]]:
+    """A config's `quantization_config` -> (format in FORMATS, label) when it maps exactly onto
+    one of the formats above; None otherwise (the storage is then not modelled)."""
+    method = str(q.get("quant_method", "")).lower()
+    if method == "fp8" and list(q.get("weight_block_size") or []) == [128, 128]:
+        return "fp8", "fp8, 128x128 blocks"
+    if method == "mxfp4":
+        return "mxfp4", "MXFP4"
+    if method in ("gptq", "awq") and q.get("bits") == 4 and q.get("group_size") == 128:
+        return "int4_g128", f"{method.upper()} 4-bit, groups of 128"
+    if method == "bitsandbytes":
+        if q.get("load_in_4bit") and q.get("bnb_4bit_quant_type") == "nf4" and not q.get("bnb_4bit_use_double_quant"):
+            return "nf4", "bitsandbytes NF4"
+    return None
+
+
+def unconverted_groups(q: dict) -> tuple[set[str], list[str]]:
+    """The groups `modules_to_not_convert` (or `llm_int8_skip_modules`, `ignore`) keep in bf16,
+    and the patterns that name none of them."""
+    patterns = [p for key in ("modules_to_not_convert", "llm_int8_skip_modules", "ignore")
+                for p in (q.get(key) or []) if isinstance(p, str)]
+    groups, unknown = set(), []
+    for pat in patterns:
+        hit = next((g for frag, g in _MODULE_GROUPS if frag in pat), None)
+        if hit:
+            groups.add(hit)
+        else:
+            unknown.append(pat)
+    return groups, unknown

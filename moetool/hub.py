@@ -303,13 +303,52 @@ def _total_size(r, where: str) -> Optional[int]:
 
 
 def download_checkpoint(repo_id: str, revision: Optional[str] = None) -> str:
-    """Download config, tokenizer and safetensors weights (never pickles) into the hub cache, with
-    huggingface-hub's progress bars on stderr; returns the local snapshot directory."""
-    from huggingface_hub import snapshot_download
+    """Download what `trace` runs into the hub cache: config.json, tokenizer.json and the
+    safetensors shards the index names (or model.safetensors without an index): never second
+    copies such as `original/` or `consolidated.safetensors`, never pickles. Says how much it
+    will download, on stderr, before it starts. Returns the local snapshot directory."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub import errors as hf_errors
 
+    from .render import human_bytes, info
+
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
     _use_timeout(hub_timeout())
-    with hub_errors(f"{repo_id}" + (f"@{revision}" if revision else "")):
+    with hub_errors(where):
         _probe(repo_id, "config.json", revision)
-        return snapshot_download(repo_id, revision=revision,
-                                 allow_patterns=["config.json", "tokenizer.json", "*.safetensors",
-                                                 "model.safetensors.index.json"])
+        config_path = hf_hub_download(repo_id, "config.json", revision=revision)
+        root = os.path.dirname(config_path)
+        try:
+            index_path = hf_hub_download(repo_id, INDEX_NAME, revision=revision)
+            shards = sorted(set(load_index(Path(index_path)).values()))
+        except hf_errors.LocalEntryNotFoundError:
+            raise  # offline and not cached: not "the repo has no index"
+        except hf_errors.EntryNotFoundError:
+            shards = ["model.safetensors"]
+        missing = [f for f in shards if not isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str)]
+        if missing:
+            sizes = []
+            for f in missing:
+                try:
+                    sizes.append(get_hf_file_metadata(hf_hub_url(repo_id, f, revision=revision)).size or 0)
+                except hf_errors.LocalEntryNotFoundError:
+                    raise
+                except hf_errors.EntryNotFoundError:
+                    raise BadCheckpoint(f"{where}: no {f} on the hub (trace needs safetensors weights)") from None
+            cached = len(shards) - len(missing)
+            info(f"{where}: downloading {len(missing)} safetensors file{'s' if len(missing) != 1 else ''} "
+                 f"({human_bytes(sum(sizes))}) into the hub cache" + (f"; {cached} already there" if cached else ""))
+        for f in shards:
+            try:
+                hf_hub_download(repo_id, f, revision=revision)
+            except hf_errors.LocalEntryNotFoundError:
+                raise
+            except hf_errors.EntryNotFoundError:
+                raise BadCheckpoint(f"{where}: no {f} on the hub (trace needs safetensors weights)") from None
+        try:
+            hf_hub_download(repo_id, "tokenizer.json", revision=revision)
+        except hf_errors.LocalEntryNotFoundError:
+            pass  # offline without it cached: trace then asks for --tokens
+        except hf_errors.EntryNotFoundError:
+            pass  # trace then asks for --tokens
+    return root

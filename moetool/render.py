@@ -31,12 +31,26 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# Piped output is never wrapped or cut: the width a pipe gets unless COLUMNS says otherwise.
+PIPE_WIDTH = 10_000
+_capture: Optional[io.StringIO] = None  # set by `capture()`: the table view goes to a file (-o)
+
+
 def stdout_console() -> Console:
+    """The console of the data view: the terminal's width (COLUMNS honoured); a pipe or a file
+    (`-o`) gets full-width lines unless COLUMNS is set."""
     from rich.console import Console
 
     if sys.stdout is None:
         _stdout_closed()
-    return Console(file=_Stdout(), highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() and int(columns) > 0 else None
+    if _capture is not None:
+        return Console(file=_capture, highlight=False, soft_wrap=False, width=width or PIPE_WIDTH,
+                       color_system=None)
+    if width is None and not sys.stdout.isatty():
+        width = PIPE_WIDTH
+    return Console(file=_Stdout(), highlight=False, soft_wrap=False, width=width)
 
 
 class StdoutClosed(Exception):
@@ -84,6 +98,64 @@ def safe(s: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], s)
 
 
+class capture:
+    """`with capture() as buf:` the table view is rendered into `buf` (a StringIO) instead of
+    stdout, plain text at full width: what `-o FILE` writes for the table format."""
+
+    def __enter__(self) -> io.StringIO:
+        global _capture
+        self.prev, _capture = _capture, io.StringIO()
+        return _capture
+
+    def __exit__(self, *exc) -> bool:
+        global _capture
+        _capture = self.prev
+        return False
+
+
+def _plain_len(cell: str) -> int:
+    from rich.text import Text
+
+    return max((Text.from_markup(line).cell_len for line in cell.split("\n")), default=0)
+
+
+def print_table(columns: list[tuple[str, str]], rows: list[list[str]], *, keys: int = 1, title: Optional[str] = None,
+                caption: Optional[str] = None, header: bool = True, styles: Optional[dict[int, str]] = None,
+                split: bool = True) -> None:
+    """Print a table that never cuts a cell: when the columns do not fit the console width, the
+    table is split into several, each repeating the first `keys` columns (`split=False`: the cells
+    wrap instead); a column wider than the console on its own wraps (folds) instead of being
+    truncated. `columns` are (header, justify)."""
+    from rich.table import Table
+
+    out = stdout_console()
+    styles = styles or {}
+    widths = [max([_plain_len(h) if header else 0] + [_plain_len(r[i]) for r in rows]) for i, (h, _) in enumerate(columns)]
+    key_w = sum(widths[:keys]) + 2 * keys
+    groups: list[list[int]] = []
+    used = key_w
+    for i in range(keys, len(columns)):
+        if groups and (used + widths[i] <= out.width or not split):
+            groups[-1].append(i)
+            used += widths[i] + 2
+        else:
+            groups.append([i])
+            used = key_w + widths[i] + 2
+    if not groups:
+        groups = [[]]
+    for n, group in enumerate(groups):
+        t = Table(box=None, pad_edge=False, header_style="bold", show_header=header, title_justify="left",
+                  caption_justify="left", title=(title if n == 0 else None),
+                  caption=(caption if n == len(groups) - 1 else None))
+        idx = list(range(keys)) + group
+        for i in idx:
+            h, justify = columns[i]
+            t.add_column(h, justify=justify, overflow="fold", style=styles.get(i))
+        for r in rows:
+            t.add_row(*(r[i] for i in idx))
+        out.print(t)
+
+
 def _styled_stderr() -> bool:
     """Whether rich would style stderr (a terminal, or colour forced); otherwise lines go out plain."""
     if os.environ.get("FORCE_COLOR") or os.environ.get("TTY_COMPATIBLE") == "1":
@@ -106,6 +178,14 @@ def warn(msg: str) -> None:
         stderr_console().print(f"[yellow]warning:[/yellow] {_escape(msg)}")
     else:
         _plain_stderr(f"warning: {msg}")
+
+
+def gate_failed(msg: str) -> None:
+    """A failed gate on stderr: "gate failed: ...", never styled as a warning."""
+    if _styled_stderr():
+        stderr_console().print(f"[bold red]gate failed:[/bold red] {_escape(msg)}")
+    else:
+        _plain_stderr(f"gate failed: {msg}")
 
 
 def _plain_stderr(line: str) -> None:
@@ -173,6 +253,22 @@ def to_csv(rows: Iterable[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+# --- reprs of result objects (short, whatever the size of the report) ---------------------------
+
+def short_repr(name: str, items: list[tuple[str, Any]]) -> str:
+    """`Name(key=value, ...)` of a few summary values: what a report shows at the REPL."""
+    return f"{name}(" + ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in items) + ")"
+
+
+def short_html(name: str, items: list[tuple[str, Any]]) -> str:
+    """The same summary as a small HTML table, for notebooks (`_repr_html_`)."""
+    import html
+
+    rows = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in items)
+    return f"<table><caption style='text-align:left'><b>{html.escape(name)}</b></caption>{rows}</table>"
+
+
 # --- human formatting -------------------------------------------------------------------------
 
 def human_count(n: Optional[int]) -> str:
@@ -211,54 +307,42 @@ GROUP_LABELS = {
 
 def render_count(r, per_layer: bool = False) -> None:
     """The terminal view of a CountReport."""
-    from rich.table import Table
-
     out = stdout_console()
     src = "safetensors headers (exact)" if r.counted_from == "headers" else "config.json (analytic)"
     out.print(f"[bold]{_escape(r.model)}[/bold]  model_type={r.model_type}  counted from {src}")
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column(justify="right")
-    t.add_column(justify="right", style="cyan")
-    t.add_row("total parameters", f"{r.total_params:,}", human_count(r.total_params))
-    t.add_row("active per token, incl. input embedding", f"{r.active_params:,}", human_count(r.active_params))
-    t.add_row("active per token, excl. input embedding", f"{r.active_params_excl_embedding:,}",
-              human_count(r.active_params_excl_embedding))
+    rows = [["total parameters", f"{r.total_params:,}", human_count(r.total_params)],
+            ["active per token, incl. input embedding", f"{r.active_params:,}", human_count(r.active_params)],
+            ["active per token, excl. input embedding", f"{r.active_params_excl_embedding:,}",
+             human_count(r.active_params_excl_embedding)]]
     if r.mtp_params:
-        t.add_row("MTP layers (stored, not in total)", f"{r.mtp_params:,}", human_count(r.mtp_params))
+        rows.append(["MTP layers (stored, not in total)", f"{r.mtp_params:,}", human_count(r.mtp_params)])
     if r.num_experts:
         shared = f", {r.num_shared_experts} shared" if r.num_shared_experts else ""
-        t.add_row("MoE", f"{r.num_experts} routed experts{shared}, top-{r.top_k}",
-                  f"{r.num_moe_layers} of {r.num_layers} layers")
-        t.add_row("one routed expert", f"{r.expert_params:,}", human_count(r.expert_params))
+        rows.append(["MoE", f"{r.num_experts} routed {plural(r.num_experts, 'expert', counted=False)}{shared}, "
+                     f"top-{r.top_k}", f"{r.num_moe_layers} of {r.num_layers} layers"])
+        rows.append(["one routed expert", f"{r.expert_params:,}", human_count(r.expert_params)])
     if r.tie_word_embeddings:
-        t.add_row("embeddings", "tied: the one matrix is the LM head", "")
-    out.print(t)
+        rows.append(["embeddings", "tied: the one matrix is the LM head", ""])
+    print_table([("", "left"), ("", "right"), ("", "right")], rows, header=False, styles={0: "bold", 2: "cyan"},
+                split=False)
 
-    b = Table(title="Breakdown (sums to total)", title_justify="left", box=None, pad_edge=False)
-    b.add_column("group")
-    b.add_column("parameters", justify="right")
-    b.add_column("share", justify="right")
-    for g, v in r.breakdown.items():
-        if v:
-            b.add_row(GROUP_LABELS.get(g, g), f"{v:,}", f"{100 * v / r.total_params:.2f}%")
-    b.add_row("[bold]total[/bold]", f"[bold]{r.total_params:,}[/bold]", "100.00%")
-    out.print(b)
+    rows = [[GROUP_LABELS.get(g, g), f"{v:,}", f"{100 * v / r.total_params:.2f}%"] for g, v in r.breakdown.items() if v]
+    rows.append(["[bold]total[/bold]", f"[bold]{r.total_params:,}[/bold]", "100.00%"])
+    print_table([("group", "left"), ("parameters", "right"), ("share", "right")], rows,
+                title="Breakdown (sums to total)")
 
-    m = Table(title="Memory of the weights", title_justify="left", box=None, pad_edge=False,
-              caption="formats apply to linear weights; embeddings, head, routers and norms stay bf16",
-              caption_justify="left")
-    m.add_column("format")
-    m.add_column("all weights", justify="right")
-    m.add_column("non-expert + top-k experts", justify="right")
+    rows = []
     if r.bytes_stored is not None:
-        m.add_row("as stored", human_bytes(r.bytes_stored), "")
-    for f, v in r.weights_bytes.items():
-        m.add_row(f, human_bytes(v), human_bytes(r.offload_bytes[f]))
-    out.print(m)
+        rows.append(["as stored", human_bytes(r.bytes_stored), ""])
+    if getattr(r, "bytes_declared", None) is not None:
+        rows.append([f"as declared ({r.declared_storage})", human_bytes(r.bytes_declared), ""])
+    rows += [[f, human_bytes(v), human_bytes(r.offload_bytes[f])] for f, v in r.weights_bytes.items()]
+    print_table([("format", "left"), ("all weights", "right"), ("non-expert + top-k experts", "right")], rows,
+                title="Memory of the weights",
+                caption="formats apply to linear weights; embeddings, head, routers and norms stay bf16")
     kv = r.kv_cache
     state = f" (of which fixed state {human_bytes(kv['state_bytes'])})" if kv["state_bytes"] else ""
-    out.print(f"[bold]KV cache[/bold] at context {kv['context']:,}, batch {kv['batch']}, {kv['dtype']}: "
+    out.print(f"[bold]KV cache[/bold] at context {kv['context']:,}, batch {kv['batch']:,}, {kv['dtype']}: "
               f"{human_bytes(kv['bytes'])}{state}; {human_bytes(kv['bytes_per_token'])} per token before windows; "
               f"serving total {human_bytes(kv['serve_bytes'])} (weights {kv['serve_weights_from']})")
     fl = r.flops_per_token
@@ -275,20 +359,25 @@ def render_count(r, per_layer: bool = False) -> None:
                 out.print(f"  {GROUP_LABELS.get(d['group'], d['group'])}: config {d['analytic']:,}, "
                           f"headers {d['headers']:,}: {_escape(d['cause'])}")
         for s in cc["stored_not_counted"]:
-            out.print(f"  stored but not counted: {s['tensors']} tensors, {s['elements']:,} elements, "
+            out.print(f"  stored but not counted: {plural(s['tensors'], 'tensor')}, {s['elements']:,} elements, "
                       f"{human_bytes(s['bytes'])}: {_escape(s['cause'])}")
     if per_layer:
-        p = Table(title="Per layer", title_justify="left", box=None, pad_edge=False)
-        for c in ("layer", "mixer", "ffn", "attention", "router", "routed experts", "shared", "dense MLP", "norms",
-                  "total", "active"):
-            p.add_column(c, justify="right" if c not in ("mixer", "ffn") else "left")
-        for l in r.per_layer:
-            p.add_row(str(l.layer), l.mixer, "MoE" if l.moe else "dense", f"{l.attention:,}", f"{l.router:,}",
-                      f"{l.routed_experts:,}", f"{l.shared_experts:,}", f"{l.dense_mlp:,}", f"{l.norms:,}",
-                      f"{l.total:,}", f"{l.active:,}")
-        out.print(p)
+        # "mixer params": attention, or the Mamba / linear-attention mixer of hybrid models (Jamba, Qwen3-Next)
+        cols = [("layer", "right"), ("mixer", "left"), ("ffn", "left"), ("mixer params", "right"), ("router", "right"),
+                ("routed experts", "right"), ("shared", "right"), ("dense MLP", "right"), ("norms", "right"),
+                ("total", "right"), ("active", "right")]
+        rows = [[str(l.layer), l.mixer, "MoE" if l.moe else "dense", f"{l.attention:,}", f"{l.router:,}",
+                 f"{l.routed_experts:,}", f"{l.shared_experts:,}", f"{l.dense_mlp:,}", f"{l.norms:,}",
+                 f"{l.total:,}", f"{l.active:,}"] for l in r.per_layer]
+        print_table(cols, rows, title="Per layer")
     for n in r.notes:
         info(n)
+
+
+def plural(n: int, word: str, counted: bool = True) -> str:
+    """'1 expert', '2 experts' (`counted=False`: the word alone, agreeing with n)."""
+    w = word if n == 1 else word + "s"
+    return f"{n:,} {w}" if counted else w
 
 
 def count_csv(r, per_layer: bool) -> str:
@@ -329,31 +418,30 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 # --- trace ------------------------------------------------------------------------------------
 
-def render_trace(t, layers_per_table: int = 12) -> None:
-    """Per-token view: one row per token, one column per MoE layer, experts best first."""
-    from rich.table import Table
-
+def render_trace(t, per_token: bool = True) -> None:
+    """Per-token view: one row per token, one column per MoE layer, experts best first (the table
+    splits into several, each repeating the token columns, when the layers do not fit the width);
+    then the routing metrics."""
     out = stdout_console()
-    out.print(f"[bold]{_escape(t.model)}[/bold]  model_type={t.model_type}  {len(t.tokens)} tokens, "
-              f"{len(t.layers)} MoE layers, {t.num_experts} experts, top-{t.top_k}  ({t.dtype}, {t.device})")
-    for start in range(0, len(t.layers), layers_per_table):
-        chunk = t.layers[start:start + layers_per_table]
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        table.add_column("#", justify="right", style="dim")
-        table.add_column("token", no_wrap=True, max_width=18)
-        for l in chunk:
-            table.add_column(f"L{l.layer}", justify="left", no_wrap=True)
+    out.print(f"[bold]{_escape(t.model)}[/bold]  model_type={t.model_type}  {plural(len(t.tokens), 'token')}, "
+              f"{plural(len(t.layers), 'MoE layer')}, {plural(t.num_experts, 'expert')}, top-{t.top_k}  "
+              f"({t.dtype}, {t.device})")
+    if per_token:
+        generated = any(tok.generated for tok in t.tokens)
+        cols = [("#", "right"), ("token", "left")] + [(f"L{l.layer}", "left") for l in t.layers]
+        rows = []
         for i, tok in enumerate(t.tokens):
             cells = []
-            for l in chunk:
+            for l in t.layers:
                 es, ws = l.experts[i], l.weights[i]
-                first = f"[bold]{es[0]}[/bold]"
                 rest = " ".join(str(e) for e in es[1:])
-                cells.append(f"{first} {rest}".rstrip() + f" [dim]{ws[0]:.2f}[/dim]")
-            table.add_row(str(i), _escape(repr(tok.text)[1:-1]), *cells)
-        out.print(table)
-    out.print("[dim]each cell: the token's experts best first (first choice bold), then the first choice's gate weight"
-              + ("; * marks generated tokens" if any(tok.generated for tok in t.tokens) else "") + "[/dim]")
+                cells.append(f"[bold]{es[0]}[/bold] {rest}".rstrip() + f" [dim]{ws[0]:.2f}[/dim]")
+            label = _escape(repr(tok.text)[1:-1])
+            rows.append([str(i) + ("*" if tok.generated else ""), label, *cells])
+        print_table(cols, rows, keys=2, styles={0: "dim"})
+        bold = " (first choice bold)" if out.is_terminal and out.color_system else ""
+        out.print("[dim]each cell: the token's experts best first" + bold + ", then the first choice's gate weight"
+                  + ("; * after the index marks generated tokens" if generated else "") + "[/dim]")
     render_metrics(t.layers, t.summary, t.num_experts, t.top_k, title="Routing metrics per MoE layer")
 
 
@@ -363,28 +451,25 @@ def _f(v, digits: int = 2) -> str:
 
 def render_metrics(layers, summary: dict, num_experts: int, top_k: int, title: str) -> None:
     """The per-layer table of the main routing metrics and a summary line (docs/metrics.md)."""
-    from rich.table import Table
-
     out = stdout_console()
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
     cols = ["layer", "max/mean", "MaxVio", "CV", "Gini", "H(load)", "dead", "cold", "bal.loss", "H(router)",
             "top-k mass", "near-tie", "reuse1", "NMI", "drop"]
-    for c in cols:
-        table.add_column(c, justify="right")
+    rows = []
     for l in layers:
         m = l.metrics if hasattr(l, "metrics") else l["metrics"]
         layer = l.layer if hasattr(l, "layer") else l["layer"]
-        table.add_row(str(layer), _f(m["max_mean_ratio"]), _f(m["maxvio"]), _f(m["cv"]), _f(m["gini"]),
-                      _f(m["load_entropy_norm"]), str(m["dead_count"]), str(m["cold_count"]),
-                      _f(m["switch_balance_loss"]), _f(m["router_entropy_mean"]), _f(m["topk_mass_mean"]),
-                      _f(m["near_tie_rate"]), _f(m["reuse_first_choice"]), _f(m["transition_nmi"]), _f(m["drop_rate"]))
-    out.print(table)
+        rows.append([str(layer), _f(m["max_mean_ratio"]), _f(m["maxvio"]), _f(m["cv"]), _f(m["gini"]),
+                     _f(m["load_entropy_norm"]), str(m["dead_count"]), str(m["cold_count"]),
+                     _f(m["switch_balance_loss"]), _f(m["router_entropy_mean"]), _f(m["topk_mass_mean"]),
+                     _f(m["near_tie_rate"]), _f(m["reuse_first_choice"]), _f(m["transition_nmi"]), _f(m["drop_rate"])])
+    print_table([(c, "right") for c in cols], rows, title=title)
     s = summary
     chance = 1 / num_experts
+    dead = int(s['dead_count']['max'] or 0)
     out.print(f"[bold]summary[/bold]: max/mean {_f(s['max_mean_ratio']['mean'])} (worst {_f(s['max_mean_ratio']['max'])} "
               f"at layer {s['max_mean_ratio']['worst_layer']}), load entropy {_f(s['load_entropy_norm']['mean'])} "
               f"(lowest {_f(s['load_entropy_norm']['min'])} at layer {s['load_entropy_norm']['worst_layer']}), "
-              f"dead experts {int(s['dead_count']['max'] or 0)} at most, first-choice reuse "
+              f"{plural(dead, 'dead expert')} at most, first-choice reuse "
               f"{_f(s['reuse_first_choice']['mean'])} vs chance {chance:.2f}")
 
 
@@ -400,18 +485,15 @@ def render_corpus(c) -> None:
 
 
 def render_diff(d) -> None:
-    from rich.table import Table
-
     out = stdout_console()
-    out.print(f"[bold]diff[/bold] {_escape(d.a)} -> {_escape(d.b)}: {d.tokens} tokens, {len(d.layers)} MoE layers")
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for c in ("layer", "first choice changed", "expert set changed", "load TV", "changes on near ties"):
-        table.add_column(c, justify="right")
+    out.print(f"[bold]diff[/bold] {_escape(d.a)} -> {_escape(d.b)}: {plural(d.tokens, 'token')}, {plural(len(d.layers), 'MoE layer')}")
+    rows = []
     for l in d.layers:
         ties = "-" if l["changes_on_near_ties"] is None else f"{len(l['changes_on_near_ties'])} of {len(l['changed_tokens'])}"
-        table.add_row(str(l["layer"]), f"{l['first_choice_changed']:.3f}", f"{l['expert_set_changed']:.3f}",
-                      f"{l['load_tv']:.3f}", ties)
-    out.print(table)
+        rows.append([str(l["layer"]), f"{l['first_choice_changed']:.3f}", f"{l['expert_set_changed']:.3f}",
+                     f"{l['load_tv']:.3f}", ties])
+    print_table([(c, "right") for c in ("layer", "first choice changed", "expert set changed", "load TV",
+                                        "changes on near ties")], rows)
     s = d.summary
     out.print(f"[bold]summary[/bold]: first choice changed {s['first_choice_changed']['mean']:.3f} on average "
               f"(worst {s['first_choice_changed']['max']:.3f} at layer {s['first_choice_changed']['worst_layer']}); "
@@ -420,21 +502,20 @@ def render_diff(d) -> None:
 
 
 def render_quant(r) -> None:
-    from rich.table import Table
-
     out = stdout_console()
-    out.print(f"[bold]{_escape(r.model)}[/bold]  model_type={r.model_type}  calibration tokens {r.calibration_tokens}")
-    t = Table(title="Schemes: bits per weight (scales included) and error over routed experts", title_justify="left",
-              box=None, pad_edge=False, header_style="bold")
-    for c in ("scheme", "bits/weight", "rel. error (mean)", "SQNR dB (mean)", "output error (mean)", "output error (worst)"):
-        t.add_column(c, justify="right" if c != "scheme" else "left")
+    out.print(f"[bold]{_escape(r.model)}[/bold]  model_type={r.model_type}  "
+              + (f"calibration tokens {r.calibration_tokens:,}" if r.calibration_tokens
+                 else "weight space only (no calibration forward)"))
+    cols = [(c, "right" if c != "scheme" else "left") for c in
+            ("scheme", "bits/weight", "rel. error (mean)", "SQNR dB (mean)", "output error (mean)", "output error (worst)")]
+    table = []
     for s, b in r.schemes.items():
         rows = [x for x in r.rows if x.scheme == s and isinstance(x.expert, int)]
         outs = [x.output_rel_error for x in rows if x.output_rel_error is not None]
-        t.add_row(s, f"{b:.3f}", f"{sum(x.rel_error for x in rows) / len(rows):.4f}",
-                  f"{sum(x.sqnr_db for x in rows) / len(rows):.1f}",
-                  f"{sum(outs) / len(outs):.4f}" if outs else "-", f"{max(outs):.4f}" if outs else "-")
-    out.print(t)
+        table.append([s, f"{b:.3f}", f"{sum(x.rel_error for x in rows) / len(rows):.4f}",
+                      f"{sum(x.sqnr_db for x in rows) / len(rows):.1f}",
+                      f"{sum(outs) / len(outs):.4f}" if outs else "-", f"{max(outs):.4f}" if outs else "-"])
+    print_table(cols, table, title="Schemes: bits per weight (scales included) and error over routed experts")
     for s in r.schemes:
         w = r.worst(s, 5)
         cells = ", ".join(f"L{x.layer} E{x.expert} {x.projection} "
@@ -443,7 +524,7 @@ def render_quant(r) -> None:
         out.print(f"[bold]most sensitive under {s}[/bold]: {cells}")
     low = sorted({(x.layer, x.expert) for x in r.rows if x.low_calibration})
     if low:
-        out.print(f"[yellow]{len(low)} experts saw fewer than 16 calibration tokens[/yellow]: their output errors are "
+        out.print(f"[yellow]{plural(len(low), 'expert')} saw fewer than 16 calibration tokens[/yellow]: their output errors are "
                   "noisy; add --calibration text or --calibration-tokens")
     p = r.plan
     if p:

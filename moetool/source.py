@@ -149,6 +149,9 @@ def _from_dir(model: str, path: Path, read_headers: bool, tensor_table: bool = T
             _read(ckpt, files, None, tensor_table)
         return ckpt
     pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles and not read_headers:  # --config-only: the pickles are never opened, config.json is enough
+        ckpt.notes.append(f"only pickle weights here ({pickles[0]}), never opened: counts are from config.json alone")
+        return ckpt
     if pickles:
         raise BadCheckpoint(
             f"{path}: holds only pickle weights ({pickles[0]}); moetool never unpickles: {CONVERT_HINT}; "

@@ -20,6 +20,8 @@ from .errors import MoetoolError
 from .source import Checkpoint, resolve
 
 SCHEMA_VERSION = 1
+# the long table (jsonl / csv / parquet / to_dataframe): one row per (prompt, layer, token, slot)
+ROW_COLUMNS = ["prompt_index", "layer", "token_index", "token_id", "token", "generated", "slot", "expert", "weight"]
 
 
 @dataclass
@@ -40,6 +42,12 @@ class LayerTrace:
     weights: list[list[float]]
     metrics: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        from .render import short_repr
+
+        return short_repr("LayerTrace", [("layer", self.layer), ("tokens", len(self.experts)),
+                                         ("top_k", len(self.experts[0]) if self.experts else 0)])
+
 
 @dataclass
 class TraceReport:
@@ -58,6 +66,22 @@ class TraceReport:
     router_logits: Any = field(default=None, repr=False)  # {layer: tensor [T, E]}
     selection_scores: Any = field(default=None, repr=False)
     include_router_logits: bool = False
+
+    def _summary(self) -> list[tuple[str, Any]]:
+        s = self.summary.get("max_mean_ratio", {})
+        return [("model", self.model), ("model_type", self.model_type), ("tokens", len(self.tokens)),
+                ("moe_layers", len(self.layers)), ("num_experts", self.num_experts), ("top_k", self.top_k),
+                ("max_mean_ratio", round(s["mean"], 3) if s.get("mean") is not None else None)]
+
+    def __repr__(self) -> str:
+        from .render import short_repr
+
+        return short_repr("TraceReport", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .render import short_html
+
+        return short_html("TraceReport", self._summary())
 
     def to_dict(self, header: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "command": "trace"} if header else {}
@@ -87,15 +111,15 @@ class TraceReport:
         for l in self.layers:
             for t, (es, ws) in enumerate(zip(l.experts, l.weights)):
                 for slot, (e, w) in enumerate(zip(es, ws)):
-                    yield {"prompt_index": prompt_index, "layer": l.layer, "token_index": t,
-                           "token": self.tokens[t].text, "slot": slot, "expert": e, "weight": w}
+                    tok = self.tokens[t]
+                    yield {"prompt_index": prompt_index, "layer": l.layer, "token_index": t, "token_id": tok.id,
+                           "token": tok.text, "generated": tok.generated, "slot": slot, "expert": e, "weight": w}
 
     def to_dataframe(self):
         """The long table: one row per (prompt, layer, token, slot)."""
         import pandas as pd
 
-        return pd.DataFrame(list(self.rows()), columns=["prompt_index", "layer", "token_index", "token", "slot",
-                                                        "expert", "weight"])
+        return pd.DataFrame(list(self.rows()), columns=ROW_COLUMNS)
 
 
 def load_tokenizer(ckpt: Checkpoint):
@@ -110,6 +134,47 @@ def load_tokenizer(ckpt: Checkpoint):
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
         raise MoetoolError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0][:120]})") from None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (the printable stand-in of each byte), inverted: char -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_text(tok, token_id: int) -> str:
+    """The token's text; a token that is only part of a UTF-8 character (byte-level BPE pieces,
+    SentencePiece byte fallback) shows its bytes as `<0xC3>` instead of U+FFFD."""
+    text = tok.decode([token_id], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text
+    piece = tok.id_to_token(token_id) or ""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return piece
+    inv = _byte_decoder()
+    if not piece or not all(c in inv for c in piece):
+        return text
+    raw = bytes(inv[c] for c in piece)
+    out, i = [], 0
+    while i < len(raw):  # decode the valid runs; show each stray byte as <0xNN>
+        for j in range(min(len(raw), i + 4), i, -1):
+            try:
+                out.append(raw[i:j].decode("utf-8"))
+                i = j
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append(f"<0x{raw[i]:02X}>")
+            i += 1
+    return "".join(out)
 
 
 def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = None, tokens: Optional[list[int]] = None,
@@ -152,11 +217,14 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
                            f"({context} tokens, max_position_embeddings)")
     dev = pick_device(device)
     n_prompt = len(ids)
-    for _ in range(max(0, generate)):  # greedy continuation: one full forward per new token
+    for n in range(max(0, generate)):  # greedy continuation: one full forward per new token
         step = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, record=False)
         ids.append(int(step.logits[-1].argmax()))
-    out = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, progress=progress)
-    texts = [tok.decode([i], skip_special_tokens=False) if tok else str(i) for i in ids]
+        if progress:
+            progress(n + 1, generate)  # tokens generated so far; then the traced forward's layers
+    out = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, progress=progress,
+                      last_layer=max(layers) if layers else None)
+    texts = [token_text(tok, i) if tok else str(i) for i in ids]
     routes = [r for r in out.routes if layers is None or r.layer in layers]
     if layers is not None and not routes:
         raise MoetoolError(f"--layers selects no MoE layer; MoE layers: {', '.join(str(r.layer) for r in out.routes)}")
@@ -210,6 +278,23 @@ class CorpusReport:
     summary: dict
     sequence_level: dict
 
+    def _summary(self) -> list[tuple[str, Any]]:
+        first, s = self.prompts[0], self.summary.get("max_mean_ratio", {})
+        return [("model", first.model), ("prompts", len(self.prompts)),
+                ("tokens", sum(len(p.tokens) for p in self.prompts)), ("moe_layers", len(self.layers)),
+                ("num_experts", first.num_experts), ("top_k", first.top_k),
+                ("max_mean_ratio", round(s["mean"], 3) if s.get("mean") is not None else None)]
+
+    def __repr__(self) -> str:
+        from .render import short_repr
+
+        return short_repr("CorpusReport", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .render import short_html
+
+        return short_html("CorpusReport", self._summary())
+
     def to_dict(self) -> dict[str, Any]:
         first = self.prompts[0]
         return {
@@ -227,13 +312,19 @@ class CorpusReport:
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame(list(self.rows()), columns=["prompt_index", "layer", "token_index", "token", "slot",
-                                                        "expert", "weight"])
+        return pd.DataFrame(list(self.rows()), columns=ROW_COLUMNS)
 
 
 def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, revision: Optional[str] = None,
-               progress: Optional[Callable[[int, int], None]] = None, **kwargs) -> CorpusReport:
-    """Trace each prompt; aggregate over all of them."""
+               progress: Optional[Callable[[int, int], None]] = None, dtype: str = "float32",
+               router_dtype: str = "float32", device: str = "auto", generate: int = 0,
+               capacity_factor: Optional[float] = None, layers: Optional[set[int]] = None,
+               router_logits: bool = False) -> CorpusReport:
+    """Trace each prompt (options as for `trace`); aggregate over all of them: corpus-level
+    metrics (all tokens pooled) and sequence-level ones (each prompt's, averaged).
+    `progress(done, total)` is called after each prompt."""
+    kwargs = dict(dtype=dtype, router_dtype=router_dtype, device=device, generate=generate,
+                  capacity_factor=capacity_factor, layers=layers, router_logits=router_logits)
     import numpy as np
 
     from .metrics import layer_metrics, summarise
@@ -272,9 +363,22 @@ def read_prompts(path: str) -> list[str]:
     """One prompt per line (.txt), or JSON lines with a "text" field (.jsonl)."""
     import json
 
-    from .files import read_text_bounded
+    if path == "-":
+        import sys
 
-    lines = read_text_bounded(path, "prompts").splitlines()
+        from .files import MAX_TEXT_BYTES as MAX_PROMPT_BYTES
+
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        if len(data) > MAX_PROMPT_BYTES:
+            raise MoetoolError(f"stdin: prompts are larger than {MAX_PROMPT_BYTES // (1024 * 1024)} MiB; refusing to read them")
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise MoetoolError("stdin: cannot read prompts (not UTF-8 text)") from None
+    else:
+        from .files import read_text_bounded
+
+        lines = read_text_bounded(path, "prompts").splitlines()
     if path.endswith(".jsonl"):
         prompts = []
         for n, line in enumerate(lines, 1):
@@ -326,6 +430,30 @@ def parse_layers(spec: Optional[str], flag: str = "--layers") -> Optional[set[in
 
 EXAMPLE_PROMPT = ("def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
                   "The for statement is used to iterate over the elements of a sequence.")
+
+
+def open_checkpoint(model: Optional[str | Checkpoint], revision: Optional[str] = None) -> Checkpoint:
+    """The checkpoint `trace` runs: a local path, a hub id (downloaded: weights included), or the
+    bundled model for None. Open it once and pass it as `model=` to trace many times."""
+    return model if isinstance(model, Checkpoint) else _resolve_for_forward(model, revision)
+
+
+# Below this hidden size the matmuls are too small for threads to pay: torch's default (one per
+# core) burns 2-7x the CPU time for no gain (docs/trace.md: measured on the bundled model).
+SMALL_HIDDEN = 1024
+
+
+def set_threads(threads: Optional[int], ckpt: Optional[Checkpoint] = None) -> int:
+    """Set torch's intra-op threads: `threads` when given, else 1 for a model whose hidden size is
+    under SMALL_HIDDEN, else torch's default. Returns the number in use."""
+    import torch
+
+    if threads is None and ckpt is not None:
+        spec = spec_from_config(ckpt.config, ckpt.config_path)
+        threads = 1 if spec.hidden_size < SMALL_HIDDEN else None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def _resolve_for_forward(model: Optional[str], revision: Optional[str]) -> Checkpoint:

@@ -11,16 +11,18 @@ from test_bad_input import run_cli
 
 
 def test_count_gates():
-    r = run_cli("count", "mixtral-8x7b", "--expect-total", "46.7B", "--expect-active", "12.75B", "--json")
+    # --expect-active includes the input embedding (the published 12.9B); the excl. variant is explicit
+    r = run_cli("count", "mixtral-8x7b", "--expect-total", "46.7B", "--expect-active", "12.9B",
+                "--expect-active-excl-embedding", "12.75B", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["gate"] == {"enabled": True, "passed": True, "violations": []}
-    r = run_cli("count", "mixtral-8x7b", "--expect-active", "12.9B", "--tolerance", "0.5%", "--json")
+    r = run_cli("count", "mixtral-8x7b", "--expect-active-excl-embedding", "12.9B", "--tolerance", "0.5%", "--json")
     assert r.returncode == 1
     gate = json.loads(r.stdout)["gate"]
     assert not gate["passed"] and gate["violations"][0]["metric"] == "active_params_excl_embedding"
-    r = run_cli("count", "mixtral-8x7b", "--expect-active", "12.9B", "--tolerance", "2%")
+    r = run_cli("count", "mixtral-8x7b", "--expect-active-excl-embedding", "12.9B", "--tolerance", "2%")
     assert r.returncode == 0
-    r = run_cli("count", "mixtral-8x7b", "--expect-active", "12.9B", "--exit-zero")
+    r = run_cli("count", "mixtral-8x7b", "--expect-active-excl-embedding", "12.9B", "--exit-zero")
     assert r.returncode == 0 and "gate failed" in r.stderr
     r = run_cli("count", "mixtral-8x7b", "--json")
     assert json.loads(r.stdout)["gate"]["enabled"] is False

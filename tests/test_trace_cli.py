@@ -64,7 +64,8 @@ def test_trace_dataframe(qwen_ckpt):
     d, _ = qwen_ckpt
     t = moetool.trace(model=str(d), tokens=[1, 2, 3, 4], device="cpu")
     df = t.to_dataframe()
-    assert list(df.columns) == ["prompt_index", "layer", "token_index", "token", "slot", "expert", "weight"]
+    assert list(df.columns) == ["prompt_index", "layer", "token_index", "token_id", "token", "generated", "slot",
+                                "expert", "weight"]
     assert len(df) == 2 * 4 * 2  # layers x tokens x slots
 
 

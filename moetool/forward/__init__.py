@@ -36,10 +36,11 @@ def pick_device(device: str) -> str:
 def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32", device: str = "auto",
                 router_dtype: str = "float32", record: bool = True,
                 progress: Optional[Callable[[int, int], None]] = None, ffn_hook: Optional[Callable] = None,
-                streaming: Optional[bool] = None) -> ForwardResult:
+                streaming: Optional[bool] = None, last_layer: Optional[int] = None) -> ForwardResult:
     """Run the prompt through the checkpoint, layer by layer; return logits and router decisions.
     `streaming` forces (True) or forbids (False) dropping pages after each expert and layer; by
-    default a checkpoint larger than a quarter of the available memory streams."""
+    default a checkpoint larger than a quarter of the available memory streams. `last_layer`
+    stops after that decoder layer (no logits then: `logits` is None)."""
     if ckpt.tensors is None:
         raise MoetoolError(f"{ckpt.source}: no safetensors weights to run (moetool never loads pickle checkpoints)")
     spec = spec_from_config(ckpt.config, ckpt.config_path)
@@ -54,7 +55,8 @@ def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32
     store = weight_store(ckpt) if streaming is None else WeightStore(ckpt.tensors, streaming=streaming)
     with torch.inference_mode():
         out = Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
-                      router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook).run(token_ids, record)
+                      router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook).run(token_ids, record,
+                                                                                             last_layer)
     store.release()  # a streaming store drops its pages; a resident one keeps them for the next forward
     return out
 

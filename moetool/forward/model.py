@@ -349,14 +349,15 @@ class Decoder:
             x = self.store.get(name, self.dtype, device=self.device)[torch.tensor(ids)]
         return x * self.fc.embedding_multiplier if self.fc.embedding_multiplier != 1.0 else x
 
-    def run(self, ids: list[int], record: bool = True) -> ForwardResult:
+    def run(self, ids: list[int], record: bool = True, last_layer: Optional[int] = None) -> ForwardResult:
         fc = self.fc
         T = len(ids)
         x = self.embed(ids)  # [T, D]
         cos, sin = rope_tables(fc, T, self.device)
         routes: list[LayerRoute] = []
         masks: dict = {}
-        for i in range(fc.layers):
+        n = fc.layers if last_layer is None else min(fc.layers, last_layer + 1)
+        for i in range(n):
             try:
                 x = self.layer(i, x, cos, sin, masks, routes, record)
             except RuntimeError as e:  # a tensor whose shape disagrees with config.json
@@ -366,7 +367,9 @@ class Decoder:
                 raise BadCheckpoint(f"layer {i}: a tensor's shape disagrees with config.json ({msg[:160]})") from None
             self.store.release()
             if self.progress:
-                self.progress(i + 1, fc.layers)
+                self.progress(i + 1, n)
+        if n < fc.layers:  # stopped early: no logits
+            return ForwardResult(logits=None, routes=routes, bytes_read=self.store.bytes_read)
         x = self._final(x)
         return ForwardResult(logits=x, routes=routes, bytes_read=self.store.bytes_read)
 

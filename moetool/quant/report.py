@@ -59,6 +59,21 @@ class QuantReport:
     calibration_tokens: int
     plan: dict = field(default_factory=dict)
 
+    def _summary(self) -> list[tuple[str, Any]]:
+        return [("model", self.model), ("model_type", self.model_type), ("schemes", ", ".join(self.schemes)),
+                ("rows", len(self.rows)), ("calibration_tokens", self.calibration_tokens),
+                ("plan", "yes" if self.plan else "no")]
+
+    def __repr__(self) -> str:
+        from ..render import short_repr
+
+        return short_repr("QuantReport", self._summary())
+
+    def _repr_html_(self) -> str:
+        from ..render import short_html
+
+        return short_html("QuantReport", self._summary())
+
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
@@ -146,6 +161,7 @@ class _Scorer:
         self.rows: list[ExpertRow] = []
         self.rng = random.Random(seed)
         self.done = 0
+        self.calibrated = True
 
     def score(self, layer: int, expert, mats: dict[str, torch.Tensor], X: Optional[torch.Tensor],
               g: Optional[torch.Tensor], tokens: int, gate_sum: float, act: Callable) -> None:
@@ -199,10 +215,10 @@ class _Scorer:
                     sqnr = 10 * math.log10(norm2[i] / err ** 2) if err > 0 else float("inf")
                     self.rows.append(ExpertRow(layer, expert, proj, scheme, rel, sqnr, per_scheme[scheme][1][i], tokens,
                                                gate_sum, kurt[i], outlier[i], out * inp, S.bits(scheme, out, inp),
-                                               isinstance(expert, int) and tokens < MIN_TOKENS))
+                                               self.calibrated and isinstance(expert, int) and tokens < MIN_TOKENS))
 
 
-def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]] = None,
+def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]] = None,
                     layers: Optional[set[int]] = None, experts: Optional[set[int]] = None,
                     calibration: Optional[str] = None, calibration_tokens: int = 512, reservoir: int = 256,
                     weight_only: bool = False, budget_bits: Optional[float] = None, budget_gb: Optional[float] = None,
@@ -216,7 +232,9 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
     from ..tracing import _resolve_for_forward, load_tokenizer
 
     schemes = schemes or list(S.SCHEMES)
-    ckpt = _resolve_for_forward(model, None)
+    from ..source import Checkpoint
+
+    ckpt = model if isinstance(model, Checkpoint) else _resolve_for_forward(model, None)
     spec = spec_from_config(ckpt.config, ckpt.config_path)
     fc = forward_config(spec, ckpt.config)
     if spec.moe is None:
@@ -228,6 +246,7 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
         raise MoetoolError(f"--experts must be between 0 and {spec.moe.num_experts - 1}")
     act = lambda g, u: glu(g, u, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
     scorer = _Scorer(schemes)
+    scorer.calibrated = not weight_only  # weight space only: no token counts to warn about
     total_experts = len(moe_layers) * (len(experts) if experts is not None else spec.moe.num_experts)
     dev = torch.device(pick_device(device))  # where the schemes run (the forward's device)
     buffers: dict = {}  # the block buffers, allocated once and reused by every layer
@@ -304,7 +323,8 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
             ids = ids[: fc.max_positions]
         n_tokens = len(ids)
         run_forward(ckpt, ids, device=pick_device(device), record=False, streaming=True,
-                    ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing))
+                    ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing),
+                    last_layer=max(moe_layers))  # nothing to score after the last requested layer
     bits_avg = {}
     for s in schemes:
         rows = [r for r in scorer.rows if r.scheme == s]
