@@ -65,7 +65,8 @@ class Names:
         else:
             root = embed[: -len("embed_tokens.weight")]
             self.layers, self.final_norm = root + "layers.", root + "norm."
-            wrapper = embed.split("model.")[0] if embed.startswith("language_model.") else ""
+            # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
+            wrapper = "language_model." if embed.startswith("language_model.") else ""
             self.head = wrapper + "lm_head.weight"
 
     def find(self, layer: int, *suffixes: str, required: bool = True) -> Optional[str]:
@@ -494,7 +495,12 @@ class Decoder:
         fw = self.w(n.final_norm + "weight")
         fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
         x = norm(x, fw, fb, fc)
-        head = n.head if n.head in self.store else n.embed  # tied: the embedding is the head
+        if n.head in self.store:
+            head = n.head
+        elif self.spec.tie_word_embeddings:  # tied: the embedding is the head
+            head = n.embed
+        else:
+            raise BadCheckpoint(f"checkpoint has no LM head {n.head!r} and tie_word_embeddings is false")
         hb = n.head[: -len("weight")] + "bias"
         logits = linear(x, self.w(head), self.w(hb) if hb in self.store else None).float()  # [T, V]
         return logits / fc.logits_scaling if fc.logits_scaling != 1.0 else logits
