@@ -121,10 +121,12 @@ def test_fp8_block_size_from_quantization_config(tmp_path):
     _edit_config(fp8_dir, lambda c: c.update(quantization_config=dict(quant_method="fp8", fmt="e4m3",
                                                                        activation_scheme="dynamic",
                                                                        weight_block_size=block)))
-    # The reference: transformers' model with the weights transformers' fp8 code dequantises.
-    model.load_state_dict(dequantized, strict=False)
-    reference = build_transformers_model(config).eval()
-    reference.load_state_dict(model.state_dict())
+    # The reference: transformers loads the weights its own fp8 code dequantises (same names).
+    import transformers
+
+    model.save_pretrained(ref_dir)
+    save_file(dequantized, ref_dir / "model.safetensors", metadata={"format": "pt"})
+    reference = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
     ids = _tokens(reference)
     ref_logits, ref_routes = transformers_routes(reference, ids)
     out = run_forward(resolve(str(fp8_dir)), ids[0].tolist(), dtype="float32", device="cpu")
