@@ -4,7 +4,8 @@ DeepSeek: multi-head latent attention (MLA): queries through an optional low-ran
 keys and values through a shared latent of `kv_lora_rank` plus a decoupled RoPE key of
 `qk_rope_head_dim`; the KV cache holds only that latent (kv_lora_rank + qk_rope_head_dim per token).
 GLM-4.5: GQA attention with q/k/v biases and optional QK-norm.
-Both: the first `first_k_dense_replace` layers dense, routed + shared experts after, and
+Both: the first `first_k_dense_replace` layers dense, routed + shared experts on every layer after
+(transformers ignores `moe_layer_freq`; see common.first_k_dense_schedule), and
 `num_nextn_predict_layers` multi-token-prediction layers stored in the checkpoint but not built
 by transformers (reported as MTP parameters, not in the total).
 """
@@ -50,7 +51,6 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
                       num_shared_experts=shared, shared_ffn=f * shared, router=router,
                       activation=cfg.str("hidden_act", "silu"))
     k_dense = cfg.int("first_k_dense_replace", dflt["first_k_dense"])
-    freq = cfg.int("moe_layer_freq", 1, min_value=1)
     mtp = cfg.first_int(["num_nextn_predict_layers", "num_mtp_layers"], 0)
 
     if family == "glm4_moe":
@@ -76,7 +76,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
         layer = attention(inv, i, group or "attention")
         inv.add(f"layers.{i}.input_norm.weight", group or "norms", (d,), i)
         inv.add(f"layers.{i}.post_attention_norm.weight", group or "norms", (d,), i)
-        is_moe = moe is not None and i >= k_dense and i % freq == 0
+        is_moe = moe is not None and i >= k_dense  # MTP layers too
         if is_moe:
             inv.linear(f"layers.{i}.router", group or "router", moe.num_experts, d, i)  # [E, D]
             inv.swiglu(f"layers.{i}.experts", group or "routed_experts", d, moe.expert_ffn, i, copies=moe.num_experts)

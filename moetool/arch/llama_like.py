@@ -27,6 +27,7 @@ class Style:
     qk_norm: Literal["none", "head", "olmoe"] = "none"
     layernorm_bias: bool = False  # Phi-MoE uses nn.LayerNorm (weight and bias)
     schedule: Literal["all", "sparse_step"] = "all"
+    windows: common.WindowRule = "all"  # sliding-window rule without layer_types (common.layer_windows)
     shared_expert: bool = False  # Qwen2-MoE: one shared expert + sigmoid gate [1, D]
     fused_gate_up_bias: bool = False  # gpt-oss: expert biases, router bias, attention sinks
     router: Callable[[Cfg], RouterSpec] = lambda c: RouterSpec()
@@ -45,26 +46,26 @@ STYLES: dict[str, Style] = {
     "phimoe": Style("phimoe", bias=_attention_bias("attention_bias", False, "all"), layernorm_bias=True,
                     router=lambda c: RouterSpec(scoring="sparsemixer", jitter_noise=c.float("router_jitter_noise", 0.01))),
     # allenai/OLMoE-1B-7B-0924: QK-norm over the full projection width; weights not renormalised.
-    "olmoe": Style("olmoe", bias=_attention_bias("attention_bias", False, "all"), qk_norm="olmoe",
+    "olmoe": Style("olmoe", windows="none", bias=_attention_bias("attention_bias", False, "all"), qk_norm="olmoe",
                    router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
     # Qwen/Qwen1.5-MoE-A2.7B: q/k/v bias, shared expert with a sigmoid gate, decoder_sparse_step.
     "qwen2_moe": Style("qwen2_moe", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
-                       bias=_attention_bias("qkv_bias", True, "qkv"), schedule="sparse_step", shared_expert=True,
+                       bias=_attention_bias("qkv_bias", True, "qkv"), schedule="sparse_step", shared_expert=True, windows="qwen2_moe",
                        router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
     # Qwen/Qwen3-30B-A3B: QK-norm per head.
     "qwen3_moe": Style("qwen3_moe", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
-                       bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", schedule="sparse_step",
+                       bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", schedule="sparse_step", windows="use_flag",
                        router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
     # ibm-granite/granite-3.0-3b-a800m-instruct: top-k of the logits, softmax over those k.
-    "granitemoe": Style("granitemoe", bias=_attention_bias("attention_bias", False, "all"),
+    "granitemoe": Style("granitemoe", windows="none", bias=_attention_bias("attention_bias", False, "all"),
                         router=lambda c: RouterSpec(order="topk_then_score")),
     # openai/gpt-oss-20b: biases everywhere, sinks, router bias, top-k logits then softmax.
-    "gpt_oss": Style("gpt_oss", bias=_attention_bias("attention_bias", True, "all"), fused_gate_up_bias=True,
+    "gpt_oss": Style("gpt_oss", windows="alternate", bias=_attention_bias("attention_bias", True, "all"), fused_gate_up_bias=True,
                      router=lambda c: RouterSpec(order="topk_then_score", bias=True)),
-    "llama": Style("llama", dense=True, bias=_attention_bias("attention_bias", False, "all")),
+    "llama": Style("llama", dense=True, windows="none", bias=_attention_bias("attention_bias", False, "all")),
     "mistral": Style("mistral", dense=True),
-    "qwen2": Style("qwen2", dense=True, bias="qkv"),
-    "qwen3": Style("qwen3", dense=True, bias=_attention_bias("attention_bias", False, "all"), qk_norm="head"),
+    "qwen2": Style("qwen2", dense=True, windows="qwen2", bias="qkv"),
+    "qwen3": Style("qwen3", dense=True, windows="qwen2", bias=_attention_bias("attention_bias", False, "all"), qk_norm="head"),
 }
 
 
@@ -87,7 +88,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
                       activation=cfg.str("hidden_act", "silu"))
     is_moe = (common.sparse_step_schedule(cfg, n_layers, moe is not None) if s.schedule == "sparse_step"
               else [moe is not None] * n_layers)
-    windows = common.layer_windows(cfg, n_layers)
+    windows = common.layer_windows(cfg, n_layers, s.windows)
 
     inv = Inventory()
     layers = []

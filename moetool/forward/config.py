@@ -119,7 +119,7 @@ class ForwardConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     temperature_tuning: Optional[tuple[float, float]] = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
-    expert_act: Literal["silu", "gpt_oss"] = "silu"
+    expert_act: str = "silu"  # every gated FFN's activation: an ACT2FN name (hidden_act) or "gpt_oss"
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     dense_ffn: int = 0
@@ -153,7 +153,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
                        kv_heads=kv, head_dim=hd, eps=cfg.float("rms_norm_eps", 1e-6), norm="rms", rope=rope,
                        attn_scale=hd ** -0.5, windows=[l.window for l in spec.layers],
                        use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_position_embeddings"),
-                       dense_ffn=cfg.int("intermediate_size", 0))
+                       dense_ffn=cfg.int("intermediate_size", 0), expert_act=_activation(spec))
     if family == "phimoe":
         fc.norm = "layernorm"
         fc.eps = cfg.float("rms_norm_eps", 1e-5)
@@ -163,7 +163,9 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         fc.qk_norm = "head"
     elif family == "glm4_moe":
         fc.qk_norm = "head" if cfg.bool("use_qk_norm", False) else "none"
-        rope.dim = int(hd * cfg.float("partial_rotary_factor", 0.5))
+        # transformers 5 writes partial_rotary_factor inside rope_parameters; older configs at the top.
+        prf = scaling_dict.get("partial_rotary_factor")
+        rope.dim = int(hd * (float(prf) if prf is not None else cfg.float("partial_rotary_factor", 0.5)))
     elif family == "granitemoe":
         fc.attn_scale = cfg.float("attention_multiplier", 1.0)
         fc.embedding_multiplier = cfg.float("embedding_multiplier", 1.0)
@@ -195,6 +197,16 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     return fc
 
 
+def _activation(spec: ModelSpec) -> str:
+    from .model import ACTIVATIONS
+
+    act = spec.moe.activation if spec.moe else "silu"
+    if act not in ACTIVATIONS:
+        raise UnsupportedArchitecture(f"hidden_act {act!r} is not supported by the reference forward; "
+                                      f"supported: {', '.join(sorted(ACTIVATIONS))}")
+    return act
+
+
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
     attn = cfg.sub("attn_config")
     d, heads = spec.hidden_size, cfg.int("n_heads")
@@ -203,4 +215,5 @@ def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
                          kv_heads=attn.int("kv_n_heads", 1), head_dim=hd, eps=1e-5, norm="layernorm",
                          rope=Rope(theta=attn.float("rope_theta", 10000.0), dim=hd), attn_scale=hd ** -0.5,
                          clip_qkv=attn.raw("clip_qkv"), windows=[None] * spec.num_layers,
-                         use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_seq_len"))
+                         use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_seq_len"),
+                         expert_act=_activation(spec))

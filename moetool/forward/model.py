@@ -173,8 +173,10 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
         return idx, w, logits
     probs = torch.softmax(logits, dim=-1)  # [T, E]
     top, idx = torch.topk(probs, k, dim=-1)  # [T, K]
-    if r.norm_topk_prob:
+    if r.norm_topk_prob and r.norm_p == 1.0:
         top = top / top.sum(dim=-1, keepdim=True)
+    elif r.norm_topk_prob:  # DBRX: divide by the p-norm of the top-k weights
+        top = top / torch.norm(top, p=r.norm_p, dim=-1, keepdim=True)
     return idx, top, probs
 
 
@@ -286,13 +288,25 @@ class Experts:
         return gate, up, down, gb, ub, db
 
 
+# transformers' ACT2FN names (activations.py) for the gate of a gated FFN.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F_.silu, "swish": F_.silu,
+    "gelu": lambda x: F_.gelu(x), "gelu_pytorch_tanh": lambda x: F_.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F_.relu, "relu2": lambda x: torch.square(F_.relu(x)), "relu6": F_.relu6,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "mish": F_.mish,
+}
+
+
 def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
-    """The expert's intermediate activation from its gate and up projections."""
+    """The expert's intermediate activation from its gate and up projections: act(gate) * up."""
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
         return (u + 1) * (g * torch.sigmoid(g * alpha))
-    return F_.silu(g) * u
+    return ACTIVATIONS[act](g) * u
 
 
 def swiglu(x, gate, up, down, gb=None, ub=None, db=None, act: str = "silu", limit: float = 7.0, alpha: float = 1.702):
@@ -364,7 +378,7 @@ class Decoder:
             if self.ffn_hook:
                 self.ffn_hook(self, i, h, None)
             f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight"))
-                            for p in ("gate", "up", "down")))
+                            for p in ("gate", "up", "down")), act=fc.expert_act)
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
@@ -472,7 +486,7 @@ class Decoder:
             start += c
             gate, up, down, gb, ub, db = experts.load(e)
             if fc.family == "llama4":  # the gate scales the expert's input, not its output
-                y = swiglu(h[tok] * w_e[:, None].to(h.dtype), gate, up, down)
+                y = swiglu(h[tok] * w_e[:, None].to(h.dtype), gate, up, down, act=fc.expert_act)
             else:
                 y = swiglu(h[tok], gate, up, down, gb, ub, db, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
                 y = y * w_e[:, None].to(y.dtype)
@@ -483,7 +497,8 @@ class Decoder:
                       "feed_forward.shared_expert.gate_proj.weight", required=False)
         if shared:
             base = shared[: -len("gate_proj.weight")]
-            s = swiglu(h, self.w(base + "gate_proj.weight"), self.w(base + "up_proj.weight"), self.w(base + "down_proj.weight"))
+            s = swiglu(h, self.w(base + "gate_proj.weight"), self.w(base + "up_proj.weight"), self.w(base + "down_proj.weight"),
+                       act=fc.expert_act)
             sg = find("mlp.shared_expert_gate.weight", required=False)
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
