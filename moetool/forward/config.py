@@ -15,7 +15,7 @@ from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
+                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32")
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -115,6 +115,7 @@ class ForwardConfig:
     use_rope: list[bool] = field(default_factory=list)
     chunk: Optional[int] = None
     mla: Optional[dict] = None
+    indexer: Optional[dict] = None  # DeepSeek-V3.2 sparse attention: heads, dim, topk (forward/indexer.py)
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
@@ -185,11 +186,18 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.bool("attn_temperature_tuning", True):
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
-    elif family in ("deepseek_v2", "deepseek_v3"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
-        rope.layout = "interleave" if (family == "deepseek_v2" or cfg.bool("rope_interleave", True)) else "half"
+        # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
+        interleave = family in ("deepseek_v2", "deepseek_v32") or cfg.bool("rope_interleave", True)
+        rope.layout = "interleave" if interleave else "half"
+        if family == "deepseek_v32":
+            if not fc.mla["q_lora"]:
+                raise BadConfig("config.json: deepseek_v32 needs q_lora_rank (its indexer reads the query latent)")
+            fc.indexer = dict(heads=cfg.int("index_n_heads", 64), dim=cfg.int("index_head_dim", 128),
+                              topk=cfg.int("index_topk", 2048))
         fc.attn_scale = (nope + rdim) ** -0.5
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
             m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))

@@ -21,6 +21,7 @@ import torch.nn.functional as F_
 from ..errors import BadCheckpoint, MoetoolError
 from ..spec import ModelSpec, MoESpec
 from .config import ForwardConfig
+from .indexer import sparse_attention_keep
 from .weights import WeightStore
 
 
@@ -435,8 +436,8 @@ class Decoder:
         nope, r, v_dim, kvr = m["nope"], m["rope"], m["v"], m["kv_lora"]
         if m["q_lora"]:
             qa = linear(h, self.w(find("self_attn.q_a_proj.weight")), self.w(find("self_attn.q_a_proj.bias", required=False)))
-            q = linear(rms_norm(qa, self.w(find("self_attn.q_a_layernorm.weight")), 1e-6),
-                       self.w(find("self_attn.q_b_proj.weight")))
+            q_resid = rms_norm(qa, self.w(find("self_attn.q_a_layernorm.weight")), 1e-6)  # [T, Rq]
+            q = linear(q_resid, self.w(find("self_attn.q_b_proj.weight")))
         else:
             q = linear(h, self.w(find("self_attn.q_proj.weight")))
         q = q.view(T, H, nope + r)  # [T, H, nope + rope]
@@ -452,7 +453,13 @@ class Decoder:
         k = torch.cat((k_nope, k_rot), dim=-1)
         if (None, None) not in masks:
             masks[(None, None)] = attention_mask(T, None, None, q.device)
-        out = sdpa(q, k, v, masks[(None, None)], fc.attn_scale).reshape(T, H * v_dim)
+        mask = masks[(None, None)]
+        if fc.indexer:  # DeepSeek-V3.2: attend only to the keys the sparse-attention indexer keeps
+            ix = fc.indexer
+            get = lambda name, dtype: self.store.get(self.names.find(i, name), dtype, device=self.device)
+            mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
+                                         ix["topk"], r, apply_rope)
+        out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
         return linear(out, self.w(find("self_attn.o_proj.weight")), self.w(find("self_attn.o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
