@@ -33,6 +33,9 @@ FAMILIES: dict[str, dict] = {
                          n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
                          first_k_dense_replace=1, index_topk=8, index_head_dim=8, index_n_heads=2,
                          routed_scaling_factor=2.5, **_MLA),
+    "ernie4_5_moe": dict(model_type="ernie4_5_moe", intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
+                         moe_k=2, moe_num_shared_experts=2, use_bias=True, tie_word_embeddings=False,
+                         moe_layer_start_index=1, moe_layer_interval=1, **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -33,6 +33,14 @@ class Style:
     router: Callable[[Cfg], RouterSpec] = lambda c: RouterSpec()
     dense: bool = False
     lm_head_bias: bool = False
+    # Families added for issue 11 (moetool/arch/text_moe.py) use these too:
+    topk_keys: tuple[str, ...] = ("num_experts_per_tok", "experts_per_token")
+    custom_schedule: Optional[Callable[[Cfg, int], list[bool]]] = None  # MoE per layer, overrides `schedule`
+    shared_experts: Optional[Callable[[Cfg], int]] = None  # ungated shared experts: their total FFN size (0: none)
+    mlp_bias: Callable[[Cfg], bool] = lambda c: False  # biases in dense MLPs and shared experts
+    head_bias: Callable[[Cfg], bool] = lambda c: False
+    correction_bias_param: bool = False  # a counted [1, E] correction-bias parameter (Ernie 4.5 `moe_statics`)
+    dense_ffn_key: str = "intermediate_size"
 
 
 def _attention_bias(key: str, default: bool, kind: Bias) -> Callable[[Cfg], Bias]:
@@ -69,8 +77,8 @@ STYLES: dict[str, Style] = {
 }
 
 
-def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
-    s = STYLES[model_type]
+def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec:
+    s = style or STYLES[model_type]
     d = cfg.int("hidden_size", min_value=1)
     vocab = cfg.int("vocab_size", min_value=1)
     n_layers = cfg.int("num_hidden_layers", min_value=1)
@@ -81,13 +89,18 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
     moe: Optional[MoESpec] = None
     if not s.dense:
         experts = cfg.first_int(list(s.experts_keys), min_value=1)
-        k = cfg.first_int(["num_experts_per_tok", "experts_per_token"], min_value=1)
+        k = cfg.first_int(list(s.topk_keys), min_value=1)
         shared_ffn = cfg.int("shared_expert_intermediate_size", min_value=1) if s.shared_expert else 0
+        if s.shared_experts:
+            shared_ffn = s.shared_experts(cfg)
         moe = MoESpec(num_experts=experts, top_k=k, expert_ffn=cfg.int(s.expert_ffn_key, min_value=1),
-                      num_shared_experts=1 if s.shared_expert else 0, shared_ffn=shared_ffn, router=s.router(cfg),
+                      num_shared_experts=1 if (s.shared_expert or shared_ffn) else 0, shared_ffn=shared_ffn,
+                      router=s.router(cfg),
                       activation=cfg.str("hidden_act", "silu"))
     is_moe = (common.sparse_step_schedule(cfg, n_layers, moe is not None) if s.schedule == "sparse_step"
               else [moe is not None] * n_layers)
+    if s.custom_schedule and moe is not None:
+        is_moe = s.custom_schedule(cfg, n_layers)
     windows = common.layer_windows(cfg, n_layers, s.windows)
 
     inv = Inventory()
@@ -105,11 +118,12 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
         inv.norm(f"layers.{i}.input_norm", d, i, bias=s.layernorm_bias)
         inv.norm(f"layers.{i}.post_attention_norm", d, i, bias=s.layernorm_bias)
         if is_moe[i]:
-            _moe_block(inv, i, d, moe, s)
+            _moe_block(inv, i, d, moe, s, cfg)
         else:
-            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i)
+            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int(s.dense_ffn_key, min_value=1), i, bias=s.mlp_bias(cfg))
         layers.append(common.gqa_layer(i, heads, kv_heads, hd, is_moe[i], windows[i]))
-    common.embed_and_head(inv, cfg, vocab, d, tie, head_bias=cfg.bool("lm_head_bias", False) if model_type == "phimoe" else False,
+    common.embed_and_head(inv, cfg, vocab, d, tie, head_bias=(cfg.bool("lm_head_bias", False) if model_type == "phimoe"
+                                                              else s.head_bias(cfg)),
                           final_norm_bias=s.layernorm_bias)
     return ModelSpec(model_type=model_type, family=s.family, hidden_size=d, vocab_size=vocab, num_layers=n_layers,
                      layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie,
@@ -117,10 +131,14 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
                      quantization=common.quantization(cfg))
 
 
-def _moe_block(inv: Inventory, i: int, d: int, moe: MoESpec, s: Style) -> None:
+def _moe_block(inv: Inventory, i: int, d: int, moe: MoESpec, s: Style, cfg: Cfg) -> None:
     E, F = moe.num_experts, moe.expert_ffn
     inv.linear(f"layers.{i}.router", "router", E, d, i, bias=moe.router.bias)  # [E, D]
     inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E, bias=s.fused_gate_up_bias)
+    if s.correction_bias_param:
+        inv.add(f"layers.{i}.router.correction_bias", "router", (1, E), i)
+    if s.shared_experts and moe.shared_ffn:
+        inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, moe.shared_ffn, i, bias=s.mlp_bias(cfg))
     if s.shared_expert:
         inv.swiglu(f"layers.{i}.shared_expert", "shared_experts", d, moe.shared_ffn, i)
         inv.linear(f"layers.{i}.shared_expert_gate", "shared_experts", 1, d, i)  # [1, D]

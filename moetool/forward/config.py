@@ -17,6 +17,13 @@ from ..spec import Cfg, ModelSpec
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32")
 
+# Families (moetool/arch/text_moe.py) whose forward is the Llama-like one with these settings:
+# rope_layout: "interleave" pairs (2i, 2i+1) instead of rotate-half; theta: default rope_theta.
+FAMILY_FORWARD: dict[str, dict] = {
+    "ernie4_5_moe": dict(rope_layout="interleave", theta=500000.0),
+}
+FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
+
 
 # transformers' defaults when a config gives no rope_theta.
 ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "phimoe": 1e6, "qwen2_moe": 1e6, "qwen3_moe": 1e6, "olmoe": 1e4,
@@ -146,7 +153,9 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     if not isinstance(scaling_dict, dict):
         raise BadConfig("config.json: rope_scaling / rope_parameters must be an object")
     kind = scaling_dict.get("rope_type") or scaling_dict.get("type") or "default"
-    theta = float(scaling_dict.get("rope_theta") or cfg.float("rope_theta", ROPE_THETA_DEFAULTS.get(family, 10000.0)))
+    extra = FAMILY_FORWARD.get(family, {})
+    theta_default = extra.get("theta", ROPE_THETA_DEFAULTS.get(family, 10000.0))
+    theta = float(scaling_dict.get("rope_theta") or cfg.float("rope_theta", theta_default))
     if kind == "longrope" and "original_max_position_embeddings" not in scaling_dict and cfg.has("original_max_position_embeddings"):
         scaling_dict = {**scaling_dict, "original_max_position_embeddings": cfg.int("original_max_position_embeddings")}
     rope = Rope(theta=theta, dim=hd, kind=kind, params=scaling_dict, max_position_embeddings=cfg.raw("max_position_embeddings"))
@@ -155,6 +164,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
                        attn_scale=hd ** -0.5, windows=[l.window for l in spec.layers],
                        use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_position_embeddings"),
                        dense_ffn=cfg.int("intermediate_size", 0), expert_act=_activation(spec))
+    if extra:
+        rope.layout = extra.get("rope_layout", rope.layout)
     if family == "phimoe":
         fc.norm = "layernorm"
         fc.eps = cfg.float("rms_norm_eps", 1e-5)

@@ -173,7 +173,11 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
         w = torch.sigmoid(top) if r.scoring == "sigmoid" else torch.softmax(top, dim=-1)
         return idx, w, logits
     probs = torch.softmax(logits, dim=-1)  # [T, E]
-    top, idx = torch.topk(probs, k, dim=-1)  # [T, K]
+    if bias is not None and r.correction_bias:  # Ernie 4.5: the bias shifts the choice, not the weights
+        idx = torch.topk(probs + bias, k, dim=-1).indices
+        top = probs.gather(1, idx)
+    else:
+        top, idx = torch.topk(probs, k, dim=-1)  # [T, K]
     if r.norm_topk_prob and r.norm_p == 1.0:
         top = top / top.sum(dim=-1, keepdim=True)
     elif r.norm_topk_prob:  # DBRX: divide by the p-norm of the top-k weights
@@ -378,8 +382,8 @@ class Decoder:
         else:
             if self.ffn_hook:
                 self.ffn_hook(self, i, h, None)
-            f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight"))
-                            for p in ("gate", "up", "down")), act=fc.expert_act)
+            base = find("mlp.gate_proj.weight", "feed_forward.gate_proj.weight")[: -len("gate_proj.weight")]
+            f = self.gated_mlp(base, h)
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
@@ -471,8 +475,9 @@ class Decoder:
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
-        corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", required=False), torch.float32,
-                                       device=self.device)
+        corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias",
+                                            required=False), torch.float32, device=self.device)
+        corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if record:
             routes.append(LayerRoute(i, idx.cpu(), weights.float().cpu(), logits.cpu(), scores.float().cpu()))
@@ -504,13 +509,18 @@ class Decoder:
                       "feed_forward.shared_expert.gate_proj.weight", required=False)
         if shared:
             base = shared[: -len("gate_proj.weight")]
-            s = swiglu(h, self.w(base + "gate_proj.weight"), self.w(base + "up_proj.weight"), self.w(base + "down_proj.weight"),
-                       act=fc.expert_act)
+            s = self.gated_mlp(base, h)
             sg = find("mlp.shared_expert_gate.weight", required=False)
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
             out = out + s
         return out
+
+    def gated_mlp(self, base: str, h: torch.Tensor) -> torch.Tensor:
+        """A dense MLP or shared expert `base`{gate,up,down}_proj (biases where stored)."""
+        w = lambda p: self.w(base + p + "_proj.weight")
+        b = lambda p: self.w(base + p + "_proj.bias") if (base + p + "_proj.bias") in self.store else None
+        return swiglu(h, w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"), act=self.fc.expert_act)
 
     def _final(self, x) -> torch.Tensor:
         fc, n = self.fc, self.names

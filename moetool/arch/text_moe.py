@@ -1,0 +1,37 @@
+"""Text MoE families added for issue 11 that are built like Llama (GQA attention, RMSNorm, SwiGLU
+experts) and differ from the `llama_like` families only in data: one `Style` each, next to the
+transformers model it follows. Their forward-pass details (RoPE layout, router variant) are in
+`moetool/forward/config.py` (`FAMILY_FORWARD`).
+"""
+
+from __future__ import annotations
+
+from ..spec import Cfg, RouterSpec
+from . import llama_like
+from .llama_like import Style
+
+
+def _ernie_schedule(c: Cfg, n: int) -> list[bool]:
+    """MoE where (i + 1) % moe_layer_interval == 0 and start <= i <= end (end -1: the last layer)."""
+    step = c.int("moe_layer_interval", 1, min_value=1)
+    start, end = c.int("moe_layer_start_index", 1), c.raw("moe_layer_end_index", -1)
+    end = n - 1 if end == -1 else int(end)
+    return [(i + 1) % step == 0 and start <= i <= end for i in range(n)]
+
+
+STYLES: dict[str, Style] = {
+    # baidu/ERNIE-4.5-21B-A3B-PT: `use_bias` on attention, dense / shared MLPs and the LM head;
+    # softmax router whose top-k adds a counted correction bias (`moe_statics`), weights renormalised.
+    "ernie4_5_moe": Style("ernie4_5_moe", experts_keys=("moe_num_experts",), expert_ffn_key="moe_intermediate_size",
+                          topk_keys=("moe_k",), bias=lambda c: "all" if c.bool("use_bias", False) else "none",
+                          custom_schedule=_ernie_schedule,
+                          shared_experts=lambda c: c.int("moe_intermediate_size") * c.int("moe_num_shared_experts", 2),
+                          mlp_bias=lambda c: c.bool("use_bias", False), head_bias=lambda c: c.bool("use_bias", False),
+                          correction_bias_param=True, windows="none",
+                          router=lambda c: RouterSpec(norm_topk_prob=True, correction_bias=True)),
+}
+
+
+def register(table: dict) -> None:
+    for mt, style in STYLES.items():
+        table[mt] = lambda cfg, mt=mt, style=style: llama_like.adapt(cfg, mt, style)
