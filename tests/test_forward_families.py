@@ -36,6 +36,9 @@ FAMILIES: dict[str, dict] = {
     "ernie4_5_moe": dict(model_type="ernie4_5_moe", intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
                          moe_k=2, moe_num_shared_experts=2, use_bias=True, tie_word_embeddings=False,
                          moe_layer_start_index=1, moe_layer_interval=1, **_C),
+    "hunyuan_v1_moe": dict(model_type="hunyuan_v1_moe", intermediate_size=24, num_experts=8, moe_topk=2, head_dim=8,
+                           attention_bias=True, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, alpha=1000.0,
+                                                                     factor=1.0), **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -24,7 +24,7 @@ class Style:
     experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts")
     expert_ffn_key: str = "intermediate_size"
     bias: Bias | Callable[[Cfg], Bias] = "none"
-    qk_norm: Literal["none", "head", "olmoe"] = "none"
+    qk_norm: Literal["none", "head", "olmoe", "head_after_rope"] = "none"
     layernorm_bias: bool = False  # Phi-MoE uses nn.LayerNorm (weight and bias)
     schedule: Literal["all", "sparse_step"] = "all"
     windows: common.WindowRule = "all"  # sliding-window rule without layer_types (common.layer_windows)
@@ -37,6 +37,7 @@ class Style:
     topk_keys: tuple[str, ...] = ("num_experts_per_tok", "experts_per_token")
     custom_schedule: Optional[Callable[[Cfg, int], list[bool]]] = None  # MoE per layer, overrides `schedule`
     shared_experts: Optional[Callable[[Cfg], int]] = None  # ungated shared experts: their total FFN size (0: none)
+    shared_name: str = "shared_experts"
     mlp_bias: Callable[[Cfg], bool] = lambda c: False  # biases in dense MLPs and shared experts
     head_bias: Callable[[Cfg], bool] = lambda c: False
     correction_bias_param: bool = False  # a counted [1, E] correction-bias parameter (Ernie 4.5 `moe_statics`)
@@ -109,7 +110,7 @@ def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec
         inv.gqa(i, d, heads, kv_heads, hd, qkv_bias=bias != "none", o_bias=bias == "all")
         if s.fused_gate_up_bias:
             inv.add(f"layers.{i}.attn.sinks", "attention", (heads,), i)
-        if s.qk_norm == "head":
+        if s.qk_norm in ("head", "head_after_rope"):
             inv.norm(f"layers.{i}.attn.q_norm", hd, i)
             inv.norm(f"layers.{i}.attn.k_norm", hd, i)
         elif s.qk_norm == "olmoe":
@@ -138,7 +139,7 @@ def _moe_block(inv: Inventory, i: int, d: int, moe: MoESpec, s: Style, cfg: Cfg)
     if s.correction_bias_param:
         inv.add(f"layers.{i}.router.correction_bias", "router", (1, E), i)
     if s.shared_experts and moe.shared_ffn:
-        inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, moe.shared_ffn, i, bias=s.mlp_bias(cfg))
+        inv.swiglu(f"layers.{i}.{s.shared_name}", "shared_experts", d, moe.shared_ffn, i, bias=s.mlp_bias(cfg))
     if s.shared_expert:
         inv.swiglu(f"layers.{i}.shared_expert", "shared_experts", d, moe.shared_ffn, i)
         inv.linear(f"layers.{i}.shared_expert_gate", "shared_experts", 1, d, i)  # [1, D]

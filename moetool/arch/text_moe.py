@@ -29,6 +29,12 @@ STYLES: dict[str, Style] = {
                           mlp_bias=lambda c: c.bool("use_bias", False), head_bias=lambda c: c.bool("use_bias", False),
                           correction_bias_param=True, windows="none",
                           router=lambda c: RouterSpec(norm_topk_prob=True, correction_bias=True)),
+    # tencent/Hunyuan-A13B-Instruct: QK-norm per head after RoPE (query_layernorm / key_layernorm);
+    # every layer MoE with an always-on shared MLP of intermediate_size; router `gate.wg`, softmax top-k, renormalised.
+    "hunyuan_v1_moe": Style("hunyuan_v1_moe", experts_keys=("num_experts", "num_local_experts"), topk_keys=("moe_topk",),
+                            bias=lambda c: "all" if c.bool("attention_bias", False) else "none", qk_norm="head_after_rope",
+                            shared_experts=lambda c: c.int("intermediate_size"), shared_name="shared_mlp", windows="none",
+                            router=lambda c: RouterSpec(norm_topk_prob=True)),
 }
 
 

@@ -21,6 +21,7 @@ FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
 # rope_layout: "interleave" pairs (2i, 2i+1) instead of rotate-half; theta: default rope_theta.
 FAMILY_FORWARD: dict[str, dict] = {
     "ernie4_5_moe": dict(rope_layout="interleave", theta=500000.0),
+    "hunyuan_v1_moe": dict(qk_norm="head_after_rope"),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
@@ -44,6 +45,9 @@ class Rope:
         """Inverse frequencies [dim/2] and the cos/sin scale, as transformers' rope init functions."""
         d, base, p = self.dim, self.theta, self.params
         inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+        if self.kind == "dynamic" and p.get("alpha"):  # HunYuan: NTK with a fixed alpha stretches the base
+            base = base * float(p["alpha"]) ** (d / (d - 2))
+            return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d)), 1.0
         if self.kind in ("default", "dynamic") or not p:
             return inv, 1.0
         factor = float(p.get("factor", 1.0))
@@ -116,7 +120,7 @@ class ForwardConfig:
     norm: Literal["rms", "layernorm"]
     rope: Rope
     attn_scale: float
-    qk_norm: Literal["none", "head", "full", "l2"] = "none"
+    qk_norm: Literal["none", "head", "full", "l2", "head_after_rope"] = "none"
     clip_qkv: Optional[float] = None
     windows: list[Optional[int]] = field(default_factory=list)
     use_rope: list[bool] = field(default_factory=list)
@@ -166,6 +170,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
                        dense_ffn=cfg.int("intermediate_size", 0), expert_act=_activation(spec))
     if extra:
         rope.layout = extra.get("rope_layout", rope.layout)
+        fc.qk_norm = extra.get("qk_norm", fc.qk_norm)
     if family == "phimoe":
         fc.norm = "layernorm"
         fc.eps = cfg.float("rms_norm_eps", 1e-5)

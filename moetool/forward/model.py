@@ -423,6 +423,9 @@ class Decoder:
             floor, scale = fc.temperature_tuning
             pos = torch.arange(T, dtype=torch.float32, device=q.device)
             q = (q * (torch.log1p(torch.floor((pos + 1.0) / floor)) * scale + 1.0)[:, None, None]).to(q.dtype)
+        if fc.qk_norm == "head_after_rope":  # HunYuan: RMSNorm per head after RoPE
+            q = rms_norm(q, self.w(find("self_attn.query_layernorm.weight")), fc.eps)
+            k = rms_norm(k, self.w(find("self_attn.key_layernorm.weight")), fc.eps)
         window = fc.windows[i]
         chunk = fc.chunk if (fc.chunk and fc.use_rope[i]) else None
         key = (window, chunk)
@@ -470,7 +473,7 @@ class Decoder:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
-                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight")
+                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -506,7 +509,7 @@ class Decoder:
             del gate, up, down
             self.store.release()  # this expert's pages leave resident memory before the next one
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
-                      "feed_forward.shared_expert.gate_proj.weight", required=False)
+                      "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight", required=False)
         if shared:
             base = shared[: -len("gate_proj.weight")]
             s = self.gated_mlp(base, h)
