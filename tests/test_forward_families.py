@@ -39,6 +39,8 @@ FAMILIES: dict[str, dict] = {
     "hunyuan_v1_moe": dict(model_type="hunyuan_v1_moe", intermediate_size=24, num_experts=8, moe_topk=2, head_dim=8,
                            attention_bias=True, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, alpha=1000.0,
                                                                      factor=1.0), **_C),
+    "flex_olmo": dict(model_type="flex_olmo", intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                      attention_bias=True, norm_topk_prob=True, pad_token_id=0, **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -35,6 +35,11 @@ STYLES: dict[str, Style] = {
                             bias=lambda c: "all" if c.bool("attention_bias", False) else "none", qk_norm="head_after_rope",
                             shared_experts=lambda c: c.int("intermediate_size"), shared_name="shared_mlp", windows="none",
                             router=lambda c: RouterSpec(norm_topk_prob=True)),
+    # allenai/FlexOlmo-7x7B-1T: OLMoE's experts and router with Olmo 2's layer: norms after attention
+    # and after the FFN (none before), QK-norm over the full projections.
+    "flex_olmo": Style("flex_olmo", experts_keys=("num_experts", "num_local_experts"), qk_norm="olmoe", windows="none",
+                       bias=lambda c: "all" if c.bool("attention_bias", False) else "none",
+                       router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
 }
 
 

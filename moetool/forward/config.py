@@ -22,6 +22,8 @@ FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
 FAMILY_FORWARD: dict[str, dict] = {
     "ernie4_5_moe": dict(rope_layout="interleave", theta=500000.0),
     "hunyuan_v1_moe": dict(qk_norm="head_after_rope"),
+    "flex_olmo": dict(qk_norm="full", theta=500000.0,
+                      layer_norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
@@ -136,6 +138,9 @@ class ForwardConfig:
     swiglu_alpha: float = 1.702
     dense_ffn: int = 0
     max_positions: Optional[int] = None
+    # Norms of a decoder layer, as checkpoint names under the layer: (before attention, after
+    # attention, before FFN, after FFN); None where the family has none (Olmo 2 style: after only).
+    layer_norms: tuple[Optional[str], ...] = ("input_layernorm", None, "post_attention_layernorm", None)
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -171,6 +176,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     if extra:
         rope.layout = extra.get("rope_layout", rope.layout)
         fc.qk_norm = extra.get("qk_norm", fc.qk_norm)
+        fc.layer_norms = extra.get("layer_norms", fc.layer_norms)
     if family == "phimoe":
         fc.norm = "layernorm"
         fc.eps = cfg.float("rms_norm_eps", 1e-5)
@@ -240,4 +246,5 @@ def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
                          rope=Rope(theta=attn.float("rope_theta", 10000.0), dim=hd), attn_scale=hd ** -0.5,
                          clip_qkv=attn.raw("clip_qkv"), windows=[None] * spec.num_layers,
                          use_rope=[True] * spec.num_layers, max_positions=cfg.raw("max_seq_len"),
+                         layer_norms=("norm_attn_norm.norm_1", None, "norm_attn_norm.norm_2", None),
                          expert_act=_activation(spec))

@@ -366,17 +366,18 @@ class Decoder:
     def layer(self, i: int, x, cos, sin, masks, routes, record):
         fc, n = self.fc, self.names
         find = lambda *s, required=True: n.find(i, *s, required=required)
-        if fc.family == "dbrx":
-            n1w, n1b = find("norm_attn_norm.norm_1.weight"), find("norm_attn_norm.norm_1.bias", required=False)
-            n2w, n2b = find("norm_attn_norm.norm_2.weight"), find("norm_attn_norm.norm_2.bias", required=False)
-        else:
-            n1w, n1b = find("input_layernorm.weight"), find("input_layernorm.bias", required=False)
-            n2w = find("post_attention_layernorm.weight")
-            n2b = find("post_attention_layernorm.bias", required=False)
-        h = norm(x, self.w(n1w), self.w(n1b), fc)
-        a = self.attention(i, h, cos, sin, masks)
+        # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
+        pre_a, post_a, pre_f, post_f = fc.layer_norms
+
+        def nrm(name: Optional[str], t: torch.Tensor) -> torch.Tensor:
+            if name is None:
+                return t
+            return norm(t, self.w(find(name + ".weight")), self.w(find(name + ".bias", required=False)), fc)
+
+        h = nrm(pre_a, x)
+        a = nrm(post_a, self.attention(i, h, cos, sin, masks))
         x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
-        h = norm(x, self.w(n2w), self.w(n2b), fc)
+        h = nrm(pre_f, x)
         if self.spec.layers[i].moe:
             f = self.moe(i, h, routes, record)
         else:
@@ -384,6 +385,7 @@ class Decoder:
                 self.ffn_hook(self, i, h, None)
             base = find("mlp.gate_proj.weight", "feed_forward.gate_proj.weight")[: -len("gate_proj.weight")]
             f = self.gated_mlp(base, h)
+        f = nrm(post_f, f)
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
