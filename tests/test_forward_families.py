@@ -41,6 +41,8 @@ FAMILIES: dict[str, dict] = {
                                                                      factor=1.0), **_C),
     "flex_olmo": dict(model_type="flex_olmo", intermediate_size=24, num_experts=8, num_experts_per_tok=2,
                       attention_bias=True, norm_topk_prob=True, pad_token_id=0, **_C),
+    "minimax_m2": dict(model_type="minimax_m2", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                       head_dim=16, rotary_dim=8, **_C),
 }
 SEEDS = (0, 1)
 T = 40

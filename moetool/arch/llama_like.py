@@ -24,7 +24,7 @@ class Style:
     experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts")
     expert_ffn_key: str = "intermediate_size"
     bias: Bias | Callable[[Cfg], Bias] = "none"
-    qk_norm: Literal["none", "head", "olmoe", "head_after_rope"] = "none"
+    qk_norm: Literal["none", "head", "olmoe", "head_after_rope", "full"] = "none"
     layernorm_bias: bool = False  # Phi-MoE uses nn.LayerNorm (weight and bias)
     schedule: Literal["all", "sparse_step"] = "all"
     windows: common.WindowRule = "all"  # sliding-window rule without layer_types (common.layer_windows)
@@ -113,6 +113,9 @@ def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec
         if s.qk_norm in ("head", "head_after_rope"):
             inv.norm(f"layers.{i}.attn.q_norm", hd, i)
             inv.norm(f"layers.{i}.attn.k_norm", hd, i)
+        elif s.qk_norm == "full":  # Olmo 2 style: over the whole q and k projections
+            inv.norm(f"layers.{i}.attn.q_norm", heads * hd, i)
+            inv.norm(f"layers.{i}.attn.k_norm", kv_heads * hd, i)
         elif s.qk_norm == "olmoe":
             inv.norm(f"layers.{i}.attn.q_norm", d, i)
             inv.norm(f"layers.{i}.attn.k_norm", (d // heads) * kv_heads, i)

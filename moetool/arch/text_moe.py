@@ -37,9 +37,13 @@ STYLES: dict[str, Style] = {
                             router=lambda c: RouterSpec(norm_topk_prob=True)),
     # allenai/FlexOlmo-7x7B-1T: OLMoE's experts and router with Olmo 2's layer: norms after attention
     # and after the FFN (none before), QK-norm over the full projections.
-    "flex_olmo": Style("flex_olmo", experts_keys=("num_experts", "num_local_experts"), qk_norm="olmoe", windows="none",
+    "flex_olmo": Style("flex_olmo", experts_keys=("num_experts", "num_local_experts"), qk_norm="full", windows="none",
                        bias=lambda c: "all" if c.bool("attention_bias", False) else "none",
                        router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
+    # MiniMaxAI/MiniMax-M2: Mixtral's layout with Olmo 2's full-width QK-norm, partial RoPE
+    # (rotary_dim), and a sigmoid router with a correction bias for the choice, weights renormalised.
+    "minimax_m2": Style("minimax_m2", qk_norm="full", windows="none",
+                        router=lambda c: RouterSpec(scoring="sigmoid", norm_topk_prob=True, correction_bias=True)),
 }
 
 

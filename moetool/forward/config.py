@@ -24,6 +24,7 @@ FAMILY_FORWARD: dict[str, dict] = {
     "hunyuan_v1_moe": dict(qk_norm="head_after_rope"),
     "flex_olmo": dict(qk_norm="full", theta=500000.0,
                       layer_norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
+    "minimax_m2": dict(qk_norm="full", theta=5000000.0),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
@@ -177,6 +178,11 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         rope.layout = extra.get("rope_layout", rope.layout)
         fc.qk_norm = extra.get("qk_norm", fc.qk_norm)
         fc.layer_norms = extra.get("layer_norms", fc.layer_norms)
+        # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
+        prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
+        if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
+            prf = cfg.int("rotary_dim") / hd
+        rope.dim = int(hd * float(prf))
     if family == "phimoe":
         fc.norm = "layernorm"
         fc.eps = cfg.float("rms_norm_eps", 1e-5)
