@@ -43,6 +43,10 @@ FAMILIES: dict[str, dict] = {
                       attention_bias=True, norm_topk_prob=True, pad_token_id=0, **_C),
     "minimax_m2": dict(model_type="minimax_m2", intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
                        head_dim=16, rotary_dim=8, **_C),
+    "dots1": dict(model_type="dots1", intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                  n_shared_experts=2, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                  routed_scaling_factor=2.0, head_dim=8, attention_bias=True, sliding_window=4, max_window_layers=2,
+                  **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -67,6 +67,7 @@ def first_k_dense_schedule(cfg: Cfg, layers: int, has_experts: bool, first_k_def
 #   qwen2_moe:  only if `use_sliding_window` (default false), layers with (i + 1) odd below
 #               `max_window_layers` (default 28)
 #   qwen2:      only if `use_sliding_window` (default false), layers i >= `max_window_layers` (dense Qwen2 / Qwen3)
+#   from_max:   layers i >= `max_window_layers`, no use flag (dots1)
 #   alternate:  layers with (i + 1) odd (gpt-oss)
 #   none:       no sliding window whatever the config says (Llama, OLMoE, GraniteMoE)
 WindowRule = str
@@ -91,6 +92,8 @@ def layer_windows(cfg: Cfg, layers: int, rule: WindowRule = "all") -> list[Optio
     if rule == "qwen2_moe":
         below = cfg.int("max_window_layers", 28)
         return [window if (i + 1) % 2 and i < below else None for i in range(layers)]
+    if rule == "from_max":
+        return [window if i >= cfg.int("max_window_layers", 0) else None for i in range(layers)]
     if rule == "qwen2":
         return [window if i >= cfg.int("max_window_layers", 28) else None for i in range(layers)]
     if rule == "alternate":

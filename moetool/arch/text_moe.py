@@ -7,7 +7,7 @@ transformers model it follows. Their forward-pass details (RoPE layout, router v
 from __future__ import annotations
 
 from ..spec import Cfg, RouterSpec
-from . import llama_like
+from . import common, llama_like
 from .llama_like import Style
 
 
@@ -17,6 +17,14 @@ def _ernie_schedule(c: Cfg, n: int) -> list[bool]:
     start, end = c.int("moe_layer_start_index", 1), c.raw("moe_layer_end_index", -1)
     end = n - 1 if end == -1 else int(end)
     return [(i + 1) % step == 0 and start <= i <= end for i in range(n)]
+
+
+def _deepseek_v3_router(c: Cfg) -> RouterSpec:
+    """DeepSeek-V3's router (families that reuse DeepseekV3TopkRouter / DeepseekV3MoE)."""
+    return RouterSpec(scoring="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", False),
+                      routed_scaling_factor=c.float("routed_scaling_factor", 1.0), topk_method="noaux_tc",
+                      n_group=c.int("n_group", 1, min_value=1), topk_group=c.int("topk_group", 1, min_value=1),
+                      correction_bias=True)
 
 
 STYLES: dict[str, Style] = {
@@ -44,6 +52,13 @@ STYLES: dict[str, Style] = {
     # (rotary_dim), and a sigmoid router with a correction bias for the choice, weights renormalised.
     "minimax_m2": Style("minimax_m2", qk_norm="full", windows="none",
                         router=lambda c: RouterSpec(scoring="sigmoid", norm_topk_prob=True, correction_bias=True)),
+    # rednote-hilab/dots.llm1.base: Qwen3's attention (QK-norm per head) with DeepSeek-V3's MoE:
+    # sigmoid router + correction bias, groups, routed_scaling_factor, shared experts, first k layers dense.
+    "dots1": Style("dots1", experts_keys=("n_routed_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
+                   bias=lambda c: "all" if c.bool("attention_bias", False) else "none", qk_norm="head", windows="from_max",
+                   custom_schedule=lambda c, n: common.first_k_dense_schedule(c, n, True),
+                   shared_experts=lambda c: c.int("moe_intermediate_size") * c.int("n_shared_experts", 0),
+                   router=_deepseek_v3_router),
 }
 
 

@@ -25,6 +25,7 @@ FAMILY_FORWARD: dict[str, dict] = {
     "flex_olmo": dict(qk_norm="full", theta=500000.0,
                       layer_norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
     "minimax_m2": dict(qk_norm="full", theta=5000000.0),
+    "dots1": dict(qk_norm="head"),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
