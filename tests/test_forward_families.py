@@ -47,6 +47,9 @@ FAMILIES: dict[str, dict] = {
                   n_shared_experts=2, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
                   routed_scaling_factor=2.0, head_dim=8, attention_bias=True, sliding_window=4, max_window_layers=2,
                   **_C),
+    "granitemoeshared": dict(model_type="granitemoeshared", intermediate_size=24, shared_intermediate_size=40,
+                             num_local_experts=8, num_experts_per_tok=2, attention_bias=True, embedding_multiplier=2.0,
+                             attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0, **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -59,6 +59,12 @@ STYLES: dict[str, Style] = {
                    custom_schedule=lambda c, n: common.first_k_dense_schedule(c, n, True),
                    shared_experts=lambda c: c.int("moe_intermediate_size") * c.int("n_shared_experts", 0),
                    router=_deepseek_v3_router),
+    # ibm-granite/granite-4.0-tiny-preview's MoE: GraniteMoE plus an ungated shared MLP of
+    # shared_intermediate_size (0: none), stored fused as shared_mlp.input_linear [2F, D].
+    "granitemoeshared": Style("granitemoeshared", windows="none",
+                              bias=lambda c: "all" if c.bool("attention_bias", False) else "none",
+                              shared_experts=lambda c: c.int("shared_intermediate_size", 0), shared_name="shared_mlp",
+                              router=lambda c: RouterSpec(order="topk_then_score")),
 }
 
 

@@ -26,6 +26,7 @@ FAMILY_FORWARD: dict[str, dict] = {
                       layer_norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
     "minimax_m2": dict(qk_norm="full", theta=5000000.0),
     "dots1": dict(qk_norm="head"),
+    "granitemoeshared": dict(),  # GraniteMoE's multipliers (below) plus the shared MLP
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
@@ -196,7 +197,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         # transformers 5 writes partial_rotary_factor inside rope_parameters; older configs at the top.
         prf = scaling_dict.get("partial_rotary_factor")
         rope.dim = int(hd * (float(prf) if prf is not None else cfg.float("partial_rotary_factor", 0.5)))
-    elif family == "granitemoe":
+    elif family in ("granitemoe", "granitemoeshared"):
         fc.attn_scale = cfg.float("attention_multiplier", 1.0)
         fc.embedding_multiplier = cfg.float("embedding_multiplier", 1.0)
         fc.residual_multiplier = cfg.float("residual_multiplier", 1.0)

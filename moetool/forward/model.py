@@ -520,6 +520,10 @@ class Decoder:
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
             out = out + s
+        fused = find("shared_mlp.input_linear.weight", required=False)
+        if fused:  # GraniteMoeShared: one [2F, D] gate+up matrix (gate first), output_linear [D, F]
+            gate, up = self.w(fused).chunk(2, dim=0)
+            out = out + swiglu(h, gate, up, self.w(find("shared_mlp.output_linear.weight")), act=fc.expert_act)
         return out
 
     def gated_mlp(self, base: str, h: torch.Tensor) -> torch.Tensor:
