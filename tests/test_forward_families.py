@@ -50,6 +50,9 @@ FAMILIES: dict[str, dict] = {
     "granitemoeshared": dict(model_type="granitemoeshared", intermediate_size=24, shared_intermediate_size=40,
                              num_local_experts=8, num_experts_per_tok=2, attention_bias=True, embedding_multiplier=2.0,
                              attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0, **_C),
+    "solar_open": dict(model_type="solar_open", moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2,
+                       num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.5, head_dim=16,
+                       attention_bias=True, **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -19,9 +19,9 @@ def _ernie_schedule(c: Cfg, n: int) -> list[bool]:
     return [(i + 1) % step == 0 and start <= i <= end for i in range(n)]
 
 
-def _deepseek_v3_router(c: Cfg) -> RouterSpec:
-    """DeepSeek-V3's router (families that reuse DeepseekV3TopkRouter / DeepseekV3MoE)."""
-    return RouterSpec(scoring="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", False),
+def _deepseek_v3_router(c: Cfg, norm_default: bool = False) -> RouterSpec:
+    """DeepSeek-V3's router (families that reuse DeepseekV3TopkRouter / Glm4MoeTopkRouter)."""
+    return RouterSpec(scoring="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", norm_default),
                       routed_scaling_factor=c.float("routed_scaling_factor", 1.0), topk_method="noaux_tc",
                       n_group=c.int("n_group", 1, min_value=1), topk_group=c.int("topk_group", 1, min_value=1),
                       correction_bias=True)
@@ -65,6 +65,13 @@ STYLES: dict[str, Style] = {
                               bias=lambda c: "all" if c.bool("attention_bias", False) else "none",
                               shared_experts=lambda c: c.int("shared_intermediate_size", 0), shared_name="shared_mlp",
                               router=lambda c: RouterSpec(order="topk_then_score")),
+    # upstage/Solar-Open-100B: Llama attention (q/k/v biases, no o bias) on every layer with GLM-4.5's
+    # MoE (DeepSeek-V3 router, norm_topk_prob default true, shared experts).
+    "solar_open": Style("solar_open", experts_keys=("n_routed_experts", "num_local_experts"),
+                        expert_ffn_key="moe_intermediate_size", windows="none",
+                        bias=lambda c: "qkv" if c.bool("attention_bias", False) else "none",
+                        shared_experts=lambda c: c.int("moe_intermediate_size") * c.int("n_shared_experts", 1),
+                        router=lambda c: _deepseek_v3_router(c, norm_default=True)),
 }
 
 

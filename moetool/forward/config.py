@@ -27,6 +27,7 @@ FAMILY_FORWARD: dict[str, dict] = {
     "minimax_m2": dict(qk_norm="full", theta=5000000.0),
     "dots1": dict(qk_norm="head"),
     "granitemoeshared": dict(),  # GraniteMoE's multipliers (below) plus the shared MLP
+    "solar_open": dict(theta=1e6),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
