@@ -33,7 +33,7 @@ _QUANT_META = re.compile(
     r"|\.g_idx|\.weight_zero_point|\.weight_g_idx|\.weight_shape|\.absmax|\.quant_map|\.nested_absmax"
     r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
 )
-_BUFFERS = re.compile(r"(e_score_correction_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+_BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector)\.")
@@ -41,7 +41,7 @@ _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.w
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$")
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp)(\.|_gate\.)")
 _ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(input_linear|output_linear)\.")
-_ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier)?\.(weight|bias)$|\.router\.(weight|bias)$")
+_ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)\.(weight|bias)$", re.I)
 _SSM = re.compile(r"\.(mamba|mixer)\.")
 _ATTN = re.compile(r"\.(self_attn|attn|attention|selfattention|encdecattention|linear_attn|norm_attn_norm)\.", re.I)
@@ -159,6 +159,8 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
         return ("lm_head", "tied_copy") if tied and name.endswith("weight") else ("lm_head", "param")
     if _SHARED.search(name):
         return "shared_experts", "param"
+    if ".moe_statics." in name:  # Ernie 4.5: the correction bias is a parameter of the router
+        return "router", "param"
     if _ROUTED.search(name):
         return "routed_experts", "param"
     if _ROUTER.search(name) and _MLP.search(name):

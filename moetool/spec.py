@@ -71,6 +71,7 @@ class RouterSpec:
     correction_bias: bool = False  # e_score_correction_bias added for selection only
     bias: bool = False  # the router linear layer has a bias (gpt-oss)
     jitter_noise: float = 0.0
+    norm_p: float = 1.0  # norm_topk_prob divides by this p-norm of the top-k weights (DBRX; else 1: their sum)
 
 
 @dataclass(frozen=True)

@@ -250,14 +250,14 @@ def transformers_routes(model, ids) -> tuple:
     import torch
 
     captured: dict[int, tuple] = {}
-    family = model.config.model_type
+    family = model.config.get_text_config().model_type
     hooks = []
 
     def hook_for(layer: int, module):
         def hook(mod, args, out):
             if family == "llama4_text":
                 scores, logits = out
-                k = model.config.num_experts_per_tok
+                k = model.config.get_text_config().num_experts_per_tok
                 idx = torch.topk(logits, k, dim=-1).indices
                 captured[layer] = (idx, scores.gather(1, idx))
             elif family == "dbrx":

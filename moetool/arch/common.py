@@ -53,27 +53,54 @@ def sparse_step_schedule(cfg: Cfg, layers: int, has_experts: bool) -> list[bool]
     return [has_experts and i not in mlp_only and (i + 1) % step == 0 for i in range(layers)]
 
 
-def first_k_dense_schedule(cfg: Cfg, layers: int, has_experts: bool) -> list[bool]:
-    """DeepSeek / GLM-4.5: dense for the first `first_k_dense_replace` layers, then every `moe_layer_freq`."""
-    k = cfg.int("first_k_dense_replace", 0)
-    freq = cfg.int("moe_layer_freq", 1, min_value=1)
-    return [has_experts and i >= k and i % freq == 0 for i in range(layers)]
+def first_k_dense_schedule(cfg: Cfg, layers: int, has_experts: bool, first_k_default: int = 0) -> list[bool]:
+    """DeepSeek / GLM-4.5: dense for the first `first_k_dense_replace` layers, MoE on every layer
+    after. `moe_layer_freq` is ignored, as transformers' decoders do (their checkpoints have 1)."""
+    k = cfg.int("first_k_dense_replace", first_k_default)
+    return [has_experts and i >= k for i in range(layers)]
 
 
-def layer_windows(cfg: Cfg, layers: int) -> list[Optional[int]]:
-    """KV window per layer: `layer_types` (sliding_attention / chunked_attention keep a window),
-    or a model-wide `sliding_window` when `use_sliding_window` is not false."""
+# How each family turns `sliding_window` / `use_sliding_window` / `layer_types` into per-layer
+# windows when the config gives no `layer_types` (transformers' configuration_*.py __post_init__):
+#   all:        every layer slides when `sliding_window` is set (Mixtral, Phi-MoE)
+#   use_flag:   every layer, only if `use_sliding_window` (default false: Qwen3-MoE)
+#   qwen2_moe:  only if `use_sliding_window` (default false), layers with (i + 1) odd below
+#               `max_window_layers` (default 28)
+#   qwen2:      only if `use_sliding_window` (default false), layers i >= `max_window_layers` (dense Qwen2 / Qwen3)
+#   from_max:   layers i >= `max_window_layers`, no use flag (dots1)
+#   alternate:  layers with (i + 1) odd (gpt-oss)
+#   none:       no sliding window whatever the config says (Llama, OLMoE, GraniteMoE)
+WindowRule = str
+
+
+def layer_windows(cfg: Cfg, layers: int, rule: WindowRule = "all") -> list[Optional[int]]:
+    """KV window per layer: `layer_types` (sliding_attention keeps a window) when given, else the
+    family's `rule` above. A window of 0 / null is no window."""
     window = cfg.raw("sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise BadConfig(f"{cfg.where}: field 'sliding_window' must be a non-negative integer, got {window!r}")
+    use = cfg.bool("use_sliding_window", rule == "all")
+    if rule == "none" or (rule in ("use_flag", "qwen2_moe", "qwen2") and not use):
+        window = None  # transformers sets sliding_window to None / 0
+    if not window:
+        return [None] * layers
     if cfg.has("layer_types"):
         types = cfg.str_list("layer_types")
         if len(types) < layers:
             raise BadConfig(f"{cfg.where}: layer_types has {len(types)} entries for {layers} layers")
-        return [window if t == "sliding_attention" and window else None for t in types[:layers]]
-    if window and cfg.raw("use_sliding_window", True) is not False:
-        return [window] * layers
-    return [None] * layers
+        return [window if t == "sliding_attention" else None for t in types[:layers]]
+    if rule == "qwen2_moe":
+        below = cfg.int("max_window_layers", 28)
+        return [window if (i + 1) % 2 and i < below else None for i in range(layers)]
+    if rule == "from_max":
+        return [window if i >= cfg.int("max_window_layers", 0) else None for i in range(layers)]
+    if rule == "qwen2":
+        return [window if i >= cfg.int("max_window_layers", 28) else None for i in range(layers)]
+    if rule == "alternate":
+        return [window if (i + 1) % 2 else None for i in range(layers)]
+    if rule == "all" and not use:
+        return [None] * layers
+    return [window] * layers
 
 
 def quantization(cfg: Cfg) -> Optional[dict]:

@@ -4,6 +4,7 @@ Config nests attention and FFN options in `attn_config` and `ffn_config`."""
 
 from __future__ import annotations
 
+from ..errors import BadConfig
 from ..spec import Cfg, Inventory, ModelSpec, MoESpec, RouterSpec
 from . import common
 
@@ -19,9 +20,14 @@ def adapt(cfg: Cfg, model_type: str = "dbrx") -> ModelSpec:
     tie = common.tie_embeddings(cfg)
     E = ffn.int("moe_num_experts", 4, min_value=1)
     F = ffn.int("ffn_hidden_size", 3584, min_value=1)
+    key = "moe_normalize_expert_weights"  # transformers' default 1.0; an explicit null: no normalisation
+    norm_p = ffn.float(key) if ffn.has(key) else (None if key in ffn.d else 1.0)
     moe = MoESpec(num_experts=E, top_k=ffn.int("moe_top_k", 1, min_value=1), expert_ffn=F,
-                  router=RouterSpec(norm_topk_prob=ffn.raw("moe_normalize_expert_weights", 1) is not None,
-                                    jitter_noise=ffn.float("moe_jitter_eps", 0.0)))
+                  # moe_normalize_expert_weights: the p of the p-norm the top-k weights are divided by; null: none.
+                  router=RouterSpec(norm_topk_prob=norm_p is not None,
+                                    norm_p=1.0 if norm_p is None else norm_p,
+                                    jitter_noise=ffn.float("moe_jitter_eps", 0.0)),
+                  activation=_act(ffn))
     inv = Inventory()
     layers = []
     for i in range(n_layers):
@@ -37,6 +43,15 @@ def adapt(cfg: Cfg, model_type: str = "dbrx") -> ModelSpec:
                      layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie,
                      max_position_embeddings=cfg.raw("max_seq_len"), torch_dtype=cfg.raw("torch_dtype"),
                      quantization=common.quantization(cfg))
+
+
+def _act(ffn: Cfg) -> str:
+    """`ffn_config.ffn_act_fn` is {"name": ..., **kwargs}; transformers' default is SiLU."""
+    act = ffn.raw("ffn_act_fn") or {"name": "silu"}
+    name = act.get("name", "silu") if isinstance(act, dict) else None
+    if not isinstance(name, str):
+        raise BadConfig(f"{ffn.where}: ffn_config.ffn_act_fn must be an object with a string 'name', got {act!r}")
+    return name
 
 
 def register(table: dict) -> None:

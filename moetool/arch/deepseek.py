@@ -1,16 +1,20 @@
-"""DeepSeek-V2, DeepSeek-V3 (and Kimi-K2, same architecture), GLM-4.5 (glm4_moe).
+"""DeepSeek-V2, DeepSeek-V3 (and Kimi-K2, same architecture), GLM-4.5 (glm4_moe), GLM-4.7-Flash
+(glm4_moe_lite: DeepSeek-V3's MLA with GLM's MoE) and DeepSeek-V3.2 (deepseek_v32: DeepSeek-V3 plus the
+DeepSeek Sparse Attention indexer in every attention layer). They differ only in data (`DEFAULTS`).
 
 DeepSeek: multi-head latent attention (MLA): queries through an optional low-rank `q_lora_rank`,
 keys and values through a shared latent of `kv_lora_rank` plus a decoupled RoPE key of
 `qk_rope_head_dim`; the KV cache holds only that latent (kv_lora_rank + qk_rope_head_dim per token).
 GLM-4.5: GQA attention with q/k/v biases and optional QK-norm.
-Both: the first `first_k_dense_replace` layers dense, routed + shared experts after, and
+Both: the first `first_k_dense_replace` layers dense, routed + shared experts on every layer after
+(transformers ignores `moe_layer_freq`; see common.first_k_dense_schedule), and
 `num_nextn_predict_layers` multi-token-prediction layers stored in the checkpoint but not built
 by transformers (reported as MTP parameters, not in the total).
 """
 
 from __future__ import annotations
 
+from ..errors import BadConfig
 from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
 from . import common
 
@@ -19,6 +23,11 @@ DEFAULTS = {
     "deepseek_v2": dict(first_k_dense=0, norm_topk_prob=False, scoring="softmax", topk_method="greedy"),
     "deepseek_v3": dict(first_k_dense=3, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
     "glm4_moe": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
+    # These two take the schedule from `mlp_layer_types` ("dense" / "sparse"); without it, lite is
+    # dense on layer 0 only (its config has no first_k_dense_replace), v3.2 on the first 3.
+    "glm4_moe_lite": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
+                          first_k_key=None),
+    "deepseek_v32": dict(first_k_dense=3, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
 }
 
 
@@ -49,8 +58,11 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
         moe = MoESpec(num_experts=experts, top_k=cfg.int("num_experts_per_tok", min_value=1), expert_ffn=f,
                       num_shared_experts=shared, shared_ffn=f * shared, router=router,
                       activation=cfg.str("hidden_act", "silu"))
-    k_dense = cfg.int("first_k_dense_replace", dflt["first_k_dense"])
-    freq = cfg.int("moe_layer_freq", 1, min_value=1)
+    k_key = dflt.get("first_k_key", "first_k_dense_replace")
+    k_dense = cfg.int(k_key, dflt["first_k_dense"]) if k_key else dflt["first_k_dense"]
+    types = cfg.str_list("mlp_layer_types") if cfg.has("mlp_layer_types") else None
+    if types is not None and len(types) < n_layers:
+        raise BadConfig(f"{cfg.where}: mlp_layer_types has {len(types)} entries for {n_layers} layers")
     mtp = cfg.first_int(["num_nextn_predict_layers", "num_mtp_layers"], 0)
 
     if family == "glm4_moe":
@@ -76,7 +88,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
         layer = attention(inv, i, group or "attention")
         inv.add(f"layers.{i}.input_norm.weight", group or "norms", (d,), i)
         inv.add(f"layers.{i}.post_attention_norm.weight", group or "norms", (d,), i)
-        is_moe = moe is not None and i >= k_dense and i % freq == 0
+        is_moe = moe is not None and (types[i] == "sparse" if types and i < n_layers else i >= k_dense)  # MTP layers too
         if is_moe:
             inv.linear(f"layers.{i}.router", group or "router", moe.num_experts, d, i)  # [E, D]
             inv.swiglu(f"layers.{i}.experts", group or "routed_experts", d, moe.expert_ffn, i, copies=moe.num_experts)
@@ -111,6 +123,9 @@ class _MLA:
         self.rope = cfg.int("qk_rope_head_dim", min_value=0)
         self.v = cfg.int("v_head_dim", min_value=1)
         self.bias = cfg.bool("attention_bias", False)
+        # DeepSeek-V3.2's sparse-attention indexer (deepseek_v32): index_n_heads x index_head_dim.
+        self.index = (cfg.int("index_n_heads", 64, min_value=1), cfg.int("index_head_dim", 128, min_value=1)) \
+            if cfg.raw("model_type") == "deepseek_v32" else None
 
     def build(self, inv: Inventory, i: int, group: str) -> LayerSpec:
         d, H, qk = self.d, self.heads, self.nope + self.rope
@@ -126,6 +141,13 @@ class _MLA:
         inv.add(f"{p}.kv_a_norm.weight", norms, (self.kv_lora,), i)
         inv.linear(f"{p}.kv_b", group, H * (self.nope + self.v), self.kv_lora, i)  # [H*(nope+v), Rkv]
         inv.linear(f"{p}.o", group, d, H * self.v, i, self.bias)               # [D, H*v]
+        if self.index:
+            nh, hd = self.index
+            inv.linear(f"{p}.indexer.wq_b", group, nh * hd, self.q_lora, i)    # [Hi*Di, Rq]
+            inv.linear(f"{p}.indexer.wk", group, hd, d, i)                     # [Di, D]
+            inv.add(f"{p}.indexer.k_norm.weight", norms, (hd,), i)             # LayerNorm
+            inv.add(f"{p}.indexer.k_norm.bias", norms, (hd,), i)
+            inv.linear(f"{p}.indexer.weights_proj", group, nh, d, i)           # [Hi, D]
         # The cache holds the compressed latent and the shared RoPE key (as DeepSeek's own
         # inference and vLLM/SGLang do), not per-head K and V.
         return LayerSpec(index=i, mixer="mla", moe=False, kv_per_token=self.kv_lora + self.rope,
@@ -146,5 +168,5 @@ def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd
 
 
 def register(table: dict) -> None:
-    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe"):
+    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32"):
         table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)

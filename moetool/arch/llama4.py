@@ -22,7 +22,8 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
     F = text.int("intermediate_size", min_value=1)
     moe = MoESpec(num_experts=E, top_k=text.int("num_experts_per_tok", 1, min_value=1), expert_ffn=F,
                   num_shared_experts=1, shared_ffn=F,
-                  router=RouterSpec(scoring="sigmoid", order="topk_then_score", norm_topk_prob=False))
+                  router=RouterSpec(scoring="sigmoid", order="topk_then_score", norm_topk_prob=False),
+                  activation=text.str("hidden_act", "silu"))
     step = text.int("interleave_moe_layer_step", 1, min_value=1)
     moe_layers = set(text.int_list("moe_layers", list(range(step - 1, n_layers, step))))
     interval = text.int("no_rope_layer_interval", 4, min_value=1)

@@ -18,7 +18,7 @@ from ..errors import MoetoolError
 from ..source import Checkpoint
 from .config import FORWARD_FAMILIES, forward_config
 from .model import Decoder, ForwardResult, LayerRoute
-from .weights import WeightStore
+from .weights import WeightStore, fp8_block_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +52,8 @@ def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32
                            f"(max_position_embeddings={fc.max_positions})")
     if dtype not in DTYPES or router_dtype not in DTYPES:
         raise MoetoolError(f"--dtype must be one of {', '.join(DTYPES)}")
-    store = weight_store(ckpt) if streaming is None else WeightStore(ckpt.tensors, streaming=streaming)
+    store = (weight_store(ckpt) if streaming is None
+             else WeightStore(ckpt.tensors, streaming=streaming, fp8_block=fp8_block_size(ckpt.config)))
     with torch.inference_mode():
         out = Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
                       router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook).run(token_ids, record,
@@ -66,7 +67,7 @@ def weight_store(ckpt: Checkpoint) -> WeightStore:
     calibration) reuse the mapped files."""
     store = getattr(ckpt, "_weight_store", None)
     if store is None:
-        store = WeightStore(ckpt.tensors)
+        store = WeightStore(ckpt.tensors, fp8_block=fp8_block_size(ckpt.config))
         ckpt._weight_store = store
     return store
 

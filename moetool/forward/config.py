@@ -15,7 +15,21 @@ from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
+                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32")
+
+# Families (moetool/arch/text_moe.py) whose forward is the Llama-like one with these settings:
+# rope_layout: "interleave" pairs (2i, 2i+1) instead of rotate-half; theta: default rope_theta.
+FAMILY_FORWARD: dict[str, dict] = {
+    "ernie4_5_moe": dict(rope_layout="interleave", theta=500000.0),
+    "hunyuan_v1_moe": dict(qk_norm="head_after_rope"),
+    "flex_olmo": dict(qk_norm="full", theta=500000.0,
+                      layer_norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
+    "minimax_m2": dict(qk_norm="full", theta=5000000.0),
+    "dots1": dict(qk_norm="head"),
+    "granitemoeshared": dict(),  # GraniteMoE's multipliers (below) plus the shared MLP
+    "solar_open": dict(theta=1e6),
+}
+FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -37,6 +51,9 @@ class Rope:
         """Inverse frequencies [dim/2] and the cos/sin scale, as transformers' rope init functions."""
         d, base, p = self.dim, self.theta, self.params
         inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+        if self.kind == "dynamic" and p.get("alpha"):  # HunYuan: NTK with a fixed alpha stretches the base
+            base = base * float(p["alpha"]) ** (d / (d - 2))
+            return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d)), 1.0
         if self.kind in ("default", "dynamic") or not p:
             return inv, 1.0
         factor = float(p.get("factor", 1.0))
@@ -112,21 +129,25 @@ class ForwardConfig:
     norm: Literal["rms", "layernorm"]
     rope: Rope
     attn_scale: float
-    qk_norm: Literal["none", "head", "full", "l2"] = "none"
+    qk_norm: Literal["none", "head", "full", "l2", "head_after_rope"] = "none"
     clip_qkv: Optional[float] = None
     windows: list[Optional[int]] = field(default_factory=list)
     use_rope: list[bool] = field(default_factory=list)
     chunk: Optional[int] = None
     mla: Optional[dict] = None
+    indexer: Optional[dict] = None  # DeepSeek-V3.2 sparse attention: heads, dim, topk (forward/indexer.py)
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     temperature_tuning: Optional[tuple[float, float]] = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
-    expert_act: Literal["silu", "gpt_oss"] = "silu"
+    expert_act: str = "silu"  # every gated FFN's activation: an ACT2FN name (hidden_act) or "gpt_oss"
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     dense_ffn: int = 0
     max_positions: Optional[int] = None
+    # Norms of a decoder layer, as checkpoint names under the layer: (before attention, after
+    # attention, before FFN, after FFN); None where the family has none (Olmo 2 style: after only).
+    layer_norms: tuple[Optional[str], ...] = ("input_layernorm", None, "post_attention_layernorm", None)
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -149,7 +170,9 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     scaling_dict = {**(cfg.raw("rope_scaling") or {}), **(cfg.raw("rope_parameters") or {})}
     kind = scaling_dict.get("rope_type") or scaling_dict.get("type") or "default"
     _check_rope(kind, scaling_dict, cfg)
-    theta = float(scaling_dict.get("rope_theta") or cfg.float("rope_theta", ROPE_THETA_DEFAULTS.get(family, 10000.0)))
+    extra = FAMILY_FORWARD.get(family, {})
+    theta_default = extra.get("theta", ROPE_THETA_DEFAULTS.get(family, 10000.0))
+    theta = float(scaling_dict.get("rope_theta") or cfg.float("rope_theta", theta_default))
     if kind == "longrope" and "original_max_position_embeddings" not in scaling_dict and cfg.has("original_max_position_embeddings"):
         scaling_dict = {**scaling_dict, "original_max_position_embeddings": cfg.int("original_max_position_embeddings")}
     max_pos = cfg.int("max_position_embeddings", None, min_value=1)
@@ -158,7 +181,16 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
                        kv_heads=kv, head_dim=hd, eps=cfg.float("rms_norm_eps", 1e-6), norm="rms", rope=rope,
                        attn_scale=hd ** -0.5, windows=[l.window for l in spec.layers],
                        use_rope=[True] * spec.num_layers, max_positions=max_pos,
-                       dense_ffn=cfg.int("intermediate_size", 0))
+                       dense_ffn=cfg.int("intermediate_size", 0), expert_act=_activation(spec))
+    if extra:
+        rope.layout = extra.get("rope_layout", rope.layout)
+        fc.qk_norm = extra.get("qk_norm", fc.qk_norm)
+        fc.layer_norms = extra.get("layer_norms", fc.layer_norms)
+        # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
+        prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
+        if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
+            prf = cfg.int("rotary_dim") / hd
+        rope.dim = int(hd * float(prf))
     if family == "phimoe":
         fc.norm = "layernorm"
         fc.eps = cfg.float("rms_norm_eps", 1e-5)
@@ -168,8 +200,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         fc.qk_norm = "head"
     elif family == "glm4_moe":
         fc.qk_norm = "head" if cfg.bool("use_qk_norm", False) else "none"
-        rope.dim = int(hd * cfg.float("partial_rotary_factor", 0.5))
-    elif family == "granitemoe":
+        # transformers 5 writes partial_rotary_factor inside rope_parameters; older configs at the top.
+        prf = scaling_dict.get("partial_rotary_factor")
+        rope.dim = int(hd * (float(prf) if prf is not None else cfg.float("partial_rotary_factor", 0.5)))
+    elif family in ("granitemoe", "granitemoeshared"):
         fc.attn_scale = cfg.float("attention_multiplier", 1.0)
         fc.embedding_multiplier = cfg.float("embedding_multiplier", 1.0)
         fc.residual_multiplier = cfg.float("residual_multiplier", 1.0)
@@ -188,11 +222,18 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.bool("attn_temperature_tuning", True):
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
-    elif family in ("deepseek_v2", "deepseek_v3"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
-        rope.layout = "interleave" if (family == "deepseek_v2" or cfg.bool("rope_interleave", True)) else "half"
+        # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
+        interleave = family in ("deepseek_v2", "deepseek_v32") or cfg.bool("rope_interleave", True)
+        rope.layout = "interleave" if interleave else "half"
+        if family == "deepseek_v32":
+            if not fc.mla["q_lora"]:
+                raise BadConfig("config.json: deepseek_v32 needs q_lora_rank (its indexer reads the query latent)")
+            fc.indexer = dict(heads=cfg.int("index_n_heads", 64), dim=cfg.int("index_head_dim", 128),
+                              topk=cfg.int("index_topk", 2048))
         fc.attn_scale = (nope + rdim) ** -0.5
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
             m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))
@@ -230,6 +271,16 @@ def _check_rope(kind, p: dict, cfg: Cfg) -> None:
                         "'max_position_embeddings'")
 
 
+def _activation(spec: ModelSpec) -> str:
+    from .model import ACTIVATIONS
+
+    act = spec.moe.activation if spec.moe else "silu"
+    if act not in ACTIVATIONS:
+        raise UnsupportedArchitecture(f"hidden_act {act!r} is not supported by the reference forward; "
+                                      f"supported: {', '.join(sorted(ACTIVATIONS))}")
+    return act
+
+
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
     attn = cfg.sub("attn_config")
     d, heads = spec.hidden_size, cfg.int("n_heads")
@@ -238,4 +289,6 @@ def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
                          kv_heads=attn.int("kv_n_heads", 1), head_dim=hd, eps=1e-5, norm="layernorm",
                          rope=Rope(theta=attn.float("rope_theta", 10000.0), dim=hd), attn_scale=hd ** -0.5,
                          clip_qkv=attn.raw("clip_qkv"), windows=[None] * spec.num_layers,
-                         use_rope=[True] * spec.num_layers, max_positions=cfg.int("max_seq_len", None, min_value=1))
+                         use_rope=[True] * spec.num_layers, max_positions=cfg.int("max_seq_len", None, min_value=1),
+                         layer_norms=("norm_attn_norm.norm_1", None, "norm_attn_norm.norm_2", None),
+                         expert_act=_activation(spec))

@@ -21,6 +21,7 @@ import torch.nn.functional as F_
 from ..errors import BadCheckpoint, MoetoolError
 from ..spec import ModelSpec, MoESpec
 from .config import ForwardConfig
+from .indexer import sparse_attention_keep
 from .weights import WeightStore
 
 
@@ -86,7 +87,8 @@ class Names:
         else:
             root = embed[: -len("embed_tokens.weight")]
             self.layers, self.final_norm = root + "layers.", root + "norm."
-            wrapper = embed.split("model.")[0] if embed.startswith("language_model.") else ""
+            # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
+            wrapper = "language_model." if embed.startswith("language_model.") else ""
             self.head = wrapper + "lm_head.weight"
 
     def find(self, layer: int, *suffixes: str, required: bool = True) -> Optional[str]:
@@ -192,9 +194,15 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
         w = torch.sigmoid(top) if r.scoring == "sigmoid" else torch.softmax(top, dim=-1)
         return idx, w, logits
     probs = torch.softmax(logits, dim=-1)  # [T, E]
-    top, idx = torch.topk(probs, k, dim=-1)  # [T, K]
-    if r.norm_topk_prob:
+    if bias is not None and r.correction_bias:  # Ernie 4.5: the bias shifts the choice, not the weights
+        idx = torch.topk(probs + bias, k, dim=-1).indices
+        top = probs.gather(1, idx)
+    else:
+        top, idx = torch.topk(probs, k, dim=-1)  # [T, K]
+    if r.norm_topk_prob and r.norm_p == 1.0:
         top = top / top.sum(dim=-1, keepdim=True)
+    elif r.norm_topk_prob:  # DBRX: divide by the p-norm of the top-k weights
+        top = top / torch.norm(top, p=r.norm_p, dim=-1, keepdim=True)
     return idx, top, probs
 
 
@@ -306,13 +314,25 @@ class Experts:
         return gate, up, down, gb, ub, db
 
 
+# transformers' ACT2FN names (activations.py) for the gate of a gated FFN.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F_.silu, "swish": F_.silu,
+    "gelu": lambda x: F_.gelu(x), "gelu_pytorch_tanh": lambda x: F_.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F_.relu, "relu2": lambda x: torch.square(F_.relu(x)), "relu6": F_.relu6,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "mish": F_.mish,
+}
+
+
 def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
-    """The expert's intermediate activation from its gate and up projections."""
+    """The expert's intermediate activation from its gate and up projections: act(gate) * up."""
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
         return (u + 1) * (g * torch.sigmoid(g * alpha))
-    return F_.silu(g) * u
+    return ACTIVATIONS[act](g) * u
 
 
 def swiglu(x, gate, up, down, gb=None, ub=None, db=None, act: str = "silu", limit: float = 7.0, alpha: float = 1.702):
@@ -376,24 +396,26 @@ class Decoder:
     def layer(self, i: int, x, cos, sin, masks, routes, record):
         fc, n = self.fc, self.names
         find = lambda *s, required=True: n.find(i, *s, required=required)
-        if fc.family == "dbrx":
-            n1w, n1b = find("norm_attn_norm.norm_1.weight"), find("norm_attn_norm.norm_1.bias", required=False)
-            n2w, n2b = find("norm_attn_norm.norm_2.weight"), find("norm_attn_norm.norm_2.bias", required=False)
-        else:
-            n1w, n1b = find("input_layernorm.weight"), find("input_layernorm.bias", required=False)
-            n2w = find("post_attention_layernorm.weight")
-            n2b = find("post_attention_layernorm.bias", required=False)
-        h = norm(x, self.w(n1w), self.w(n1b), fc)
-        a = self.attention(i, h, cos, sin, masks)
+        # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
+        pre_a, post_a, pre_f, post_f = fc.layer_norms
+
+        def nrm(name: Optional[str], t: torch.Tensor) -> torch.Tensor:
+            if name is None:
+                return t
+            return norm(t, self.w(find(name + ".weight")), self.w(find(name + ".bias", required=False)), fc)
+
+        h = nrm(pre_a, x)
+        a = nrm(post_a, self.attention(i, h, cos, sin, masks))
         x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
-        h = norm(x, self.w(n2w), self.w(n2b), fc)
+        h = nrm(pre_f, x)
         if self.spec.layers[i].moe:
             f = self.moe(i, h, routes, record)
         else:
             if self.ffn_hook:
                 self.ffn_hook(self, i, h, None)
-            f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight"))
-                            for p in ("gate", "up", "down")))
+            base = find("mlp.gate_proj.weight", "feed_forward.gate_proj.weight")[: -len("gate_proj.weight")]
+            f = self.gated_mlp(base, h)
+        f = nrm(post_f, f)
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
@@ -437,6 +459,9 @@ class Decoder:
             floor, scale = fc.temperature_tuning
             pos = torch.arange(T, dtype=torch.float32, device=q.device)
             q = (q * (torch.log1p(torch.floor((pos + 1.0) / floor)) * scale + 1.0)[:, None, None]).to(q.dtype)
+        if fc.qk_norm == "head_after_rope":  # HunYuan: RMSNorm per head after RoPE
+            q = rms_norm(q, self.w(find("self_attn.query_layernorm.weight")), fc.eps)
+            k = rms_norm(k, self.w(find("self_attn.key_layernorm.weight")), fc.eps)
         window = fc.windows[i]
         chunk = fc.chunk if (fc.chunk and fc.use_rope[i]) else None
         key = (window, chunk)
@@ -454,8 +479,8 @@ class Decoder:
         nope, r, v_dim, kvr = m["nope"], m["rope"], m["v"], m["kv_lora"]
         if m["q_lora"]:
             qa = linear(h, self.w(find("self_attn.q_a_proj.weight")), self.w(find("self_attn.q_a_proj.bias", required=False)))
-            q = linear(rms_norm(qa, self.w(find("self_attn.q_a_layernorm.weight")), 1e-6),
-                       self.w(find("self_attn.q_b_proj.weight")))
+            q_resid = rms_norm(qa, self.w(find("self_attn.q_a_layernorm.weight")), 1e-6)  # [T, Rq]
+            q = linear(q_resid, self.w(find("self_attn.q_b_proj.weight")))
         else:
             q = linear(h, self.w(find("self_attn.q_proj.weight")))
         q = q.view(T, H, nope + r)  # [T, H, nope + rope]
@@ -471,14 +496,20 @@ class Decoder:
         k = torch.cat((k_nope, k_rot), dim=-1)
         if (None, None) not in masks:
             masks[(None, None)] = attention_mask(T, None, None, q.device)
-        out = sdpa(q, k, v, masks[(None, None)], fc.attn_scale).reshape(T, H * v_dim)
+        mask = masks[(None, None)]
+        if fc.indexer:  # DeepSeek-V3.2: attend only to the keys the sparse-attention indexer keeps
+            ix = fc.indexer
+            get = lambda name, dtype: self.store.get(self.names.find(i, name), dtype, device=self.device)
+            mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
+                                         ix["topk"], r, apply_rope)
+        out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
         return linear(out, self.w(find("self_attn.o_proj.weight")), self.w(find("self_attn.o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
-                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight")
+                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -486,8 +517,10 @@ class Decoder:
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
         if not torch.isfinite(logits).all():
             raise BadCheckpoint(non_finite_router(i, h, rw, router_w, router_b))
-        corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", required=False), torch.float32,
-                                       device=self.device)
+        corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias",
+                                            "block_sparse_moe.e_score_correction_bias", required=False),
+                                       torch.float32, device=self.device)
+        corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if record:
             routes.append(LayerRoute(i, idx.cpu(), weights.float().cpu(), logits.cpu(), scores.float().cpu()))
@@ -508,7 +541,7 @@ class Decoder:
             start += c
             gate, up, down, gb, ub, db = experts.load(e)
             if fc.family == "llama4":  # the gate scales the expert's input, not its output
-                y = swiglu(h[tok] * w_e[:, None].to(h.dtype), gate, up, down)
+                y = swiglu(h[tok] * w_e[:, None].to(h.dtype), gate, up, down, act=fc.expert_act)
             else:
                 y = swiglu(h[tok], gate, up, down, gb, ub, db, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
                 y = y * w_e[:, None].to(y.dtype)
@@ -516,22 +549,37 @@ class Decoder:
             del gate, up, down
             self.store.release()  # this expert's pages leave resident memory before the next one
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
-                      "feed_forward.shared_expert.gate_proj.weight", required=False)
+                      "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight", required=False)
         if shared:
             base = shared[: -len("gate_proj.weight")]
-            s = swiglu(h, self.w(base + "gate_proj.weight"), self.w(base + "up_proj.weight"), self.w(base + "down_proj.weight"))
+            s = self.gated_mlp(base, h)
             sg = find("mlp.shared_expert_gate.weight", required=False)
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
             out = out + s
+        fused = find("shared_mlp.input_linear.weight", required=False)
+        if fused:  # GraniteMoeShared: one [2F, D] gate+up matrix (gate first), output_linear [D, F]
+            gate, up = self.w(fused).chunk(2, dim=0)
+            out = out + swiglu(h, gate, up, self.w(find("shared_mlp.output_linear.weight")), act=fc.expert_act)
         return out
+
+    def gated_mlp(self, base: str, h: torch.Tensor) -> torch.Tensor:
+        """A dense MLP or shared expert `base`{gate,up,down}_proj (biases where stored)."""
+        w = lambda p: self.w(base + p + "_proj.weight")
+        b = lambda p: self.w(base + p + "_proj.bias") if (base + p + "_proj.bias") in self.store else None
+        return swiglu(h, w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"), act=self.fc.expert_act)
 
     def _final(self, x) -> torch.Tensor:
         fc, n = self.fc, self.names
         fw = self.w(n.final_norm + "weight")
         fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
         x = norm(x, fw, fb, fc)
-        head = n.head if n.head in self.store else n.embed  # tied: the embedding is the head
+        if n.head in self.store:
+            head = n.head
+        elif self.spec.tie_word_embeddings:  # tied: the embedding is the head
+            head = n.embed
+        else:
+            raise BadCheckpoint(f"checkpoint has no LM head {n.head!r} and tie_word_embeddings is false")
         hb = n.head[: -len("weight")] + "bias"
         logits = self._head(x, head, self.w(hb) if hb in self.store else None)  # [T, V] float32
         return logits / fc.logits_scaling if fc.logits_scaling != 1.0 else logits

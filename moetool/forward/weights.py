@@ -9,7 +9,8 @@ stream through. The kernel's page cache keeps recently read pages for a later ru
 
 Fused expert tensors ([E, ...] or DBRX's [E*F, D]) are sliced per expert by byte range: reading
 expert e never touches the others. fp8 weights with `weight_scale_inv` (128x128 blocks) and MXFP4
-`*_blocks` / `*_scales` are dequantised on load.
+`*_blocks` / `*_scales` are dequantised on load; the fp8 block size is the checkpoint's
+`quantization_config.weight_block_size` (transformers' default 128x128), never inferred.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import BadCheckpoint
+from ..errors import BadCheckpoint, BadConfig
 from ..header import DTYPE_BITS, TensorInfo
 
 TORCH_DTYPES = {
@@ -42,8 +43,10 @@ class WeightStore:
         >>> w = store.get("model.layers.0.self_attn.q_proj.weight", torch.float32)  # doctest: +SKIP
     """
 
-    def __init__(self, tensors: dict[str, TensorInfo], streaming: Optional[bool] = None):
+    def __init__(self, tensors: dict[str, TensorInfo], streaming: Optional[bool] = None,
+                 fp8_block: tuple[int, int] = (128, 128)):
         self.tensors = tensors
+        self.fp8_block = fp8_block
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # file -> (map, data start)
         self.bytes_read = 0
         # Streaming (drop pages after each expert and layer) when the checkpoint is large next to the
@@ -122,15 +125,22 @@ class WeightStore:
         return None if name is None or name not in self else self.get(name, dtype, **kw)
 
     def _fp8(self, name: str, w: torch.Tensor, index: Optional[int]) -> torch.Tensor:
-        """fp8 E4M3 with DeepSeek-V3's `weight_scale_inv`: one fp32 scale per 128x128 block."""
+        """fp8 with `weight_scale_inv`: one fp32 scale per block of `fp8_block` [rows, cols] (the
+        last block of a dimension may be partial: DeepSeek-V3's 576-row kv_a_proj_with_mqa has
+        4 full 128-row blocks and one of 64), or one per tensor. As transformers' fp8 dequantisation."""
         scale_name = name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
         w = w.to(torch.float32)
         if scale_name not in self.tensors:
             return w
         s = self.raw(scale_name, index).to(torch.float32)
+        if s.numel() == 1:  # per-tensor scale
+            return w * s.reshape(())
         out, inp = w.shape[-2:]
-        bo = math.ceil(out / s.shape[-2])
-        bi = math.ceil(inp / s.shape[-1])
+        bo, bi = self.fp8_block
+        grid = (math.ceil(out / bo), math.ceil(inp / bi))
+        if w.dim() < 2 or tuple(s.shape[-2:]) != grid:
+            raise BadCheckpoint(f"tensor {scale_name!r}: shape {list(s.shape)} does not match {name!r} "
+                                f"{list(w.shape)} in blocks of {bo}x{bi} (quantization_config.weight_block_size)")
         s = s.repeat_interleave(bo, dim=-2)[..., :out, :].repeat_interleave(bi, dim=-1)[..., :inp]
         return w * s
 
@@ -155,6 +165,18 @@ class WeightStore:
                 mm.madvise(mmap.MADV_DONTNEED)
             except (AttributeError, OSError, ValueError):
                 pass
+
+
+def fp8_block_size(config: dict) -> tuple[int, int]:
+    """`quantization_config.weight_block_size` [rows, cols]; transformers' default is 128x128."""
+    q = config.get("quantization_config") if isinstance(config, dict) else None
+    block = q.get("weight_block_size") if isinstance(q, dict) else None
+    if block is None:
+        return (128, 128)
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise BadConfig(f"config.json: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    return (block[0], block[1])
 
 
 def available_memory() -> int:

@@ -1,0 +1,45 @@
+"""DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, `deepseek_v32`).
+
+Every MLA layer has a small indexer that scores each query against every (causally visible) key and
+keeps the `index_topk` best keys; attention then sees only those. As transformers' DeepseekV32Indexer
+(the bf16 equivalent of DeepSeek's reference: the Hadamard rotation is orthogonal and left out, scores
+in float32):
+
+    q = wq_b(q_resid) [T, Hi, Di]     k = LayerNorm(wk(x)) [T, Di]   (RoPE, rotate-half layout, on the
+                                                                      first qk_rope_head_dim dims of each)
+    score[s, t] = sum_h  w[s, h] * relu(q[s, h] . k[t] * Di^-0.5),   w = weights_proj(x) * Hi^-0.5
+    keep[s] = top-`index_topk` of score[s] over the keys the causal mask allows
+
+Shapes: T tokens, Hi indexer heads, Di indexer head dim, Rq q_lora_rank.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F_
+
+
+def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefix: str, h: torch.Tensor,
+                          q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: torch.Tensor,
+                          heads: int, dim: int, topk: int, rope_dim: int, apply_rope) -> torch.Tensor:
+    """-> [T, T] bool, True where query s keeps key t (always within `causal`). `get(name, dtype)`
+    reads a tensor of the layer's indexer (`prefix` + name); h [T, D] the attention input,
+    q_resid [T, Rq] the normalised query latent."""
+    T = h.shape[0]
+    dtype = h.dtype
+    q = F_.linear(q_resid, get(prefix + "wq_b.weight", dtype)).view(T, heads, dim)
+    k = F_.layer_norm(F_.linear(h, get(prefix + "wk.weight", dtype)), (dim,), get(prefix + "k_norm.weight", dtype),
+                      get(prefix + "k_norm.bias", dtype), 1e-6)  # [T, Di]
+    q = torch.cat((apply_rope(q[..., :rope_dim], cos, sin, "half"), q[..., rope_dim:]), dim=-1)
+    k = torch.cat((apply_rope(k[:, None, :rope_dim], cos, sin, "half")[:, 0], k[:, rope_dim:]), dim=-1)
+    # Same operations, shapes and order as transformers (batch of one), so ties break the same way.
+    scores = torch.matmul(q[None].float(), k[None].transpose(-1, -2).float().unsqueeze(1)) * dim ** -0.5  # [1, T, Hi, T]
+    scores = F_.relu(scores)
+    w = F_.linear(h.float(), get(prefix + "weights_proj.weight", torch.float32)) * heads ** -0.5  # [T, Hi] (fp32 module)
+    index = torch.matmul(w[None].unsqueeze(-2), scores).squeeze(-2)[0]  # [T, T]
+    index = index.masked_fill(~causal, float("-inf"))
+    chosen = index.topk(min(topk, T), dim=-1).indices  # [T, topk]
+    keep = torch.zeros(T, T, dtype=torch.bool, device=h.device).scatter(-1, chosen, True)
+    return keep & causal
