@@ -216,6 +216,8 @@ def _header_groups(spec: ModelSpec, ckpt: Checkpoint) -> _Stored:
     for (_, dtype, _), (n, elements, nbytes, name) in rows.items():
         group, layer, _, _, kind, mult = classify_tuple(name, dtype, spec.num_layers, spec.encoder_layers,
                                                         spec.tie_word_embeddings, bits, bnb4)
+        if kind == "buffer" and spec.param_buffers and name.endswith(spec.param_buffers):
+            group, kind, mult = "router", "param", 1
         if kind == "param":
             groups[group] += elements * mult
             if group == "routed_experts":

@@ -33,12 +33,12 @@ _QUANT_META = re.compile(
     r"|\.g_idx|\.weight_zero_point|\.weight_g_idx|\.weight_shape|\.absmax|\.quant_map|\.nested_absmax"
     r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
 )
-_BUFFERS = re.compile(r"(e_score_correction_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+_BUFFERS = re.compile(r"(e_score_correction_bias|\.expert_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^shared\.weight$")
-_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$")
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$")
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp)(\.|_gate\.)")
 _ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(input_linear|output_linear)\.")
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier)?\.(weight|bias)$|\.router\.(weight|bias)$")

@@ -22,6 +22,7 @@ SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, d
 
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
+    "openai_privacy_filter": dict(pad_token_id=0),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
                                       vision_output_dim=32)),
