@@ -18,10 +18,12 @@ SMALL = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, sha
              max_seq_len=256, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48, decoder_ffn_dim=48,
              encoder_attention_heads=4, decoder_attention_heads=4, ffn_hidden_size=48, kv_n_heads=2, moe_top_k=2)
 SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, depth=1, num_attention_heads=2,
-                    num_heads=2, embed_dim=16, out_hidden_size=32, image_size=28, patch_size=14)
+                    num_heads=2, embed_dim=16, out_hidden_size=32, image_size=28, patch_size=14,
+                    num_position_embeddings=16)
 
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
+    "qwen3_vl_moe": dict(vision_config=dict(depth=2, deepstack_visual_indexes=[1])),
     "openai_privacy_filter": dict(pad_token_id=0),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
