@@ -46,6 +46,7 @@ class Style:
     shared_gate: bool = False  # the shared expert's sigmoid gate [1, D]
     router_bias_param: str = ""  # a selection bias [E] built as a parameter: its stored name (AFMoE `expert_bias`)
     expert_bias: bool = False  # biases on the routed experts' projections (gpt-oss)
+    top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "experts_per_token")
     head: Literal["lm_head", "classifier"] = "lm_head"  # classifier: `score` [num_labels, D] + bias
 
 
@@ -134,6 +135,10 @@ STYLES: dict[str, Style] = {
                            dims=lambda c, i, d: _mimo_dims(c, i, d), moe_schedule=lambda c, n: mlp_layer_types(c, n),
                            router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
                                                        norm_topk_prob=c.bool("norm_topk_prob", True))),
+    # rhymes-ai/Aria (text part): every layer MoE, shared experts of intermediate_size x moe_num_shared_experts.
+    "aria_text": Style("aria_text", experts_keys=("moe_num_experts",), top_k_keys=("moe_topk",),
+                       bias=_attention_bias("attention_bias", False, "all"),
+                       shared_ffn=lambda c: c.int("intermediate_size") * c.int("moe_num_shared_experts", 2)),
     "llama": Style("llama", dense=True, bias=_attention_bias("attention_bias", False, "all")),
     "mistral": Style("mistral", dense=True),
     "qwen2": Style("qwen2", dense=True, bias="qkv"),
@@ -155,7 +160,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
     moe: Optional[MoESpec] = None
     if not s.dense:
         experts = cfg.first_int(list(s.experts_keys), min_value=1)
-        k = cfg.first_int(["num_experts_per_tok", "experts_per_token"], min_value=1)
+        k = cfg.first_int(list(s.top_k_keys), min_value=1)
         shared_ffn = cfg.int("shared_expert_intermediate_size", min_value=1) if s.shared_expert else 0
         n_shared = 1 if s.shared_expert else 0
         if s.shared_ffn is not None:
