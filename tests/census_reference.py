@@ -23,6 +23,8 @@ SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, d
 
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
+    "longcat_flash": dict(num_layers=2, qk_head_dim=12, head_dim=4, ffn_hidden_size=48, expert_ffn_hidden_size=16, zero_expert_num=4, moe_topk=2),
+    "nllb-moe": dict(encoder_sparse_step=2, decoder_sparse_step=1, num_experts=4),
     "qwen3_vl_moe": dict(vision_config=dict(depth=2, deepstack_visual_indexes=[1])),
     "openai_privacy_filter": dict(pad_token_id=0),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
