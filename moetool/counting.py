@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from . import formats
-from .arch import spec_from_config
+from .arch import generic, spec_from_config
+from .errors import UnsupportedArchitecture
 from .names import classify_tuple
 from .source import Checkpoint, resolve
 from .spec import GROUPS, ModelSpec
@@ -125,13 +126,23 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
     """Count a checkpoint. `model` is any MODEL form (see `moetool.source.resolve`) or a Checkpoint."""
     ckpt = model if isinstance(model, Checkpoint) else resolve(model, revision=revision, read_headers=use_headers,
                                                                 tensor_table=False)
-    spec = spec_from_config(ckpt.config, ckpt.config_path)
+    try:
+        spec = spec_from_config(ckpt.config, ckpt.config_path)
+    except UnsupportedArchitecture:
+        if not ckpt.has_weights:
+            raise  # config only: nothing exact to say about a family moetool does not know
+        spec, ckpt = _generic_spec(model, ckpt, revision)
     analytic = _analytic_groups(spec)
     notes = list(ckpt.notes)
     if spec.max_position_embeddings and context > spec.max_position_embeddings:
         notes.append(f"warning: --context {context:,} is past the model's maximum of {spec.max_position_embeddings:,} "
                      "tokens (max_position_embeddings): the KV cache and FLOPs are for a context it was not built for")
-    if ckpt.has_weights:
+    if spec.family == "generic":  # the spec is the headers: nothing independent to cross-check
+        groups, per_layer_routed = analytic, _routed_per_layer(spec)
+        cross = {"available": False, "match": None, "analytic_total": None, "headers_total": _total(analytic),
+                 "differences": [], "stored_not_counted": []}
+        counted_from = "headers"
+    elif ckpt.has_weights:
         stored = _header_groups(spec, ckpt)
         groups, per_layer_routed = stored.groups, stored.routed_per_layer
         cross = _cross_check(spec, analytic, stored)
@@ -192,12 +203,23 @@ def _declare_storage(report: CountReport, spec: ModelSpec) -> None:
                             f"{', '.join(unknown[:3])}")
 
 
+def _generic_spec(model, ckpt: Checkpoint, revision: Optional[str]) -> tuple[ModelSpec, Checkpoint]:
+    """A family without an adapter but with headers: the spec is built from the stored tensors
+    (their shapes are needed for the memory per format, so the full tensor table is read)."""
+    if ckpt.tensors is None and not isinstance(model, Checkpoint):
+        ckpt = resolve(model, revision=revision, read_headers=True, tensor_table=True)
+    if ckpt.tensors is None:
+        raise UnsupportedArchitecture(f"{ckpt.config_path}: unsupported model_type {ckpt.config.get('model_type')!r} "
+                                      "and no tensor table to count from")
+    return generic.spec_from_tensors(ckpt.config, ckpt.tensors.values(), ckpt.config_path), ckpt
+
+
 # --- analytic ---------------------------------------------------------------------------------
 
 def _analytic_groups(spec: ModelSpec) -> dict[str, int]:
     groups = dict.fromkeys(GROUPS, 0)
     for p in spec.params:
-        groups[p.group] += p.numel
+        groups[p.group] = groups.get(p.group, 0) + p.numel  # "other": a generic spec's unplaced tensors
     return groups
 
 
@@ -238,6 +260,8 @@ def _header_groups(spec: ModelSpec, ckpt: Checkpoint) -> _Stored:
     for (_, dtype, _), (n, elements, nbytes, name) in rows.items():
         group, layer, _, _, kind, mult = classify_tuple(name, dtype, spec.num_layers, spec.encoder_layers,
                                                         spec.tie_word_embeddings, bits, bnb4)
+        if kind == "buffer" and spec.param_buffers and name.endswith(spec.param_buffers):
+            group, kind, mult = "router", "param", 1
         if kind == "param":
             groups[group] += elements * mult
             if group == "routed_experts":

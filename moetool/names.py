@@ -33,19 +33,19 @@ _QUANT_META = re.compile(
     r"|\.g_idx|\.weight_zero_point|\.weight_g_idx|\.weight_shape|\.absmax|\.quant_map|\.nested_absmax"
     r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
 )
-_BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+_BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector)\.")
-_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^shared\.weight$")
-_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$")
+_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$")
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$")
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp)(\.|_gate\.)")
 _ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(input_linear|output_linear)\.")
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")
-_NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)\.(weight|bias)$", re.I)
+_NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)(\.\d+)?\.(weight|bias)$", re.I)
 _SSM = re.compile(r"\.(mamba|mixer)\.")
-_ATTN = re.compile(r"\.(self_attn|attn|attention|selfattention|encdecattention|linear_attn|norm_attn_norm)\.", re.I)
-_MLP = re.compile(r"\.(mlp|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
+_ATTN = re.compile(r"\.(self_attn|attn|attention|cross_attention|encoder_attn|selfattention|encdecattention|linear_attn|norm_attn_norm)\.", re.I)
+_MLP = re.compile(r"\.(mlp|mlps|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
 _PROJ = [
     (re.compile(r"\.(gate_up_proj|input_linear)"), "gate_up"),
     (re.compile(r"\.(w1|gate_proj)[._]|\.(w1|gate_proj)$"), "gate"),
@@ -95,7 +95,7 @@ def classify_tuple(name: str, dtype: str, num_layers: Optional[int], encoder_lay
     layer = None
     if layer_span is not None:
         layer = int(name[layer_span[0]:layer_span[1]])
-        if encoder_layers and name.startswith("decoder."):
+        if encoder_layers and name.startswith(("decoder.", "model.decoder.")):
             layer += encoder_layers
     mtp = layer is not None and num_layers is not None and layer >= num_layers
     group, kind, multiplier = _role(template, dtype, mtp, tied, quant_bits, bnb_4bit)
@@ -152,7 +152,7 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
             return "mtp", "tied_copy"
         return "mtp", "param"
     if _EMBED.search(name):
-        if re.match(r"^(encoder|decoder)\.embed_tokens\.weight$", name):
+        if re.match(r"^(model\.)?(encoder|decoder)\.embed_tokens\.weight$", name):
             return "embedding", "tied_copy"  # T5: copies of `shared.weight`
         return "embedding", "param"
     if _HEAD.search(name):

@@ -127,6 +127,9 @@ class ModelSpec:
     torch_dtype: Optional[str] = None
     quantization: Optional[dict] = None
     notes: tuple[str, ...] = ()
+    # Stored names (suffixes) that names.py takes for buffers but this family builds as parameters
+    # (AFMoE's `expert_bias`, Laguna's `e_score_correction_bias`): counted in the router group.
+    param_buffers: tuple[str, ...] = ()
 
     @property
     def moe_layers(self) -> list[int]:

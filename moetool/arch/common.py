@@ -10,11 +10,12 @@ from ..spec import Cfg, Inventory, LayerSpec
 
 
 def head_dim(cfg: Cfg, d: int, heads: int) -> int:
-    """`head_dim` when the config gives it, else D / H (what transformers does)."""
+    """`head_dim` when the config gives it, else D // H (what transformers does:
+    `getattr(config, "head_dim", None) or hidden_size // num_attention_heads`, floor division)."""
     if cfg.has("head_dim"):
         return cfg.int("head_dim", min_value=1)
-    if d % heads:
-        raise BadConfig(f"{cfg.where}: hidden_size {d} is not divisible by num_attention_heads {heads}; set head_dim")
+    if d < heads:
+        raise BadConfig(f"{cfg.where}: hidden_size {d} is smaller than num_attention_heads {heads}; set head_dim")
     return d // heads
 
 

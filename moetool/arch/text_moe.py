@@ -31,17 +31,17 @@ STYLES: dict[str, Style] = {
     # baidu/ERNIE-4.5-21B-A3B-PT: `use_bias` on attention, dense / shared MLPs and the LM head;
     # softmax router whose top-k adds a counted correction bias (`moe_statics`), weights renormalised.
     "ernie4_5_moe": Style("ernie4_5_moe", experts_keys=("moe_num_experts",), expert_ffn_key="moe_intermediate_size",
-                          topk_keys=("moe_k",), bias=lambda c: "all" if c.bool("use_bias", False) else "none",
-                          custom_schedule=_ernie_schedule,
-                          shared_experts=lambda c: c.int("moe_intermediate_size") * c.int("moe_num_shared_experts", 2),
+                          top_k_keys=("moe_k",), bias=lambda c: "all" if c.bool("use_bias", False) else "none",
+                          moe_schedule=_ernie_schedule,
+                          shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("moe_num_shared_experts", 2),
                           mlp_bias=lambda c: c.bool("use_bias", False), head_bias=lambda c: c.bool("use_bias", False),
                           correction_bias_param=True, windows="none",
                           router=lambda c: RouterSpec(norm_topk_prob=True, correction_bias=True)),
     # tencent/Hunyuan-A13B-Instruct: QK-norm per head after RoPE (query_layernorm / key_layernorm);
     # every layer MoE with an always-on shared MLP of intermediate_size; router `gate.wg`, softmax top-k, renormalised.
-    "hunyuan_v1_moe": Style("hunyuan_v1_moe", experts_keys=("num_experts", "num_local_experts"), topk_keys=("moe_topk",),
+    "hunyuan_v1_moe": Style("hunyuan_v1_moe", experts_keys=("num_experts", "num_local_experts"), top_k_keys=("moe_topk",),
                             bias=lambda c: "all" if c.bool("attention_bias", False) else "none", qk_norm="head_after_rope",
-                            shared_experts=lambda c: c.int("intermediate_size"), shared_name="shared_mlp", windows="none",
+                            shared_ffn=lambda c: c.int("intermediate_size"), windows="none",
                             router=lambda c: RouterSpec(norm_topk_prob=True)),
     # allenai/FlexOlmo-7x7B-1T: OLMoE's experts and router with Olmo 2's layer: norms after attention
     # and after the FFN (none before), QK-norm over the full projections.
@@ -56,21 +56,21 @@ STYLES: dict[str, Style] = {
     # sigmoid router + correction bias, groups, routed_scaling_factor, shared experts, first k layers dense.
     "dots1": Style("dots1", experts_keys=("n_routed_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                    bias=lambda c: "all" if c.bool("attention_bias", False) else "none", qk_norm="head", windows="from_max",
-                   custom_schedule=lambda c, n: common.first_k_dense_schedule(c, n, True),
-                   shared_experts=lambda c: c.int("moe_intermediate_size") * c.int("n_shared_experts", 0),
+                   moe_schedule=lambda c, n: common.first_k_dense_schedule(c, n, True),
+                   shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("n_shared_experts", 0),
                    router=_deepseek_v3_router),
     # ibm-granite/granite-4.0-tiny-preview's MoE: GraniteMoE plus an ungated shared MLP of
     # shared_intermediate_size (0: none), stored fused as shared_mlp.input_linear [2F, D].
     "granitemoeshared": Style("granitemoeshared", windows="none",
                               bias=lambda c: "all" if c.bool("attention_bias", False) else "none",
-                              shared_experts=lambda c: c.int("shared_intermediate_size", 0), shared_name="shared_mlp",
+                              shared_ffn=lambda c: c.int("shared_intermediate_size", 0),
                               router=lambda c: RouterSpec(order="topk_then_score")),
     # upstage/Solar-Open-100B: Llama attention (q/k/v biases, no o bias) on every layer with GLM-4.5's
     # MoE (DeepSeek-V3 router, norm_topk_prob default true, shared experts).
     "solar_open": Style("solar_open", experts_keys=("n_routed_experts", "num_local_experts"),
                         expert_ffn_key="moe_intermediate_size", windows="none",
                         bias=lambda c: "qkv" if c.bool("attention_bias", False) else "none",
-                        shared_experts=lambda c: c.int("moe_intermediate_size") * c.int("n_shared_experts", 1),
+                        shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("n_shared_experts", 1),
                         router=lambda c: _deepseek_v3_router(c, norm_default=True)),
 }
 

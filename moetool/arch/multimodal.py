@@ -1,0 +1,148 @@
+"""Multimodal MoE models counted whole: the MoE language model (an existing text adapter run on
+`text_config`) plus the vision / audio towers as their own groups, as transformers'
+`*ForConditionalGeneration` builds them. One `Tower` builder per tower kind; a family is then
+one line in `FAMILIES`: (text adapter, its model_type, the towers, the LM head's tie default).
+
+Tying follows the top-level config (transformers ties through the top-level
+`tie_word_embeddings`, not the text config's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from ..spec import Cfg, Inventory, ModelSpec
+from . import common, deepseek, llama_like
+
+
+def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True) -> None:
+    inv.add(f"{name}.weight", "vision", (out, inp, *kernel))
+    if bias:
+        inv.add(f"{name}.bias", "vision", (out,))
+
+
+def _lin(inv: Inventory, name: str, out: int, inp: int, bias: bool = True) -> None:
+    inv.add(f"{name}.weight", "vision", (out, inp), matmul=True)
+    if bias:
+        inv.add(f"{name}.bias", "vision", (out,))
+
+
+def _norm(inv: Inventory, name: str, dim: int, bias: bool = True) -> None:
+    inv.add(f"{name}.weight", "vision", (dim,))
+    if bias:
+        inv.add(f"{name}.bias", "vision", (dim,))
+
+
+def qwen3_vl_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Qwen3-VL vision tower: Conv3d patches, learned positions, ViT blocks (LayerNorm, fused qkv,
+    GELU MLP, all with biases), a patch merger and one DeepStack merger per `deepstack_visual_indexes`."""
+    h, f = v.int("hidden_size", 1152, min_value=1), v.int("intermediate_size", 4304, min_value=1)
+    p, t = v.int("patch_size", 16, min_value=1), v.int("temporal_patch_size", 2, min_value=1)
+    m2 = v.int("spatial_merge_size", 2, min_value=1) ** 2
+    out = v.int("out_hidden_size", 3584, min_value=1)
+    _conv(inv, "visual.patch_embed", h, v.int("in_channels", 3, min_value=1), (t, p, p))
+    inv.add("visual.pos_embed.weight", "vision", (v.int("num_position_embeddings", 2304, min_value=1), h))
+    for i in range(v.int("depth", 27, min_value=0)):
+        b = f"visual.blocks.{i}"
+        _norm(inv, f"{b}.norm1", h), _norm(inv, f"{b}.norm2", h)
+        _lin(inv, f"{b}.attn.qkv", 3 * h, h), _lin(inv, f"{b}.attn.proj", h, h)
+        _lin(inv, f"{b}.mlp.fc1", f, h), _lin(inv, f"{b}.mlp.fc2", h, f)
+    mergers = [("visual.merger", h)] + [(f"visual.deepstack.{j}", h * m2)
+                                        for j in range(len(v.int_list("deepstack_visual_indexes", [8, 16, 24])))]
+    for name, norm_dim in mergers:
+        _norm(inv, f"{name}.norm", norm_dim)
+        _lin(inv, f"{name}.fc1", h * m2, h * m2), _lin(inv, f"{name}.fc2", out, h * m2)
+
+
+def glm4v_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """GLM-4.1V / GLM-4.5V vision tower: Conv3d patches, learned positions, RMSNorm blocks with a
+    SwiGLU MLP of width `out_hidden_size`, a Conv2d downsample and a SwiGLU patch merger."""
+    h, out = v.int("hidden_size", 1536, min_value=1), v.int("out_hidden_size", 4096, min_value=1)
+    f = v.int("intermediate_size", 13696, min_value=1)
+    p, t = v.int("patch_size", 14, min_value=1), v.int("temporal_patch_size", 2, min_value=1)
+    m = v.int("spatial_merge_size", 2, min_value=1)
+    bias = v.bool("attention_bias", False)
+    inv.add("visual.embeddings.position_embedding.weight", "vision", ((v.int("image_size", 336) // p) ** 2, h))
+    _conv(inv, "visual.patch_embed", h, v.int("in_channels", 3, min_value=1), (t, p, p))
+    for i in range(v.int("depth", 24, min_value=0)):
+        b = f"visual.blocks.{i}"
+        _norm(inv, f"{b}.norm1", h, bias=False), _norm(inv, f"{b}.norm2", h, bias=False)
+        _lin(inv, f"{b}.attn.qkv", 3 * h, h, bias), _lin(inv, f"{b}.attn.proj", h, h, False)
+        for proj in ("gate", "up"):
+            _lin(inv, f"{b}.mlp.{proj}", out, h, False)
+        _lin(inv, f"{b}.mlp.down", h, out, False)
+    _norm(inv, "visual.post_conv_layernorm", h, bias=False)
+    _conv(inv, "visual.downsample", out, h, (m, m))
+    _norm(inv, "visual.post_layernorm", h, bias=False)
+    _lin(inv, "visual.merger.proj", out, out, False)
+    _norm(inv, "visual.merger.post_projection_norm", out)
+    _lin(inv, "visual.merger.gate", f, out, False), _lin(inv, "visual.merger.up", f, out, False)
+    _lin(inv, "visual.merger.down", out, f, False)
+
+
+def aria_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Aria: an Idefics3 (SigLIP) vision encoder and Aria's cross-attention projector (learned
+    queries attending to the patches, then a two-layer MLP to the text width)."""
+    h, f = v.int("hidden_size", 1152, min_value=1), v.int("intermediate_size", 3072, min_value=1)
+    p = v.int("patch_size", 32, min_value=1)
+    _conv(inv, "vision_tower.patch_embedding", h, v.int("num_channels", 3, min_value=1), (p, p))
+    inv.add("vision_tower.position_embedding.weight", "vision", ((v.int("image_size", 224) // p) ** 2, h))
+    for i in range(v.int("num_hidden_layers", 12, min_value=0)):
+        b = f"vision_tower.layers.{i}"
+        for proj in ("q", "k", "v", "o"):
+            _lin(inv, f"{b}.attn.{proj}", h, h)
+        _norm(inv, f"{b}.norm1", h), _norm(inv, f"{b}.norm2", h)
+        _lin(inv, f"{b}.fc1", f, h), _lin(inv, f"{b}.fc2", h, f)
+    _norm(inv, "vision_tower.post_layernorm", h)
+    queries = top.raw("max_value_projector_patch_to_query_dict")
+    if queries is None:
+        queries = max((int(x) for x in top.raw("projector_patch_to_query_dict", {1225: 128, 4900: 256}).values()), default=256)
+    inv.add("projector.query", "vision", (int(queries), h))
+    for proj in ("q", "k", "v"):
+        _lin(inv, f"projector.cross_attn.{proj}", h, h, False)
+    _lin(inv, "projector.cross_attn.in_proj", 3 * h, h)
+    _lin(inv, "projector.cross_attn.out_proj", h, h)
+    _lin(inv, "projector.cross_attn.linear", h, h)
+    for n in ("cross_attn.layer_norm", "cross_attn.layer_norm_kv", "layer_norm"):
+        _norm(inv, f"projector.{n}", h)
+    _lin(inv, "projector.ff.linear_in", text_d, h, False), _lin(inv, "projector.ff.linear_out", text_d, text_d, False)
+
+
+Tower = Callable[[Inventory, Cfg, int, Cfg], None]  # (inventory, tower config, text hidden size, top config)
+
+
+@dataclass(frozen=True)
+class Family:
+    text: Callable[[Cfg, str], ModelSpec]  # a text adapter
+    text_model_type: str  # the model_type its text part is counted as
+    towers: tuple[tuple[str, Tower], ...]  # (config key, builder)
+    tie_default: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    # Qwen/Qwen3-VL-30B-A3B: Qwen3-MoE text model + Qwen3-VL vision tower.
+    "qwen3_vl_moe": Family(llama_like.adapt, "qwen3_moe", (("vision_config", qwen3_vl_vision),)),
+    # zai-org/GLM-4.5V: GLM-4.5 (glm4_moe) text model + GLM-4V vision tower.
+    # rhymes-ai/Aria: Aria text MoE + Idefics3 vision encoder + cross-attention projector.
+    "aria": Family(llama_like.adapt, "aria_text", (("vision_config", aria_vision),)),
+    "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),)),
+}
+
+
+def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
+    fam = FAMILIES[model_type]
+    text = dict(cfg.sub("text_config").d)
+    text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", fam.tie_default)
+    spec = fam.text(Cfg(text, f"{cfg.where}[text_config]"), fam.text_model_type)
+    inv = Inventory()
+    for key, build in fam.towers:
+        build(inv, cfg.sub(key), spec.hidden_size, cfg)
+    return replace(spec, model_type=model_type, family=model_type, params=spec.params + tuple(inv.params),
+                   torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype") or spec.torch_dtype,
+                   quantization=common.quantization(cfg) or spec.quantization)
+
+
+def register(table: dict) -> None:
+    for mt in FAMILIES:
+        table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)

@@ -1,0 +1,95 @@
+"""transformers as the reference for the census: default configs, tiny ("shrunk") variants, the
+class the auto mappings pick, and its parameter count on the meta device (no memory, fast)."""
+
+from __future__ import annotations
+
+import copy
+
+from census_families import moe_model_types
+
+# Small sizes for a tiny random model; a key is set only where the default config has it.
+SMALL = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=256,
+             num_local_experts=8, num_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2,
+             kv_lora_rank=8, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_group=2,
+             topk_group=1, num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=1,
+             # T5 / DBRX / NLLB naming
+             d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=3, num_decoder_layers=2, n_layers=2, n_heads=4,
+             max_seq_len=256, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48, decoder_ffn_dim=48,
+             encoder_attention_heads=4, decoder_attention_heads=4, ffn_hidden_size=48, kv_n_heads=2, moe_top_k=2)
+SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, depth=1, num_attention_heads=2,
+                    num_heads=2, embed_dim=16, out_hidden_size=32, image_size=28, patch_size=14,
+                    num_position_embeddings=16)
+
+# model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
+SHRINK_EXTRA: dict[str, dict] = {
+    "longcat_flash": dict(num_layers=2, qk_head_dim=12, head_dim=4, ffn_hidden_size=48, expert_ffn_hidden_size=16, zero_expert_num=4, moe_topk=2),
+    "nllb-moe": dict(encoder_sparse_step=2, decoder_sparse_step=1, num_experts=4),
+    "qwen3_vl_moe": dict(vision_config=dict(depth=2, deepstack_visual_indexes=[1])),
+    "openai_privacy_filter": dict(pad_token_id=0),
+    "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
+                   vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
+                                      vision_output_dim=32)),
+}
+
+# Default configs transformers cannot build or route as they stand (applied to default and shrunk).
+DEFAULT_FIXUPS: dict[str, dict] = {
+    "deepseek_v2": dict(num_experts_per_tok=6),  # default None: no top-k; DeepSeek-V2's published value
+    "dbrx": dict(attn_config=dict(rope_theta=500000.0)),  # to_dict() drops it; DbrxAttention needs it
+}
+
+
+def default_config(model_type: str) -> dict:
+    import transformers
+
+    return _merge(transformers.AutoConfig.for_model(model_type).to_dict(), copy.deepcopy(DEFAULT_FIXUPS.get(model_type, {})))
+
+
+def _shrink_dict(d: dict, small: dict) -> dict:
+    out = dict(d)
+    n_old = d.get("num_hidden_layers")
+    for k, v in small.items():
+        if out.get(k) is not None:
+            out[k] = v
+    n_new = out.get("num_hidden_layers")
+    for k, v in d.items():  # per-layer lists follow the new layer count
+        if isinstance(v, list) and n_old and len(v) == n_old and n_new:
+            out[k] = v[:n_new]
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def shrunk_config(model_type: str) -> dict:
+    cfg = _shrink_dict(default_config(model_type), SMALL)
+    for key in ("text_config", "language_config", "attn_config", "ffn_config"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key] = _shrink_dict(cfg[key], SMALL)
+    for key in ("vision_config", "audio_config"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key] = _shrink_dict(cfg[key], SMALL_VISION)
+    cfg = _merge(cfg, copy.deepcopy(SHRINK_EXTRA.get(model_type, {})))
+    n = param_count(build(model_type, cfg))
+    assert n < 3_000_000, f"shrunk {model_type} config still has {n:,} parameters: extend SMALL / SHRINK_EXTRA"
+    return cfg
+
+
+def build(model_type: str, config: dict, device: str = "meta", seed: int = 0):
+    """The class the auto mappings pick for `model_type`, built from `config` on `device`."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, moe_model_types()[model_type])
+    cfg = transformers.AutoConfig.for_model(**config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return cls(cfg)
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
