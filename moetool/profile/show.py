@@ -68,7 +68,7 @@ def plot_profile(stats, path: str) -> None:
     ncol = min(4, max(len(picks), 1))
     nrow_c = -(-len(picks) // ncol) if picks else 0
     fig = Figure(figsize=(14, 4 + 2.5 * bool(domains) + 3.2 * nrow_c), dpi=110, layout="constrained")
-    rows = [3.0] + ([2.0] if domains else []) + [3.0] * nrow_c
+    rows = [3.0] + ([2.0] if domains else []) + ([3.0 * nrow_c] if picks else [])
     sub = fig.subfigures(len(rows), 1, height_ratios=rows) if len(rows) > 1 else [fig]
     title = stats.meta["model"] or stats.meta["model_type"]
     ax = sub[0].subplots()
@@ -95,21 +95,22 @@ def plot_profile(stats, path: str) -> None:
         sub[1].colorbar(im, ax=dx, label="share x E")
         k = 2
     if picks:
-        axes = np.atleast_1d(sub[k:] if nrow_c > 1 else [sub[k]])
-        panels = [a for f in axes for a in np.atleast_1d(f.subplots(1, ncol))]
-        for a, l in zip(panels, picks):
+        panels = list(np.atleast_1d(sub[k].subplots(nrow_c, ncol)).ravel())
+        lifts = []
+        for l in picks:
             s = stats.layers[l]
-            T = max(s.tokens, 1)
             with np.errstate(divide="ignore", invalid="ignore"):
-                lift = s.coact * T / np.outer(s.load, s.load)
-            lg = np.log2(np.where(lift > 0, lift, np.nan))
-            lim = max(1.0, float(np.nanmax(np.abs(lg))) if np.isfinite(lg).any() else 1.0)
+                lift = s.coact * max(s.tokens, 1) / np.outer(s.load, s.load)
+            lifts.append(np.log2(np.where(lift > 0, lift, np.nan)))  # never co-chosen: blank
+        finite = [np.nanmax(np.abs(x)) for x in lifts if np.isfinite(x).any()]
+        lim = max([1.0] + [float(v) for v in finite])  # one colour scale for every panel
+        for a, l, lg in zip(panels, picks, lifts):
             im = a.imshow(lg, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             a.set_title(f"layer {l}: co-activation log2 lift", fontsize=8)
             a.tick_params(labelsize=6)
         for a in panels[len(picks):]:
             a.set_axis_off()
-        fig.colorbar(im, ax=panels, label="log2(count / independent)", shrink=0.6)
+        sub[k].colorbar(im, ax=panels, label="log2(count / independent)", shrink=0.6)
     buf = io.BytesIO()
     if path.endswith(".svg"):
         FigureCanvasSVG(fig).print_svg(buf)
