@@ -182,13 +182,18 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
     dev = pick_device(device)
     if block_tokens is None:
         block_tokens = block_tokens_for(spec, fc, max_memory or DEFAULT_MAX_MEMORY, torch.finfo(DTYPES[dtype]).bits // 8)
-    ids_all = [enc.ids for enc in tok.encode_batch([p.text for p in prompts])]
-    for p, ids in zip(prompts, ids_all):
-        if not ids:
-            raise MoetoolError(f"prompt {p.index} encodes to no tokens")
-        if fc.max_positions and len(ids) > fc.max_positions:
-            raise MoetoolError(f"prompt {p.index} has {len(ids)} tokens, more than the model's context "
-                               f"(max_position_embeddings={fc.max_positions})")
+    # token counts of every prompt first (bad prompts fail before any work); the ids themselves are
+    # made again per block, so memory holds one block's ids, not the corpus'
+    lengths = np.zeros(len(prompts), dtype=np.int64)
+    for c in range(0, len(prompts), 4096):
+        for j, enc in enumerate(tok.encode_batch([p.text for p in prompts[c:c + 4096]]), c):
+            L = lengths[j] = len(enc.ids)
+            if not L:
+                raise MoetoolError(f"prompt {prompts[j].index} encodes to no tokens")
+            if fc.max_positions and L > fc.max_positions:
+                raise MoetoolError(f"prompt {prompts[j].index} has {L} tokens, more than the model's context "
+                                   f"(max_position_embeddings={fc.max_positions})")
+    done_at = np.concatenate([[0], np.cumsum(lengths)])
     fingerprint = config_fingerprint(ckpt.config)
     stats = ProfileStats.empty(spec.moe.num_experts, spec.moe.top_k, moe_layers, model=ckpt.source,
                                model_type=spec.model_type, fingerprint=fingerprint, dtype=dtype,
@@ -212,11 +217,10 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
             start = int(state["prompts_done"])
     elif partial and os.path.isdir(partial):
         shutil.rmtree(partial)
-    lengths = [len(x) for x in ids_all]
     store = weight_store(ckpt)
     prog = progress if isinstance(progress, Progress) else Progress(len(prompts), fc.layers, enabled=bool(progress))
     prog.prompts = prog.start_prompts = start
-    prog.tokens = sum(lengths[:start])
+    prog.tokens = int(done_at[start])
     writer = PerTokenWriter(per_token) if per_token else None
     ok = False
     try:
@@ -224,9 +228,10 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
             dec = Decoder(spec, fc, store, dtype=DTYPES[dtype], device=dev, router_dtype=DTYPES[router_dtype])
             for b, (i0, i1) in enumerate(pack_blocks(lengths, block_tokens, start)):
                 block = prompts[i0:i1]
-                _run_block(dec, spec, fc, stats, block, ids_all[i0:i1], writer, prog, b,
+                ids = [enc.ids for enc in tok.encode_batch([p.text for p in block])]
+                _run_block(dec, spec, fc, stats, block, ids, writer, prog, b,
                            Segments, attention_mask, rope_tables, router_distribution, torch)
-                tokens_done = sum(lengths[:i1])
+                tokens_done = int(done_at[i1])
                 if partial:
                     stats.save(partial)
                     _write_state(partial, {"prompts_done": i1, "tokens_done": tokens_done, "corpus": corpus_id,
