@@ -325,3 +325,16 @@ def test_bad_corpora(content, message, tmp_path):
     r = run_cli("profile", str(tmp_path / name), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_budget_and_block_packing():
+    from moetool.profile.engine import pack_blocks, parse_bytes
+
+    assert parse_bytes("2GB") == 2_000_000_000 and parse_bytes("512MiB") == 512 << 20 and parse_bytes("1e6") == 10 ** 6
+    for bad in ("abc", "-1GB", "0", "nan"):
+        with pytest.raises(MoetoolError):
+            parse_bytes(bad)
+    lengths = [5, 3, 9, 20, 1, 1, 4]
+    blocks = list(pack_blocks(lengths, 10))
+    assert blocks == [(0, 2), (2, 3), (3, 4), (4, 7)]  # a prompt longer than a block gets its own
+    assert list(pack_blocks(lengths, 10, start=2)) == blocks[1:]  # resuming packs the same blocks
