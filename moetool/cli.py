@@ -576,6 +576,109 @@ def _check_budget(ckpt, schemes: list[str], budget_bits: Optional[float]) -> Non
                            f"({cheapest:.3f} bits per weight)")
 
 
+@app.command("profile")
+def profile_cmd(
+    corpus: Annotated[str, typer.Argument(metavar="CORPUS", help="Prompts: .txt (one per line), .jsonl ({\"text\", "
+                                          "\"domain\"} per line) or - for stdin; with --show, a profile directory.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint (as for trace); default: the "
+                                                 "bundled model.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Profile directory to write "
+                                                  "(stats.safetensors + profile.json).")] = None,
+    max_memory: Annotated[str, typer.Option(help="Activation memory budget of one block of prompts, e.g. 2GB.")] = "2GB",
+    block_tokens: Annotated[Optional[int], typer.Option(min=1, help="Tokens per block (overrides --max-memory).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT/partial.")] = False,
+    per_token: Annotated[Optional[str], typer.Option(help="Also write the long table (prompt, layer, token, slot, "
+                                                     "expert, weight) to this .parquet file as it goes.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run shards on Ray workers: 'local' or a cluster "
+                                               "address (ray://host:10001, auto).")] = None,
+    ray_workers: Annotated[int, typer.Option(min=1, help="Ray workers (one model each).")] = 2,
+    show: Annotated[bool, typer.Option("--show", help="CORPUS is a profile directory: render it.")] = False,
+    plot: Annotated[Optional[str], typer.Option(help="Write load, domain x expert and co-activation heatmaps "
+                                                "(.png or .svg).")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype of the forward.")] = DType.float32,
+    router_dtype: Annotated[DType, typer.Option(help="Router matmul dtype.")] = DType.float32,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.")] = Device.auto,
+    json_: Annotated[bool, typer.Option("--json", help="Print profile.json on stdout.")] = False,
+) -> None:
+    """Routing statistics over a whole corpus: one weight pass per block of prompts, mergeable (docs/profile.md)."""
+    from . import render
+    from .profile.engine import parse_bytes
+    from .profile.show import plot_profile, render_profile
+    from .profile.stats import ProfileStats
+
+    if plot is not None and not plot.endswith((".png", ".svg")):
+        raise MoetoolError("--plot must name a .png or .svg file")
+    if per_token is not None and not per_token.endswith(".parquet"):
+        raise MoetoolError("--per-token must name a .parquet file")
+    if show:
+        stats = ProfileStats.load(corpus)
+    else:
+        from .profile.corpus import read_corpus
+        from .profile.engine import profile
+
+        budget = parse_bytes(max_memory)
+        if output is None:
+            raise MoetoolError("profile needs -o OUT (a directory for the statistics)")
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise MoetoolError(f"{output}: exists and is not a directory")
+        prompts = read_corpus(corpus)
+        if model is None:
+            _say_default()
+        opts = dict(model=model, revision=revision, max_memory=budget, block_tokens=block_tokens, dtype=dtype.value,
+                    router_dtype=router_dtype.value, device=device.value)
+        if ray is not None:
+            if resume or per_token:
+                raise MoetoolError("--ray does not combine with --resume or --per-token")
+            from .profile.distributed import profile_on_ray
+
+            stats = profile_on_ray(prompts, address=ray, workers=ray_workers, out=output, **opts)
+        else:
+            stats = profile(prompts, out=output, resume=resume, per_token=per_token, progress=True, **opts)
+        render.info(f"profile of {stats.tokens:,} tokens written to {output}")
+    summary = _read_summary(corpus if show else output)
+    if plot:
+        plot_profile(stats, plot)
+        render.info(f"plot written to {plot}")
+    if json_:
+        render.write_stdout(render.to_json(summary) + "\n")
+    else:
+        render_profile(summary, stats)
+
+
+def _read_summary(directory: str) -> dict:
+    import json
+
+    from .profile.stats import SUMMARY_FILE
+
+    with open(os.path.join(directory, SUMMARY_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@app.command("merge")
+def merge_cmd(
+    profiles: Annotated[list[str], typer.Argument(metavar="PROFILE...", help="Profile directories of the same model.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory for the merged profile.")],
+    json_: Annotated[bool, typer.Option("--json", help="Print the merged profile.json on stdout.")] = False,
+) -> None:
+    """Add profiles of the same model and options exactly (shards of a corpus merged = the whole corpus)."""
+    from . import render
+    from .profile.show import render_profile
+    from .profile.stats import ProfileStats
+
+    if len(profiles) < 2:
+        raise MoetoolError("merge needs at least two profiles")
+    merged = ProfileStats.load(profiles[0])
+    for p in profiles[1:]:
+        merged.merge(ProfileStats.load(p))
+    summary = merged.save(output)
+    render.info(f"{len(profiles)} profiles ({merged.tokens:,} tokens) merged into {output}")
+    if json_:
+        render.write_stdout(render.to_json(summary) + "\n")
+    else:
+        render_profile(summary, merged)
+
+
 def _parquet(df) -> bytes:
     import io
 

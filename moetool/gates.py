@@ -116,14 +116,16 @@ def trace_gate(summary: dict, layers: list[tuple[int, dict]], *, max_imbalance=N
     gate = Gate()
     limits = [("max_mean_ratio", check_threshold(max_imbalance, "--max-imbalance"), "<="),
               ("maxvio", check_threshold(max_maxvio, "--max-maxvio"), "<="),
-              ("dead_count", check_threshold(max_dead_experts, "--max-dead-experts"), "<="),
+              # dead experts count only where the sample can tell a dead expert from chance
+              ("dead_significant_count", check_threshold(max_dead_experts, "--max-dead-experts"), "<="),
               ("load_entropy_norm", check_threshold(min_entropy, "--min-entropy"), ">=")]
     for metric, limit, op in limits:
         if limit is None:
             continue
         gate.enabled = True
         for layer, m in layers:
-            gate.check(metric, m.get(metric), limit, op, layer)
+            value = m.get(metric, m.get("dead_count")) if metric == "dead_significant_count" else m.get(metric)
+            gate.check(metric, value, limit, op, layer)
     return gate
 
 

@@ -79,26 +79,6 @@ def cold_experts(load: np.ndarray, tokens: int, k: int) -> list[int]:
     return [i for i, l in enumerate(load.tolist()) if binom_cdf(l, tokens, p) < COLD_ALPHA / E]
 
 
-def router_confidence(probs: Optional[np.ndarray], experts: np.ndarray,
-                      selection: Optional[np.ndarray]) -> dict[str, Any]:
-    out = {"router_entropy_mean": None, "topk_mass_mean": None, "near_tie_rate": None, "switch_P": None}
-    T, K = experts.shape
-    if probs is not None and probs.size:
-        E = probs.shape[1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            plogp = np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0)
-        ent = -plogp.sum(axis=1)
-        out["router_entropy_mean"] = float(ent.mean() / math.log(E)) if E > 1 else None
-        out["topk_mass_mean"] = float(np.take_along_axis(probs, experts, axis=1).sum(axis=1).mean())
-        out["switch_P"] = probs.mean(axis=0)
-    if selection is not None and selection.size and selection.shape[1] > K:
-        margins = token_margins(selection, K)
-        finite = selection[np.isfinite(selection)]
-        scale = float(finite.std()) if finite.size > 1 else 0.0
-        out["near_tie_rate"] = float((margins < NEAR_TIE * scale).mean()) if scale > 0 else None
-    return out
-
-
 def token_margins(selection: np.ndarray, k: int) -> np.ndarray:
     """Per token: k-th best selection score minus the (k+1)-th (masked groups' -inf/NaN ignored)."""
     s = np.where(np.isfinite(selection), selection, -np.inf)
@@ -107,55 +87,15 @@ def token_margins(selection: np.ndarray, k: int) -> np.ndarray:
     return np.where(np.isfinite(m), m, np.inf)
 
 
-def reuse(experts: np.ndarray, num_experts: int) -> dict[str, Any]:
-    T, K = experts.shape
-    E = num_experts
-    chance_first = 1.0 / E
-    chance_any = 1.0 - math.comb(E - K, K) / math.comb(E, K) if E - K >= K else 1.0
-    if T < 2:
-        first = anyo = None
-    else:
-        first = float((experts[1:, 0] == experts[:-1, 0]).mean())
-        sets = [set(row) for row in experts.tolist()]
-        anyo = float(np.mean([bool(a & b) for a, b in zip(sets[:-1], sets[1:])]))
-    return {"reuse_first_choice": first, "reuse_first_choice_chance": chance_first,
-            "reuse_any_overlap": anyo, "reuse_any_overlap_chance": chance_any}
-
-
-def coactivation(experts: np.ndarray, load: np.ndarray, top: int = TOP_PAIRS) -> list[dict[str, Any]]:
-    """Pairs of experts chosen by the same token, most frequent first, with lift against
-    independence: count / (T x (load_i / T) x (load_j / T))."""
-    T, K = experts.shape
-    if K < 2:
-        return []
-    counts: dict[tuple[int, int], int] = {}
-    for row in experts.tolist():
-        row = sorted(set(row))
-        for a in range(len(row)):
-            for b in range(a + 1, len(row)):
-                key = (row[a], row[b])
-                counts[key] = counts.get(key, 0) + 1
-    pairs = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-    return [{"experts": [i, j], "count": c, "lift": float(c * T / (load[i] * load[j]))} for (i, j), c in pairs]
-
-
 def nmi(a: np.ndarray, b: np.ndarray) -> Optional[float]:
     """Normalised mutual information (arithmetic mean of the entropies) of two labelings."""
     if len(a) == 0:
         return None
     _, ai = np.unique(a, return_inverse=True)
     _, bi = np.unique(b, return_inverse=True)
-    joint = np.zeros((ai.max() + 1, bi.max() + 1))
+    joint = np.zeros((ai.max() + 1, bi.max() + 1), dtype=np.int64)
     np.add.at(joint, (ai, bi), 1)
-    joint /= joint.sum()
-    pa, pb = joint.sum(axis=1), joint.sum(axis=0)
-    h = lambda p: float(-(p[p > 0] * np.log(p[p > 0])).sum())
-    ha, hb = h(pa), h(pb)
-    if ha + hb == 0:
-        return None
-    nz = joint > 0
-    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
-    return max(0.0, 2 * mi / (ha + hb))
+    return nmi_from_joint(joint)
 
 
 def capacity_drops(experts: np.ndarray, num_experts: int, capacity_factor: float,
@@ -182,34 +122,111 @@ def capacity_drops(experts: np.ndarray, num_experts: int, capacity_factor: float
             "by_position": by_pos}
 
 
-def layer_metrics(experts, num_experts: int, probs=None, selection=None, prev_first=None,
-                  capacity_factor: Optional[float] = None) -> dict[str, Any]:
-    """All metrics of one MoE layer (see docs/metrics.md)."""
-    experts = np.asarray(experts, dtype=np.int64)
-    T, K = experts.shape
-    load = load_vector(experts, num_experts)
+def sample_adequacy(tokens: int, num_experts: int, k: int) -> dict[str, Any]:
+    """How far a sample of `tokens` tokens can be trusted (docs/profile.md). Under a uniform
+    router an expert is missed by one token with probability 1 - k/E: `p_dead_by_chance` is the
+    chance that a given expert is never chosen at all, `expected_dead_by_chance` how many of the E
+    would look dead anyway. `dead_judgeable` is whether a load of 0 is significant (the same
+    one-sided binomial test as `cold_experts`); `min_tokens_dead` is the sample that makes it so.
+    `min_tokens_load_5pct`: tokens for a relative standard error of 5 % on one expert's load
+    (Binomial(T, k/E)); `min_tokens_pairs_5pct`: the same for one co-activation pair count."""
+    E, K, T = num_experts, k, tokens
+    miss = 1.0 - K / E if E else 0.0
+    p_dead = miss ** T if miss > 0 else 0.0
+    need_dead = math.ceil(math.log(COLD_ALPHA / E) / math.log(miss)) if 0 < miss < 1 else 0
+    p = K / E if E else 1.0
+    pp = K * (K - 1) / (E * (E - 1)) if E > 1 and K > 1 else 0.0
+    rse = lambda q: math.ceil((1 - q) / (q * 0.05 ** 2)) if 0 < q < 1 else 0
+    return {"tokens": T, "p_dead_by_chance": p_dead, "expected_dead_by_chance": E * p_dead,
+            "dead_judgeable": T >= need_dead, "min_tokens_dead": need_dead, "min_tokens_load_5pct": rse(p),
+            "min_tokens_pairs_5pct": rse(pp) if pp else None}
+
+
+def metrics_from_sums(s) -> dict[str, Any]:
+    """All metrics of one MoE layer from its sums (`moetool.profile.stats.LayerSums`): the one
+    code path behind `trace` (one prompt, many prompts pooled) and `profile`. `drop_rate` needs the
+    token order and is filled in by the caller (`capacity_drops`)."""
+    T, K, E = s.tokens, s.K, s.E
+    load = s.load
     m: dict[str, Any] = {"tokens": T, "load": load.tolist()}
     m.update(balance(load))
     dead = [i for i, l in enumerate(load.tolist()) if l == 0]
     cold = cold_experts(load, T, K) if T else []
-    m.update({"dead_experts": dead, "dead_count": len(dead), "cold_experts": cold, "cold_count": len(cold)})
-    conf = router_confidence(None if probs is None else np.asarray(probs, dtype=np.float64), experts,
-                             None if selection is None else np.asarray(selection, dtype=np.float64))
-    P = conf.pop("switch_P")
+    ad = sample_adequacy(T, E, K)
+    m.update({"dead_experts": dead, "dead_count": len(dead), "cold_experts": cold, "cold_count": len(cold),
+              "dead_expected_by_chance": ad["expected_dead_by_chance"], "dead_judgeable": ad["dead_judgeable"],
+              "dead_significant_count": len(dead) if ad["dead_judgeable"] else 0})
+    full = s.prob_tokens == T and T > 0
+    P = s.prob_sum / T if full else None
     f = load / (T * K) if T else None
-    m["switch_balance_loss"] = float(num_experts * (f * P).sum()) if P is not None and f is not None else None
-    m.update(conf)
-    m.update(reuse(experts, num_experts))
-    m["coactivation_top_pairs"] = coactivation(experts, load)
-    m["transition_nmi"] = nmi(prev_first, experts[:, 0]) if prev_first is not None else None
+    m["switch_balance_loss"] = float(E * (f * P).sum()) if P is not None and f is not None else None
+    m["router_entropy_mean"] = float(s.entropy_sum / T / math.log(E)) if full and E > 1 else None
+    m["topk_mass_mean"] = float(s.topk_mass_sum / T) if full else None
+    m["near_tie_rate"] = None
+    if s.margin_tokens:
+        scale = s.selection_std()
+        if scale > 0:
+            m["near_tie_rate"] = s.near_ties(NEAR_TIE * scale)[0] / s.margin_tokens
+    chance_any = 1.0 - math.comb(E - K, K) / math.comb(E, K) if E - K >= K else 1.0
+    m.update({"reuse_first_choice": s.reuse_first / s.pairs if s.pairs else None, "reuse_first_choice_chance": 1.0 / E,
+              "reuse_any_overlap": s.reuse_any / s.pairs if s.pairs else None,
+              "reuse_any_overlap_chance": chance_any})
+    m["coactivation_top_pairs"] = top_pairs(s.coact, load, T) if K >= 2 else []
+    m["transition_nmi"] = nmi_from_joint(s.first_transitions) if s.first_transitions is not None else None
+    m["drop_rate"] = None
+    m["drop_rate_at_capacity"] = None
+    return m
+
+
+def top_pairs(coact: np.ndarray, load: np.ndarray, tokens: int, top: int = TOP_PAIRS) -> list[dict[str, Any]]:
+    """The most frequent pairs of the symmetric co-activation counts [E, E], ties by expert index,
+    with lift = count / (T x (load_i / T) x (load_j / T)), the count over independent choices."""
+    i, j = np.triu_indices(len(load), k=1)
+    c = coact[i, j]
+    nz = np.nonzero(c)[0]
+    order = nz[np.lexsort((j[nz], i[nz], -c[nz]))][:top]
+    L = load.tolist()
+    return [{"experts": [int(i[o]), int(j[o])], "count": int(c[o]),
+             "lift": float(int(c[o]) * tokens / (L[i[o]] * L[j[o]]))} for o in order]
+
+
+def nmi_from_joint(joint_counts: np.ndarray) -> Optional[float]:
+    """`nmi` of two labelings given their joint counts [A, B]."""
+    n = joint_counts.sum()
+    if n == 0:
+        return None
+    joint = joint_counts / n
+    pa, pb = joint.sum(axis=1), joint.sum(axis=0)
+    h = lambda p: float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    ha, hb = h(pa), h(pb)
+    if ha + hb == 0:
+        return None
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    return max(0.0, 2 * mi / (ha + hb))
+
+
+def layer_metrics(experts, num_experts: int, probs=None, selection=None, prev_first=None,
+                  capacity_factor: Optional[float] = None) -> dict[str, Any]:
+    """All metrics of one MoE layer (see docs/metrics.md) for one sequence: its sums, then
+    `metrics_from_sums`."""
+    from .profile.stats import LayerSums
+
+    experts = np.asarray(experts, dtype=np.int64)
+    T, K = experts.shape
+    s = LayerSums(num_experts, K, tie_keep=max(T, 1))
+    prev = None if prev_first is None else np.asarray(prev_first, dtype=np.int64).reshape(-1, 1)
+    s.add(experts, None, probs=probs, selection=selection, prev_experts=prev)
+    m = metrics_from_sums(s)
+    with_capacity(m, experts, num_experts, capacity_factor)
+    return m
+
+
+def with_capacity(m: dict[str, Any], experts: np.ndarray, num_experts: int, capacity_factor: Optional[float]) -> None:
     if capacity_factor is not None:
         drops = capacity_drops(experts, num_experts, capacity_factor)
         m["drop_rate"] = drops["drop_rate"]
         m["drop_rate_at_capacity"] = drops
-    else:
-        m["drop_rate"] = None
-        m["drop_rate_at_capacity"] = None
-    return m
 
 
 def summarise(layers: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:

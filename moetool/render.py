@@ -471,6 +471,15 @@ def render_metrics(layers, summary: dict, num_experts: int, top_k: int, title: s
               f"(lowest {_f(s['load_entropy_norm']['min'])} at layer {s['load_entropy_norm']['worst_layer']}), "
               f"{plural(dead, 'dead expert')} at most, first-choice reuse "
               f"{_f(s['reuse_first_choice']['mean'])} vs chance {chance:.2f}")
+    small = [m for m in (l.metrics if hasattr(l, "metrics") else l["metrics"] for l in layers)
+             if m.get("dead_judgeable") is False]
+    if small:
+        from .metrics import sample_adequacy
+
+        need = sample_adequacy(small[0]["tokens"], num_experts, top_k)["min_tokens_dead"]
+        out.print(f"[yellow]note[/yellow]: {small[0]['tokens']} tokens are too few to tell a dead expert from chance "
+                  f"(top-{top_k} of {num_experts}: {small[0]['dead_expected_by_chance']:.1f} experts expected unused "
+                  f"by chance; need >= {need} tokens); --max-dead-experts ignores such layers")
 
 
 def render_corpus(c) -> None:

@@ -255,16 +255,14 @@ def router_distribution(logits, spec) -> Any:
 
 
 def compute_metrics(report: TraceReport, spec) -> None:
-    from .metrics import layer_metrics, summarise
+    import numpy as np
 
-    prev = None
+    from .metrics import metrics_from_sums, summarise, with_capacity
+
+    stats = corpus_stats([report], spec)
     for l in report.layers:
-        import numpy as np
-
-        experts = np.array(l.experts, dtype=np.int64)
-        l.metrics = layer_metrics(experts, report.num_experts, router_distribution(report.router_logits[l.layer], spec),
-                                  report.selection_scores[l.layer].numpy(), prev, report.capacity_factor)
-        prev = experts[:, 0]
+        l.metrics = metrics_from_sums(stats.layers[l.layer])
+        with_capacity(l.metrics, np.array(l.experts, dtype=np.int64), report.num_experts, report.capacity_factor)
     report.summary = summarise([(l.layer, l.metrics) for l in report.layers])
 
 
@@ -327,7 +325,7 @@ def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, 
                   capacity_factor=capacity_factor, layers=layers, router_logits=router_logits)
     import numpy as np
 
-    from .metrics import layer_metrics, summarise
+    from .metrics import metrics_from_sums, summarise, with_capacity
 
     if not prompts:
         raise MoetoolError("no prompts to trace")
@@ -339,24 +337,43 @@ def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, 
         if progress:
             progress(i + 1, len(prompts))
     cf = reports[0].capacity_factor
-    pooled, prev = [], None
+    stats = corpus_stats(reports, spec)
+    pooled = []
     for j, l in enumerate(reports[0].layers):
-        experts = np.concatenate([np.array(r.layers[j].experts, dtype=np.int64) for r in reports])
-        probs = np.concatenate([router_distribution(r.router_logits[l.layer], spec) for r in reports])
-        sel = np.concatenate([r.selection_scores[l.layer].numpy() for r in reports])
-        m = layer_metrics(experts, spec.moe.num_experts, probs, sel, prev, cf)
-        # consecutive-token reuse never crosses a prompt boundary: pool it pair-weighted
-        for key in ("reuse_first_choice", "reuse_any_overlap"):
-            pairs = [(len(r.tokens) - 1, r.layers[j].metrics[key]) for r in reports if r.layers[j].metrics[key] is not None]
-            n = sum(c for c, _ in pairs)
-            m[key] = sum(c * v for c, v in pairs) / n if n else None
+        m = metrics_from_sums(stats.layers[l.layer])
+        if cf is not None:  # capacity is served in token order over the concatenated corpus
+            experts = np.concatenate([np.array(r.layers[j].experts, dtype=np.int64) for r in reports])
+            with_capacity(m, experts, spec.moe.num_experts, cf)
         pooled.append({"layer": l.layer, "metrics": m})
-        prev = experts[:, 0]
     summary = summarise([(p["layer"], p["metrics"]) for p in pooled])
     seq = {name: (float(np.mean(vals)) if vals else None)
            for name in summary
            for vals in [[r.summary[name]["mean"] for r in reports if r.summary[name]["mean"] is not None]]}
     return CorpusReport(reports, pooled, summary, seq)
+
+
+def corpus_stats(reports: list[TraceReport], spec, stats=None):
+    """The routing sums (moetool.profile.stats.ProfileStats) of traced prompts: every metric of a
+    trace comes from these sums. Transitions pair each reported MoE layer with the previous one."""
+    import numpy as np
+
+    from .profile.stats import ProfileStats
+
+    first = reports[0]
+    if stats is None:
+        stats = ProfileStats.empty(first.num_experts, first.top_k, [l.layer for l in first.layers],
+                                   model=first.model, model_type=first.model_type, dtype=first.dtype,
+                                   tie_keep=max(1, sum(len(r.tokens) for r in reports)))
+    for r in reports:
+        prev = None
+        ids = [t.id for t in r.tokens]
+        for l in r.layers:
+            experts = np.array(l.experts, dtype=np.int64)
+            stats.add(l.layer, experts, np.array(l.weights, dtype=np.float64), token_ids=ids,
+                      probs=router_distribution(r.router_logits[l.layer], spec),
+                      selection=r.selection_scores[l.layer].numpy(), prev_experts=prev)
+            prev = experts
+    return stats
 
 
 def read_prompts(path: str) -> list[str]:

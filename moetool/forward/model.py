@@ -152,10 +152,20 @@ def attention_mask(T: int, window: Optional[int], chunk: Optional[int], device) 
     return allowed
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+class Segments:
+    """A block of many prompts (moetool profile): `parts` [(start, end, mask [L, L])], one per
+    prompt. Attention runs per prompt with that prompt's own mask: no cross-prompt attention."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
          sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [T, H, Dq], k [T, Hkv, Dq], v [T, Hkv, Dv] -> [T, H, Dv]. Sinks (gpt-oss): one extra
     logit per head that takes softmax mass and contributes nothing."""
+    if isinstance(mask, Segments):
+        return torch.cat([sdpa(q[a:b], k[a:b], v[a:b], m, scale, sinks) for a, b, m in mask.parts])
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
@@ -458,6 +468,8 @@ class Decoder:
         elif fc.temperature_tuning:  # Llama 4 NoPE layers: position-dependent query scale
             floor, scale = fc.temperature_tuning
             pos = torch.arange(T, dtype=torch.float32, device=q.device)
+            if getattr(self, "positions", None) is not None:  # a block of prompts: per-prompt positions
+                pos = self.positions.to(device=q.device, dtype=torch.float32)
             q = (q * (torch.log1p(torch.floor((pos + 1.0) / floor)) * scale + 1.0)[:, None, None]).to(q.dtype)
         if fc.qk_norm == "head_after_rope":  # HunYuan: RMSNorm per head after RoPE
             q = rms_norm(q, self.w(find("self_attn.query_layernorm.weight")), fc.eps)
@@ -544,6 +556,8 @@ class Decoder:
                 y = swiglu(h[tok] * w_e[:, None].to(h.dtype), gate, up, down, act=fc.expert_act)
             else:
                 y = swiglu(h[tok], gate, up, down, gb, ub, db, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
+                if getattr(self, "expert_hook", None):  # profile: ||expert output|| per routed token (REAP)
+                    self.expert_hook(i, e, tok, y)
                 y = y * w_e[:, None].to(y.dtype)
             out.index_add_(0, tok, y)
             del gate, up, down
