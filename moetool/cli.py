@@ -407,6 +407,146 @@ def _parquet(df) -> bytes:
     return buf.getvalue()
 
 
+plan_app = typer.Typer(help="Plans in the runtime's own terms: offload, expert pinning, expert-parallel placement.",
+                       no_args_is_help=True, add_completion=False)
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command("eplb")
+def plan_eplb(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="A `moetool profile` directory or a `trace --json` report.")],
+    ranks: Annotated[int, typer.Option("--ranks", help="Expert-parallel GPUs.")],
+    redundant: Annotated[int, typer.Option("--redundant", help="Extra physical expert slots (replicas of hot experts).")] = 0,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes (hierarchical policy keeps an expert group on one node).")] = 1,
+    groups: Annotated[Optional[int], typer.Option("--groups", help="Expert groups (default: the model's n_group, else 1).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The profiled model (default: the profile's).")] = None,
+    export_sglang: Annotated[Optional[str], typer.Option("--export-sglang", help="Write SGLang --init-expert-location JSON.")] = None,
+    export_trtllm: Annotated[Optional[str], typer.Option("--export-trtllm", help="Write a TensorRT-LLM load-balancer YAML.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON plan to this file.")] = None,
+    min_balancedness: Annotated[Optional[float], typer.Option(help="Gate: mean balancedness after placement (0-1).")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Expert-parallel placement with DeepSeek's EPLB: balancedness before/after, engine exports."""
+    from . import render
+    from .gates import Gate, check_threshold
+    from .plans import eplb_plan, export_sglang as to_sglang, export_trtllm as to_trtllm, load_profile, model_spec
+    from .plans import public, vllm_flags
+
+    check_threshold(min_balancedness, "--min-balancedness")
+    if min_balancedness is not None and not 0 <= min_balancedness <= 1:
+        raise MoetoolError("--min-balancedness is a share: give a number between 0 and 1")
+    stats = load_profile(profile)
+    spec, _ = model_spec(model, stats)
+    plan = eplb_plan(stats, spec, ranks, redundant, nodes, groups)
+    gate = Gate()
+    if min_balancedness is not None:
+        gate.check("balancedness_after", plan["balancedness_after"], min_balancedness, ">=")
+    if export_sglang:
+        render.atomic_write_bytes(export_sglang, render.to_json(to_sglang(plan)).encode())
+        render.info(f"SGLang expert location written to {export_sglang} (use with --init-expert-location "
+                    f"{export_sglang} --ep-num-redundant-experts {redundant})")
+    if export_trtllm:
+        render.atomic_write_bytes(export_trtllm, to_trtllm(plan).encode())
+        render.info(f"TensorRT-LLM load-balancer config written to {export_trtllm}")
+    out = public(plan)
+    out["vllm_flags"] = vllm_flags(plan)
+    out["gate"] = gate.to_dict()
+    if json_ or output:
+        _emit(render.to_json(out).encode(), output, "EPLB plan")
+    else:
+        con = render.stdout_console()
+        before = plan["balancedness_before"]
+        con.print(f"[bold]EPLB[/bold] {plan['num_experts']} experts + {redundant} redundant on {ranks} ranks "
+                  f"({plan['slots_per_rank']} slots each, {nodes} node(s), {plan['groups']} group(s), {plan['policy']} "
+                  f"policy), fitted on {plan['tokens']:,} tokens")
+        con.print(f"balancedness (mean / max rank load, 1.0 = perfect): before "
+                  f"{'-' if before is None else f'{before:.3f}'}, after {plan['balancedness_after']:.3f}")
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for c in ("layer", "before", "after", "replicated experts"):
+            t.add_column(c, justify="right" if c != "replicated experts" else "left")
+        for l in plan["layers"]:
+            rep = [f"{e}x{c}" for e, c in enumerate(l["replicas"]) if c > 1]
+            t.add_row(str(l["layer"]), "-" if l["balancedness_before"] is None else f"{l['balancedness_before']:.3f}",
+                      f"{l['balancedness_after']:.3f}", " ".join(rep) or "-")
+        con.print(t)
+        con.print(f"vLLM (rebalances online): {out['vllm_flags']}")
+    _finish_gate(gate, exit_zero)
+
+
+@plan_app.command("pin")
+def plan_pin(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="A `moetool profile` directory or a `trace --json` report.")],
+    budget: Annotated[str, typer.Option("--budget", help="GPU memory for routed experts, e.g. 12GB or 12GiB.")],
+    holdout: Annotated[Optional[str], typer.Option("--holdout", help="A profile of held-out text of the same workload: "
+                                                   "the expected hit rate on unseen traffic.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The profiled model (default: the profile's).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Storage format of the expert weights (bf16, fp8, int4_g128, "
+                                     "nf4, mxfp4, ...).")] = "bf16",
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Write the hit-rate curve (.png or .svg).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON plan to this file.")] = None,
+    min_hit_rate: Annotated[Optional[float], typer.Option(help="Gate: hit rate (held-out when given) (0-1).")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Which routed experts to keep on the GPU under a budget, and the hit rate that buys."""
+    from . import render
+    from .formats import FORMATS
+    from .gates import Gate, check_threshold
+    from .plans import SCHEMA_VERSION, expert_bytes, load_profile, model_spec, parse_bytes
+    from .plans.pin import pin_plan
+
+    check_threshold(min_hit_rate, "--min-hit-rate")
+    if min_hit_rate is not None and not 0 <= min_hit_rate <= 1:
+        raise MoetoolError("--min-hit-rate is a share: give a number between 0 and 1")
+    if fmt not in FORMATS:
+        raise MoetoolError(f"--format must be one of {', '.join(FORMATS)}")
+    if plot is not None and not plot.endswith((".png", ".svg")):
+        raise MoetoolError("--plot must name a .png or .svg file")
+    nbytes = parse_bytes(budget, "--budget")
+    stats = load_profile(profile)
+    ho = load_profile(holdout) if holdout else None
+    spec, _ = model_spec(model, stats)
+    plan = pin_plan(stats, expert_bytes(spec, fmt), nbytes, ho)
+    plan = {"schema_version": SCHEMA_VERSION, "command": "plan pin", "model": stats.meta.get("model"), "format": fmt,
+            **plan}
+    gate = Gate()
+    if min_hit_rate is not None:
+        which = "hit_rate_holdout" if ho is not None else "hit_rate"
+        gate.check(which, plan[which], min_hit_rate, ">=")
+    plan["gate"] = gate.to_dict()
+    if ho is None:
+        render.info("hit rate measured on the profile the plan was fitted on (optimistic); --holdout PROFILE "
+                    "of other text gives the expected rate on unseen traffic")
+    if plot:
+        from .plans.plot import plot_hit_curve
+
+        plot_hit_curve(plan, plot)
+        render.info(f"hit-rate curve written to {plot}")
+    if json_ or output:
+        _emit(render.to_json(plan).encode(), output, "pinning plan")
+    else:
+        con = render.stdout_console()
+        ho_txt = "" if ho is None else f", held-out {plan['hit_rate_holdout']:.3f}"
+        full = plan["full_hit_rate"]
+        con.print(f"[bold]pin[/bold] {plan['resident_experts']} of {plan['experts_total']} routed experts "
+                  f"({render.human_bytes(plan['resident_bytes'])} of {render.human_bytes(plan['all_experts_bytes'])}, "
+                  f"{fmt}) under {render.human_bytes(nbytes)}: hit rate {plan['hit_rate']:.3f}{ho_txt}"
+                  + ("" if full is None else f"; every top-k expert resident for {full:.3f} of token-layers"))
+        from rich.table import Table
+
+        t = Table(title="Hit rate against the budget", title_justify="left", box=None, header_style="bold")
+        for c in ("budget", "experts", "hit rate", "held-out"):
+            t.add_column(c, justify="right")
+        for row in plan["curve"]:
+            t.add_row(render.human_bytes(row["budget_bytes"]), str(row["experts"]), f"{row['hit_rate']:.3f}",
+                      "-" if row["hit_rate_holdout"] is None else f"{row['hit_rate_holdout']:.3f}")
+        con.print(t)
+    _finish_gate(gate, exit_zero)
+
+
 def _emit(data: bytes, output: Optional[str], what: str) -> None:
     """Machine-readable output: atomically to `output`, or raw to stdout."""
     from . import render
