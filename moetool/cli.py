@@ -547,6 +547,141 @@ def plan_pin(
     _finish_gate(gate, exit_zero)
 
 
+@plan_app.command("offload")
+def plan_offload(
+    model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Checkpoint directory (exact bytes from the "
+                                                   "headers), config.json, sample name or hub id.")] = None,
+    model_opt: Annotated[Optional[str], typer.Option("--model", "-m", help="Same as MODEL.")] = None,
+    vram: Annotated[str, typer.Option("--vram", help="GPU memory, e.g. 24GB or 24GiB.")] = "24GB",
+    ram: Annotated[Optional[str], typer.Option("--ram", help="CPU memory available for weights, e.g. 64GB.")] = None,
+    context: Annotated[str, typer.Option("--context", help="Context length for the KV cache, e.g. 8192 or 32k.")] = "4096",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences decoded together.")] = 1,
+    kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="KV cache dtype: bf16, fp16, fp32, fp8.")] = "bf16",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Storage format when counting from config.json "
+                                               "(bf16, fp8, int4_g128, nf4, mxfp4, ...); a checkpoint's own "
+                                               "bytes are used when it has weights.")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="A profile of the workload: measured distinct "
+                                                   "experts per decode step for --batch > 1.")] = None,
+    reserve: Annotated[str, typer.Option("--reserve", help="GPU memory kept free for the CUDA context and compute "
+                                         "buffers.")] = "1GiB",
+    gpu_bandwidth: Annotated[str, typer.Option("--gpu-bandwidth", help="GPU memory bandwidth per second.")] = "1000GB",
+    cpu_bandwidth: Annotated[str, typer.Option("--cpu-bandwidth", help="CPU memory bandwidth per second.")] = "60GB",
+    pcie_bandwidth: Annotated[str, typer.Option("--pcie-bandwidth", help="Host-to-GPU bandwidth per second.")] = "25GB",
+    device_map_out: Annotated[Optional[str], typer.Option("--device-map", help="Write the accelerate device_map JSON "
+                                                          "(needs transformers).")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON plan to this file.")] = None,
+    min_tokens_per_s: Annotated[Optional[float], typer.Option(help="Gate: estimated llama.cpp decode tokens/s.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """What fits on the GPU: per-layer placement, llama.cpp flags, accelerate device_map, decode estimate."""
+    from . import render
+    from .arch import spec_from_config
+    from .counting import count as do_count
+    from .formats import FORMATS
+    from .gates import Gate, check_threshold
+    from .plans import SCHEMA_VERSION, load_profile, parse_bytes
+    from .plans.offload import device_map, items_from_checkpoint, items_from_config, offload_plan
+    from .source import resolve
+
+    if model is not None and model_opt is not None:
+        raise MoetoolError("give MODEL or --model, not both")
+    model = model or model_opt
+    if model is None:
+        _say_default()
+    check_threshold(min_tokens_per_s, "--min-tokens-per-s")
+    if fmt is not None and fmt not in FORMATS:
+        raise MoetoolError(f"--format must be one of {', '.join(FORMATS)}")
+    ctx_s = context.strip().lower()
+    try:
+        ctx = int(float(ctx_s[:-1]) * 1024) if ctx_s.endswith("k") else int(ctx_s)
+    except ValueError:
+        raise MoetoolError(f"--context: cannot read {context!r} (e.g. 8192 or 32k)") from None
+    if ctx < 1:
+        raise MoetoolError("--context must be at least 1")
+    sizes = {flag: parse_bytes(v, flag) for flag, v in (("--vram", vram), ("--reserve", reserve),
+                                                        ("--gpu-bandwidth", gpu_bandwidth),
+                                                        ("--cpu-bandwidth", cpu_bandwidth),
+                                                        ("--pcie-bandwidth", pcie_bandwidth))}
+    for flag in ("--gpu-bandwidth", "--cpu-bandwidth", "--pcie-bandwidth"):
+        if sizes[flag] <= 0:
+            raise MoetoolError(f"{flag} must be positive")
+    ram_b = parse_bytes(ram, "--ram") if ram else None
+    stats = load_profile(profile) if profile else None
+    use_headers = fmt is None
+    ckpt = resolve(model, revision=revision, read_headers=use_headers)
+    spec = spec_from_config(ckpt.config, ckpt.config_path)
+    if spec.moe is None:
+        raise MoetoolError(f"{ckpt.source}: {spec.model_type} has no routed experts; nothing to offload by expert")
+    if stats is not None and (stats.num_experts != spec.moe.num_experts or list(stats.meta["moe_layers"]) != spec.moe_layers):
+        raise MoetoolError(f"{profile}: a profile of another model (experts or MoE layers differ)")
+    notes = []
+    if ckpt.tensors is not None:
+        items, notes = items_from_checkpoint(ckpt, spec)
+        source = "safetensors headers (exact stored bytes)"
+    else:
+        fmt = fmt or "bf16"
+        items = items_from_config(spec, fmt)
+        source = f"config.json, weights in {fmt} (formats.py)"
+    report = do_count(ckpt, context=ctx, batch=batch, kv_dtype=kv_dtype, use_headers=False)
+    kv = report.kv_cache
+    kv_bytes = int(kv["bytes"]) + int(kv.get("state_bytes") or 0)
+    plan = offload_plan(items, spec, vram=sizes["--vram"], ram=ram_b, kv_bytes=kv_bytes, kv_per_step=kv_bytes, context=ctx,
+                        batch=batch, reserve=sizes["--reserve"], stats=stats, gpu_bw=sizes["--gpu-bandwidth"],
+                        cpu_bw=sizes["--cpu-bandwidth"], pcie_bw=sizes["--pcie-bandwidth"])
+    plan["notes"] = notes + plan["notes"]
+    dmap = None
+    if device_map_out:
+        dmap, why = device_map(ckpt.config, plan)
+        if why:
+            plan["notes"].append(why)
+    out = {"schema_version": SCHEMA_VERSION, "command": "plan offload", "model": ckpt.source,
+           "model_type": spec.model_type, "bytes_from": source,
+           **{k: v for k, v in plan.items() if not k.startswith("_")}, "device_map": dmap}
+    gate = Gate()
+    if min_tokens_per_s is not None:
+        gate.check("llama_cpp_tokens_per_s", out["estimate"]["llama_cpp_tokens_per_s"], min_tokens_per_s, ">=")
+    if not out["fits_vram"] or not out["fits_ram"]:
+        gate.enabled = True
+    out["gate"] = gate.to_dict()
+    if device_map_out and dmap is not None:
+        render.atomic_write_bytes(device_map_out, render.to_json(dmap).encode())
+        render.info(f"device_map written to {device_map_out} (from_pretrained(..., device_map=json.load(open(...))))")
+    for n in out["notes"]:
+        render.info(n)
+    if json_ or output:
+        _emit(render.to_json(out).encode(), output, "offload plan")
+    else:
+        con = render.stdout_console()
+        est = out["estimate"]
+        hb = render.human_bytes
+        con.print(f"[bold]{render._escape(ckpt.source)}[/bold]  model_type={spec.model_type}  bytes from {source}")
+        con.print(f"GPU {hb(out['gpu_bytes'])} of {hb(out['vram_bytes'])} (reserve {hb(out['reserve_bytes'])}, KV cache "
+                  f"{hb(out['kv_cache_bytes'])} at context {ctx:,} x batch {batch}); CPU {hb(out['cpu_bytes'])}"
+                  + ("" if ram_b is None else f" of {hb(ram_b)}"))
+        con.print(f"expert layers on the GPU: {out['expert_layers_on_gpu']} of {out['expert_layers']}; "
+                  f"layers on the GPU: {out['gpu_layers']} of {spec.num_layers}")
+        con.print(f"[bold]llama.cpp[/bold]: {out['llama_cpp']}    or: {out['llama_cpp_override']}")
+        tps = est["llama_cpp_tokens_per_s"]
+        acc = est["accelerate_tokens_per_s"]
+        con.print(f"decode estimate (upper bound, memory-bound roofline; GPU {hb(est['gpu_bandwidth'])}/s, CPU "
+                  f"{hb(est['cpu_bandwidth'])}/s, PCIe {hb(est['pcie_bandwidth'])}/s): llama.cpp "
+                  f"{tps:,.3g} tokens/s" + ("" if acc is None else f", accelerate offload {acc:,.3g} tokens/s"))
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for c in ("layer", "non-expert", "on", "experts", "on"):
+            t.add_column(c, justify="right")
+        for l in out["layers"]:
+            t.add_row(str(l["layer"]), hb(l["non_expert_bytes"]), l["non_expert_device"],
+                      hb(l["expert_bytes"]) if l["expert_bytes"] else "-", l["expert_device"] or "-")
+        con.print(t)
+    if not out["fits_vram"] or not out["fits_ram"]:
+        gate.passed = False
+    _finish_gate(gate, exit_zero)
+
+
 def _emit(data: bytes, output: Optional[str], what: str) -> None:
     """Machine-readable output: atomically to `output`, or raw to stdout."""
     from . import render
