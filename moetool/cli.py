@@ -8,6 +8,7 @@ Heavy imports (torch, pandas, huggingface-hub) happen inside the commands that n
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from enum import Enum
@@ -679,6 +680,137 @@ def plan_offload(
         con.print(t)
     if not out["fits_vram"] or not out["fits_ram"]:
         gate.passed = False
+    _finish_gate(gate, exit_zero)
+
+
+@app.command()
+def prune(
+    model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Checkpoint directory with safetensors weights.")] = None,
+    model_opt: Annotated[Optional[str], typer.Option("--model", "-m", help="Same as MODEL.")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="A `moetool profile` directory (or a "
+                                                   "`trace --json` report) of the workload.")] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="Experts to keep in every MoE layer.")] = None,
+    drop_fraction: Annotated[Optional[float], typer.Option("--drop-fraction", help="Share of experts to drop in every "
+                                                           "MoE layer, e.g. 0.25.")] = None,
+    criterion: Annotated[str, typer.Option("--criterion", help="reap, frequency or weighted-frequency.")] = "reap",
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory for the pruned checkpoint (new).")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Only the per-expert saliency table; write nothing.")] = False,
+    check_kl: Annotated[bool, typer.Option("--check-kl", help="KL of the pruned model's next-token distribution vs "
+                                           "the original on held-out text (moetool's forward).")] = False,
+    check_text: Annotated[Optional[str], typer.Option("--check-text", help="Held-out text file for --check-kl "
+                                                      "(default: Python documentation text).")] = None,
+    max_kl: Annotated[Optional[float], typer.Option(help="Gate: mean KL(original || pruned) per token.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Per-expert saliency (REAP, frequency) from a profile, and a pruned checkpoint transformers loads."""
+    import numpy as np
+
+    from . import render
+    from .gates import Gate, check_threshold
+    from .plans import SCHEMA_VERSION, load_profile, model_spec
+    from .plans.prune import choose, prune_checkpoint, report_rows, saliency
+
+    if model is not None and model_opt is not None:
+        raise MoetoolError("give MODEL or --model, not both")
+    model = model or model_opt
+    if profile is None:
+        raise MoetoolError("prune needs --profile (a `moetool profile` of the workload to keep)")
+    if not report_only:
+        if (keep is None) == (drop_fraction is None):
+            raise MoetoolError("give one of --keep N or --drop-fraction F")
+        if output is None:
+            raise MoetoolError("name the pruned checkpoint's directory with -o DIR (or use --report-only)")
+        if os.path.exists(output):
+            raise MoetoolError(f"{output} exists; name a new directory for the pruned checkpoint")
+    if drop_fraction is not None and not 0 <= drop_fraction < 1:
+        raise MoetoolError("--drop-fraction is a share: give a number in [0, 1)")
+    check_threshold(max_kl, "--max-kl")
+    if max_kl is not None and not check_kl:
+        raise MoetoolError("--max-kl needs --check-kl")
+    if check_text is not None and not os.path.isfile(check_text):
+        raise MoetoolError(f"--check-text: {check_text} is not a file")
+    stats = load_profile(profile)
+    spec, ckpt = model_spec(model, stats, read_headers=not report_only)
+    E, k = spec.moe.num_experts, spec.moe.top_k
+    if keep is not None:
+        n_keep = keep
+    elif drop_fraction is not None:
+        n_keep = E - int(round(drop_fraction * E))
+    else:
+        n_keep = None
+    notes = []
+    g = spec.moe.router.n_group
+    if n_keep is not None:
+        if not k <= n_keep <= E:
+            raise MoetoolError(f"keep {n_keep} experts per layer: must be between top-k ({k}) and {E}")
+        if g > 1 and n_keep % g:
+            raise MoetoolError(f"the router picks among {g} expert groups: --keep must be a multiple of {g}")
+        if g > 1:
+            notes.append(f"group-limited router ({g} groups): {n_keep // g} experts kept per group; group scores can "
+                         "differ from the original with the dropped experts masked")
+    sal = saliency(stats, criterion)
+    kept = choose(sal, n_keep, g if g > 1 else 1) if n_keep is not None else None
+    out = {"schema_version": SCHEMA_VERSION, "command": "prune", "model": ckpt.source, "criterion": criterion,
+           "num_experts": E, "keep": n_keep, "tokens": stats.tokens,
+           "kept": {str(l): v for l, v in kept.items()} if kept else None,
+           "experts": report_rows(stats, kept), "notes": notes}
+    gate = Gate()
+    if not report_only:
+        if ckpt.root is None or not ckpt.has_weights:
+            raise MoetoolError(f"{ckpt.source}: prune needs a local checkpoint directory with safetensors weights")
+        out["written"] = prune_checkpoint(ckpt.root, output, ckpt.config, kept, E, spec.moe.expert_ffn)
+        out["output"] = output
+        render.info(f"pruned checkpoint ({n_keep} of {E} experts per MoE layer) written to {output}")
+        if check_kl:
+            import torch
+
+            from .quant.check import default_eval_text
+            from .tracing import _resolve_for_forward, load_tokenizer
+            from .forward import run_forward
+
+            orig = _resolve_for_forward(ckpt.root, None)
+            tok = load_tokenizer(orig)
+            if tok is None:
+                raise MoetoolError("--check-kl needs the checkpoint's tokenizer.json")
+            text = open(check_text, encoding="utf-8").read() if check_text else default_eval_text()
+            limit = min(512, getattr(spec, "max_position_embeddings", None) or 512)
+            ids = tok.encode(text).ids[:limit]
+            if not ids:
+                raise MoetoolError("--check-text has no tokens")
+            p = run_forward(orig, ids, record=False).logits.double()
+            q = run_forward(_resolve_for_forward(output, None), ids, record=False).logits.double()
+            lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+            kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+            out["kl_check"] = {"tokens": len(ids), "kl_mean": kl,
+                               "top1_agreement": float((p.argmax(-1) == q.argmax(-1)).double().mean())}
+            if max_kl is not None:
+                gate.check("kl_mean", kl, max_kl, "<=")
+    out["gate"] = gate.to_dict()
+    for n in notes:
+        render.info(n)
+    if json_:
+        _emit(render.to_json(out).encode(), None, "prune report")
+    else:
+        con = render.stdout_console()
+        con.print(f"[bold]{render._escape(ckpt.source)}[/bold]  {criterion} saliency over {stats.tokens:,} tokens"
+                  + ("" if n_keep is None else f"; keeping {n_keep} of {E} experts per MoE layer"))
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for c in ("layer", "kept" if kept else "most salient", "dropped" if kept else "least salient"):
+            t.add_column(c, justify="left")
+        for l, v in sal.items():
+            order = [int(i) for i in np.argsort(-v, kind="stable")]
+            if kept:
+                t.add_row(str(l), " ".join(map(str, kept[l])), " ".join(str(e) for e in range(E) if e not in kept[l]))
+            else:
+                t.add_row(str(l), " ".join(map(str, order[:8])), " ".join(map(str, order[-8:][::-1])))
+        con.print(t)
+        if "kl_check" in out:
+            c = out["kl_check"]
+            con.print(f"KL(original || pruned) {c['kl_mean']:.4g} per token over {c['tokens']} held-out tokens; "
+                      f"top-1 agreement {c['top1_agreement']:.3f}")
     _finish_gate(gate, exit_zero)
 
 

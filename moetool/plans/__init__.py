@@ -72,7 +72,7 @@ def parse_bytes(s: str, what: str) -> int:
     return int(v)
 
 
-def model_spec(model: Optional[str], stats=None, revision: Optional[str] = None):
+def model_spec(model: Optional[str], stats=None, revision: Optional[str] = None, read_headers: bool = False):
     """(ModelSpec, source name) of --model, or of the model the profile was made with."""
     from ..arch import spec_from_config
     from ..source import resolve
@@ -81,7 +81,7 @@ def model_spec(model: Optional[str], stats=None, revision: Optional[str] = None)
     if not name:
         raise MoetoolError("name the model with --model (the profile does not say which model it is)")
     try:
-        ckpt = resolve(name, revision=revision, read_headers=False)
+        ckpt = resolve(name, revision=revision, read_headers=read_headers)
     except MoetoolError as e:
         if model is None:
             raise MoetoolError(f"the profile's model {name!r} cannot be found ({e}); name it with --model") from None
