@@ -814,6 +814,90 @@ def prune(
     _finish_gate(gate, exit_zero)
 
 
+whatif_app = typer.Typer(help="What-ifs on the routing: fewer experts per token.", no_args_is_help=True,
+                         add_completion=False)
+app.add_typer(whatif_app, name="whatif")
+
+
+@whatif_app.command("topk")
+def whatif_topk(
+    prompt: Annotated[Optional[str], typer.Argument(metavar="[PROMPT]", help="Text to run (default: held-out Python "
+                                                    "documentation text, first --max-tokens tokens).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint (default: the bundled model).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Experts per token in the variant.")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Variant: keep experts with gate weight >= P x "
+                                                   "the token's largest.")] = None,
+    renormalize: Annotated[bool, typer.Option("--renormalize", help="With --min-p: scale kept weights back to the "
+                                              "original sum.")] = False,
+    file: Annotated[Optional[str], typer.Option("--file", help="Read the text from this file.")] = None,
+    tokens: Annotated[Optional[str], typer.Option(help="Token ids instead of text, e.g. 1,2,3.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="At most this many tokens.")] = 256,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.")] = Device.auto,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON to this file.")] = None,
+    max_kl: Annotated[Optional[float], typer.Option(help="Gate: mean KL(original || variant) per token.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """KL of the final logits and routing changes when each token uses fewer experts."""
+    from . import render
+    from .gates import Gate, check_threshold
+    from .plans.whatif import whatif
+
+    check_threshold(max_kl, "--max-kl")
+    if sum(x is not None for x in (prompt, file, tokens)) > 1:
+        raise MoetoolError("give one of PROMPT, --file or --tokens")
+    if (k is None) == (min_p is None):
+        raise MoetoolError("give one of --k or --min-p")
+    if renormalize and min_p is None:
+        raise MoetoolError("--renormalize goes with --min-p")
+    if model is None:
+        _say_default()
+    ids = _parse_tokens(tokens)
+    if ids is None:
+        from .quant.check import default_eval_text
+        from .tracing import _resolve_for_forward, load_tokenizer
+
+        if file is not None:
+            try:
+                with open(file, encoding="utf-8") as fh:
+                    text = fh.read(1 << 24)
+            except (OSError, UnicodeDecodeError) as e:
+                raise MoetoolError(f"--file {file}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
+        else:
+            text = prompt if prompt is not None else default_eval_text()
+        tok = load_tokenizer(_resolve_for_forward(model, revision))
+        if tok is None:
+            raise MoetoolError("the checkpoint has no tokenizer.json: give --tokens")
+        ids = tok.encode(text).ids
+    ids = ids[:max_tokens]
+    r = whatif(model, ids, k=k, min_p=min_p, renormalize=renormalize, device=device.value, revision=revision)
+    gate = Gate()
+    if max_kl is not None:
+        gate.check("kl_mean", r["kl_mean"], max_kl, "<=")
+    r["gate"] = gate.to_dict()
+    if json_ or output:
+        _emit(render.to_json(r).encode(), output, "what-if")
+    else:
+        con = render.stdout_console()
+        v = r["variant"]
+        what = f"top-{v['k']}" if "k" in v else f"min-p {v['min_p']}" + (" (renormalised)" if v["renormalize"] else "")
+        con.print(f"[bold]{render._escape(r['model'])}[/bold]  top-{r['top_k']} -> {what} over {r['tokens']} tokens: "
+                  f"KL(original || variant) mean {r['kl_mean']:.4g}, max {r['kl_max']:.4g}; top-1 agreement "
+                  f"{r['top1_agreement']:.3f}; {r['experts_per_token']:.2f} experts per token "
+                  f"({100 * r['compute_saved']:.1f}% expert compute saved)")
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for c in ("layer", "experts/token", "saved", "first choice kept", "set overlap (Jaccard)"):
+            t.add_column(c, justify="right")
+        for l in r["layers"]:
+            t.add_row(str(l["layer"]), f"{l['experts_per_token']:.2f}", f"{100 * l['compute_saved']:.1f}%",
+                      f"{l['first_choice_unchanged']:.3f}", f"{l['jaccard_mean']:.3f}")
+        con.print(t)
+    _finish_gate(gate, exit_zero)
+
+
 def _emit(data: bytes, output: Optional[str], what: str) -> None:
     """Machine-readable output: atomically to `output`, or raw to stdout."""
     from . import render
