@@ -691,6 +691,496 @@ def _parquet(df) -> bytes:
     return buf.getvalue()
 
 
+plan_app = typer.Typer(help="Plans in the runtime's own terms: offload, expert pinning, expert-parallel placement.",
+                       no_args_is_help=True, add_completion=False)
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command("eplb")
+def plan_eplb(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="A `moetool profile` directory or a `trace --json` report.")],
+    ranks: Annotated[int, typer.Option("--ranks", help="Expert-parallel GPUs.")],
+    redundant: Annotated[int, typer.Option("--redundant", help="Extra physical expert slots (replicas of hot experts).")] = 0,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes (hierarchical policy keeps an expert group on one node).")] = 1,
+    groups: Annotated[Optional[int], typer.Option("--groups", help="Expert groups (default: the model's n_group, else 1).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The profiled model (default: the profile's).")] = None,
+    export_sglang: Annotated[Optional[str], typer.Option("--export-sglang", help="Write SGLang --init-expert-location JSON.")] = None,
+    export_trtllm: Annotated[Optional[str], typer.Option("--export-trtllm", help="Write a TensorRT-LLM load-balancer YAML.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON plan to this file.")] = None,
+    min_balancedness: Annotated[Optional[float], typer.Option(help="Gate: mean balancedness after placement (0-1).")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Expert-parallel placement with DeepSeek's EPLB: balancedness before/after, engine exports."""
+    from . import render
+    from .gates import Gate, check_threshold
+    from .plans import eplb_plan, export_sglang as to_sglang, export_trtllm as to_trtllm, load_profile, model_spec
+    from .plans import public, vllm_flags
+
+    check_threshold(min_balancedness, "--min-balancedness")
+    if min_balancedness is not None and not 0 <= min_balancedness <= 1:
+        raise MoetoolError("--min-balancedness is a share: give a number between 0 and 1")
+    stats = load_profile(profile)
+    spec, _ = model_spec(model, stats)
+    plan = eplb_plan(stats, spec, ranks, redundant, nodes, groups)
+    gate = Gate()
+    if min_balancedness is not None:
+        gate.check("balancedness_after", plan["balancedness_after"], min_balancedness, ">=")
+    if export_sglang:
+        render.atomic_write_bytes(export_sglang, render.to_json(to_sglang(plan)).encode())
+        render.info(f"SGLang expert location written to {export_sglang} (use with --init-expert-location "
+                    f"{export_sglang} --ep-num-redundant-experts {redundant})")
+    if export_trtllm:
+        render.atomic_write_bytes(export_trtllm, to_trtllm(plan).encode())
+        render.info(f"TensorRT-LLM load-balancer config written to {export_trtllm}")
+    out = public(plan)
+    out["vllm_flags"] = vllm_flags(plan)
+    out["gate"] = gate.to_dict()
+    if json_ or output:
+        _emit(render.to_json(out).encode(), output, "EPLB plan")
+    else:
+        con = render.stdout_console()
+        before = plan["balancedness_before"]
+        con.print(f"[bold]EPLB[/bold] {plan['num_experts']} experts + {redundant} redundant on {ranks} ranks "
+                  f"({plan['slots_per_rank']} slots each, {nodes} node(s), {plan['groups']} group(s), {plan['policy']} "
+                  f"policy), fitted on {plan['tokens']:,} tokens")
+        con.print(f"balancedness (mean / max rank load, 1.0 = perfect): before "
+                  f"{'-' if before is None else f'{before:.3f}'}, after {plan['balancedness_after']:.3f}")
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for c in ("layer", "before", "after", "replicated experts"):
+            t.add_column(c, justify="right" if c != "replicated experts" else "left")
+        for l in plan["layers"]:
+            rep = [f"{e}x{c}" for e, c in enumerate(l["replicas"]) if c > 1]
+            t.add_row(str(l["layer"]), "-" if l["balancedness_before"] is None else f"{l['balancedness_before']:.3f}",
+                      f"{l['balancedness_after']:.3f}", " ".join(rep) or "-")
+        con.print(t)
+        con.print(f"vLLM (rebalances online): {out['vllm_flags']}")
+    _finish_gate(gate, exit_zero)
+
+
+@plan_app.command("pin")
+def plan_pin(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="A `moetool profile` directory or a `trace --json` report.")],
+    budget: Annotated[str, typer.Option("--budget", help="GPU memory for routed experts, e.g. 12GB or 12GiB.")],
+    holdout: Annotated[Optional[str], typer.Option("--holdout", help="A profile of held-out text of the same workload: "
+                                                   "the expected hit rate on unseen traffic.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The profiled model (default: the profile's).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Storage format of the expert weights (bf16, fp8, int4_g128, "
+                                     "nf4, mxfp4, ...).")] = "bf16",
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Write the hit-rate curve (.png or .svg).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON plan to this file.")] = None,
+    min_hit_rate: Annotated[Optional[float], typer.Option(help="Gate: hit rate (held-out when given) (0-1).")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Which routed experts to keep on the GPU under a budget, and the hit rate that buys."""
+    from . import render
+    from .formats import FORMATS
+    from .gates import Gate, check_threshold
+    from .plans import SCHEMA_VERSION, expert_bytes, load_profile, model_spec, parse_bytes
+    from .plans.pin import pin_plan
+
+    check_threshold(min_hit_rate, "--min-hit-rate")
+    if min_hit_rate is not None and not 0 <= min_hit_rate <= 1:
+        raise MoetoolError("--min-hit-rate is a share: give a number between 0 and 1")
+    if fmt not in FORMATS:
+        raise MoetoolError(f"--format must be one of {', '.join(FORMATS)}")
+    if plot is not None and not plot.endswith((".png", ".svg")):
+        raise MoetoolError("--plot must name a .png or .svg file")
+    nbytes = parse_bytes(budget, "--budget")
+    stats = load_profile(profile)
+    ho = load_profile(holdout) if holdout else None
+    spec, _ = model_spec(model, stats)
+    plan = pin_plan(stats, expert_bytes(spec, fmt), nbytes, ho)
+    plan = {"schema_version": SCHEMA_VERSION, "command": "plan pin", "model": stats.meta.get("model"), "format": fmt,
+            **plan}
+    gate = Gate()
+    if min_hit_rate is not None:
+        which = "hit_rate_holdout" if ho is not None else "hit_rate"
+        gate.check(which, plan[which], min_hit_rate, ">=")
+    plan["gate"] = gate.to_dict()
+    if ho is None:
+        render.info("hit rate measured on the profile the plan was fitted on (optimistic); --holdout PROFILE "
+                    "of other text gives the expected rate on unseen traffic")
+    if plot:
+        from .plans.plot import plot_hit_curve
+
+        plot_hit_curve(plan, plot)
+        render.info(f"hit-rate curve written to {plot}")
+    if json_ or output:
+        _emit(render.to_json(plan).encode(), output, "pinning plan")
+    else:
+        con = render.stdout_console()
+        ho_txt = "" if ho is None else f", held-out {plan['hit_rate_holdout']:.3f}"
+        full = plan["full_hit_rate"]
+        con.print(f"[bold]pin[/bold] {plan['resident_experts']} of {plan['experts_total']} routed experts "
+                  f"({render.human_bytes(plan['resident_bytes'])} of {render.human_bytes(plan['all_experts_bytes'])}, "
+                  f"{fmt}) under {render.human_bytes(nbytes)}: hit rate {plan['hit_rate']:.3f}{ho_txt}"
+                  + ("" if full is None else f"; every top-k expert resident for {full:.3f} of token-layers"))
+        from rich.table import Table
+
+        t = Table(title="Hit rate against the budget", title_justify="left", box=None, header_style="bold")
+        for c in ("budget", "experts", "hit rate", "held-out"):
+            t.add_column(c, justify="right")
+        for row in plan["curve"]:
+            t.add_row(render.human_bytes(row["budget_bytes"]), str(row["experts"]), f"{row['hit_rate']:.3f}",
+                      "-" if row["hit_rate_holdout"] is None else f"{row['hit_rate_holdout']:.3f}")
+        con.print(t)
+    _finish_gate(gate, exit_zero)
+
+
+@plan_app.command("offload")
+def plan_offload(
+    model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Checkpoint directory (exact bytes from the "
+                                                   "headers), config.json, sample name or hub id.")] = None,
+    model_opt: Annotated[Optional[str], typer.Option("--model", "-m", help="Same as MODEL.")] = None,
+    vram: Annotated[str, typer.Option("--vram", help="GPU memory, e.g. 24GB or 24GiB.")] = "24GB",
+    ram: Annotated[Optional[str], typer.Option("--ram", help="CPU memory available for weights, e.g. 64GB.")] = None,
+    context: Annotated[str, typer.Option("--context", help="Context length for the KV cache, e.g. 8192 or 32k.")] = "4096",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences decoded together.")] = 1,
+    kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="KV cache dtype: bf16, fp16, fp32, fp8.")] = "bf16",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Storage format when counting from config.json "
+                                               "(bf16, fp8, int4_g128, nf4, mxfp4, ...); a checkpoint's own "
+                                               "bytes are used when it has weights.")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="A profile of the workload: measured distinct "
+                                                   "experts per decode step for --batch > 1.")] = None,
+    reserve: Annotated[str, typer.Option("--reserve", help="GPU memory kept free for the CUDA context and compute "
+                                         "buffers.")] = "1GiB",
+    gpu_bandwidth: Annotated[str, typer.Option("--gpu-bandwidth", help="GPU memory bandwidth per second.")] = "1000GB",
+    cpu_bandwidth: Annotated[str, typer.Option("--cpu-bandwidth", help="CPU memory bandwidth per second.")] = "60GB",
+    pcie_bandwidth: Annotated[str, typer.Option("--pcie-bandwidth", help="Host-to-GPU bandwidth per second.")] = "25GB",
+    device_map_out: Annotated[Optional[str], typer.Option("--device-map", help="Write the accelerate device_map JSON "
+                                                          "(needs transformers).")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON plan to this file.")] = None,
+    min_tokens_per_s: Annotated[Optional[float], typer.Option(help="Gate: estimated llama.cpp decode tokens/s.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """What fits on the GPU: per-layer placement, llama.cpp flags, accelerate device_map, decode estimate."""
+    from . import render
+    from .arch import spec_from_config
+    from .counting import count as do_count
+    from .formats import FORMATS
+    from .gates import Gate, check_threshold
+    from .plans import SCHEMA_VERSION, load_profile, parse_bytes
+    from .plans.offload import device_map, items_from_checkpoint, items_from_config, offload_plan
+    from .source import resolve
+
+    if model is not None and model_opt is not None:
+        raise MoetoolError("give MODEL or --model, not both")
+    model = model or model_opt
+    if model is None:
+        _say_default()
+    check_threshold(min_tokens_per_s, "--min-tokens-per-s")
+    if fmt is not None and fmt not in FORMATS:
+        raise MoetoolError(f"--format must be one of {', '.join(FORMATS)}")
+    ctx_s = context.strip().lower()
+    try:
+        ctx = int(float(ctx_s[:-1]) * 1024) if ctx_s.endswith("k") else int(ctx_s)
+    except ValueError:
+        raise MoetoolError(f"--context: cannot read {context!r} (e.g. 8192 or 32k)") from None
+    if ctx < 1:
+        raise MoetoolError("--context must be at least 1")
+    sizes = {flag: parse_bytes(v, flag) for flag, v in (("--vram", vram), ("--reserve", reserve),
+                                                        ("--gpu-bandwidth", gpu_bandwidth),
+                                                        ("--cpu-bandwidth", cpu_bandwidth),
+                                                        ("--pcie-bandwidth", pcie_bandwidth))}
+    for flag in ("--gpu-bandwidth", "--cpu-bandwidth", "--pcie-bandwidth"):
+        if sizes[flag] <= 0:
+            raise MoetoolError(f"{flag} must be positive")
+    ram_b = parse_bytes(ram, "--ram") if ram else None
+    stats = load_profile(profile) if profile else None
+    use_headers = fmt is None
+    ckpt = resolve(model, revision=revision, read_headers=use_headers)
+    spec = spec_from_config(ckpt.config, ckpt.config_path)
+    if spec.moe is None:
+        raise MoetoolError(f"{ckpt.source}: {spec.model_type} has no routed experts; nothing to offload by expert")
+    if stats is not None and (stats.num_experts != spec.moe.num_experts or list(stats.meta["moe_layers"]) != spec.moe_layers):
+        raise MoetoolError(f"{profile}: a profile of another model (experts or MoE layers differ)")
+    notes = []
+    if ckpt.tensors is not None:
+        items, notes = items_from_checkpoint(ckpt, spec)
+        source = "safetensors headers (exact stored bytes)"
+    else:
+        fmt = fmt or "bf16"
+        items = items_from_config(spec, fmt)
+        source = f"config.json, weights in {fmt} (formats.py)"
+    report = do_count(ckpt, context=ctx, batch=batch, kv_dtype=kv_dtype, use_headers=False)
+    kv = report.kv_cache
+    kv_bytes = int(kv["bytes"]) + int(kv.get("state_bytes") or 0)
+    plan = offload_plan(items, spec, vram=sizes["--vram"], ram=ram_b, kv_bytes=kv_bytes, kv_per_step=kv_bytes, context=ctx,
+                        batch=batch, reserve=sizes["--reserve"], stats=stats, gpu_bw=sizes["--gpu-bandwidth"],
+                        cpu_bw=sizes["--cpu-bandwidth"], pcie_bw=sizes["--pcie-bandwidth"])
+    plan["notes"] = notes + plan["notes"]
+    dmap = None
+    if device_map_out:
+        dmap, why = device_map(ckpt.config, plan)
+        if why:
+            plan["notes"].append(why)
+    out = {"schema_version": SCHEMA_VERSION, "command": "plan offload", "model": ckpt.source,
+           "model_type": spec.model_type, "bytes_from": source,
+           **{k: v for k, v in plan.items() if not k.startswith("_")}, "device_map": dmap}
+    gate = Gate()
+    if min_tokens_per_s is not None:
+        gate.check("llama_cpp_tokens_per_s", out["estimate"]["llama_cpp_tokens_per_s"], min_tokens_per_s, ">=")
+    if not out["fits_vram"] or not out["fits_ram"]:
+        gate.enabled = True
+    out["gate"] = gate.to_dict()
+    if device_map_out and dmap is not None:
+        render.atomic_write_bytes(device_map_out, render.to_json(dmap).encode())
+        render.info(f"device_map written to {device_map_out} (from_pretrained(..., device_map=json.load(open(...))))")
+    for n in out["notes"]:
+        render.info(n)
+    if json_ or output:
+        _emit(render.to_json(out).encode(), output, "offload plan")
+    else:
+        con = render.stdout_console()
+        est = out["estimate"]
+        hb = render.human_bytes
+        con.print(f"[bold]{render._escape(ckpt.source)}[/bold]  model_type={spec.model_type}  bytes from {source}")
+        con.print(f"GPU {hb(out['gpu_bytes'])} of {hb(out['vram_bytes'])} (reserve {hb(out['reserve_bytes'])}, KV cache "
+                  f"{hb(out['kv_cache_bytes'])} at context {ctx:,} x batch {batch}); CPU {hb(out['cpu_bytes'])}"
+                  + ("" if ram_b is None else f" of {hb(ram_b)}"))
+        con.print(f"expert layers on the GPU: {out['expert_layers_on_gpu']} of {out['expert_layers']}; "
+                  f"layers on the GPU: {out['gpu_layers']} of {spec.num_layers}")
+        con.print(f"[bold]llama.cpp[/bold]: {out['llama_cpp']}    or: {out['llama_cpp_override']}")
+        tps = est["llama_cpp_tokens_per_s"]
+        acc = est["accelerate_tokens_per_s"]
+        con.print(f"decode estimate (upper bound, memory-bound roofline; GPU {hb(est['gpu_bandwidth'])}/s, CPU "
+                  f"{hb(est['cpu_bandwidth'])}/s, PCIe {hb(est['pcie_bandwidth'])}/s): llama.cpp "
+                  f"{tps:,.3g} tokens/s" + ("" if acc is None else f", accelerate offload {acc:,.3g} tokens/s"))
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for c in ("layer", "non-expert", "on", "experts", "on"):
+            t.add_column(c, justify="right")
+        for l in out["layers"]:
+            t.add_row(str(l["layer"]), hb(l["non_expert_bytes"]), l["non_expert_device"],
+                      hb(l["expert_bytes"]) if l["expert_bytes"] else "-", l["expert_device"] or "-")
+        con.print(t)
+    if not out["fits_vram"] or not out["fits_ram"]:
+        gate.passed = False
+    _finish_gate(gate, exit_zero)
+
+
+@app.command()
+def prune(
+    model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Checkpoint directory with safetensors weights.")] = None,
+    model_opt: Annotated[Optional[str], typer.Option("--model", "-m", help="Same as MODEL.")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="A `moetool profile` directory (or a "
+                                                   "`trace --json` report) of the workload.")] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="Experts to keep in every MoE layer.")] = None,
+    drop_fraction: Annotated[Optional[float], typer.Option("--drop-fraction", help="Share of experts to drop in every "
+                                                           "MoE layer, e.g. 0.25.")] = None,
+    criterion: Annotated[str, typer.Option("--criterion", help="reap, frequency or weighted-frequency.")] = "reap",
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory for the pruned checkpoint (new).")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Only the per-expert saliency table; write nothing.")] = False,
+    check_kl: Annotated[bool, typer.Option("--check-kl", help="KL of the pruned model's next-token distribution vs "
+                                           "the original on held-out text (moetool's forward).")] = False,
+    check_text: Annotated[Optional[str], typer.Option("--check-text", help="Held-out text file for --check-kl "
+                                                      "(default: Python documentation text).")] = None,
+    max_kl: Annotated[Optional[float], typer.Option(help="Gate: mean KL(original || pruned) per token.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Per-expert saliency (REAP, frequency) from a profile, and a pruned checkpoint transformers loads."""
+    import numpy as np
+
+    from . import render
+    from .gates import Gate, check_threshold
+    from .plans import SCHEMA_VERSION, load_profile, model_spec
+    from .plans.prune import choose, prune_checkpoint, report_rows, saliency
+
+    if model is not None and model_opt is not None:
+        raise MoetoolError("give MODEL or --model, not both")
+    model = model or model_opt
+    if profile is None:
+        raise MoetoolError("prune needs --profile (a `moetool profile` of the workload to keep)")
+    if not report_only:
+        if (keep is None) == (drop_fraction is None):
+            raise MoetoolError("give one of --keep N or --drop-fraction F")
+        if output is None:
+            raise MoetoolError("name the pruned checkpoint's directory with -o DIR (or use --report-only)")
+        if os.path.exists(output):
+            raise MoetoolError(f"{output} exists; name a new directory for the pruned checkpoint")
+    if drop_fraction is not None and not 0 <= drop_fraction < 1:
+        raise MoetoolError("--drop-fraction is a share: give a number in [0, 1)")
+    check_threshold(max_kl, "--max-kl")
+    if max_kl is not None and not check_kl:
+        raise MoetoolError("--max-kl needs --check-kl")
+    if check_text is not None and not os.path.isfile(check_text):
+        raise MoetoolError(f"--check-text: {check_text} is not a file")
+    stats = load_profile(profile)
+    spec, ckpt = model_spec(model, stats, read_headers=not report_only)
+    E, k = spec.moe.num_experts, spec.moe.top_k
+    if keep is not None:
+        n_keep = keep
+    elif drop_fraction is not None:
+        n_keep = E - int(round(drop_fraction * E))
+    else:
+        n_keep = None
+    notes = []
+    g = spec.moe.router.n_group
+    if n_keep is not None:
+        if not k <= n_keep <= E:
+            raise MoetoolError(f"keep {n_keep} experts per layer: must be between top-k ({k}) and {E}")
+        if g > 1 and n_keep % g:
+            raise MoetoolError(f"the router picks among {g} expert groups: --keep must be a multiple of {g}")
+        if g > 1:
+            notes.append(f"group-limited router ({g} groups): {n_keep // g} experts kept per group; group scores can "
+                         "differ from the original with the dropped experts masked")
+    sal = saliency(stats, criterion)
+    kept = choose(sal, n_keep, g if g > 1 else 1) if n_keep is not None else None
+    out = {"schema_version": SCHEMA_VERSION, "command": "prune", "model": ckpt.source, "criterion": criterion,
+           "num_experts": E, "keep": n_keep, "tokens": stats.tokens,
+           "kept": {str(l): v for l, v in kept.items()} if kept else None,
+           "experts": report_rows(stats, kept), "notes": notes}
+    gate = Gate()
+    if not report_only:
+        if ckpt.root is None or not ckpt.has_weights:
+            raise MoetoolError(f"{ckpt.source}: prune needs a local checkpoint directory with safetensors weights")
+        out["written"] = prune_checkpoint(ckpt.root, output, ckpt.config, kept, E, spec.moe.expert_ffn)
+        out["output"] = output
+        render.info(f"pruned checkpoint ({n_keep} of {E} experts per MoE layer) written to {output}")
+        if check_kl:
+            import torch
+
+            from .quant.check import default_eval_text
+            from .tracing import _resolve_for_forward, load_tokenizer
+            from .forward import run_forward
+
+            orig = _resolve_for_forward(ckpt.root, None)
+            tok = load_tokenizer(orig)
+            if tok is None:
+                raise MoetoolError("--check-kl needs the checkpoint's tokenizer.json")
+            text = open(check_text, encoding="utf-8").read() if check_text else default_eval_text()
+            limit = min(512, getattr(spec, "max_position_embeddings", None) or 512)
+            ids = tok.encode(text).ids[:limit]
+            if not ids:
+                raise MoetoolError("--check-text has no tokens")
+            p = run_forward(orig, ids, record=False).logits.double()
+            q = run_forward(_resolve_for_forward(output, None), ids, record=False).logits.double()
+            lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+            kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+            out["kl_check"] = {"tokens": len(ids), "kl_mean": kl,
+                               "top1_agreement": float((p.argmax(-1) == q.argmax(-1)).double().mean())}
+            if max_kl is not None:
+                gate.check("kl_mean", kl, max_kl, "<=")
+    out["gate"] = gate.to_dict()
+    for n in notes:
+        render.info(n)
+    if json_:
+        _emit(render.to_json(out).encode(), None, "prune report")
+    else:
+        con = render.stdout_console()
+        con.print(f"[bold]{render._escape(ckpt.source)}[/bold]  {criterion} saliency over {stats.tokens:,} tokens"
+                  + ("" if n_keep is None else f"; keeping {n_keep} of {E} experts per MoE layer"))
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for c in ("layer", "kept" if kept else "most salient", "dropped" if kept else "least salient"):
+            t.add_column(c, justify="left")
+        for l, v in sal.items():
+            order = [int(i) for i in np.argsort(-v, kind="stable")]
+            if kept:
+                t.add_row(str(l), " ".join(map(str, kept[l])), " ".join(str(e) for e in range(E) if e not in kept[l]))
+            else:
+                t.add_row(str(l), " ".join(map(str, order[:8])), " ".join(map(str, order[-8:][::-1])))
+        con.print(t)
+        if "kl_check" in out:
+            c = out["kl_check"]
+            con.print(f"KL(original || pruned) {c['kl_mean']:.4g} per token over {c['tokens']} held-out tokens; "
+                      f"top-1 agreement {c['top1_agreement']:.3f}")
+    _finish_gate(gate, exit_zero)
+
+
+whatif_app = typer.Typer(help="What-ifs on the routing: fewer experts per token.", no_args_is_help=True,
+                         add_completion=False)
+app.add_typer(whatif_app, name="whatif")
+
+
+@whatif_app.command("topk")
+def whatif_topk(
+    prompt: Annotated[Optional[str], typer.Argument(metavar="[PROMPT]", help="Text to run (default: held-out Python "
+                                                    "documentation text, first --max-tokens tokens).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint (default: the bundled model).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Experts per token in the variant.")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Variant: keep experts with gate weight >= P x "
+                                                   "the token's largest.")] = None,
+    renormalize: Annotated[bool, typer.Option("--renormalize", help="With --min-p: scale kept weights back to the "
+                                              "original sum.")] = False,
+    file: Annotated[Optional[str], typer.Option("--file", help="Read the text from this file.")] = None,
+    tokens: Annotated[Optional[str], typer.Option(help="Token ids instead of text, e.g. 1,2,3.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="At most this many tokens.")] = 256,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.")] = Device.auto,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON to this file.")] = None,
+    max_kl: Annotated[Optional[float], typer.Option(help="Gate: mean KL(original || variant) per token.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """KL of the final logits and routing changes when each token uses fewer experts."""
+    from . import render
+    from .gates import Gate, check_threshold
+    from .plans.whatif import whatif
+
+    check_threshold(max_kl, "--max-kl")
+    if sum(x is not None for x in (prompt, file, tokens)) > 1:
+        raise MoetoolError("give one of PROMPT, --file or --tokens")
+    if (k is None) == (min_p is None):
+        raise MoetoolError("give one of --k or --min-p")
+    if renormalize and min_p is None:
+        raise MoetoolError("--renormalize goes with --min-p")
+    if model is None:
+        _say_default()
+    ids = _parse_tokens(tokens)
+    if ids is None:
+        from .quant.check import default_eval_text
+        from .tracing import _resolve_for_forward, load_tokenizer
+
+        if file is not None:
+            try:
+                with open(file, encoding="utf-8") as fh:
+                    text = fh.read(1 << 24)
+            except (OSError, UnicodeDecodeError) as e:
+                raise MoetoolError(f"--file {file}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
+        else:
+            text = prompt if prompt is not None else default_eval_text()
+        tok = load_tokenizer(_resolve_for_forward(model, revision))
+        if tok is None:
+            raise MoetoolError("the checkpoint has no tokenizer.json: give --tokens")
+        ids = tok.encode(text).ids
+    ids = ids[:max_tokens]
+    r = whatif(model, ids, k=k, min_p=min_p, renormalize=renormalize, device=device.value, revision=revision)
+    gate = Gate()
+    if max_kl is not None:
+        gate.check("kl_mean", r["kl_mean"], max_kl, "<=")
+    r["gate"] = gate.to_dict()
+    if json_ or output:
+        _emit(render.to_json(r).encode(), output, "what-if")
+    else:
+        con = render.stdout_console()
+        v = r["variant"]
+        what = f"top-{v['k']}" if "k" in v else f"min-p {v['min_p']}" + (" (renormalised)" if v["renormalize"] else "")
+        con.print(f"[bold]{render._escape(r['model'])}[/bold]  top-{r['top_k']} -> {what} over {r['tokens']} tokens: "
+                  f"KL(original || variant) mean {r['kl_mean']:.4g}, max {r['kl_max']:.4g}; top-1 agreement "
+                  f"{r['top1_agreement']:.3f}; {r['experts_per_token']:.2f} experts per token "
+                  f"({100 * r['compute_saved']:.1f}% expert compute saved)")
+        from rich.table import Table
+
+        t = Table(box=None, header_style="bold")
+        for c in ("layer", "experts/token", "saved", "first choice kept", "set overlap (Jaccard)"):
+            t.add_column(c, justify="right")
+        for l in r["layers"]:
+            t.add_row(str(l["layer"]), f"{l['experts_per_token']:.2f}", f"{100 * l['compute_saved']:.1f}%",
+                      f"{l['first_choice_unchanged']:.3f}", f"{l['jaccard_mean']:.3f}")
+        con.print(t)
+    _finish_gate(gate, exit_zero)
+
+
 def _emit(data: bytes, output: Optional[str], what: str) -> None:
     """Machine-readable output: atomically to `output`, or raw to stdout."""
     from . import render

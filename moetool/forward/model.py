@@ -363,6 +363,9 @@ class Decoder:
         # ffn_hook(decoder, layer, h [T, D], routing: (experts [T, K], weights [T, K]) or None for a
         # dense FFN) sees every FFN's input; quantize-report scores experts there, layer by layer.
         self.ffn_hook = ffn_hook
+        # route_hook(layer, experts [T, K], weights [T, K]) -> (experts, weights): what-if routing
+        # (moetool whatif); None in every normal forward.
+        self.route_hook: Optional[Callable] = None
 
     def w(self, name: Optional[str]) -> Optional[torch.Tensor]:
         return self.store.get_optional(name, self.dtype, device=self.device)
@@ -534,6 +537,8 @@ class Decoder:
                                        torch.float32, device=self.device)
         corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
+        if self.route_hook is not None:
+            idx, weights = self.route_hook(i, idx, weights)
         if record:
             routes.append(LayerRoute(i, idx.cpu(), weights.float().cpu(), logits.cpu(), scores.float().cpu()))
         if self.ffn_hook:
