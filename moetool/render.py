@@ -152,6 +152,8 @@ def render_count(r, per_layer: bool = False) -> None:
 
     out = stdout_console()
     src = "safetensors headers (exact)" if r.counted_from == "headers" else "config.json (analytic)"
+    if (r.quantization or "").startswith("gguf"):
+        src = "GGUF header (exact)" if r.counted_from == "headers" else "GGUF metadata (analytic)"
     out.print(f"[bold]{_escape(r.model)}[/bold]  model_type={r.model_type}  counted from {src}")
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")

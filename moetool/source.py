@@ -51,6 +51,7 @@ class Checkpoint:
     tensors: Optional[dict[str, TensorInfo]] = None
     notes: list[str] = field(default_factory=list)
     _stats: Optional[TensorStats] = None
+    gguf: Optional[object] = None  # a moetool.gguf.checkpoint.GGUFModel when the weights are GGUF
 
     @property
     def has_weights(self) -> bool:
@@ -110,11 +111,15 @@ def resolve(model: Optional[str], *, revision: Optional[str] = None, read_header
             if read_headers:
                 _read(ckpt, [path], None, tensor_table)
             return ckpt
+        if name.endswith(".gguf"):
+            from .gguf.checkpoint import resolve_gguf
+
+            return resolve_gguf(model, path, tensor_table, read_headers)
         if name.endswith(PICKLE_SUFFIXES):
             raise BadCheckpoint(f"{path}: pickle checkpoint; moetool never unpickles (it can run code): {CONVERT_HINT}")
         if name.endswith(".json"):
             return Checkpoint(model, "config", _load_config(path), str(path))
-        raise BadCheckpoint(f"{path}: not a config.json, .safetensors file or checkpoint directory")
+        raise BadCheckpoint(f"{path}: not a config.json, .safetensors, .gguf file or checkpoint directory")
     sample = sample_config_path(model)
     if sample is not None:
         return Checkpoint(model, "sample", _load_config(sample), str(sample))
