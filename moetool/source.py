@@ -9,6 +9,8 @@ MODEL may be, in this order of precedence:
 4. the name of a sample config (`moetool count mixtral-8x7b`; see `sample_configs/`);
 5. a Hugging Face repo id `org/name`: config.json through huggingface-hub (its cache, HF_TOKEN and
    HF_HUB_OFFLINE are honoured) and the safetensors headers through HTTP range requests.
+A `.gguf` file (or any part of a split set) works like 3. without config.json, and on the hub as
+`org/name:TAG` or `org/name/FILE.gguf` (moetool.gguf).
 
 Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are never opened: moetool never unpickles.
 
@@ -123,6 +125,12 @@ def resolve(model: Optional[str], *, revision: Optional[str] = None, read_header
     sample = sample_config_path(model)
     if sample is not None:
         return Checkpoint(model, "sample", _load_config(sample), str(sample))
+    if not model.startswith((".", "/", "~")) and (":" in model or model.endswith(".gguf")):
+        from .gguf import hub as gguf_hub  # org/name:TAG or org/name/FILE.gguf
+
+        if gguf_hub.match(model):
+            return gguf_hub.resolve_hub_gguf(model, revision=revision, tensor_table=tensor_table,
+                                             read_headers=read_headers)
     if _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
         from .hub import resolve_hub  # huggingface-hub is imported only for hub ids
 

@@ -58,11 +58,13 @@ _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
 class NeedMore(Exception):
-    """The prefix ends inside the header: read at least `n` bytes and parse again."""
+    """The prefix ends inside the header: read at least `n` bytes and parse again. `estimate`:
+    where the header probably ends (from the entries of the array or the tensor infos read so
+    far), or 64 KB past `n` when nothing better is known."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, estimate: int = 0):
         super().__init__(n)
-        self.n = n
+        self.n, self.estimate = n, max(n, estimate or n + 65536)
 
 
 class GGUFTensor(NamedTuple):
@@ -128,7 +130,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFHeader:
                 try:
                     return parse_gguf(buf, size, path)
                 except NeedMore as m:
-                    want = min(size, max(m.n, 2 * len(buf)))
+                    want = min(size, max(m.estimate, 2 * len(buf)))
                     if want <= len(buf):  # cannot happen: parse_gguf checks sizes against the file
                         raise BadCheckpoint(f"{path}: malformed GGUF: header runs past the end of the file") from None
                     f.seek(len(buf))
@@ -207,29 +209,15 @@ def parse_gguf(buf: bytes, file_bytes: Optional[int], where: str) -> GGUFHeader:
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
         raise BadCheckpoint(f"{where}: malformed GGUF: general.alignment {alignment!r} is not a power of two")
-    infos = []
-    seen: set[str] = set()
-    for _ in range(n_tensors):
-        name = c.string("a tensor name")
-        if name in seen:
-            raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} appears twice")
-        seen.add(name)
-        n_dims = c.u32()
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS})")
-        c.need(8 * n_dims)
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, c.pos)
-        c.pos += 8 * n_dims
-        if any(d == 0 or d >= 1 << 48 for d in dims) or math.prod(dims) >= 1 << 62:
-            raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} has an absurd shape {list(dims)}")
-        type_id = c.u32()
-        if type_id not in GGML_TYPES:
-            raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} has unknown ggml type {type_id}")
-        offset = c.u64()
-        if offset % alignment:
-            raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} offset {offset} is not aligned to {alignment}")
-        shape = tuple(reversed(dims))
-        infos.append(GGUFTensor(name, type_id, shape, offset, tensor_nbytes(type_id, shape, where, name)))
+    infos: list[GGUFTensor] = []
+    infos_start = c.pos
+    try:
+        _tensor_infos(c, n_tensors, alignment, infos)
+    except NeedMore as m:
+        # Where the infos probably end: the rest at the average size of those read so far (a
+        # remote reader fetches up to there, so it reads hardly any tensor data).
+        avg = (c.pos - infos_start) / len(infos) if infos else 48
+        raise NeedMore(m.n, int(c.pos + (n_tensors - len(infos)) * avg) + alignment) from None
     data_start = -(-c.pos // alignment) * alignment
     data_bytes = None if file_bytes is None else file_bytes - data_start
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in infos)
@@ -243,6 +231,38 @@ def parse_gguf(buf: bytes, file_bytes: Optional[int], where: str) -> GGUFHeader:
         raise BadCheckpoint(f"{where}: truncated GGUF: tensor {last!r} ends at byte {data_start + prev_end}, "
                             f"past the end of the file ({file_bytes} bytes)")
     return GGUFHeader(where, version, metadata, infos, data_start, file_bytes, types)
+
+
+def _tensor_infos(c: _Cursor, n_tensors: int, alignment: int, infos: list[GGUFTensor]) -> None:
+    """Decode the tensor infos into `infos`; `c.pos` moves only past whole infos."""
+    where, buf = c.where, c.buf
+    seen: set[str] = set()
+    for _ in range(n_tensors):
+        start = c.pos
+        try:
+            name = c.string("a tensor name")
+            if name in seen:
+                raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} appears twice")
+            n_dims = c.u32()
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS})")
+            c.need(8 * n_dims)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, c.pos)
+            c.pos += 8 * n_dims
+            if any(d == 0 or d >= 1 << 48 for d in dims) or math.prod(dims) >= 1 << 62:
+                raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} has an absurd shape {list(dims)}")
+            type_id = c.u32()
+            if type_id not in GGML_TYPES:
+                raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} has unknown ggml type {type_id}")
+            offset = c.u64()
+        except NeedMore:
+            c.pos = start
+            raise
+        if offset % alignment:
+            raise BadCheckpoint(f"{where}: malformed GGUF: tensor {name!r} offset {offset} is not aligned to {alignment}")
+        seen.add(name)
+        shape = tuple(reversed(dims))
+        infos.append(GGUFTensor(name, type_id, shape, offset, tensor_nbytes(type_id, shape, where, name)))
 
 
 def _value(c: _Cursor, vtype: int, key: str, top: bool = False) -> Any:
@@ -266,6 +286,13 @@ def _value(c: _Cursor, vtype: int, key: str, top: bool = False) -> Any:
             return out
         if etype == _STRING:
             c.need(8 * n)  # every string has at least its length
-            return [c.string(f"metadata {key!r}") for _ in range(n)]
+            out, start = [], c.pos
+            try:
+                for _ in range(n):
+                    out.append(c.string(f"metadata {key!r}"))
+            except NeedMore as m:  # estimate the array's end from its strings so far (plus 64 KB)
+                avg = (c.pos - start) / len(out) if out else 16
+                raise NeedMore(m.n, int(c.pos + (n - len(out)) * avg) + 65536) from None
+            return out
         raise BadCheckpoint(f"{c.where}: malformed GGUF: metadata {key!r} is an array of unsupported type {etype}")
     raise BadCheckpoint(f"{c.where}: malformed GGUF: metadata {key!r} has unknown value type {vtype}")
