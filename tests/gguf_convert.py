@@ -5,7 +5,7 @@ gpt-oss's interleaved gate/up de-interleaved and transposed), q/k rows permuted 
 (Mixtral), metadata through the writer's `add_*` methods. Not shipped: moetool never converts.
 
 Tensors whose innermost dimension is not a whole number of blocks of the chosen type fall back to
-F16 (llama.cpp does the same); 1-D tensors (norms, biases) stay F32.
+F16 (llama.cpp does the same); 1-D tensors (norms, biases) and biases of any shape stay F32.
 """
 
 from __future__ import annotations
@@ -107,6 +107,11 @@ def write_gguf(path: str | Path, model, cfg: dict, qtype: Q = Q.F32, *, expert_q
                tokenizer: Optional[dict] = None, split: int = 1) -> list[Path]:
     """Write `model` (transformers, config dict `cfg`) as GGUF: 2-D+ weights in `qtype` (experts in
     `expert_qtype` if given), norms and biases F32. `split` > 1 writes `-0000i-of-0000n` parts."""
+    cfg = {**{k: v for k, v in model.config.to_dict().items() if v is not None}, **cfg}  # transformers' defaults
+    rp = cfg.get("rope_parameters") or {}
+    cfg.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+    if rp.get("rope_type", "default") != "default":
+        cfg.setdefault("rope_scaling", rp)
     mt = cfg["model_type"]
     arch = ARCH[mt]
     tensors = hf_to_gguf_tensors(model, cfg)
@@ -138,7 +143,7 @@ def write_gguf(path: str | Path, model, cfg: dict, qtype: Q = Q.F32, *, expert_q
 
 
 def _add(w, name: str, arr: np.ndarray, q: Q) -> None:
-    if arr.ndim == 1 or q == Q.F32:
+    if arr.ndim == 1 or q == Q.F32 or not name.endswith(".weight"):  # llama-quantize: only *.weight
         w.add_tensor(name, arr.astype(np.float32))
         return
     block = gguf.GGML_QUANT_SIZES[q][0]
@@ -202,7 +207,8 @@ def _metadata(w, cfg: dict, arch: str, tokenizer: Optional[dict]) -> None:
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
         w.add_sliding_window(cfg.get("sliding_window", 128))
-        rs = cfg.get("rope_scaling") or {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096}
+        rs = cfg["rope_scaling"]
+        assert rs["rope_type"] == "yarn"
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rs["factor"])
         w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
@@ -262,3 +268,43 @@ def tiny_gguf(tmp_path_factory, name: str, qtype: Q = Q.F32, expert_qtype: Optio
                            tokenizer=tok, split=split)
         _CACHE[key] = (files[0], d, model, cfg)
     return _CACHE[key]
+
+
+def _qdq(arr: np.ndarray, q: Q) -> np.ndarray:
+    """What `_add` stores, read back through gguf.quants (the numpy reference)."""
+    if arr.ndim == 1 or q == Q.F32:
+        return arr.astype(np.float32)
+    if arr.shape[-1] % gguf.GGML_QUANT_SIZES[q][0] or q == Q.F16:
+        return arr.astype(np.float16).astype(np.float32)
+    return gguf.quants.dequantize(gguf.quants.quantize(arr.astype(np.float32), q), q).reshape(arr.shape)
+
+
+def dequantized_model(model, cfg: dict, qtype: Q, expert_qtype: Optional[Q] = None):
+    """A copy of `model` whose weights are what `write_gguf(..., qtype, expert_qtype)` stores,
+    dequantised by gguf.quants: the reference for the forward of a quantized GGUF. Blocks run along
+    the GGUF layout's rows (for gpt-oss's transposed experts: along the other axis)."""
+    import copy
+
+    import torch
+
+    out = copy.deepcopy(model)
+    gpt_oss = cfg["model_type"] == "gpt_oss"
+    eq = expert_qtype if expert_qtype is not None else qtype
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            w = p.detach().float().numpy()
+            if name.endswith("mlp.experts.gate_up_proj") and gpt_oss:  # [E, D, 2F] -> rows along D
+                g = _qdq(np.ascontiguousarray(w[:, :, 0::2].transpose(0, 2, 1)), eq).transpose(0, 2, 1)
+                u = _qdq(np.ascontiguousarray(w[:, :, 1::2].transpose(0, 2, 1)), eq).transpose(0, 2, 1)
+                w = w.copy()
+                w[:, :, 0::2], w[:, :, 1::2] = g, u
+            elif name.endswith("mlp.experts.down_proj") and gpt_oss:  # [E, F, D] stored [E, D, F]
+                w = _qdq(np.ascontiguousarray(w.transpose(0, 2, 1)), eq).transpose(0, 2, 1)
+            elif name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                w = _qdq(w, eq)
+            elif name.endswith("_bias") or name.endswith("sinks"):
+                w = w.astype(np.float32)
+            else:
+                w = _qdq(w, qtype)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    return out

@@ -119,7 +119,20 @@ class _Meta:
             return default
         if type(v) is bool or not isinstance(v, (int, float)) or v != v:
             raise BadCheckpoint(f"{self.where}: GGUF metadata {self.arch}.{key} = {v!r} is not a number")
-        return float(v)
+        return _shortest_f32(float(v))
+
+
+def _shortest_f32(v: float) -> float:
+    """The shortest decimal that is the same float32 (metadata floats are f32: 1e-5 is stored as
+    9.99999974738e-06; config.json said 1e-05)."""
+    import struct
+
+    bits = struct.pack("<f", v)
+    for digits in range(1, 10):
+        d = float(f"{v:.{digits}g}")
+        if struct.pack("<f", d) == bits:
+            return d
+    return v
 
 
 def gguf_config(md: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str) -> dict[str, Any]:
@@ -255,8 +268,15 @@ def _deepseek2(cfg: dict, m: _Meta, shapes: dict) -> None:
 def _gpt_oss(cfg: dict, m: _Meta, shapes: dict) -> None:
     cfg.update(model_type="gpt_oss", num_local_experts=m.int("expert_count"),
                intermediate_size=m.int("expert_feed_forward_length"), attention_bias=True,
-               sliding_window=m.int("attention.sliding_window", 128))
+               sliding_window=m.int("attention.sliding_window", 128),
+               # llama.cpp: every other layer is sliding-window, starting with layer 0 (as transformers)
+               layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                            for i in range(cfg["num_hidden_layers"])])
     cfg.setdefault("head_dim", m.int("attention.key_length", cfg["hidden_size"] // cfg["num_attention_heads"]))
+    if cfg.get("rope_scaling", {}).get("rope_type") == "yarn":
+        # gpt-oss's reference YaRN does not round the correction range (transformers: truncate=False);
+        # ggml's rope rounds it (floor / ceil): a difference of ~1e-3 in the logits, kept as the reference's.
+        cfg["rope_scaling"]["truncate"] = False
     _moe_common(cfg, m)
 
 
