@@ -135,7 +135,7 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
     from ..forward import pick_device, run_forward
     from ..forward.config import forward_config
     from ..forward.model import Decoder, Experts, Names, glu
-    from ..forward.weights import WeightStore
+    from ..forward import new_store
     from ..tracing import _resolve_for_forward, load_tokenizer
 
     schemes = schemes or list(S.SCHEMES)
@@ -198,7 +198,7 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
 
     n_tokens = 0
     if weight_only:
-        store = WeightStore(ckpt.tensors, streaming=True)  # one expert resident at a time
+        store = new_store(ckpt, streaming=True)  # one expert resident at a time (GGUF too)
         dec = Decoder(spec, fc, store)
         for layer in moe_layers:
             score_layer(dec, layer, None, (None, None))
