@@ -229,3 +229,23 @@ def test_file_type_names_match_gguf_package():
 
     for i, name in FILE_TYPES.items():
         assert gguf.LlamaFileType(i).name.replace("MOSTLY_", "").replace("ALL_", "") == name
+
+
+def test_bytes_by_group_are_exact(tmp_path_factory):
+    from moetool.gguf.checkpoint import bytes_by_group
+    from moetool.source import resolve
+
+    path = tiny_gguf(tmp_path_factory, "deepseek_v3", Q.Q4_0, Q.MXFP4)[0]
+    ckpt = resolve(str(path))
+    groups = bytes_by_group(ckpt.config, ckpt.tensors.values())
+    ref: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        g = ("routed_experts" if "_exps" in t.name else "shared_experts" if "_shexp" in t.name
+             else "router" if "ffn_gate_inp" in t.name else "buffer" if "exp_probs_b" in t.name else "rest")
+        ref[g] = ref.get(g, 0) + int(t.n_bytes)
+    assert sum(groups["routed_experts"].values()) == ref["routed_experts"]
+    assert "MXFP4" in groups["routed_experts"]  # (F16 where a row is not whole blocks: F = 16)
+    assert sum(groups["shared_experts"].values()) == ref["shared_experts"]
+    assert sum(groups["router"].values()) == ref["router"] and sum(groups["buffer"].values()) == ref["buffer"]
+    assert sum(sum(b.values()) for b in groups.values()) == sum(ref.values())
+    assert any(n.startswith("GGUF bytes by group: routed experts") for n in moetool.count(str(path)).notes)

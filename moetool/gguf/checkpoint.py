@@ -95,6 +95,28 @@ def attach(ckpt, model: GGUFModel, tensor_table: bool = True) -> None:
         ckpt._stats = TensorStats.of_tensors(infos.values(), layer_span)
     shapes = {t.name: t.shape for h in model.headers for t in h.tensors}
     ckpt.notes.extend(cross_check(model.metadata, shapes, ckpt.source))
+    ckpt.notes.append(storage_note(bytes_by_group(ckpt.config, infos.values())))
+
+
+def bytes_by_group(config: dict, infos) -> dict[str, dict[str, int]]:
+    """Exact stored bytes per parameter group (names.py's groups) and ggml type."""
+    from ..names import classify_tuple
+
+    layers = config.get("num_hidden_layers")
+    tied = bool(config.get("tie_word_embeddings"))
+    out: dict[str, dict[str, int]] = {}
+    for t in infos:
+        group = classify_tuple(t.name, t.dtype, layers, 0, tied, 4, False)[0]
+        by_type = out.setdefault(group, {})
+        by_type[t.dtype] = by_type.get(t.dtype, 0) + t.end - t.begin
+    return out
+
+
+def storage_note(groups: dict[str, dict[str, int]]) -> str:
+    """One line: stored bytes per group, largest first, with the ggml types used."""
+    parts = sorted(groups.items(), key=lambda kv: -sum(kv[1].values()))
+    text = "; ".join(f"{g.replace('_', ' ')} {sum(b.values()) / 1e9:.3g} GB ({', '.join(sorted(b))})" for g, b in parts)
+    return f"GGUF bytes by group: {text}"
 
 
 def config_of(model: GGUFModel, where: str) -> dict:
