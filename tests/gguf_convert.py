@@ -62,8 +62,9 @@ _GLOBAL = {"model.embed_tokens.weight": _name(T.TOKEN_EMBD), "model.norm.weight"
            "lm_head.weight": _name(T.OUTPUT)}
 
 
-def hf_to_gguf_tensors(model, cfg: dict) -> dict[str, np.ndarray]:
-    """The model's state dict under GGUF names and layouts (float32 numpy arrays)."""
+def hf_to_gguf_tensors(model, cfg: dict, split_kv_b: bool = False) -> dict[str, np.ndarray]:
+    """The model's state dict under GGUF names and layouts (float32 numpy arrays). `split_kv_b`:
+    DeepSeek's kv_b_proj as attn_k_b (transposed) and attn_v_b, as newer convert_hf_to_gguf.py does."""
     mt = cfg["model_type"]
     arch = ARCH[mt]
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -85,6 +86,11 @@ def hf_to_gguf_tensors(model, cfg: dict) -> dict[str, np.ndarray]:
                 gate, up = w[:, :f], w[:, f:]
             out[_name(T.FFN_GATE_EXP, bid)] = np.ascontiguousarray(gate)
             out[_name(T.FFN_UP_EXP, bid)] = np.ascontiguousarray(up)
+        elif rest == "self_attn.kv_b_proj.weight" and split_kv_b:
+            h, nope, v = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+            kv_b = w.reshape(h, nope + v, w.shape[-1])
+            out[_name(T.ATTN_K_B, bid)] = np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1))
+            out[_name(T.ATTN_V_B, bid)] = np.ascontiguousarray(kv_b[:, nope:])
         elif rest == "mlp.experts.down_proj":
             out[_name(T.FFN_DOWN_EXP, bid)] = np.ascontiguousarray(w.transpose(0, 2, 1) if mt == "gpt_oss" else w)
         elif rest == "mlp.experts.gate_up_proj_bias":  # gpt-oss [E, 2F] interleaved
@@ -104,7 +110,7 @@ def hf_to_gguf_tensors(model, cfg: dict) -> dict[str, np.ndarray]:
 
 
 def write_gguf(path: str | Path, model, cfg: dict, qtype: Q = Q.F32, *, expert_qtype: Optional[Q] = None,
-               tokenizer: Optional[dict] = None, split: int = 1) -> list[Path]:
+               tokenizer: Optional[dict] = None, split: int = 1, split_kv_b: bool = False) -> list[Path]:
     """Write `model` (transformers, config dict `cfg`) as GGUF: 2-D+ weights in `qtype` (experts in
     `expert_qtype` if given), norms and biases F32. `split` > 1 writes `-0000i-of-0000n` parts."""
     cfg = {**{k: v for k, v in model.config.to_dict().items() if v is not None}, **cfg}  # transformers' defaults
@@ -114,7 +120,8 @@ def write_gguf(path: str | Path, model, cfg: dict, qtype: Q = Q.F32, *, expert_q
         cfg.setdefault("rope_scaling", rp)
     mt = cfg["model_type"]
     arch = ARCH[mt]
-    tensors = hf_to_gguf_tensors(model, cfg)
+    tensors = hf_to_gguf_tensors(model, cfg, split_kv_b)
+    cfg = {**cfg, "_split_kv_b": split_kv_b}
     path = Path(path)
     names = list(tensors)
     parts = [names[i::split] for i in range(split)] if split > 1 else [names]
@@ -195,8 +202,14 @@ def _metadata(w, cfg: dict, arch: str, tokenizer: Optional[dict]) -> None:
         if cfg.get("q_lora_rank"):
             w.add_q_lora_rank(cfg["q_lora_rank"])
         w.add_kv_lora_rank(cfg["kv_lora_rank"])
-        w.add_key_length(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
-        w.add_value_length(cfg["v_head_dim"])
+        if cfg.get("_split_kv_b"):  # llama.cpp's MLA (absorbed) form: MQA over the latent
+            w.add_key_length(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
+            w.add_value_length(cfg["kv_lora_rank"])
+            w.add_key_length_mla(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+            w.add_value_length_mla(cfg["v_head_dim"])
+        else:
+            w.add_key_length(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+            w.add_value_length(cfg["v_head_dim"])
         w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
         if cfg.get("num_nextn_predict_layers"):
             w.add_nextn_predict_layers(cfg["num_nextn_predict_layers"])

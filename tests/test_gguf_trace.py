@@ -23,12 +23,12 @@ CONFIGS = dict(TINY_CONFIGS)
 IDS = [3, 17, 99, 4, 56, 120, 7, 7, 31, 64, 2, 88, 45, 101, 9, 77]
 
 
-def _convert(tmp_path, name: str, qtype=Q.F32, expert_qtype=None, cfg=None, seed=0):
+def _convert(tmp_path, name: str, qtype=Q.F32, expert_qtype=None, cfg=None, seed=0, **kw):
     cfg = cfg or CONFIGS[name]
     model = build_transformers_model(cfg, seed=seed).eval()
     randomize_biases(model, seed)
     model.save_pretrained(tmp_path / "st")
-    path = write_gguf(tmp_path / "m.gguf", model, cfg, qtype, expert_qtype=expert_qtype)[0]
+    path = write_gguf(tmp_path / "m.gguf", model, cfg, qtype, expert_qtype=expert_qtype, **kw)[0]
     return model, cfg, tmp_path / "st", path
 
 
@@ -44,6 +44,24 @@ def test_f32_gguf_traces_like_safetensors(tmp_path, name):
     _, _, st, path = _convert(tmp_path, name)
     a = run_forward(resolve(str(st)), IDS, device="cpu")
     b = run_forward(resolve(str(path)), IDS, device="cpu")
+    _same_routes(a, b)
+    assert (a.logits - b.logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])
+def test_mla_split_into_k_b_and_v_b(tmp_path, name):
+    """Newer converters store DeepSeek's kv_b_proj as attn_k_b (transposed) + attn_v_b: counted and
+    traced like the original."""
+    import moetool
+    from fakes import transformers_param_count
+
+    model, _, st, path = _convert(tmp_path, name, split_kv_b=True)
+    ckpt = resolve(str(path))
+    assert any(n.endswith("k_b_proj.weight") for n in ckpt.tensors) and not any("kv_b" in n for n in ckpt.tensors)
+    r = moetool.count(str(path))
+    assert r.total_params == transformers_param_count(model) and r.cross_check["match"]
+    a = run_forward(resolve(str(st)), IDS, device="cpu")
+    b = run_forward(ckpt, IDS, device="cpu")
     _same_routes(a, b)
     assert (a.logits - b.logits).abs().max().item() < 1e-4
 

@@ -8,7 +8,9 @@ What the decoder asks for and the GGUF holds differ in layout only:
   per-expert tensors `...mlp.experts.{e}.gate_proj.weight` (gpt-oss: as transformers' fused
   `gate_up_proj` with gate and up interleaved, and its biases, so the decoder's gpt-oss path runs);
 - llama.cpp's converter permutes the rows of q and k for `llama` (interleaved RoPE): undone here;
-- Qwen2-MoE's shared-expert gate may be stored 1-D: returned as [1, D].
+- Qwen2-MoE's shared-expert gate may be stored 1-D: returned as [1, D];
+- DeepSeek MLA split by newer converters into `attn_k_b` (transposed) and `attn_v_b` is joined back
+  into transformers' `kv_b_proj`.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class GGUFWeightStore:
                     else:
                         for e in range(t.shape[0]):
                             self.virtual[f"{base}.{e}.{proj}.weight"] = ("expert", name, e)
+            if name.endswith(".self_attn.k_b_proj.weight"):  # MLA split for absorption (newer converters)
+                base = name[: -len("k_b_proj.weight")]
+                if base + "kv_b_proj.weight" not in self.tensors and base + "v_b_proj.weight" in self.tensors:
+                    self.virtual[base + "kv_b_proj.weight"] = ("kv_b", base)
             if self.gpt_oss and name.endswith(".mlp.experts.gate_proj_bias"):
                 self.virtual[name[: -len("gate_proj_bias")] + "gate_up_proj_bias"] = ("fused_bias", name[: -len("gate_proj_bias")])
 
@@ -126,6 +132,9 @@ class GGUFWeightStore:
         elif v[0] == "fused":  # gpt-oss: [2F, D] with gate rows at even and up rows at odd positions
             g, u = self._read(v[1] + ".gate_proj", index), self._read(v[1] + ".up_proj", index)
             w = torch.stack((g, u), dim=-2).reshape(*g.shape[:-2], 2 * g.shape[-2], g.shape[-1])
+        elif v[0] == "kv_b":  # k_b [H, R, nope] (transposed) and v_b [H, v, R] -> kv_b_proj [H * (nope + v), R]
+            k_b, v_b = self._read(v[1] + "k_b_proj.weight"), self._read(v[1] + "v_b_proj.weight")
+            w = torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, k_b.shape[1])
         else:  # fused_bias
             g, u = self._read(v[1] + "gate_proj_bias", index), self._read(v[1] + "up_proj_bias", index)
             w = torch.stack((g, u), dim=-1).reshape(*g.shape[:-1], 2 * g.shape[-1])
