@@ -163,6 +163,8 @@ def test_bad_files_fail_in_one_line(tmp_path_factory, tmp_path):
         p.write_bytes(blob)
         with pytest.raises(BadCheckpoint):
             read_gguf(p)
+        if label not in ("bad magic", "version 1", "truncated header", "absurd key length"):
+            continue  # the CLI path is the same for all: a few are enough (each run is a process)
         r = _run("count", str(p))
         assert r.returncode == 2, (label, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, (label, r.stderr)

@@ -122,9 +122,28 @@ def test_hub_gguf_errors(q4km_repo, tmp_path):
     with FakeHub({"org/Mixtral-GGUF": q4km_repo}) as hub:
         env = hub_env(hub, tmp_path / "cache")
         for model, msg in (("org/Mixtral-GGUF:Q8_0", "no .gguf file in the repo matches 'Q8_0'"),
-                           ("org/Mixtral-GGUF/other.gguf", "the repo has no file 'other.gguf'"),
                            ("org/missing:Q4_K_M", "repository not found")):
             r = count_cli(model, env)
             assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = count_cli("org/Mixtral-GGUF:Q5_K_M", hub_env(hub, tmp_path / "fresh", offline=True))
     assert r.returncode == 2 and "HF_HUB_OFFLINE" in r.stderr
+
+
+def test_choosing_files_of_a_repo():
+    from moetool.errors import MoetoolError
+    from moetool.gguf.hub import _choose, match
+
+    files = ["M-Q4_K_M.gguf", "M-Q8_0-00001-of-00002.gguf", "M-Q8_0-00002-of-00002.gguf", "mmproj-Q8_0.gguf",
+             "sub/M-IQ4_XS.gguf", "M-Q4_K_S.gguf"]
+    assert _choose(files, "q4_k_m", None, "x") == ["M-Q4_K_M.gguf"]
+    assert _choose(files, "Q8_0", None, "x") == files[1:3]  # both parts; mmproj skipped
+    assert _choose(files, None, "M-Q8_0-00002-of-00002.gguf", "x") == files[1:3]
+    assert _choose(files, "IQ4_XS", None, "x") == ["sub/M-IQ4_XS.gguf"]
+    for tag, file, msg in (("Q4_K", None, "2 .gguf files match"), ("Q2_K", None, "no .gguf file"),
+                           (None, "other.gguf", "the repo has no file 'other.gguf'")):
+        with pytest.raises(MoetoolError, match=msg):
+            _choose(files, tag, file, "x")
+    with pytest.raises(MoetoolError, match="part 'M-00002-of-00002.gguf' is not in the repo"):
+        _choose(["M-00001-of-00002.gguf"], None, "M-00001-of-00002.gguf", "x")
+    assert match("org/name:Q4_K_M") and match("org/name/a/b.gguf")
+    assert not match("org/name") and not match("./x.gguf") and not match("org/name/x.bin")
