@@ -39,7 +39,8 @@ def hub_errors(where: str):
     except hf_errors.RevisionNotFoundError:
         raise MoetoolError(f"{where}: revision not found") from None
     except hf_errors.EntryNotFoundError:
-        raise MoetoolError(f"{where}: the repo has no config.json") from None
+        raise MoetoolError(f"{where}: the repo has no config.json (a GGUF repo? name the quantization: "
+                           f"{where.split('@')[0]}:Q4_K_M, or the file: org/name/FILE.gguf)") from None
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
         raise MoetoolError(f"{where}: not in the local hub cache and the hub cannot be reached "
                            "(HF_HUB_OFFLINE is set, or no network)") from None

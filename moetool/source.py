@@ -144,7 +144,9 @@ def resolve(model: Optional[str], *, revision: Optional[str] = None, read_header
 def _from_dir(model: str, path: Path, read_headers: bool, tensor_table: bool = True) -> Checkpoint:
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise BadCheckpoint(f"{path}: no config.json in this directory")
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; for GGUF pass the file, e.g. {path / ggufs[0]}" if ggufs else ""
+        raise BadCheckpoint(f"{path}: no config.json in this directory{hint}")
     ckpt = Checkpoint(model, "directory", _load_config(config_path), str(config_path), root=str(path))
     index = path / INDEX_NAME
     if index.is_file():

@@ -122,7 +122,8 @@ def test_hub_gguf_errors(q4km_repo, tmp_path):
     with FakeHub({"org/Mixtral-GGUF": q4km_repo}) as hub:
         env = hub_env(hub, tmp_path / "cache")
         for model, msg in (("org/Mixtral-GGUF:Q8_0", "no .gguf file in the repo matches 'Q8_0'"),
-                           ("org/missing:Q4_K_M", "repository not found")):
+                           ("org/missing:Q4_K_M", "repository not found"),
+                           ("org/Mixtral-GGUF", "a GGUF repo? name the quantization: org/Mixtral-GGUF:Q4_K_M")):
             r = count_cli(model, env)
             assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = count_cli("org/Mixtral-GGUF:Q5_K_M", hub_env(hub, tmp_path / "fresh", offline=True))
