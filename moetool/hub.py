@@ -122,7 +122,8 @@ def hub_errors(where: str):
                                "run once online or unset HF_HUB_OFFLINE") from None
         raise MoetoolError(f"{where}: not in the local hub cache and the hub cannot be reached") from None
     except hf_errors.EntryNotFoundError:
-        raise MoetoolError(f"{where}: the repo has no config.json") from None
+        raise MoetoolError(f"{where}: the repo has no config.json (a GGUF repo? name the quantization: "
+                           f"{where.split('@')[0]}:Q4_K_M, or the file: org/name/FILE.gguf)") from None
     except Exception as e:
         cause = transport_message(e)
         if cause:

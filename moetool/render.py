@@ -309,6 +309,8 @@ def render_count(r, per_layer: bool = False) -> None:
     """The terminal view of a CountReport."""
     out = stdout_console()
     src = "safetensors headers (exact)" if r.counted_from == "headers" else "config.json (analytic)"
+    if (r.quantization or "").startswith("gguf"):
+        src = "GGUF header (exact)" if r.counted_from == "headers" else "GGUF metadata (analytic)"
     out.print(f"[bold]{_escape(r.model)}[/bold]  model_type={r.model_type}  counted from {src}")
     rows = [["total parameters", f"{r.total_params:,}", human_count(r.total_params)],
             ["active per token, incl. input embedding", f"{r.active_params:,}", human_count(r.active_params)],

@@ -9,6 +9,8 @@ MODEL may be, in this order of precedence:
 4. the name of a sample config (`moetool count mixtral-8x7b`; see `sample_configs/`);
 5. a Hugging Face repo id `org/name`: config.json through huggingface-hub (its cache, HF_TOKEN and
    HF_HUB_OFFLINE are honoured) and the safetensors headers through HTTP range requests.
+A `.gguf` file (or any part of a split set) works like 3. without config.json, and on the hub as
+`org/name:TAG` or `org/name/FILE.gguf` (moetool.gguf).
 
 Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are never opened: moetool never unpickles.
 
@@ -51,6 +53,7 @@ class Checkpoint:
     tensors: Optional[dict[str, TensorInfo]] = None
     notes: list[str] = field(default_factory=list)
     _stats: Optional[TensorStats] = None
+    gguf: Optional[object] = None  # a moetool.gguf.checkpoint.GGUFModel when the weights are GGUF
 
     @property
     def has_weights(self) -> bool:
@@ -110,14 +113,24 @@ def resolve(model: Optional[str], *, revision: Optional[str] = None, read_header
             if read_headers:
                 _read(ckpt, [path], None, tensor_table)
             return ckpt
+        if name.endswith(".gguf"):
+            from .gguf.checkpoint import resolve_gguf
+
+            return resolve_gguf(model, path, tensor_table, read_headers)
         if name.endswith(PICKLE_SUFFIXES):
             raise BadCheckpoint(f"{path}: pickle checkpoint; moetool never unpickles (it can run code): {CONVERT_HINT}")
         if name.endswith(".json"):
             return Checkpoint(model, "config", _load_config(path), str(path))
-        raise BadCheckpoint(f"{path}: not a config.json, .safetensors file or checkpoint directory")
+        raise BadCheckpoint(f"{path}: not a config.json, .safetensors, .gguf file or checkpoint directory")
     sample = sample_config_path(model)
     if sample is not None:
         return Checkpoint(model, "sample", _load_config(sample), str(sample))
+    if not model.startswith((".", "/", "~")) and (":" in model or model.endswith(".gguf")):
+        from .gguf import hub as gguf_hub  # org/name:TAG or org/name/FILE.gguf
+
+        if gguf_hub.match(model):
+            return gguf_hub.resolve_hub_gguf(model, revision=revision, tensor_table=tensor_table,
+                                             read_headers=read_headers)
     if _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
         from .hub import resolve_hub  # huggingface-hub is imported only for hub ids
 
@@ -131,7 +144,9 @@ def resolve(model: Optional[str], *, revision: Optional[str] = None, read_header
 def _from_dir(model: str, path: Path, read_headers: bool, tensor_table: bool = True) -> Checkpoint:
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise BadCheckpoint(f"{path}: no config.json in this directory")
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; for GGUF pass the file, e.g. {path / ggufs[0]}" if ggufs else ""
+        raise BadCheckpoint(f"{path}: no config.json in this directory{hint}")
     ckpt = Checkpoint(model, "directory", _load_config(config_path), str(config_path), root=str(path))
     index = path / INDEX_NAME
     if index.is_file():

@@ -127,6 +127,10 @@ def load_tokenizer(ckpt: Checkpoint):
     root = Path(ckpt.root or Path(ckpt.config_path).parent)
     path = root / "tokenizer.json"
     if not path.is_file():
+        if ckpt.gguf is not None:  # the GGUF's own tokenizer.ggml.* arrays
+            from .gguf.tokenizer import gguf_tokenizer
+
+            return gguf_tokenizer(ckpt.gguf.metadata, ckpt.source)
         return None
     from tokenizers import Tokenizer
 

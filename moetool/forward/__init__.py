@@ -52,8 +52,7 @@ def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32
                            f"(max_position_embeddings={fc.max_positions})")
     if dtype not in DTYPES or router_dtype not in DTYPES:
         raise MoetoolError(f"--dtype must be one of {', '.join(DTYPES)}")
-    store = (weight_store(ckpt) if streaming is None
-             else WeightStore(ckpt.tensors, streaming=streaming, fp8_block=fp8_block_size(ckpt.config)))
+    store = weight_store(ckpt) if streaming is None else new_store(ckpt, streaming)
     with torch.inference_mode():
         out = Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
                       router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook).run(token_ids, record,
@@ -67,9 +66,18 @@ def weight_store(ckpt: Checkpoint) -> WeightStore:
     calibration) reuse the mapped files."""
     store = getattr(ckpt, "_weight_store", None)
     if store is None:
-        store = WeightStore(ckpt.tensors, fp8_block=fp8_block_size(ckpt.config))
+        store = new_store(ckpt)
         ckpt._weight_store = store
     return store
+
+
+def new_store(ckpt: Checkpoint, streaming: Optional[bool] = None):
+    """A WeightStore for safetensors, a GGUFWeightStore (same interface) for GGUF."""
+    if ckpt.gguf is not None:
+        from ..gguf.store import GGUFWeightStore
+
+        return GGUFWeightStore(ckpt, streaming=streaming)
+    return WeightStore(ckpt.tensors, streaming=streaming, fp8_block=fp8_block_size(ckpt.config))
 
 
 __all__ = ["run_forward", "ForwardResult", "LayerRoute", "FORWARD_FAMILIES", "pick_device"]

@@ -228,7 +228,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     from ..forward import pick_device, run_forward
     from ..forward.config import forward_config
     from ..forward.model import Decoder, Experts, Names, glu
-    from ..forward.weights import WeightStore, fp8_block_size
+    from ..forward import new_store
     from ..tracing import _resolve_for_forward, load_tokenizer
 
     schemes = schemes or list(S.SCHEMES)
@@ -305,7 +305,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
 
     n_tokens = 0
     if weight_only:
-        store = WeightStore(ckpt.tensors, streaming=True, fp8_block=fp8_block_size(ckpt.config))  # one expert resident at a time
+        store = new_store(ckpt, streaming=True)  # one expert resident at a time (GGUF too)
         dec = Decoder(spec, fc, store)
         with torch.inference_mode():
             for layer in moe_layers:
