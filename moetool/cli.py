@@ -452,7 +452,8 @@ def analyze(
     else:
         render.stdout_console().print(
             f"[bold]{render._escape(report.model)}[/bold]  model_type={report.model_type}  format={report.format}  "
-            f"{report.tokens:,} tokens in {report.sequences:,} sequences, {report.num_experts} experts, top-{report.top_k}")
+            f"{report.tokens:,} token{'s' * (report.tokens != 1)} in {report.sequences:,} sequence{'s' * (report.sequences != 1)}"
+            f", {report.num_experts} experts, top-{report.top_k}")
         render.render_metrics(report.layers, report.summary, report.num_experts, report.top_k,
                               title=f"Routing metrics per MoE layer (recorded by {report.format})")
     _finish_gate(gate, exit_zero)
