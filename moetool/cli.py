@@ -1178,6 +1178,55 @@ def whatif_topk(
             t.add_row(str(l["layer"]), f"{l['experts_per_token']:.2f}", f"{100 * l['compute_saved']:.1f}%",
                       f"{l['first_choice_unchanged']:.3f}", f"{l['jaccard_mean']:.3f}")
         con.print(t)
+@app.command()
+def analyze(
+    files: Annotated[list[str], typer.Argument(metavar="FILE...", help="Routing recorded by an engine: vLLM routed "
+                                               "experts (.npy/.json), SGLang responses (.json/.jsonl) or recorder "
+                                               "dump (.pt), router trace .jsonl, TensorRT-LLM expert-statistics "
+                                               "directory, llama.cpp imatrix.gguf, long-table .csv.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The model that was served (E, k and the MoE "
+                                                 "layers): checkpoint directory, config.json, sample name or hub "
+                                                 "id; no weights are read. Default: the bundled model.")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="A config.json instead of --model.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto (detect from content), vllm, sglang, sglang-pt, "
+                                     "router-jsonl, trtllm, imatrix or csv.")] = "auto",
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON to this file.")] = None,
+    max_imbalance: Annotated[Optional[float], typer.Option(help="Gate: max load / mean load in every layer.")] = None,
+    max_maxvio: Annotated[Optional[float], typer.Option(help="Gate: MaxVio in every layer.")] = None,
+    max_dead_experts: Annotated[Optional[int], typer.Option(min=0, help="Gate: experts never chosen, per layer.")] = None,
+    min_entropy: Annotated[Optional[float], typer.Option(help="Gate: normalised load entropy in every layer.")] = None,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+) -> None:
+    """Measure routing recorded by vLLM, SGLang, TensorRT-LLM, llama.cpp or a router trace."""
+    from . import render
+    from .analyze import analyze as do_analyze
+    from .gates import check_threshold, trace_gate
+
+    if model is not None and config is not None:
+        raise MoetoolError("give --model or --config, not both")
+    model = model or config
+    if model is None:
+        _say_default()
+    for value, flag in ((max_imbalance, "--max-imbalance"), (max_maxvio, "--max-maxvio"), (min_entropy, "--min-entropy")):
+        check_threshold(value, flag)
+    report = do_analyze(files, model=model, fmt=fmt, revision=revision)
+    gate = trace_gate(report.summary, [(l["layer"], l["metrics"]) for l in report.layers], max_imbalance=max_imbalance,
+                      max_maxvio=max_maxvio, max_dead_experts=max_dead_experts, min_entropy=min_entropy)
+    full = report.to_dict()
+    full["gate"] = gate.to_dict()
+    for note in report.notes:
+        render.info(note)
+    if json_ or output:
+        _emit(render.to_json(full).encode(), output, "analysis")
+    else:
+        render.stdout_console().print(
+            f"[bold]{render._escape(report.model)}[/bold]  model_type={report.model_type}  format={report.format}  "
+            f"{report.tokens:,} token{'s' * (report.tokens != 1)} in {report.sequences:,} sequence{'s' * (report.sequences != 1)}"
+            f", {report.num_experts} experts, top-{report.top_k}")
+        render.render_metrics(report.layers, report.summary, report.num_experts, report.top_k,
+                              title=f"Routing metrics per MoE layer (recorded by {report.format})")
     _finish_gate(gate, exit_zero)
 
 
