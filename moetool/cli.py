@@ -1193,6 +1193,9 @@ def analyze(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON to this file.")] = None,
+    profile_out: Annotated[Optional[str], typer.Option("--profile-out", help="Also write the recording as a profile "
+                                                       "directory (mergeable with `moetool profile` output; input "
+                                                       "of `moetool plan`).")] = None,
     max_imbalance: Annotated[Optional[float], typer.Option(help="Gate: max load / mean load in every layer.")] = None,
     max_maxvio: Annotated[Optional[float], typer.Option(help="Gate: MaxVio in every layer.")] = None,
     max_dead_experts: Annotated[Optional[int], typer.Option(min=0, help="Gate: experts never chosen, per layer.")] = None,
@@ -1211,7 +1214,15 @@ def analyze(
         _say_default()
     for value, flag in ((max_imbalance, "--max-imbalance"), (max_maxvio, "--max-maxvio"), (min_entropy, "--min-entropy")):
         check_threshold(value, flag)
+    if profile_out is not None and os.path.exists(profile_out) and not os.path.isdir(profile_out):
+        raise MoetoolError(f"--profile-out {profile_out}: exists and is not a directory")
     report = do_analyze(files, model=model, fmt=fmt, revision=revision)
+    if profile_out is not None:
+        if report.stats is None:
+            raise MoetoolError(f"--profile-out: a {report.format} recording holds per-expert counts only, not the "
+                               "per-token choices a profile is made of")
+        report.stats.save(profile_out)
+        render.info(f"profile of {report.tokens:,} recorded tokens written to {profile_out}")
     gate = trace_gate(report.summary, [(l["layer"], l["metrics"]) for l in report.layers], max_imbalance=max_imbalance,
                       max_maxvio=max_maxvio, max_dead_experts=max_dead_experts, min_entropy=min_entropy)
     full = report.to_dict()

@@ -266,3 +266,29 @@ def test_bad_recordings_one_line_exit_2(setup, tmp_path, name, content, needle):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_profile_out_merges_with_profile(setup, tmp_path):
+    """A recording turned into a profile equals `moetool profile` of the same prompts (the counts
+    exactly), merges with it, and feeds `plan pin`."""
+    d, _, corpus, _ = setup
+    reqs = [{"routed_experts": choices(p).tolist()} for p in corpus.prompts]
+    (tmp_path / "reqs.json").write_text(json.dumps(reqs))
+    r = run_cli("analyze", str(tmp_path / "reqs.json"), "--model", str(d), "--profile-out", str(tmp_path / "prof"))
+    assert r.returncode == 0, r.stderr
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    r = run_cli("profile", str(prompts), "--model", str(d), "-o", str(tmp_path / "real"))
+    assert r.returncode == 0, r.stderr
+    a = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    b = json.loads((tmp_path / "real" / "profile.json").read_text())
+    assert a["tokens"] == b["tokens"] and [l["load"] for l in a["layers"]] == [l["load"] for l in b["layers"]]
+    for la, lb in zip(a["layers"], b["layers"]):
+        assert la["metrics"]["coactivation_top_pairs"] == lb["metrics"]["coactivation_top_pairs"]
+        assert la["metrics"]["transition_nmi"] == lb["metrics"]["transition_nmi"]
+    r = run_cli("merge", str(tmp_path / "prof"), str(tmp_path / "real"), "-o", str(tmp_path / "both"))
+    assert r.returncode == 0, r.stderr
+    both = json.loads((tmp_path / "both" / "profile.json").read_text())
+    assert both["tokens"] == 2 * a["tokens"]
+    r = run_cli("plan", "pin", "--profile", str(tmp_path / "prof"), "--model", str(d), "--budget", "20KB", "--json")
+    assert r.returncode == 0, r.stderr

@@ -42,6 +42,7 @@ class AnalyzeReport:
     summary: dict
     notes: list[str] = field(default_factory=list)
     recording: Optional[Recording] = field(default=None, repr=False)
+    stats: Any = field(default=None, repr=False)  # ProfileStats of a per-token recording (None: counts only)
     layer_map: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,8 +94,13 @@ def analyze(paths: list[str], *, model: Optional[str], fmt: str = "auto", revisi
                 notes.append(n)
     if sequences and loads is not None:
         raise BadRecording("cannot mix per-token recordings with count-only ones")
+    stats = None
     if sequences:
-        layers, tokens = _layers_from_choices(sequences, layer_map, E)
+        from ..profile.stats import config_fingerprint
+
+        stats = profile_of(sequences, layer_map, E, k, model=ckpt.source, model_type=spec.model_type,
+                           fingerprint=config_fingerprint(ckpt.config))
+        layers, tokens = _layers_from_stats(stats, layer_map)
     else:
         layers, tokens = _layers_from_loads(loads, layer_map, E, k)
     from ..metrics import summarise
@@ -105,7 +111,7 @@ def analyze(paths: list[str], *, model: Optional[str], fmt: str = "auto", revisi
                      f"(dead experts are expected by chance)")
     return AnalyzeReport(model=ckpt.source, model_type=spec.model_type, num_experts=E, top_k=k, format=fmt_name,
                          files=list(paths), tokens=tokens, sequences=len(sequences), layers=layers, summary=summary,
-                         notes=notes, recording=recs[0] if len(recs) == 1 else None, layer_map=layer_map)
+                         notes=notes, recording=recs[0] if len(recs) == 1 else None, layer_map=layer_map, stats=stats)
 
 
 # --- layers ----------------------------------------------------------------------------------------
@@ -199,26 +205,31 @@ def _check(r: Recording, E: int, k: int, where: str) -> None:
             raise BadRecording(f"{where}: a layer's total count is not a multiple of top-{k}")
 
 
-def _layers_from_choices(sequences: list[Sequence], layer_map: list[int], E: int):
-    """Pooled over all sequences, as `trace --file` pools prompts: loads, balance, co-activation
-    and transitions over all tokens; consecutive-token reuse within each sequence, pair-weighted."""
-    from ..metrics import layer_metrics, reuse
+def profile_of(sequences: list[Sequence], layer_map: list[int], E: int, k: int, *, model: str = "",
+               model_type: str = "", fingerprint: str = ""):
+    """The recording as mergeable statistics (moetool.profile.stats): the same sums `profile` and
+    `trace` keep, so the metrics come from one code path and the result merges with profiles."""
+    from ..profile.stats import ProfileStats
 
+    stats = ProfileStats.empty(E, k, layer_map, model=model, model_type=model_type, fingerprint=fingerprint)
+    for s in sequences:
+        prev = None
+        for j, layer in enumerate(layer_map):
+            e = s.experts[:, j, :]
+            w = None if s.weights is None or np.isnan(s.weights[:, j, :]).any() else s.weights[:, j, :]
+            stats.add(layer, e, w, token_ids=s.token_ids if s.token_ids and len(s.token_ids) == len(e) else None,
+                      prev_experts=prev)
+            prev = e
+    return stats
+
+
+def _layers_from_stats(stats, layer_map: list[int]):
     layers = []
-    prev = None
-    tokens = sum(s.experts.shape[0] for s in sequences)
-    for j, layer in enumerate(layer_map):
-        experts = np.concatenate([s.experts[:, j, :] for s in sequences])
-        m = layer_metrics(experts, E, None, None, prev)
-        if len(sequences) > 1:
-            for key in ("reuse_first_choice", "reuse_any_overlap"):
-                pairs = [(s.experts.shape[0] - 1, reuse(s.experts[:, j, :], E)[key]) for s in sequences]
-                pairs = [(c, v) for c, v in pairs if v is not None]
-                n = sum(c for c, _ in pairs)
-                m[key] = sum(c * v for c, v in pairs) / n if n else None
+    for layer in layer_map:
+        m = stats.layer_metrics(layer)
+        m.setdefault("drop_rate", None)
         layers.append({"layer": layer, "load": m["load"], "metrics": m})
-        prev = experts[:, 0]
-    return layers, tokens
+    return layers, stats.tokens
 
 
 def _layers_from_loads(loads: np.ndarray, layer_map: list[int], E: int, k: int):
