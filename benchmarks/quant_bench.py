@@ -1,13 +1,16 @@
 """Benchmark: quantize-report's weight-space throughput against the raw read speed of the same
-files, and its peak memory as the number of experts grows.
+files, before and after the batched kernels (issue 16), and its peak memory as E grows.
 
 A Qwen3-MoE-shaped checkpoint is written with random bf16 weights (hidden 1024, expert FFN 512,
-4 layers, E experts). Raw read: reading every routed-expert tensor's bytes from the files (page
-cache warm, as the report sees them). Weight-space: `quantize_report(weight_only=True)` with one
-scheme at a time, in expert-weight bytes per second. Peak RSS (`/usr/bin/time -v`) of the same
-report at E = 16 and E = 64: it streams one expert at a time, so it should not grow with E.
+4 layers, E experts). Raw read: reading every routed-expert tensor's bytes from the file (page
+cache warm, as the report sees them). After: `quantize_report(weight_only=True)` with one scheme at
+a time (and all seven at once), in expert-weight bytes per second. Before: the scoring as it was,
+run here on the same bytes: each expert's matrices read as float32 through the same WeightStore,
+one matrix per call, float64 statistics, the old kernels (kept verbatim in
+tests/test_quant_schemes.py and tests/test_quantize_report.py). Peak RSS (`/usr/bin/time -v`) of
+the report at E = 16 and E = 64: blocks of a fixed size, so it should not grow with E.
 
-Run: python benchmarks/quant_bench.py
+Run: python benchmarks/quant_bench.py [--schemes int8,nf4] [--no-before] [--no-rss]
 """
 
 from __future__ import annotations
@@ -71,25 +74,80 @@ def raw_read(root: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def before_report(root: Path, schemes: list[str]) -> None:
+    """The weight-space report as it was before issue 16: one expert at a time read as float32,
+    one matrix per kernel call, float64 statistics and norms, the old kernels."""
+    import torch
+
+    from moetool.arch import spec_from_config
+    from moetool.forward.config import forward_config
+    from moetool.forward.model import Experts, Names
+    from moetool.forward.weights import WeightStore
+    from moetool.tracing import _resolve_for_forward
+    from test_quantize_report import old_score
+
+    ckpt = _resolve_for_forward(str(root), None)
+    spec = spec_from_config(ckpt.config, ckpt.config_path)
+    fc = forward_config(spec, ckpt.config)
+    store = WeightStore(ckpt.tensors, streaming=True)
+    names = Names(store)
+    for layer in spec.moe_layers:
+        loader = Experts(store, names, layer, fc.family, spec.moe.expert_ffn, torch.float32, "cpu")
+        for e in range(spec.moe.num_experts):
+            gate, up, down, *_ = loader.load(e)
+            old_score(schemes, {"gate": gate, "up": up, "down": down}, None, None, None)
+            store.release()
+    store.close()
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(): CPU time of this process says what the work costs when the
+    machine is shared (wall time then includes waiting for a core)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def main() -> None:
+    import argparse
+
     from moetool.quant.report import quantize_report
     from moetool.quant.schemes import SCHEMES
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--no-before", action="store_true")
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: as the raw read, one thread)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    schemes = args.schemes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "e16"
         make(root, 16)
         secs, nbytes = raw_read(root)
         raw = nbytes / secs
         print(f"checkpoint: 4 layers x 16 experts x 3 projections of 1024x512, {nbytes / 1e6:.0f} MB of bf16 expert weights")
-        print(f"raw read of the expert tensors (page cache warm): {raw / 1e9:.2f} GB/s")
-        for s in SCHEMES:
-            t0 = time.perf_counter()
-            quantize_report(str(root), schemes=[s], weight_only=True)
-            rate = nbytes / (time.perf_counter() - t0)
-            print(f"  weight-space report, {s:12s}: {rate / 1e6:7.1f} MB/s = {rate / raw:.4f} x raw read")
+        print(f"raw read of the expert tensors (page cache warm): {raw / 1e9:.2f} GB/s; torch threads: {args.threads}")
+        print("weight-space report, MB/s of expert weights (x raw read); after: best of 2 runs")
+        rows = [[s] for s in schemes] + ([schemes] if len(schemes) > 1 else [])
+        for ss in rows:
+            wall, cpu = min(timed(lambda: quantize_report(str(root), schemes=ss, weight_only=True)) for _ in range(2))
+            after = nbytes / wall
+            line = (f"  {ss[0] if len(ss) == 1 else 'all ' + str(len(ss)):12s} after {after / 1e6:7.1f} MB/s = "
+                    f"{after / raw:.4f} x raw (CPU time: {nbytes / cpu / 1e6:7.1f} MB/s)")
+            if not args.no_before:
+                bwall, bcpu = timed(lambda: before_report(root, ss))
+                line += (f"   before {nbytes / bwall / 1e6:6.1f} MB/s = {nbytes / bwall / raw:.4f} x raw (CPU time: "
+                         f"{nbytes / bcpu / 1e6:6.1f} MB/s)   speed-up {bwall / wall:5.1f}x (CPU time {bcpu / cpu:5.1f}x)")
+            print(line, flush=True)
+        if args.no_rss:
+            return
         make(Path(tmp) / "e64", 64)
         for name in ("e16", "e64"):
-            code = (f"from moetool.quant.report import quantize_report; "
+            code = (f"import torch; torch.set_num_threads({args.threads}); from moetool.quant.report import quantize_report; "
                     f"quantize_report({str(Path(tmp) / name)!r}, schemes=['int4_g128'], weight_only=True)")
             r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)
             rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))

@@ -320,3 +320,16 @@ def test_batched_against_the_independent_references(scheme):
             nv = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
             t = nv.NVFP4Tensor.to_nvfp4(m.contiguous(), per_tensor_scale=nv.per_tensor_amax_to_scale(m.abs().max()))
             assert torch.allclose(qm, t.dequantize(torch.float32).float(), rtol=1e-6, atol=1e-9 * m.abs().max())
+
+
+@pytest.mark.parametrize("scheme", schemes.SCHEMES)
+def test_kernels_stay_on_the_input_device(scheme):
+    """Kernels, band driver and the report's batched statistics / errors on the meta device: any
+    tensor made on a fixed device (a CPU constant, a host round trip) would fail here, which is
+    what lets them run unchanged on a GPU."""
+    from moetool.quant.report import _errors, _stats
+
+    w = torch.empty(3, 130, 200, device="meta")
+    assert schemes.fake_quantize(w, scheme).device.type == "meta"
+    assert all(t.device.type == "meta" for t in _stats(w))
+    assert _errors(w, scheme, torch.empty_like(w), torch.ones(3, device="meta")).device.type == "meta"

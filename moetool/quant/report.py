@@ -100,27 +100,26 @@ def _stats(w: torch.Tensor, chunk: int = S.CHUNK) -> tuple[torch.Tensor, ...]:
     """Per matrix of W [B, out, in] (float32): ||W||^2, kurtosis (Pearson), max|W| / std(W) and
     max|W|, as float64 [B] tensors (NaN where std is 0), from float32 arithmetic in cache-sized bands.
 
-    The moments are taken about m = float32(mean) (the mean itself summed in float64) of z = (W - m)
-    2^k, the power of two k putting max|z| in [1/2, 1) (exact scaling: no overflow of z^4 for huge
-    weights, no underflow for tiny ones); sums of z, z^2, z^3, z^4 (cascade-summed in float32 per
-    band, added in float64) then give the central moments about the true mean exactly as far as
-    float64 goes. Agrees with the float64 computation to float32 rounding (tests/test_quantize_report.py)."""
+    The moments are taken about m, the mean summed in float32, of z = (W - m) 2^k, the power of two
+    k putting max|z| in [1/2, 1) (exact scaling: no overflow of z^4 for huge weights, no underflow
+    for tiny ones); the sums of z, z^2, z^3, z^4 (cascade-summed in float32 per band, added in
+    float64) then give the central moments about the true mean (m need only be near it). Agrees
+    with the float64 computation to float32 rounding (tests/test_quantize_report.py)."""
     B = w.shape[0]
     flat = w.reshape(B, -1)
     n = flat.shape[1]
-    mean = flat.sum(1, dtype=torch.float64) / n
-    m32 = mean.to(torch.float32)
+    m32 = flat.sum(1) / n  # close to the mean is enough: the moments below are taken about it exactly
     hi, lo = flat.amax(1), flat.amin(1)
     absmax = torch.maximum(hi, -lo).double()
     spread = torch.maximum(hi.double() - m32, m32 - lo.double())  # max |W - m|
     k = torch.where(spread > 0, -torch.floor(torch.log2(spread)) - 1, torch.zeros_like(spread)).clamp(-126, 126)
     scale = torch.exp2(k).to(torch.float32)
-    shift = (-m32 * scale).unsqueeze(1)
+    shift = (m32 * scale).unsqueeze(1)
     scale = scale.unsqueeze(1)
     acc = torch.zeros(4, B, dtype=torch.float64, device=w.device)
     step = max(1, chunk // B)
     for c in range(0, n, step):
-        z = torch.addcmul(shift, flat[:, c:c + step], scale)  # (W - m) 2^k: the product is exact
+        z = (flat[:, c:c + step] * scale).sub_(shift)  # (W - m) 2^k: both products are exact
         z2 = z * z
         acc[0] += z.sum(1)
         acc[1] += z2.sum(1)
@@ -132,8 +131,9 @@ def _stats(w: torch.Tensor, chunk: int = S.CHUNK) -> tuple[torch.Tensor, ...]:
     m4 = s4 - 4 * c * s3 + 6 * c * c * s2 - 3 * c ** 4
     scale64 = scale.squeeze(1).double()
     sd = torch.sqrt(m2.clamp(min=0)) / scale64
-    kurt = torch.where(m2 > 0, m4 / (m2 * m2), math.nan)
-    outlier = torch.where(m2 > 0, absmax / sd, math.nan)
+    spread_ok = (m2 > 0) & (hi > lo)  # a constant matrix has std 0 exactly (m2 may round above 0)
+    kurt = torch.where(spread_ok, m4 / (m2 * m2), math.nan)
+    outlier = torch.where(spread_ok, absmax / sd, math.nan)
     norm2 = n * (s2 / scale64 ** 2 + 2 * m32.double() * s1 / scale64 + m32.double() ** 2)  # sum of W^2
     return norm2, kurt, outlier, absmax
 
