@@ -510,6 +510,7 @@ def quantize_report_cmd(
 
     ckpt = open_checkpoint(model)
     _check_budget(ckpt, chosen, budget_bits)
+    _check_layers(ckpt, parse_layers(layers))
     if model is None:
         _say_default()
     set_threads(threads, ckpt)

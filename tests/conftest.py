@@ -48,3 +48,11 @@ def write_tokenizer(directory: Path, vocab_size: int = 128) -> None:
     text = ["def add(a, b): return a + b", "The quick brown fox jumps over the lazy dog.", "import os, sys"] * 20
     tok.train_from_iterator(text, trainer)
     tok.save(str(directory / "tokenizer.json"))
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_width(monkeypatch):
+    """CLI output in tests is as when piped (full width): COLUMNS, set by some imports of the test
+    process, is removed before each test; tests that need a width pass COLUMNS themselves."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)

@@ -574,7 +574,7 @@ def test_escapes_in_a_table_title(tmp_path):
     d = tmp_path / "odd\x1b]0;pwned\x07name"
     d.mkdir()
     (d / "config.json").write_text(cfg)
-    r = run_cli("count", str(d))
+    r = run_cli("count", str(d), env={k: v for k, v in os.environ.items() if k != "COLUMNS"})  # full width
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout and "\x07" not in r.stdout
     assert "odd\\x1b]0;pwned\\x07name" in r.stdout
