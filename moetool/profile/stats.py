@@ -442,7 +442,8 @@ class ProfileStats:
         from safetensors.numpy import save
 
         os.makedirs(directory, exist_ok=True)
-        data = save(self.tensors(), metadata={"moetool": "profile", "stats_version": str(STATS_VERSION)})
+        # one metadata key: safetensors writes a map in arbitrary order, and the bytes must not vary
+        data = save(self.tensors(), metadata={"moetool_profile_stats": str(STATS_VERSION)})
         _atomic_write(os.path.join(directory, STATS_FILE), data)
         summary = summary or self.summary()
         summary["stats_sha256"] = hashlib.sha256(data).hexdigest()
