@@ -256,7 +256,7 @@ def test_resume_after_interruption_equals_uninterrupted(tok_checkpoint, tmp_path
 
     with pytest.raises(KeyboardInterrupt):
         profile(PROMPTS, model=d, block_tokens=30, device="cpu", out=str(tmp_path / "run"), on_block=stop)
-    state = json.loads((tmp_path / "run" / "partial" / "state.json").read_text())
+    state = json.loads((tmp_path / "run" / "partial" / "profile.json").read_text())["resume"]
     assert 0 < state["prompts_done"] < len(PROMPTS)
     assert not (tmp_path / "run" / "profile.json").exists()
     resumed = profile(PROMPTS, model=d, block_tokens=30, device="cpu", out=str(tmp_path / "run"), resume=True)

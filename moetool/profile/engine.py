@@ -8,7 +8,7 @@ mask (`model.Segments`), RoPE tables are each prompt's own (positions 0..L-1). A
 the router decisions go into `ProfileStats` and are dropped, so memory does not grow with the corpus.
 
 Resumable: after each block the statistics so far and the number of prompts done are written
-(atomically) to OUT/partial/; `resume=True` continues from there. The blocks are packed from the
+(atomically) to OUT/partial/ (stats.safetensors, then profile.json with the resume point); `resume=True` continues from there. The blocks are packed from the
 corpus order alone, so a resumed run adds the same blocks in the same order as an uninterrupted one.
 
 Example:
@@ -206,12 +206,16 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
             raise MoetoolError("--resume needs -o OUT (the directory of the interrupted run)")
         if per_token:
             raise MoetoolError("--resume cannot continue a --per-token export; run again without --resume")
-        if os.path.isfile(os.path.join(partial, "state.json")):
-            state = json.loads(open(os.path.join(partial, "state.json"), encoding="utf-8").read())
+        summary_path = os.path.join(partial, "profile.json")
+        if os.path.isfile(summary_path):
+            # the resume point lives in the partial profile.json, written after (and naming the sha256
+            # of) the stats it describes: a crash between the two writes is detected on load, never
+            # counted twice
+            stats = ProfileStats.load(partial)
+            state = json.loads(open(summary_path, encoding="utf-8").read()).get("resume") or {}
             if state.get("corpus") != corpus_id or state.get("block_tokens") != block_tokens:
                 raise MoetoolError(f"{out}: the interrupted run used another corpus or block size; "
                                    "run without --resume to start over")
-            stats = ProfileStats.load(partial)
             if stats.meta.get("fingerprint") != fingerprint:
                 raise MoetoolError(f"{out}: the interrupted run profiled another model")
             start = int(state["prompts_done"])
@@ -233,9 +237,10 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
                            Segments, attention_mask, rope_tables, router_distribution, torch)
                 tokens_done = int(done_at[i1])
                 if partial:
-                    stats.save(partial)
-                    _write_state(partial, {"prompts_done": i1, "tokens_done": tokens_done, "corpus": corpus_id,
-                                           "block_tokens": block_tokens})
+                    summary = {"schema_version": 1, "command": "profile", "partial": True}  # no metrics yet
+                    summary["resume"] = {"prompts_done": i1, "tokens_done": tokens_done, "corpus": corpus_id,
+                                         "block_tokens": block_tokens}
+                    stats.save(partial, summary)
                 prog.block(b, i1, tokens_done)
                 if on_block:
                     on_block(b)
@@ -302,12 +307,6 @@ def _run_block(dec, spec, fc, stats, block, ids, writer, prog, b, Segments, atte
             prev = experts
     dec.expert_hook = None
     dec.positions = None
-
-
-def _write_state(directory: str, state: dict) -> None:
-    from ..render import atomic_write_bytes
-
-    atomic_write_bytes(os.path.join(directory, "state.json"), json.dumps(state).encode())
 
 
 def _corpus_id(prompts: Sequence[Prompt]) -> str:

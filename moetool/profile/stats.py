@@ -138,11 +138,9 @@ class LayerSums:
                 n = np.asarray(expert_output_norms, dtype=np.float64).reshape(-1)
                 self.reap_sum += np.bincount(flat, weights=w.reshape(-1) * n, minlength=E)
                 self.reap_count += np.bincount(flat, minlength=E)
-        for a in range(K):  # co-activation: every pair of slots of a token
-            for b in range(a + 1, K):
-                i, j = experts[:, a], experts[:, b]
-                np.add.at(self.coact, (i, j), 1)
-                np.add.at(self.coact, (j, i), 1)
+        if K > 1:  # co-activation: every ordered pair of distinct slots of a token (bincount: fast)
+            a, b = np.nonzero(~np.eye(K, dtype=bool))
+            self.coact += _pair_counts(experts[:, a], experts[:, b], E)
         # consecutive-token pairs never cross a sequence boundary
         starts = np.zeros(T, dtype=bool)
         starts[np.cumsum([0] + segments[:-1])] = True
@@ -157,10 +155,8 @@ class LayerSums:
             if self.transitions is None:
                 self.transitions = np.zeros((E, E), dtype=np.int64)
                 self.first_transitions = np.zeros((E, E), dtype=np.int64)
-            np.add.at(self.first_transitions, (prev[:, 0], experts[:, 0]), 1)
-            for a in range(prev.shape[1]):
-                for b in range(K):
-                    np.add.at(self.transitions, (prev[:, a], experts[:, b]), 1)
+            self.first_transitions += _pair_counts(prev[:, :1], experts[:, :1], E)
+            self.transitions += _pair_counts(np.repeat(prev, K, axis=1), np.tile(experts, (1, prev.shape[1])), E)
         if probs is not None:
             p = np.asarray(probs, dtype=np.float64)
             self.prob_tokens += T
@@ -316,6 +312,11 @@ class LayerSums:
             raise MoetoolError(f"{prefix}: load sums to {int(self.load.sum())}, not tokens x k = {self.tokens * self.K}")
 
 
+def _pair_counts(rows: np.ndarray, cols: np.ndarray, E: int) -> np.ndarray:
+    """[E, E] counts of the (rows[t, s], cols[t, s]) pairs."""
+    return np.bincount((rows * E + cols).reshape(-1), minlength=E * E).reshape(E, E)
+
+
 def _merge_sparse(ka: np.ndarray, ca: np.ndarray, kb: np.ndarray, cb: np.ndarray):
     """Two sorted sparse count vectors added exactly."""
     if not len(kb):
@@ -442,7 +443,8 @@ class ProfileStats:
         from safetensors.numpy import save
 
         os.makedirs(directory, exist_ok=True)
-        data = save(self.tensors(), metadata={"moetool": "profile", "stats_version": str(STATS_VERSION)})
+        # one metadata key: safetensors writes a map in arbitrary order, and the bytes must not vary
+        data = save(self.tensors(), metadata={"moetool_profile_stats": str(STATS_VERSION)})
         _atomic_write(os.path.join(directory, STATS_FILE), data)
         summary = summary or self.summary()
         summary["stats_sha256"] = hashlib.sha256(data).hexdigest()
