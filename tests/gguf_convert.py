@@ -213,6 +213,12 @@ def _metadata(w, cfg: dict, arch: str, tokenizer: Optional[dict]) -> None:
         w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
         if cfg.get("num_nextn_predict_layers"):
             w.add_nextn_predict_layers(cfg["num_nextn_predict_layers"])
+        rs = cfg.get("rope_scaling") or {}
+        if rs.get("rope_type", rs.get("type")) == "yarn":  # as convert_hf_to_gguf.py DeepseekV2Model
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rs["factor"])
+            w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
+            w.add_rope_scaling_yarn_log_mul(0.1 * rs["mscale_all_dim"])
     elif mt == "gpt_oss":
         w.add_feed_forward_length(cfg["intermediate_size"])
         w.add_expert_count(cfg["num_local_experts"])

@@ -193,6 +193,9 @@ def _rope_scaling(m: _Meta) -> Optional[dict]:
     if kind == "yarn":
         out["beta_fast"] = m.float("rope.scaling.yarn_beta_fast", 32.0)
         out["beta_slow"] = m.float("rope.scaling.yarn_beta_slow", 1.0)
+        log_mul = m.float("rope.scaling.yarn_log_multiplier", 0.0)
+        if log_mul:  # DeepSeek: convert_hf_to_gguf.py writes 0.1 * mscale_all_dim (mscale = mscale_all_dim there)
+            out["mscale"] = out["mscale_all_dim"] = _shortest_f32(log_mul / 0.1)
     return out
 
 
