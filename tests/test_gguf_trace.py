@@ -48,6 +48,22 @@ def test_f32_gguf_traces_like_safetensors(tmp_path, name):
     assert (a.logits - b.logits).abs().max().item() < 1e-4
 
 
+def test_per_expert_tensors_of_old_mixtral_files(tmp_path):
+    """GGUFs converted before llama.cpp stacked the experts hold blk.N.ffn_gate.E.weight: counted
+    and traced like the stacked form."""
+    import moetool
+    from fakes import transformers_param_count
+
+    model, _, st, path = _convert(tmp_path, "mixtral", Q.Q8_0, per_expert=True)
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in resolve(str(path)).tensors
+    r = moetool.count(str(path))
+    assert r.total_params == transformers_param_count(model) and r.cross_check["match"]
+    stacked = write_gguf(tmp_path / "stacked.gguf", model, CONFIGS["mixtral"], Q.Q8_0)[0]
+    a, b = run_forward(resolve(str(stacked)), IDS, device="cpu"), run_forward(resolve(str(path)), IDS, device="cpu")
+    _same_routes(a, b)
+    assert torch.equal(a.logits, b.logits)
+
+
 def test_deepseek_yarn(tmp_path):
     """DeepSeek's YaRN: factor, original context and mscale (from yarn_log_multiplier) round-trip."""
     from fakes import FORWARD_VARIANTS

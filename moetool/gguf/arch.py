@@ -71,6 +71,7 @@ _ARCH_NAMES: dict[str, dict[str, str]] = {
     "gpt-oss": {"ffn_gate_inp.weight": "mlp.router.weight", "ffn_gate_inp.bias": "mlp.router.bias"},
 }
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_OLD_EXPERT = re.compile(r"^ffn_(gate|up|down)\.(\d+)\.weight$")
 STACKED = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
 
 
@@ -83,6 +84,10 @@ def hf_name(name: str, arch: str = "") -> str:
     if rest.startswith("nextn."):  # DeepSeek-V3 / GLM MTP extras: counted as MTP by their layer
         return f"model.layers.{layer}.{rest}"
     mapped = _ARCH_NAMES.get(arch, {}).get(rest) or _LAYER_NAMES.get(rest)
+    if mapped is None:
+        e = _OLD_EXPERT.match(rest)  # GGUFs converted before experts were stacked (2023 Mixtral files)
+        if e:
+            return f"model.layers.{layer}.mlp.experts.{e.group(2)}.{e.group(1)}_proj.weight"
     return f"model.layers.{layer}.{mapped}" if mapped else name
 
 
