@@ -62,7 +62,7 @@ _GLOBAL = {"model.embed_tokens.weight": _name(T.TOKEN_EMBD), "model.norm.weight"
            "lm_head.weight": _name(T.OUTPUT)}
 
 
-def hf_to_gguf_tensors(model, cfg: dict, split_kv_b: bool = False) -> dict[str, np.ndarray]:
+def hf_to_gguf_tensors(model, cfg: dict, split_kv_b: bool = False, per_expert: bool = False) -> dict[str, np.ndarray]:
     """The model's state dict under GGUF names and layouts (float32 numpy arrays). `split_kv_b`:
     DeepSeek's kv_b_proj as attn_k_b (transposed) and attn_v_b, as newer convert_hf_to_gguf.py does."""
     mt = cfg["model_type"]
@@ -106,11 +106,17 @@ def hf_to_gguf_tensors(model, cfg: dict, split_kv_b: bool = False) -> dict[str, 
                 heads = cfg["num_attention_heads"]
                 w = permute(w, heads, heads if rest.startswith("self_attn.q") else cfg["num_key_value_heads"])
             out[_name(t, bid, suffix)] = w
+    if per_expert:  # the layout of GGUFs made before llama.cpp stacked experts: blk.N.ffn_gate.E.weight
+        for name in [n for n in out if "_exps.weight" in n]:
+            stacked = out.pop(name)
+            for e in range(stacked.shape[0]):
+                out[name.replace("_exps.weight", f".{e}.weight")] = np.ascontiguousarray(stacked[e])
     return out
 
 
 def write_gguf(path: str | Path, model, cfg: dict, qtype: Q = Q.F32, *, expert_qtype: Optional[Q] = None,
-               tokenizer: Optional[dict] = None, split: int = 1, split_kv_b: bool = False) -> list[Path]:
+               tokenizer: Optional[dict] = None, split: int = 1, split_kv_b: bool = False,
+               per_expert: bool = False) -> list[Path]:
     """Write `model` (transformers, config dict `cfg`) as GGUF: 2-D+ weights in `qtype` (experts in
     `expert_qtype` if given), norms and biases F32. `split` > 1 writes `-0000i-of-0000n` parts."""
     cfg = {**{k: v for k, v in model.config.to_dict().items() if v is not None}, **cfg}  # transformers' defaults
@@ -120,7 +126,7 @@ def write_gguf(path: str | Path, model, cfg: dict, qtype: Q = Q.F32, *, expert_q
         cfg.setdefault("rope_scaling", rp)
     mt = cfg["model_type"]
     arch = ARCH[mt]
-    tensors = hf_to_gguf_tensors(model, cfg, split_kv_b)
+    tensors = hf_to_gguf_tensors(model, cfg, split_kv_b, per_expert)
     cfg = {**cfg, "_split_kv_b": split_kv_b}
     path = Path(path)
     names = list(tensors)
@@ -213,6 +219,12 @@ def _metadata(w, cfg: dict, arch: str, tokenizer: Optional[dict]) -> None:
         w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
         if cfg.get("num_nextn_predict_layers"):
             w.add_nextn_predict_layers(cfg["num_nextn_predict_layers"])
+        rs = cfg.get("rope_scaling") or {}
+        if rs.get("rope_type", rs.get("type")) == "yarn":  # as convert_hf_to_gguf.py DeepseekV2Model
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rs["factor"])
+            w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
+            w.add_rope_scaling_yarn_log_mul(0.1 * rs["mscale_all_dim"])
     elif mt == "gpt_oss":
         w.add_feed_forward_length(cfg["intermediate_size"])
         w.add_expert_count(cfg["num_local_experts"])

@@ -48,6 +48,36 @@ def test_f32_gguf_traces_like_safetensors(tmp_path, name):
     assert (a.logits - b.logits).abs().max().item() < 1e-4
 
 
+def test_per_expert_tensors_of_old_mixtral_files(tmp_path):
+    """GGUFs converted before llama.cpp stacked the experts hold blk.N.ffn_gate.E.weight: counted
+    and traced like the stacked form."""
+    import moetool
+    from fakes import transformers_param_count
+
+    model, _, st, path = _convert(tmp_path, "mixtral", Q.Q8_0, per_expert=True)
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in resolve(str(path)).tensors
+    r = moetool.count(str(path))
+    assert r.total_params == transformers_param_count(model) and r.cross_check["match"]
+    stacked = write_gguf(tmp_path / "stacked.gguf", model, CONFIGS["mixtral"], Q.Q8_0)[0]
+    a, b = run_forward(resolve(str(stacked)), IDS, device="cpu"), run_forward(resolve(str(path)), IDS, device="cpu")
+    _same_routes(a, b)
+    assert torch.equal(a.logits, b.logits)
+
+
+def test_deepseek_yarn(tmp_path):
+    """DeepSeek's YaRN: factor, original context and mscale (from yarn_log_multiplier) round-trip."""
+    from fakes import FORWARD_VARIANTS
+
+    cfg = dict(FORWARD_VARIANTS)["deepseek_v3-yarn"]
+    _, _, st, path = _convert(tmp_path, "deepseek_v3", cfg=cfg)
+    rs = resolve(str(path)).config["rope_scaling"]
+    assert (rs["rope_type"], rs["factor"], rs["mscale_all_dim"]) == ("yarn", 4.0, 1.0)
+    a = run_forward(resolve(str(st)), IDS, device="cpu")
+    b = run_forward(resolve(str(path)), IDS, device="cpu")
+    _same_routes(a, b)
+    assert (a.logits - b.logits).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])
 def test_mla_split_into_k_b_and_v_b(tmp_path, name):
     """Newer converters store DeepSeek's kv_b_proj as attn_k_b (transposed) + attn_v_b: counted and

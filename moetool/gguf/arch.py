@@ -71,6 +71,7 @@ _ARCH_NAMES: dict[str, dict[str, str]] = {
     "gpt-oss": {"ffn_gate_inp.weight": "mlp.router.weight", "ffn_gate_inp.bias": "mlp.router.bias"},
 }
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_OLD_EXPERT = re.compile(r"^ffn_(gate|up|down)\.(\d+)\.weight$")
 STACKED = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
 
 
@@ -83,6 +84,10 @@ def hf_name(name: str, arch: str = "") -> str:
     if rest.startswith("nextn."):  # DeepSeek-V3 / GLM MTP extras: counted as MTP by their layer
         return f"model.layers.{layer}.{rest}"
     mapped = _ARCH_NAMES.get(arch, {}).get(rest) or _LAYER_NAMES.get(rest)
+    if mapped is None:
+        e = _OLD_EXPERT.match(rest)  # GGUFs converted before experts were stacked (2023 Mixtral files)
+        if e:
+            return f"model.layers.{layer}.mlp.experts.{e.group(2)}.{e.group(1)}_proj.weight"
     return f"model.layers.{layer}.{mapped}" if mapped else name
 
 
@@ -193,6 +198,9 @@ def _rope_scaling(m: _Meta) -> Optional[dict]:
     if kind == "yarn":
         out["beta_fast"] = m.float("rope.scaling.yarn_beta_fast", 32.0)
         out["beta_slow"] = m.float("rope.scaling.yarn_beta_slow", 1.0)
+        log_mul = m.float("rope.scaling.yarn_log_multiplier", 0.0)
+        if log_mul:  # DeepSeek: convert_hf_to_gguf.py writes 0.1 * mscale_all_dim (mscale = mscale_all_dim there)
+            out["mscale"] = out["mscale_all_dim"] = _shortest_f32(log_mul / 0.1)
     return out
 
 
