@@ -400,3 +400,23 @@ def test_plot_with_file_pools_the_corpus(tmp_path):
     prompts.write_text("def add(a, b): return a + b\nThe quick brown fox\n")
     r = run_cli("trace", "--file", str(prompts), "--plot", str(tmp_path / "c.png"), "--device", "cpu")
     assert r.returncode == 0 and "all 2 prompts pooled" in r.stderr and (tmp_path / "c.png").stat().st_size > 0
+
+
+# --- 18 / 21: install recipes that work ------------------------------------------------------------
+
+def test_install_recipes():
+    readme = (ROOT / "README.md").read_text()
+    first_pip = next(l for l in readme.splitlines() if l.startswith("pip install"))
+    assert first_pip == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert "takes minutes on a CPU" in readme
+    ci = (ROOT / "docs" / "ci.md").read_text()
+    assert not re.search(r"pip install moetool(\s|$)", ci)  # not published on a package index
+    assert 'pip install "moetool @ git+' in ci and "--index-url https://download.pytorch.org/whl/cpu" in ci
+
+
+def test_generate_reports_progress():
+    import moetool
+
+    calls = []
+    moetool.trace(tokens=[5, 6], generate=2, device="cpu", progress=lambda d, n: calls.append((d, n)))
+    assert calls[:2] == [(1, 2), (2, 2)] and calls[-1] == (4, 4) and all(n for _, n in calls)
