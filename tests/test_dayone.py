@@ -138,7 +138,7 @@ def test_arguments_checked_first(args, needle, tmp_path):
 
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "moetool", *args], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+                       timeout=120)  # cwd: a directory without nodir/ (and without a moetool/ to import)
     assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "Routing" not in r.stdout and r.stdout == ""
     assert time.perf_counter() - t0 < 60
@@ -420,3 +420,8 @@ def test_generate_reports_progress():
     calls = []
     moetool.trace(tokens=[5, 6], generate=2, device="cpu", progress=lambda d, n: calls.append((d, n)))
     assert calls[:2] == [(1, 2), (2, 2)] and calls[-1] == (4, 4) and all(n for _, n in calls)
+
+
+def test_shell_completion():
+    r = run_env(_MOETOOL_COMPLETE="complete_bash", COMP_WORDS="moetool tr", COMP_CWORD="1")
+    assert r.returncode == 0 and r.stdout.split() == ["trace"]
