@@ -510,6 +510,7 @@ def quantize_report_cmd(
     from .quant.report import quantize_report
 
     ckpt = open_checkpoint(model)
+    _check_layers(ckpt, parse_layers(layers))
     _check_budget(ckpt, chosen, budget_bits)
     if model is None:
         _say_default()
