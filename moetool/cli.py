@@ -509,6 +509,7 @@ def quantize_report_cmd(
     from .quant.report import quantize_report
 
     ckpt = open_checkpoint(model)
+    _check_layers(ckpt, parse_layers(layers))
     _check_budget(ckpt, chosen, budget_bits)
     _check_layers(ckpt, parse_layers(layers))
     if model is None:

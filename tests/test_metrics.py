@@ -199,7 +199,7 @@ def test_trace_cli_metrics_file_and_exports(tmp_path, tiny_checkpoint):
                 "--generate", "2", "--layers", "1", "--logits", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "prompt_index,layer,token_index,token,slot,expert,weight"
+    assert lines[0] == "prompt_index,layer,token_index,token_id,token,generated,slot,expert,weight"
     assert {l.split(",")[1] for l in lines[1:]} == {"1"}
     assert png.read_bytes()[:4] == b"\x89PNG"
     r = run_cli("trace", "def add", "--model", str(d), "--json", "--generate", "2", "--logits", "--device", "cpu")
