@@ -245,7 +245,7 @@ def test_crafted_pt_never_runs_code(setup, tmp_path):
     ("trunc.npy", None, "unreadable .npy"),
     ("range.npy", "range", "outside 0.."),
     ("k.npy", "k", "routes to top-"),
-    ("trunc.gguf", b"GGUF\x03\x00\x00\x00\x05", "truncated GGUF"),
+    ("trunc.gguf", b"GGUF\x03\x00\x00\x00\x05", "truncated"),
     ("sg.json", b'{"meta_info": {"routed_experts": "!!notbase64"}}', "not valid base64"),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 40 else "-")
 def test_bad_recordings_one_line_exit_2(setup, tmp_path, name, content, needle):

@@ -408,9 +408,7 @@ def read_imatrix(path: str) -> Recording:
     """llama.cpp `imatrix.gguf` (general.type = imatrix): for each expert tensor `blk.L.ffn_*_exps.weight`
     an F32 `.counts` [n_expert]: how many (token, slot) assignments reached each expert (the
     MUL_MAT_ID ids). One projection per layer is read (up, else gate, else down); all agree."""
-    from .gguf_lite import read_gguf_f32_tensors
-
-    meta, tensors = read_gguf_f32_tensors(path, suffix=".counts")
+    meta, tensors = _gguf_f32(path, ".counts")
     if meta.get("general.type") not in (None, "imatrix"):
         raise BadRecording(f"{path}: a GGUF file, but general.type is {meta.get('general.type')!r}, not imatrix")
     by_layer: dict[int, dict[str, np.ndarray]] = {}
@@ -504,3 +502,24 @@ def read_csv(path: str) -> Recording:
             raise BadRecording(f"{path}: sequence {seq!r}: some (token, layer) pairs are missing slots or layers")
         sequences.append(Sequence(experts, weights))
     return Recording("csv", order, "either", sequences, k=k)
+
+
+def _gguf_f32(path: str, suffix: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metadata and the F32 tensors named `*suffix` of a GGUF file (the validated header reader of
+    moetool.gguf; the data of those tensors only)."""
+    from ..gguf.reader import read_gguf
+
+    h = read_gguf(path)
+    out = {}
+    with open(path, "rb") as f:
+        for t in h.tensors:
+            if not t.name.endswith(suffix):
+                continue
+            if t.type_id != 0:  # GGML_TYPE_F32
+                raise BadRecording(f"{path}: tensor {t.name!r} is {t.type_name}, expected F32 counts")
+            f.seek(h.data_start + t.offset)
+            raw = f.read(t.nbytes)
+            if len(raw) != t.nbytes:
+                raise BadRecording(f"{path}: tensor {t.name!r} is truncated")
+            out[t.name] = np.frombuffer(raw, dtype="<f4").reshape(tuple(reversed(t.shape)) or (1,))
+    return h.metadata, out
