@@ -153,6 +153,11 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
         kv_cache=_kv_cache(spec, context, batch, kv_dtype), flops_per_token=_flops(spec, context),
         cross_check=cross, per_layer=_per_layer(spec), notes=notes + list(spec.notes),
     )
+    if report.kv_cache["convention"] == "mla_latent":
+        report.notes.append("MLA: kv_cache bytes hold the compressed latent (kv_lora_rank + qk_rope_head_dim per token "
+                            "and layer, as transformers 5, vLLM and SGLang cache it), the *_per_head fields K and V "
+                            "decompressed per head; flops attention is the per-head form (as transformers computes "
+                            "it), attention_latent the weight-absorbed form over the latent cache")
     report.kv_cache["serve_bytes"] = (report.bytes_stored if report.bytes_stored is not None
                                       else report.weights_bytes["bf16"]) + report.kv_cache["bytes"]
     report.kv_cache["serve_weights_from"] = "stored" if report.bytes_stored is not None else "bf16"
@@ -313,20 +318,29 @@ def _kv_cache(spec: ModelSpec, context: int, batch: int, kv_dtype: str) -> dict[
     the compressed latent + RoPE key; sliding-window / chunked layers keep at most their window;
     Mamba and linear-attention layers keep a fixed state instead (same dtype)."""
     size = formats.dtype_bytes(kv_dtype)
-    per_token_full = 0
-    kv_elems = 0
+    per_token_full = per_token_head = 0
+    kv_elems = kv_elems_head = 0
     state_elems = 0
     for l in spec.layers:
         kept = context if l.window is None else min(context, l.window)
+        per_head = l.kv_per_token if l.kv_per_token_per_head is None else l.kv_per_token_per_head
         kv_elems += l.kv_per_token * kept
+        kv_elems_head += per_head * kept
         per_token_full += l.kv_per_token
+        per_token_head += per_head
         state_elems += l.state_elems
+    mla = any(l.mixer == "mla" for l in spec.layers)
     return {
         "context": context, "batch": batch, "dtype": kv_dtype,
         "bytes_per_token": per_token_full * size,
         "bytes": (kv_elems + state_elems) * size * batch,
         "state_bytes": state_elems * size * batch,
         "windowed_layers": sum(1 for l in spec.layers if l.window is not None),
+        # MLA: `bytes*` hold the compressed latent (as transformers 5, vLLM, SGLang and DeepSeek
+        # cache it); the `*_per_head` fields hold K and V decompressed per head.
+        "convention": "mla_latent" if mla else "per_head",
+        "bytes_per_token_per_head": per_token_head * size,
+        "bytes_per_head": (kv_elems_head + state_elems) * size * batch,
     }
 
 
@@ -345,8 +359,15 @@ def _flops(spec: ModelSpec, context: int) -> dict[str, Any]:
         matmul += 2 * n
     if spec.tie_word_embeddings:  # the tied matrix serves as the head: V x D multiply-adds
         matmul += 2 * spec.vocab_size * spec.hidden_size
-    attention = sum(l.attn_flops_per_ctx * (context if l.window is None else min(context, l.window)) for l in spec.layers)
-    return {"context": context, "matmul": matmul, "attention": attention, "total": matmul + attention}
+    kept = [context if l.window is None else min(context, l.window) for l in spec.layers]
+    attention = sum(l.attn_flops_per_ctx * n for l, n in zip(spec.layers, kept))
+    latent = sum((l.attn_flops_per_ctx if l.attn_flops_per_ctx_latent is None else l.attn_flops_per_ctx_latent) * n
+                 for l, n in zip(spec.layers, kept))
+    # `attention` attends over per-head K and V (MLA decompressed, as transformers computes it);
+    # `attention_latent` is the MLA weight-absorbed form that matches the latent KV cache. The
+    # per-token matmuls are the same in both (the absorbed projections are counted as stored).
+    return {"context": context, "matmul": matmul, "attention": attention, "total": matmul + attention,
+            "attention_convention": "per_head", "attention_latent": latent, "total_latent": matmul + latent}
 
 
 def _per_layer(spec: ModelSpec) -> list[LayerCount]:

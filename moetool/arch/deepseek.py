@@ -11,6 +11,8 @@ by transformers (reported as MTP parameters, not in the total).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
 from . import common
 
@@ -93,8 +95,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
                 inv.add(f"layers.{i}.{n}.weight", "mtp", (d,), i)
             inv.add(f"layers.{i}.eh_proj.weight", "mtp", (d, 2 * d), i, matmul=True)
         else:
-            layers.append(LayerSpec(index=i, mixer=layer.mixer, moe=is_moe, kv_per_token=layer.kv_per_token,
-                                    attn_flops_per_ctx=layer.attn_flops_per_ctx))
+            layers.append(replace(layer, index=i, moe=is_moe))
     common.embed_and_head(inv, cfg, vocab, d, tie)
     return ModelSpec(model_type=model_type, family=family, hidden_size=d, vocab_size=vocab, num_layers=n_layers,
                      layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie, mtp_layers=mtp,
@@ -129,7 +130,8 @@ class _MLA:
         # The cache holds the compressed latent and the shared RoPE key (as DeepSeek's own
         # inference and vLLM/SGLang do), not per-head K and V.
         return LayerSpec(index=i, mixer="mla", moe=False, kv_per_token=self.kv_lora + self.rope,
-                         attn_flops_per_ctx=2 * H * (qk + self.v))
+                         attn_flops_per_ctx=2 * H * (qk + self.v), kv_per_token_per_head=H * (qk + self.v),
+                         attn_flops_per_ctx_latent=2 * H * (2 * self.kv_lora + self.rope))
 
 
 def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd: int, bias: bool, qk_norm: bool,
