@@ -14,13 +14,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
-from . import common
+from . import common, llama_like
 
 # Upstream defaults that differ per family (transformers' configuration_*.py).
 DEFAULTS = {
     "deepseek_v2": dict(first_k_dense=0, norm_topk_prob=False, scoring="softmax", topk_method="greedy"),
     "deepseek_v3": dict(first_k_dense=3, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
     "glm4_moe": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
+    # SK Telecom A.X-K1: DeepSeek-V3 with `mlp_layer_types` and a `post_mlp_layernorm` on MoE blocks.
+    "axk1": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
+                 mlp_layer_types=True, post_mlp_norm=True),
 }
 
 
@@ -78,12 +81,17 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
         layer = attention(inv, i, group or "attention")
         inv.add(f"layers.{i}.input_norm.weight", group or "norms", (d,), i)
         inv.add(f"layers.{i}.post_attention_norm.weight", group or "norms", (d,), i)
-        is_moe = moe is not None and i >= k_dense and i % freq == 0
+        if dflt.get("mlp_layer_types") and not is_mtp:
+            is_moe = moe is not None and llama_like.mlp_layer_types(cfg, n_layers)[i]
+        else:
+            is_moe = moe is not None and i >= k_dense and i % freq == 0
         if is_moe:
             inv.linear(f"layers.{i}.router", group or "router", moe.num_experts, d, i)  # [E, D]
             inv.swiglu(f"layers.{i}.experts", group or "routed_experts", d, moe.expert_ffn, i, copies=moe.num_experts)
             if moe.num_shared_experts:
                 inv.swiglu(f"layers.{i}.shared_experts", group or "shared_experts", d, moe.shared_ffn, i)
+            if dflt.get("post_mlp_norm"):
+                inv.add(f"layers.{i}.post_mlp_norm.weight", group or "norms", (d,), i)
         else:
             inv.swiglu(f"layers.{i}.mlp", group or "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i,
                        bias=cfg.bool("mlp_bias", False))
@@ -148,5 +156,5 @@ def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd
 
 
 def register(table: dict) -> None:
-    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe"):
+    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "axk1"):
         table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)

@@ -139,6 +139,14 @@ STYLES: dict[str, Style] = {
     "aria_text": Style("aria_text", experts_keys=("moe_num_experts",), top_k_keys=("moe_topk",),
                        bias=_attention_bias("attention_bias", False, "all"),
                        shared_ffn=lambda c: c.int("intermediate_size") * c.int("moe_num_shared_experts", 2)),
+    # MiniMax-M3 (text part): every `mlp_layer_types` "sparse" layer MoE with a fused shared expert
+    # of `shared_intermediate_size`; dense layers of `dense_intermediate_size`.
+    "minimax_m3_vl_text": Style("minimax_m3_vl_text", experts_keys=("num_local_experts", "num_experts"),
+                                dense_ffn_key="dense_intermediate_size", qk_norm="head",
+                                moe_schedule=lambda c, n: mlp_layer_types(c, n),
+                                shared_ffn=lambda c: c.int("shared_intermediate_size", 0),
+                                router=lambda c: RouterSpec(scoring="sigmoid",
+                                                            routed_scaling_factor=c.float("routed_scaling_factor", 1.0))),
     "llama": Style("llama", dense=True, bias=_attention_bias("attention_bias", False, "all")),
     "mistral": Style("mistral", dense=True),
     "qwen2": Style("qwen2", dense=True, bias="qkv"),
