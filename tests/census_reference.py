@@ -23,6 +23,7 @@ SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, d
 
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
+    "minimax_m3_vl": dict(projector_hidden_size=24, merged_hidden_size=128),
     # DeepSeek's config sets head_dim = qk_rope_head_dim (the rotary width)
     "deepseek_v2": dict(head_dim=4, num_key_value_heads=4), "deepseek_v3": dict(head_dim=4, num_key_value_heads=4),
     "longcat_flash": dict(num_layers=2, qk_head_dim=12, head_dim=4, ffn_hidden_size=48, expert_ffn_hidden_size=16, zero_expert_num=4, moe_topk=2),

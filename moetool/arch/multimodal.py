@@ -109,6 +109,25 @@ def aria_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     _lin(inv, "projector.ff.linear_in", text_d, h, False), _lin(inv, "projector.ff.linear_out", text_d, text_d, False)
 
 
+def minimax_m3_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """MiniMax-M3: a CLIP-style encoder on Conv3d patches (no bias) with a pre-LayerNorm, and a
+    projector of two MLPs (per patch, and over merged patch groups) to the text width."""
+    h, f = v.int("hidden_size", 1280, min_value=1), v.int("intermediate_size", 5120, min_value=1)
+    p, t = v.int("patch_size", 14, min_value=1), v.int("temporal_patch_size", 2, min_value=1)
+    _conv(inv, "vision_tower.proj", h, v.int("num_channels", 3, min_value=1), (t, p, p), bias=False)
+    _norm(inv, "vision_tower.pre_layrnorm", h)
+    for i in range(v.int("num_hidden_layers", 32, min_value=0)):
+        b = f"vision_tower.layers.{i}"
+        for proj in ("q", "k", "v", "o"):
+            _lin(inv, f"{b}.attn.{proj}", h, h)
+        _norm(inv, f"{b}.norm1", h), _norm(inv, f"{b}.norm2", h)
+        _lin(inv, f"{b}.fc1", f, h), _lin(inv, f"{b}.fc2", h, f)
+    ph = top.int("projector_hidden_size", 6144, min_value=1)
+    merged = top.int("merged_hidden_size", text_d * v.int("spatial_merge_size", 2, min_value=1) ** 2, min_value=1)
+    _lin(inv, "projector.linear_1", ph, h), _lin(inv, "projector.linear_2", text_d, ph)
+    _lin(inv, "projector.merge_linear_1", ph, merged), _lin(inv, "projector.merge_linear_2", text_d, ph)
+
+
 Tower = Callable[[Inventory, Cfg, int, Cfg], None]  # (inventory, tower config, text hidden size, top config)
 
 
@@ -126,6 +145,8 @@ FAMILIES: dict[str, Family] = {
     # zai-org/GLM-4.5V: GLM-4.5 (glm4_moe) text model + GLM-4V vision tower.
     # rhymes-ai/Aria: Aria text MoE + Idefics3 vision encoder + cross-attention projector.
     "aria": Family(llama_like.adapt, "aria_text", (("vision_config", aria_vision),)),
+    # MiniMax-M3 (vision-language): MiniMax-M3 text MoE + CLIP-style tower + two projectors.
+    "minimax_m3_vl": Family(llama_like.adapt, "minimax_m3_vl_text", (("vision_config", minimax_m3_vision),)),
     "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),)),
 }
 
