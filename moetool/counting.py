@@ -9,7 +9,8 @@ Conventions (docs/count.md):
 - total_params: the model as transformers builds it: tied matrices once, MTP / next-n layers not
   included (they are mtp_params), a vision tower included as its own group, buffers excluded.
 - active_params: per token: everything except routed experts, plus top-k routed experts of each
-  MoE layer; the input embedding included; vision excluded (it runs per image, not per token).
+  MoE layer; the input embedding included; vision and audio towers excluded (they run per image /
+  audio clip, not per text token).
 - active_params_excl_embedding: the same without the input embedding matrix. With tied
   embeddings the one matrix is the LM head, so it stays.
 
@@ -135,7 +136,7 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
     by_dtype = _bytes_by_dtype(ckpt)
     moe = spec.moe
     routed_active = sum(v * moe.top_k // moe.num_experts for v in per_layer_routed.values()) if moe else 0
-    active = total - groups["routed_experts"] - groups["vision"] + routed_active
+    active = total - groups["routed_experts"] - groups["vision"] - groups.get("audio", 0) + routed_active
     active_excl = active - (0 if spec.tie_word_embeddings else groups["embedding"])
     breakdown = {g: groups[g] for g in GROUPS if g != "mtp"}
     if groups.get("other"):
@@ -351,7 +352,7 @@ def _flops(spec: ModelSpec, context: int) -> dict[str, Any]:
     moe = spec.moe
     matmul = 0
     for p in spec.params:
-        if not p.matmul or p.group in ("embedding", "vision", "mtp"):
+        if not p.matmul or p.group in ("embedding", "vision", "audio", "mtp"):
             continue
         n = p.numel
         if p.group == "routed_experts" and moe:

@@ -22,11 +22,11 @@ from .errors import BadConfig
 # layers); the breakdown reports every group, so the groups sum to total_params + mtp_params.
 GROUPS = (
     "embedding", "attention", "ssm", "router", "routed_experts", "shared_experts",
-    "dense_mlp", "norms", "lm_head", "vision", "mtp",
+    "dense_mlp", "norms", "lm_head", "vision", "audio", "mtp",
 )
 Group = Literal[
     "embedding", "attention", "ssm", "router", "routed_experts", "shared_experts",
-    "dense_mlp", "norms", "lm_head", "vision", "mtp",
+    "dense_mlp", "norms", "lm_head", "vision", "audio", "mtp",
 ]
 Mixer = Literal["attention", "mla", "linear_attention", "mamba", "encoder_attention", "decoder_attention"]
 Scoring = Literal["softmax", "sigmoid", "sparsemixer"]

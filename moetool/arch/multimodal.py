@@ -16,22 +16,23 @@ from ..spec import Cfg, Inventory, ModelSpec
 from . import common, deepseek, llama_like
 
 
-def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True) -> None:
-    inv.add(f"{name}.weight", "vision", (out, inp, *kernel))
+def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True,
+          group: str = "vision") -> None:
+    inv.add(f"{name}.weight", group, (out, inp, *kernel))
     if bias:
-        inv.add(f"{name}.bias", "vision", (out,))
+        inv.add(f"{name}.bias", group, (out,))
 
 
-def _lin(inv: Inventory, name: str, out: int, inp: int, bias: bool = True) -> None:
-    inv.add(f"{name}.weight", "vision", (out, inp), matmul=True)
+def _lin(inv: Inventory, name: str, out: int, inp: int, bias: bool = True, group: str = "vision") -> None:
+    inv.add(f"{name}.weight", group, (out, inp), matmul=True)
     if bias:
-        inv.add(f"{name}.bias", "vision", (out,))
+        inv.add(f"{name}.bias", group, (out,))
 
 
-def _norm(inv: Inventory, name: str, dim: int, bias: bool = True) -> None:
-    inv.add(f"{name}.weight", "vision", (dim,))
+def _norm(inv: Inventory, name: str, dim: int, bias: bool = True, group: str = "vision") -> None:
+    inv.add(f"{name}.weight", group, (dim,))
     if bias:
-        inv.add(f"{name}.bias", "vision", (dim,))
+        inv.add(f"{name}.bias", group, (dim,))
 
 
 def qwen3_vl_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
@@ -128,6 +129,28 @@ def minimax_m3_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     _lin(inv, "projector.merge_linear_1", ph, merged), _lin(inv, "projector.merge_linear_2", text_d, ph)
 
 
+def qwen3_omni_audio(inv: Inventory, a: Cfg, text_d: int, top: Cfg) -> None:
+    """Qwen3-Omni audio encoder (group "audio"): three stride-2 Conv2d over the mel spectrogram,
+    a linear `conv_out` to d_model, Whisper-style layers (biases, LayerNorms), `ln_post` and a
+    two-layer projection to `output_dim`. Positions are sinusoidal (no parameters)."""
+    d, f = a.int("d_model", 1280, min_value=1), a.int("encoder_ffn_dim", 5120, min_value=1)
+    c = a.int("downsample_hidden_size", 480, min_value=1)
+    g = "audio"
+    _conv(inv, "audio.conv2d1", c, 1, (3, 3), group=g)
+    _conv(inv, "audio.conv2d2", c, c, (3, 3), group=g), _conv(inv, "audio.conv2d3", c, c, (3, 3), group=g)
+    mel = a.int("num_mel_bins", 128, min_value=1)
+    freq = (((mel + 1) // 2 + 1) // 2 + 1) // 2  # three stride-2, padding-1, kernel-3 convolutions
+    _lin(inv, "audio.conv_out", d, c * freq, False, group=g)
+    for i in range(a.int("encoder_layers", 32, min_value=0)):
+        b = f"audio.layers.{i}"
+        for proj in ("q", "k", "v", "o"):
+            _lin(inv, f"{b}.attn.{proj}", d, d, group=g)
+        _norm(inv, f"{b}.attn_norm", d, group=g), _norm(inv, f"{b}.final_norm", d, group=g)
+        _lin(inv, f"{b}.fc1", f, d, group=g), _lin(inv, f"{b}.fc2", d, f, group=g)
+    _norm(inv, "audio.ln_post", d, group=g)
+    _lin(inv, "audio.proj1", d, d, group=g), _lin(inv, "audio.proj2", a.int("output_dim", 3584, min_value=1), d, group=g)
+
+
 Tower = Callable[[Inventory, Cfg, int, Cfg], None]  # (inventory, tower config, text hidden size, top config)
 
 
@@ -147,6 +170,9 @@ FAMILIES: dict[str, Family] = {
     "aria": Family(llama_like.adapt, "aria_text", (("vision_config", aria_vision),)),
     # MiniMax-M3 (vision-language): MiniMax-M3 text MoE + CLIP-style tower + two projectors.
     "minimax_m3_vl": Family(llama_like.adapt, "minimax_m3_vl_text", (("vision_config", minimax_m3_vision),)),
+    # Qwen/Qwen3-Omni-30B-A3B thinker: Qwen3-MoE text + Qwen3-VL-style vision + audio encoder.
+    "qwen3_omni_moe_thinker": Family(llama_like.adapt, "qwen3_moe",
+                                     (("vision_config", qwen3_vl_vision), ("audio_config", qwen3_omni_audio))),
     "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),)),
 }
 
