@@ -9,7 +9,8 @@ Conventions (docs/count.md):
 - total_params: the model as transformers builds it: tied matrices once, MTP / next-n layers not
   included (they are mtp_params), a vision tower included as its own group, buffers excluded.
 - active_params: per token: everything except routed experts, plus top-k routed experts of each
-  MoE layer; the input embedding included; vision excluded (it runs per image, not per token).
+  MoE layer; the input embedding included; vision and audio towers excluded (they run per image /
+  audio clip, not per text token).
 - active_params_excl_embedding: the same without the input embedding matrix. With tied
   embeddings the one matrix is the LM head, so it stays.
 
@@ -157,7 +158,7 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
     by_dtype = _bytes_by_dtype(ckpt)
     moe = spec.moe
     routed_active = sum(v * moe.top_k // moe.num_experts for v in per_layer_routed.values()) if moe else 0
-    active = total - groups["routed_experts"] - groups["vision"] + routed_active
+    active = total - groups["routed_experts"] - groups["vision"] - groups.get("audio", 0) + routed_active
     active_excl = active - (0 if spec.tie_word_embeddings else groups["embedding"])
     breakdown = {g: groups[g] for g in GROUPS if g != "mtp"}
     if groups.get("other"):
@@ -175,6 +176,11 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
         kv_cache=_kv_cache(spec, context, batch, kv_dtype), flops_per_token=_flops(spec, context),
         cross_check=cross, per_layer=_per_layer(spec), notes=notes + list(spec.notes),
     )
+    if report.kv_cache["convention"] == "mla_latent":
+        report.notes.append("MLA: kv_cache bytes hold the compressed latent (kv_lora_rank + qk_rope_head_dim per token "
+                            "and layer, as transformers 5, vLLM and SGLang cache it), the *_per_head fields K and V "
+                            "decompressed per head; flops attention is the per-head form (as transformers computes "
+                            "it), attention_latent the weight-absorbed form over the latent cache")
     if report.bytes_stored is None and spec.quantization:
         _declare_storage(report, spec)
     weights, source = ((report.bytes_stored, "stored") if report.bytes_stored is not None else
@@ -357,20 +363,29 @@ def _kv_cache(spec: ModelSpec, context: int, batch: int, kv_dtype: str) -> dict[
     the compressed latent + RoPE key; sliding-window / chunked layers keep at most their window;
     Mamba and linear-attention layers keep a fixed state instead (same dtype)."""
     size = formats.dtype_bytes(kv_dtype)
-    per_token_full = 0
-    kv_elems = 0
+    per_token_full = per_token_head = 0
+    kv_elems = kv_elems_head = 0
     state_elems = 0
     for l in spec.layers:
         kept = context if l.window is None else min(context, l.window)
+        per_head = l.kv_per_token if l.kv_per_token_per_head is None else l.kv_per_token_per_head
         kv_elems += l.kv_per_token * kept
+        kv_elems_head += per_head * kept
         per_token_full += l.kv_per_token
+        per_token_head += per_head
         state_elems += l.state_elems
+    mla = any(l.mixer == "mla" for l in spec.layers)
     return {
         "context": context, "batch": batch, "dtype": kv_dtype,
         "bytes_per_token": per_token_full * size,
         "bytes": (kv_elems + state_elems) * size * batch,
         "state_bytes": state_elems * size * batch,
         "windowed_layers": sum(1 for l in spec.layers if l.window is not None),
+        # MLA: `bytes*` hold the compressed latent (as transformers 5, vLLM, SGLang and DeepSeek
+        # cache it); the `*_per_head` fields hold K and V decompressed per head.
+        "convention": "mla_latent" if mla else "per_head",
+        "bytes_per_token_per_head": per_token_head * size,
+        "bytes_per_head": (kv_elems_head + state_elems) * size * batch,
     }
 
 
@@ -381,7 +396,7 @@ def _flops(spec: ModelSpec, context: int) -> dict[str, Any]:
     moe = spec.moe
     matmul = 0
     for p in spec.params:
-        if not p.matmul or p.group in ("embedding", "vision", "mtp"):
+        if not p.matmul or p.group in ("embedding", "vision", "audio", "mtp"):
             continue
         n = p.numel
         if p.group == "routed_experts" and moe:
@@ -389,8 +404,15 @@ def _flops(spec: ModelSpec, context: int) -> dict[str, Any]:
         matmul += 2 * n
     if spec.tie_word_embeddings:  # the tied matrix serves as the head: V x D multiply-adds
         matmul += 2 * spec.vocab_size * spec.hidden_size
-    attention = sum(l.attn_flops_per_ctx * (context if l.window is None else min(context, l.window)) for l in spec.layers)
-    return {"context": context, "matmul": matmul, "attention": attention, "total": matmul + attention}
+    kept = [context if l.window is None else min(context, l.window) for l in spec.layers]
+    attention = sum(l.attn_flops_per_ctx * n for l, n in zip(spec.layers, kept))
+    latent = sum((l.attn_flops_per_ctx if l.attn_flops_per_ctx_latent is None else l.attn_flops_per_ctx_latent) * n
+                 for l, n in zip(spec.layers, kept))
+    # `attention` attends over per-head K and V (MLA decompressed, as transformers computes it);
+    # `attention_latent` is the MLA weight-absorbed form that matches the latent KV cache. The
+    # per-token matmuls are the same in both (the absorbed projections are counted as stored).
+    return {"context": context, "matmul": matmul, "attention": attention, "total": matmul + attention,
+            "attention_convention": "per_head", "attention_latent": latent, "total_latent": matmul + latent}
 
 
 def _per_layer(spec: ModelSpec) -> list[LayerCount]:

@@ -36,7 +36,9 @@ _QUANT_META = re.compile(
 _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
-_VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector)\.")
+_VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector"
+                     r"|patch_merge_mlp)\.")
+_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$")
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp)(\.|_gate\.)")
@@ -99,7 +101,7 @@ def classify_tuple(name: str, dtype: str, num_layers: Optional[int], encoder_lay
             layer += encoder_layers
     mtp = layer is not None and num_layers is not None and layer >= num_layers
     group, kind, multiplier = _role(template, dtype, mtp, tied, quant_bits, bnb_4bit)
-    if group == "vision":
+    if group in ("vision", "audio"):
         layer = None
     expert = None
     if expert_span is not None and group in ("routed_experts", "mtp"):
@@ -146,6 +148,8 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
     """-> (group, kind). `mtp`: the name's layer is past the layers transformers builds."""
     if _VISION.search(name):
         return "vision", "param"
+    if _AUDIO.search(name):
+        return "audio", "param"
     if mtp or ".mtp" in name or "nextn" in name:
         # DeepSeek-V3 / GLM-4.5 MTP layers store copies of the embedding and the head.
         if _EMBED.search(name) or ".shared_head.head." in name:

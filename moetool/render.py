@@ -301,7 +301,7 @@ def human_flops(n: int) -> str:
 GROUP_LABELS = {
     "embedding": "input embedding", "attention": "attention", "ssm": "Mamba (SSM)", "router": "routers",
     "routed_experts": "routed experts", "shared_experts": "shared experts", "dense_mlp": "dense MLP",
-    "norms": "norms", "lm_head": "LM head", "vision": "vision tower", "mtp": "MTP layers", "other": "unplaced tensors",
+    "norms": "norms", "lm_head": "LM head", "vision": "vision tower", "audio": "audio tower", "mtp": "MTP layers", "other": "unplaced tensors",
 }
 
 

@@ -22,11 +22,11 @@ from .errors import BadConfig
 # layers); the breakdown reports every group, so the groups sum to total_params + mtp_params.
 GROUPS = (
     "embedding", "attention", "ssm", "router", "routed_experts", "shared_experts",
-    "dense_mlp", "norms", "lm_head", "vision", "mtp",
+    "dense_mlp", "norms", "lm_head", "vision", "audio", "mtp",
 )
 Group = Literal[
     "embedding", "attention", "ssm", "router", "routed_experts", "shared_experts",
-    "dense_mlp", "norms", "lm_head", "vision", "mtp",
+    "dense_mlp", "norms", "lm_head", "vision", "audio", "mtp",
 ]
 Mixer = Literal["attention", "mla", "linear_attention", "mamba", "encoder_attention", "decoder_attention"]
 Scoring = Literal["softmax", "sigmoid", "sparsemixer"]
@@ -98,7 +98,13 @@ class LayerSpec:
     kv_per_token: elements cached per token (K and V together; MLA: the compressed latent).
     window: tokens of KV this layer keeps (sliding window / chunk); None keeps all.
     state_elems: fixed per-sequence state (Mamba, linear attention), independent of context.
-    attn_flops_per_ctx: FLOPs per generated token per cached position (QK^T and AV).
+    attn_flops_per_ctx: FLOPs per generated token per cached position (QK^T and AV; MLA: over the
+    decompressed per-head K and V, as transformers computes it).
+    MLA has two consistent conventions; the `*_per_head` / `*_latent` fields give the other one:
+    kv_per_token_per_head: K and V decompressed per head (a cache of per-head K and V), H*(qk + v);
+    attn_flops_per_ctx_latent: the weight-absorbed form that attends over the latent cache,
+    2*H*(kv_lora_rank + rope) for QK^T plus 2*H*kv_lora_rank for AV.
+    For every other mixer they equal kv_per_token and attn_flops_per_ctx (left None here).
     """
 
     index: int
@@ -108,6 +114,8 @@ class LayerSpec:
     window: Optional[int] = None
     state_elems: int = 0
     attn_flops_per_ctx: int = 0
+    kv_per_token_per_head: Optional[int] = None
+    attn_flops_per_ctx_latent: Optional[int] = None
 
 
 @dataclass(frozen=True)

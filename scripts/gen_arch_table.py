@@ -43,8 +43,9 @@ def rows() -> list[tuple[str, str, str, str]]:
             mixers = sorted({l.mixer for l in spec.layers} - {"attention", "encoder_attention", "decoder_attention"})
             if mixers:
                 bits.append("mixers: " + ", ".join(mixers))
-            if any(p.group == "vision" for p in spec.params):
-                bits.append("vision tower")
+            for tower in ("vision", "audio"):
+                if any(p.group == tower for p in spec.params):
+                    bits.append(f"{tower} tower")
             out.append((mt, "exact (config and headers)", "yes" if spec.family in FORWARD_FAMILIES else "no",
                         "; ".join(bits)))
         elif st == "out_of_scope":

@@ -23,6 +23,13 @@ SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, d
 
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
+    "qwen3_omni_moe_thinker": dict(
+        vision_config=dict(depth=2, deepstack_visual_indexes=[1]),
+        audio_config=dict(d_model=16, encoder_ffn_dim=32, encoder_layers=1, encoder_attention_heads=2,
+                          downsample_hidden_size=8, num_mel_bins=16, output_dim=32)),
+    "minimax_m3_vl": dict(projector_hidden_size=24, merged_hidden_size=128),
+    # DeepSeek's config sets head_dim = qk_rope_head_dim (the rotary width)
+    "deepseek_v2": dict(head_dim=4, num_key_value_heads=4), "deepseek_v3": dict(head_dim=4, num_key_value_heads=4),
     "longcat_flash": dict(num_layers=2, qk_head_dim=12, head_dim=4, ffn_hidden_size=48, expert_ffn_hidden_size=16, zero_expert_num=4, moe_topk=2),
     "nllb-moe": dict(encoder_sparse_step=2, decoder_sparse_step=1, num_experts=4),
     "qwen3_vl_moe": dict(vision_config=dict(depth=2, deepstack_visual_indexes=[1])),

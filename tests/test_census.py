@@ -171,3 +171,42 @@ def test_unknown_family_config_only_is_refused_in_one_line(renamed):
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "unsupported model_type 'brand_new_moe'" in out.stderr
+
+
+# --- MLA: both KV-cache / attention-FLOPs conventions, labelled (issue 11) ----------------------
+
+def test_mla_kv_cache_conventions_match_transformers_cache(census_checkpoint):
+    import torch
+
+    d, _, config = census_checkpoint("deepseek_v3")
+    model = build("deepseek_v3", config, device="cpu")
+    T = 5
+    with torch.no_grad():
+        out = model(torch.arange(T)[None] % config["vocab_size"], use_cache=True)
+    cache = out.past_key_values
+    # transformers 5 caches the compressed latent (kv_nope [B, 1, T, kv_lora], k_rot [B, 1, T, rope])
+    latent = sum(layer.keys[0, :, :T].numel() + layer.values[0, :, :T].numel() for layer in cache.layers) // T
+    attn = [l.self_attn for l in model.model.layers]
+    H = config["num_attention_heads"]
+    # decompressed per head: K = [nope from kv_b | shared rope] per head, V per head from kv_b
+    per_head = sum(a.kv_b_proj.out_features + H * config["qk_rope_head_dim"] for a in attn)
+    r = moetool.count(str(d), context=64, kv_dtype="fp32")
+    kv = r.kv_cache
+    assert kv["convention"] == "mla_latent"
+    assert kv["bytes_per_token"] == 4 * latent  # compressed latent: transformers 5, vLLM, SGLang
+    assert kv["bytes_per_token_per_head"] == 4 * per_head  # K and V decompressed per head
+    assert kv["bytes_per_head"] == 4 * per_head * 64 and kv["bytes"] == 4 * latent * 64
+    kv_lora = config["kv_lora_rank"]
+    qk = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    n = len(attn)
+    assert r.flops_per_token["attention"] == n * 64 * 2 * H * (qk + config["v_head_dim"])
+    assert r.flops_per_token["attention_latent"] == n * 64 * 2 * H * (2 * kv_lora + config["qk_rope_head_dim"])
+    assert any("MLA" in note for note in r.notes)
+
+
+def test_gqa_conventions_coincide(census_checkpoint):
+    d, _, _ = census_checkpoint("mixtral")
+    r = moetool.count(str(d))
+    assert r.kv_cache["convention"] == "per_head"
+    assert r.kv_cache["bytes_per_token_per_head"] == r.kv_cache["bytes_per_token"]
+    assert r.flops_per_token["attention_latent"] == r.flops_per_token["attention"]

@@ -14,9 +14,11 @@ by transformers (reported as MTP parameters, not in the total).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import BadConfig
 from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
-from . import common
+from . import common, llama_like
 
 # Upstream defaults that differ per family (transformers' configuration_*.py).
 DEFAULTS = {
@@ -28,6 +30,9 @@ DEFAULTS = {
     "glm4_moe_lite": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
                           first_k_key=None),
     "deepseek_v32": dict(first_k_dense=3, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
+    # SK Telecom A.X-K1: DeepSeek-V3 with `mlp_layer_types` and a `post_mlp_layernorm` on MoE blocks.
+    "axk1": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
+                 mlp_layer_types=True, post_mlp_norm=True),
 }
 
 
@@ -94,6 +99,8 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
             inv.swiglu(f"layers.{i}.experts", group or "routed_experts", d, moe.expert_ffn, i, copies=moe.num_experts)
             if moe.num_shared_experts:
                 inv.swiglu(f"layers.{i}.shared_experts", group or "shared_experts", d, moe.shared_ffn, i)
+            if dflt.get("post_mlp_norm"):
+                inv.add(f"layers.{i}.post_mlp_norm.weight", group or "norms", (d,), i)
         else:
             inv.swiglu(f"layers.{i}.mlp", group or "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i,
                        bias=cfg.bool("mlp_bias", False))
@@ -105,8 +112,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
                 inv.add(f"layers.{i}.{n}.weight", "mtp", (d,), i)
             inv.add(f"layers.{i}.eh_proj.weight", "mtp", (d, 2 * d), i, matmul=True)
         else:
-            layers.append(LayerSpec(index=i, mixer=layer.mixer, moe=is_moe, kv_per_token=layer.kv_per_token,
-                                    attn_flops_per_ctx=layer.attn_flops_per_ctx))
+            layers.append(replace(layer, index=i, moe=is_moe))
     common.embed_and_head(inv, cfg, vocab, d, tie)
     return ModelSpec(model_type=model_type, family=family, hidden_size=d, vocab_size=vocab, num_layers=n_layers,
                      layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie, mtp_layers=mtp,
@@ -151,7 +157,8 @@ class _MLA:
         # The cache holds the compressed latent and the shared RoPE key (as DeepSeek's own
         # inference and vLLM/SGLang do), not per-head K and V.
         return LayerSpec(index=i, mixer="mla", moe=False, kv_per_token=self.kv_lora + self.rope,
-                         attn_flops_per_ctx=2 * H * (qk + self.v))
+                         attn_flops_per_ctx=2 * H * (qk + self.v), kv_per_token_per_head=H * (qk + self.v),
+                         attn_flops_per_ctx_latent=2 * H * (2 * self.kv_lora + self.rope))
 
 
 def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd: int, bias: bool, qk_norm: bool,
@@ -168,5 +175,5 @@ def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd
 
 
 def register(table: dict) -> None:
-    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32"):
+    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32", "axk1"):
         table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)

@@ -68,7 +68,7 @@ def spec_from_tensors(config: dict, tensors: Iterable[TensorInfo], where: str = 
         if key in params:
             params[key][1] += copies
         else:
-            params[key] = [Param(name, group, shape, layer if group != "vision" else None, 1, matmul=len(shape) == 2), copies]
+            params[key] = [Param(name, group, shape, layer if group not in ("vision", "audio") else None, 1, matmul=len(shape) == 2), copies]
         if layer is not None and group != "mtp":
             layer_groups[layer].add(group)
     plist = [Param(p.name, p.group, p.shape, p.layer, copies, p.matmul) for p, copies in params.values()]

@@ -44,6 +44,7 @@ class Style:
     extra_norms: int = 0  # further [D] norms in every layer (pre/post feed-forward norms ...)
     moe_norms: int = 0  # further [D] norms in MoE layers only
     shared_ffn: Optional[Callable[[Cfg], int]] = None  # shared experts' total FFN size (0: none)
+    n_shared: Optional[Callable[[Cfg], int]] = None  # how many shared experts that FFN fuses (default 1)
     shared_gate: bool = False  # the shared expert's sigmoid gate [1, D]
     router_bias_param: str = ""  # a selection bias [E] built as a parameter: its stored name (AFMoE `expert_bias`)
     expert_bias: bool = False  # biases on the routed experts' projections (gpt-oss)
@@ -102,6 +103,7 @@ STYLES: dict[str, Style] = {
     "hy_v3": Style("hy_v3", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                    bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", moe_schedule=lambda c, n: mlp_layer_types(c, n),
                    shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("num_shared_experts", 1),
+                   n_shared=lambda c: c.int("num_shared_experts", 1),
                    router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
                                                routed_scaling_factor=c.float("router_scaling_factor", 1.0))),
     # Flint: sinks on every layer, ungated shared expert, Qwen-style `mlp_only_layers` / sparse step.
@@ -122,6 +124,7 @@ STYLES: dict[str, Style] = {
                    bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", attn_gate="full",
                    extra_norms=2, moe_schedule=lambda c, n: first_dense("num_dense_layers", 1)(c, n),
                    shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("num_shared_experts", 2),
+                   n_shared=lambda c: c.int("num_shared_experts", 2),
                    router_bias_param="expert_bias",
                    router=lambda c: RouterSpec(scoring="sigmoid", routed_scaling_factor=c.float("route_scale", 1.0))),
     # IBM GraniteMoE-SWA: sinks on every layer, optional shared MLP of `shared_intermediate_size`.
@@ -142,7 +145,16 @@ STYLES: dict[str, Style] = {
     # rhymes-ai/Aria (text part): every layer MoE, shared experts of intermediate_size x moe_num_shared_experts.
     "aria_text": Style("aria_text", experts_keys=("moe_num_experts",), top_k_keys=("moe_topk",),
                        bias=_attention_bias("attention_bias", False, "all"),
-                       shared_ffn=lambda c: c.int("intermediate_size") * c.int("moe_num_shared_experts", 2)),
+                       shared_ffn=lambda c: c.int("intermediate_size") * c.int("moe_num_shared_experts", 2),
+                       n_shared=lambda c: c.int("moe_num_shared_experts", 2)),
+    # MiniMax-M3 (text part): every `mlp_layer_types` "sparse" layer MoE with a fused shared expert
+    # of `shared_intermediate_size`; dense layers of `dense_intermediate_size`.
+    "minimax_m3_vl_text": Style("minimax_m3_vl_text", experts_keys=("num_local_experts", "num_experts"),
+                                dense_ffn_key="dense_intermediate_size", qk_norm="head",
+                                moe_schedule=lambda c, n: mlp_layer_types(c, n),
+                                shared_ffn=lambda c: c.int("shared_intermediate_size", 0),
+                                router=lambda c: RouterSpec(scoring="sigmoid",
+                                                            routed_scaling_factor=c.float("routed_scaling_factor", 1.0))),
     "llama": Style("llama", dense=True, windows="none", bias=_attention_bias("attention_bias", False, "all")),
     "mistral": Style("mistral", dense=True),
     "qwen2": Style("qwen2", dense=True, windows="qwen2", bias="qkv"),
@@ -169,7 +181,7 @@ def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec
         n_shared = 1 if s.shared_expert else 0
         if s.shared_ffn is not None:
             shared_ffn = s.shared_ffn(cfg)
-            n_shared = 1 if shared_ffn else 0
+            n_shared = (s.n_shared(cfg) if s.n_shared else 1) if shared_ffn else 0
         moe = MoESpec(num_experts=experts, top_k=k, expert_ffn=cfg.int(s.expert_ffn_key, min_value=1),
                       num_shared_experts=n_shared, shared_ffn=shared_ffn, router=s.router(cfg),
                       activation=cfg.str("hidden_act", "silu"))

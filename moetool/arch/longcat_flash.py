@@ -30,10 +30,11 @@ def adapt(cfg: Cfg, model_type: str = "longcat_flash") -> ModelSpec:
     inv = Inventory()
     layers = []
     for i in range(n_layers):
-        kv, flops = 0, 0
+        kv = flops = kv_head = flops_latent = 0
         for _ in range(2):
             sub = mla.build(inv, i, "attention")
             kv, flops = kv + sub.kv_per_token, flops + sub.attn_flops_per_ctx
+            kv_head, flops_latent = kv_head + sub.kv_per_token_per_head, flops_latent + sub.attn_flops_per_ctx_latent
             inv.norm(f"layers.{i}.input_norm", d, i)
             inv.norm(f"layers.{i}.post_attention_norm", d, i)
             inv.swiglu(f"layers.{i}.mlps", "dense_mlp", d, ffn, i)
@@ -41,7 +42,8 @@ def adapt(cfg: Cfg, model_type: str = "longcat_flash") -> ModelSpec:
         inv.linear(f"layers.{i}.experts.gate", "routed_experts", F, d, i, copies=E + zero)
         inv.linear(f"layers.{i}.experts.up", "routed_experts", F, d, i, copies=E + zero)
         inv.linear(f"layers.{i}.experts.down", "routed_experts", d, F, i, copies=E)
-        layers.append(LayerSpec(index=i, mixer="mla", moe=True, kv_per_token=kv, attn_flops_per_ctx=flops))
+        layers.append(LayerSpec(index=i, mixer="mla", moe=True, kv_per_token=kv, attn_flops_per_ctx=flops,
+                                kv_per_token_per_head=kv_head, attn_flops_per_ctx_latent=flops_latent))
     common.embed_and_head(inv, cfg, vocab, d, tie)
     notes = ()
     if zero:

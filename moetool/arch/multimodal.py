@@ -16,22 +16,23 @@ from ..spec import Cfg, Inventory, ModelSpec
 from . import common, deepseek, llama_like
 
 
-def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True) -> None:
-    inv.add(f"{name}.weight", "vision", (out, inp, *kernel))
+def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True,
+          group: str = "vision") -> None:
+    inv.add(f"{name}.weight", group, (out, inp, *kernel))
     if bias:
-        inv.add(f"{name}.bias", "vision", (out,))
+        inv.add(f"{name}.bias", group, (out,))
 
 
-def _lin(inv: Inventory, name: str, out: int, inp: int, bias: bool = True) -> None:
-    inv.add(f"{name}.weight", "vision", (out, inp), matmul=True)
+def _lin(inv: Inventory, name: str, out: int, inp: int, bias: bool = True, group: str = "vision") -> None:
+    inv.add(f"{name}.weight", group, (out, inp), matmul=True)
     if bias:
-        inv.add(f"{name}.bias", "vision", (out,))
+        inv.add(f"{name}.bias", group, (out,))
 
 
-def _norm(inv: Inventory, name: str, dim: int, bias: bool = True) -> None:
-    inv.add(f"{name}.weight", "vision", (dim,))
+def _norm(inv: Inventory, name: str, dim: int, bias: bool = True, group: str = "vision") -> None:
+    inv.add(f"{name}.weight", group, (dim,))
     if bias:
-        inv.add(f"{name}.bias", "vision", (dim,))
+        inv.add(f"{name}.bias", group, (dim,))
 
 
 def qwen3_vl_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
@@ -109,6 +110,47 @@ def aria_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     _lin(inv, "projector.ff.linear_in", text_d, h, False), _lin(inv, "projector.ff.linear_out", text_d, text_d, False)
 
 
+def minimax_m3_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """MiniMax-M3: a CLIP-style encoder on Conv3d patches (no bias) with a pre-LayerNorm, and a
+    projector of two MLPs (per patch, and over merged patch groups) to the text width."""
+    h, f = v.int("hidden_size", 1280, min_value=1), v.int("intermediate_size", 5120, min_value=1)
+    p, t = v.int("patch_size", 14, min_value=1), v.int("temporal_patch_size", 2, min_value=1)
+    _conv(inv, "vision_tower.proj", h, v.int("num_channels", 3, min_value=1), (t, p, p), bias=False)
+    _norm(inv, "vision_tower.pre_layrnorm", h)
+    for i in range(v.int("num_hidden_layers", 32, min_value=0)):
+        b = f"vision_tower.layers.{i}"
+        for proj in ("q", "k", "v", "o"):
+            _lin(inv, f"{b}.attn.{proj}", h, h)
+        _norm(inv, f"{b}.norm1", h), _norm(inv, f"{b}.norm2", h)
+        _lin(inv, f"{b}.fc1", f, h), _lin(inv, f"{b}.fc2", h, f)
+    ph = top.int("projector_hidden_size", 6144, min_value=1)
+    merged = top.int("merged_hidden_size", text_d * v.int("spatial_merge_size", 2, min_value=1) ** 2, min_value=1)
+    _lin(inv, "projector.linear_1", ph, h), _lin(inv, "projector.linear_2", text_d, ph)
+    _lin(inv, "projector.merge_linear_1", ph, merged), _lin(inv, "projector.merge_linear_2", text_d, ph)
+
+
+def qwen3_omni_audio(inv: Inventory, a: Cfg, text_d: int, top: Cfg) -> None:
+    """Qwen3-Omni audio encoder (group "audio"): three stride-2 Conv2d over the mel spectrogram,
+    a linear `conv_out` to d_model, Whisper-style layers (biases, LayerNorms), `ln_post` and a
+    two-layer projection to `output_dim`. Positions are sinusoidal (no parameters)."""
+    d, f = a.int("d_model", 1280, min_value=1), a.int("encoder_ffn_dim", 5120, min_value=1)
+    c = a.int("downsample_hidden_size", 480, min_value=1)
+    g = "audio"
+    _conv(inv, "audio.conv2d1", c, 1, (3, 3), group=g)
+    _conv(inv, "audio.conv2d2", c, c, (3, 3), group=g), _conv(inv, "audio.conv2d3", c, c, (3, 3), group=g)
+    mel = a.int("num_mel_bins", 128, min_value=1)
+    freq = (((mel + 1) // 2 + 1) // 2 + 1) // 2  # three stride-2, padding-1, kernel-3 convolutions
+    _lin(inv, "audio.conv_out", d, c * freq, False, group=g)
+    for i in range(a.int("encoder_layers", 32, min_value=0)):
+        b = f"audio.layers.{i}"
+        for proj in ("q", "k", "v", "o"):
+            _lin(inv, f"{b}.attn.{proj}", d, d, group=g)
+        _norm(inv, f"{b}.attn_norm", d, group=g), _norm(inv, f"{b}.final_norm", d, group=g)
+        _lin(inv, f"{b}.fc1", f, d, group=g), _lin(inv, f"{b}.fc2", d, f, group=g)
+    _norm(inv, "audio.ln_post", d, group=g)
+    _lin(inv, "audio.proj1", d, d, group=g), _lin(inv, "audio.proj2", a.int("output_dim", 3584, min_value=1), d, group=g)
+
+
 Tower = Callable[[Inventory, Cfg, int, Cfg], None]  # (inventory, tower config, text hidden size, top config)
 
 
@@ -126,6 +168,11 @@ FAMILIES: dict[str, Family] = {
     # zai-org/GLM-4.5V: GLM-4.5 (glm4_moe) text model + GLM-4V vision tower.
     # rhymes-ai/Aria: Aria text MoE + Idefics3 vision encoder + cross-attention projector.
     "aria": Family(llama_like.adapt, "aria_text", (("vision_config", aria_vision),)),
+    # MiniMax-M3 (vision-language): MiniMax-M3 text MoE + CLIP-style tower + two projectors.
+    "minimax_m3_vl": Family(llama_like.adapt, "minimax_m3_vl_text", (("vision_config", minimax_m3_vision),)),
+    # Qwen/Qwen3-Omni-30B-A3B thinker: Qwen3-MoE text + Qwen3-VL-style vision + audio encoder.
+    "qwen3_omni_moe_thinker": Family(llama_like.adapt, "qwen3_moe",
+                                     (("vision_config", qwen3_vl_vision), ("audio_config", qwen3_omni_audio))),
     "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),)),
 }
 
