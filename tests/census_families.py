@@ -37,6 +37,24 @@ NOT_MOE_MODULES = {
 }
 
 # model_type -> why moetool does not count it (checked: each is a census model_type).
+# Families with no specific adapter yet (issue 11 stays open for them). `count` refuses their bare
+# config.json in one line and counts a checkpoint exactly from its headers (arch/generic.py); the
+# census verifies that generic count against transformers where a small model can be built.
+_NO_ADAPTER = "no specific adapter yet: config-only count refused; checkpoints counted from their headers"
+GENERIC_VERIFIED = ("axk2", "glm_moe_dsa", "inkling_text", "qwen4_exp", "qwen4_exp_text", "step3p7")
+KNOWN_GAPS: dict[str, str] = {
+    **{mt: _NO_ADAPTER + " (generic header count equals transformers', tested)" for mt in GENERIC_VERIFIED},
+    # measured on tiny save_pretrained checkpoints (tests: scripts in the issue-11 note)
+    "deepseek_v4": _NO_ADAPTER + "; the generic header count exceeds transformers' by 768 on a tiny checkpoint",
+    "inkling2_text": _NO_ADAPTER + "; the generic header count exceeds transformers' by 24 on a tiny checkpoint",
+    "mistral_large4": _NO_ADAPTER + "; the generic header count exceeds transformers' by 2 on a tiny checkpoint",
+    **{mt: _NO_ADAPTER + "; transformers 5.23 cannot build a small model from its default config, so the header "
+       "count is not verified" for mt in ("bailing_hybrid", "deepseek_ocr2", "diffusion_gemma", "dots3_note",
+                                          "dots3_note_text", "ernie4_5_vl_moe", "gemma4", "gemma4_text", "glm5_next",
+                                          "hy_v4", "inkling2", "inkling_mm_model", "muse_spark", "nemo_speechlm",
+                                          "qwen3_omni_moe", "unlimited_ocr", "zaya")},
+}
+
 OUT_OF_SCOPE: dict[str, str] = {
     "doge": "dense by default (is_moe=False); its 'cross-domain MoE' is a product-key lookup of embedding rows "
             "(num_experts single-vector experts), not routed FFN experts",
@@ -87,11 +105,13 @@ def moe_modules() -> set[str]:
 
 
 def status(model_type: str) -> str:
-    """"supported" | "out_of_scope" | "unhandled"."""
+    """"supported" | "out_of_scope" | "known_gap" (listed, with its reason) | "unhandled"."""
     from moetool.arch import ADAPTERS
 
     if model_type in ADAPTERS:
         return "supported"
     if model_type in OUT_OF_SCOPE:
         return "out_of_scope"
+    if model_type in KNOWN_GAPS:
+        return "known_gap"
     return "unhandled"
