@@ -53,6 +53,10 @@ FAMILIES: dict[str, dict] = {
     "solar_open": dict(model_type="solar_open", moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2,
                        num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.5, head_dim=16,
                        attention_bias=True, **_C),
+    "exaone_moe": dict(model_type="exaone_moe", intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                       num_shared_experts=2, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                       routed_scaling_factor=2.5, head_dim=8, sliding_window=4, sliding_window_pattern=2,
+                       **{**_C, "num_hidden_layers": 4}),
 }
 SEEDS = (0, 1)
 T = 40

@@ -28,6 +28,7 @@ FAMILY_FORWARD: dict[str, dict] = {
     "dots1": dict(qk_norm="head"),
     "granitemoeshared": dict(),  # GraniteMoE's multipliers (below) plus the shared MLP
     "solar_open": dict(theta=1e6),
+    "exaone_moe": dict(qk_norm="head", rope_on_sliding_only=True),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
@@ -181,6 +182,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         rope.layout = extra.get("rope_layout", rope.layout)
         fc.qk_norm = extra.get("qk_norm", fc.qk_norm)
         fc.layer_norms = extra.get("layer_norms", fc.layer_norms)
+        if extra.get("rope_on_sliding_only") and cfg.has("sliding_window"):  # EXAONE: global layers are NoPE
+            fc.use_rope = [w is not None for w in fc.windows]
         # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
         prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
         if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:

@@ -481,8 +481,12 @@ class Decoder:
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
         corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias",
-                                            "block_sparse_moe.e_score_correction_bias", required=False),
+                                            "block_sparse_moe.e_score_correction_bias", "mlp.e_score_correction_bias",
+                                            required=False),
                                        torch.float32, device=self.device)
+        if corr is None and moe.router.correction_bias:
+            raise BadCheckpoint(f"layer {i}: the router uses a correction bias (e_score_correction_bias) "
+                                "but the checkpoint has none")
         corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if record:
