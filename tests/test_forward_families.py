@@ -57,6 +57,13 @@ FAMILIES: dict[str, dict] = {
                        num_shared_experts=2, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                        routed_scaling_factor=2.5, head_dim=8, sliding_window=4, sliding_window_pattern=2,
                        **{**_C, "num_hidden_layers": 4}),
+    "mistral4": dict(model_type="mistral4", intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                     n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
+                     routed_scaling_factor=1.5, pad_token_id=0,
+                     rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+                                          beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                          llama_4_scaling_beta=0.1, partial_rotary_factor=0.5),
+                     **{**_MLA, "qk_nope_head_dim": 4}),
 }
 SEEDS = (0, 1)
 T = 40
@@ -95,6 +102,17 @@ def reference_routes(model, ids) -> tuple[torch.Tensor, dict]:
     return logits, captured
 
 
+def _build(config: dict, seed: int):
+    """transformers' causal LM of `config`; Mistral 4 has no AutoModelForCausalLM mapping in 5.23."""
+    if config["model_type"] == "mistral4":
+        import transformers
+
+        cfg = transformers.AutoConfig.for_model(**config)
+        torch.manual_seed(seed)
+        return transformers.Mistral4ForCausalLM(cfg)
+    return build_transformers_model(config, seed=seed)
+
+
 @pytest.fixture(scope="session")
 def family_checkpoint(tmp_path_factory):
     """family_checkpoint(name, seed) -> (directory, ids, ref logits, ref routes, transformers count), built once."""
@@ -102,7 +120,7 @@ def family_checkpoint(tmp_path_factory):
 
     def get(name: str, seed: int):
         if (name, seed) not in cache:
-            model = build_transformers_model(FAMILIES[name], seed=seed).eval()
+            model = _build(FAMILIES[name], seed).eval()
             randomize_biases(model, seed)
             d = tmp_path_factory.mktemp(f"{name}-{seed}")
             model.save_pretrained(d)

@@ -28,6 +28,9 @@ DEFAULTS = {
     "glm4_moe_lite": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
                           first_k_key=None),
     "deepseek_v32": dict(first_k_dense=3, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc"),
+    # Mistral 4: DeepSeek-V3's MLA and MoE with a softmax router, groups scored by their top-2 sum, no bias.
+    "mistral4": dict(first_k_dense=0, norm_topk_prob=True, scoring="softmax", topk_method="group_top2_softmax",
+                     correction_bias=False),
 }
 
 
@@ -51,7 +54,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
             topk_method=cfg.str("topk_method", dflt["topk_method"]),
             n_group=cfg.int("n_group", 1, min_value=1),
             topk_group=cfg.int("topk_group", 1, min_value=1),
-            correction_bias=family != "deepseek_v2",
+            correction_bias=dflt.get("correction_bias", family != "deepseek_v2"),
         )
         shared = cfg.int("n_shared_experts", 0)
         f = cfg.int("moe_intermediate_size", min_value=1)
@@ -168,5 +171,5 @@ def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd
 
 
 def register(table: dict) -> None:
-    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32"):
+    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32", "mistral4"):
         table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)

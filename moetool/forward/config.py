@@ -15,7 +15,8 @@ from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32")
+                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32",
+                    "mistral4")
 
 # Families (moetool/arch/text_moe.py) whose forward is the Llama-like one with these settings:
 # rope_layout: "interleave" pairs (2i, 2i+1) instead of rotate-half; theta: default rope_theta.
@@ -134,6 +135,8 @@ class ForwardConfig:
     chunk: Optional[int] = None
     mla: Optional[dict] = None
     indexer: Optional[dict] = None  # DeepSeek-V3.2 sparse attention: heads, dim, topk (forward/indexer.py)
+    # Mistral 4: queries times 1 + beta * log(1 + floor(position / original_max_position_embeddings))
+    q_position_scale: Optional[tuple[float, float]] = None
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
@@ -220,13 +223,16 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.bool("attn_temperature_tuning", True):
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
-    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
         # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
         interleave = family in ("deepseek_v2", "deepseek_v32") or cfg.bool("rope_interleave", True)
         rope.layout = "interleave" if interleave else "half"
+        beta = scaling_dict.get("llama_4_scaling_beta")
+        if family == "mistral4" and beta is not None:
+            fc.q_position_scale = (float(beta), float(scaling_dict["original_max_position_embeddings"]))
         if family == "deepseek_v32":
             if not fc.mla["q_lora"]:
                 raise BadConfig("config.json: deepseek_v32 needs q_lora_rank (its indexer reads the query latent)")

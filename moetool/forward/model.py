@@ -166,6 +166,8 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
         return _route_sigmoid_group(logits, moe, bias)
     if family == "deepseek_v2":
         return _route_softmax_group(logits, moe)
+    if r.topk_method == "group_top2_softmax":
+        return _route_softmax_top2_group(logits, moe)
     if r.scoring == "sparsemixer":
         return _route_sparsemixer(logits, r.jitter_noise, k)
     if r.order == "topk_then_score":
@@ -202,6 +204,22 @@ def _route_softmax_group(logits: torch.Tensor, moe: MoESpec):
     else:
         w = w * r.routed_scaling_factor
     return idx, w, scores
+
+
+def _route_softmax_top2_group(logits: torch.Tensor, moe: MoESpec):
+    """Mistral 4: softmax over E; group score = sum of its top-2 scores, keep topk_group of n_group
+    (the others' scores set to 0); top-k; renormalise if norm_topk_prob; times routed_scaling_factor."""
+    r, k, E = moe.router, moe.top_k, moe.num_experts
+    scores = torch.softmax(logits, dim=-1)  # [T, E]
+    g = r.n_group
+    group = scores.view(-1, g, E // g).topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    keep = torch.zeros_like(group).scatter_(1, torch.topk(group, r.topk_group, dim=-1).indices, 1.0)
+    choice = scores.masked_fill(~keep.bool().repeat_interleave(E // g, dim=1), 0.0)
+    idx = torch.topk(choice, k, dim=-1).indices
+    w = scores.gather(1, idx)
+    if r.norm_topk_prob:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, w * r.routed_scaling_factor, choice
 
 
 def _route_sigmoid_group(logits: torch.Tensor, moe: MoESpec, bias: Optional[torch.Tensor]):
@@ -460,6 +478,10 @@ class Decoder:
         k_rot = apply_rope(k_rot.view(T, 1, r), cos, sin, fc.rope.layout).expand(T, H, r)
         q = torch.cat((q[..., :nope], q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot), dim=-1)
+        if fc.q_position_scale:  # Mistral 4 (llama_4_scaling_beta)
+            beta, orig = fc.q_position_scale
+            pos = torch.arange(T, dtype=torch.float32, device=q.device)
+            q = q * (1 + beta * torch.log(1 + torch.floor(pos / orig)))[:, None, None].to(q.dtype)
         if (None, None) not in masks:
             masks[(None, None)] = attention_mask(T, None, None, q.device)
         mask = masks[(None, None)]
