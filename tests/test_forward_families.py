@@ -64,6 +64,14 @@ FAMILIES: dict[str, dict] = {
                                           beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
                                           llama_4_scaling_beta=0.1, partial_rotary_factor=0.5),
                      **{**_MLA, "qk_nope_head_dim": 4}),
+    "cohere2_moe": dict(model_type="cohere2_moe", intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                        num_shared_experts=2, prefix_dense_intermediate_size=40, first_k_dense_replace=1, head_dim=8,
+                        attention_bias=True, sliding_window=4, sliding_window_pattern=2, logit_scale=0.25,
+                        tie_word_embeddings=False, **{**_C, "num_hidden_layers": 4}),
+    "cohere2_moe-sigmoid": dict(model_type="cohere2_moe", intermediate_size=16, num_experts=8, num_experts_per_tok=3,
+                                num_shared_experts=1, shared_expert_combination_strategy="sum",
+                                expert_selection_fn="sigmoid", rms_norm_eps=1e-6, head_dim=8, sliding_window=4,
+                                sliding_window_pattern=3, **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -42,6 +42,8 @@ class Style:
     head_bias: Callable[[Cfg], bool] = lambda c: False
     correction_bias_param: bool = False  # a counted [1, E] correction-bias parameter (Ernie 4.5 `moe_statics`)
     dense_ffn_key: str = "intermediate_size"
+    tie_default: bool = False  # tie_word_embeddings when the config does not say (Cohere: true)
+    parallel_block: bool = False  # Cohere: one norm per layer, attention and FFN in parallel
 
 
 def _attention_bias(key: str, default: bool, kind: Bias) -> Callable[[Cfg], Bias]:
@@ -84,7 +86,7 @@ def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec
     vocab = cfg.int("vocab_size", min_value=1)
     n_layers = cfg.int("num_hidden_layers", min_value=1)
     heads, kv_heads, hd = common.attention_dims(cfg, d)
-    tie = common.tie_embeddings(cfg)
+    tie = common.tie_embeddings(cfg, s.tie_default)
     bias = s.bias(cfg) if callable(s.bias) else s.bias
 
     moe: Optional[MoESpec] = None
@@ -120,7 +122,8 @@ def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec
             inv.norm(f"layers.{i}.attn.q_norm", d, i)
             inv.norm(f"layers.{i}.attn.k_norm", (d // heads) * kv_heads, i)
         inv.norm(f"layers.{i}.input_norm", d, i, bias=s.layernorm_bias)
-        inv.norm(f"layers.{i}.post_attention_norm", d, i, bias=s.layernorm_bias)
+        if not s.parallel_block:
+            inv.norm(f"layers.{i}.post_attention_norm", d, i, bias=s.layernorm_bias)
         if is_moe[i]:
             _moe_block(inv, i, d, moe, s, cfg)
         else:

@@ -92,6 +92,16 @@ STYLES: dict[str, Style] = {
                         qk_norm="head", windows="pattern", custom_schedule=_mlp_layer_types(1),
                         shared_experts=lambda c: c.int("moe_intermediate_size") * c.int("num_shared_experts", 1),
                         router=lambda c: _deepseek_v3_router(c, norm_default=True)),
+    # CohereLabs/command-a-...-moe (cohere2_moe): parallel attention + FFN blocks, weight-only
+    # LayerNorm (or RMSNorm), RoPE only on sliding layers (and the dense prefix), router top-k of the
+    # logits then softmax (or sigmoid), shared experts summed or averaged with the routed output.
+    "cohere2_moe": Style("cohere2_moe", experts_keys=("num_experts", "num_local_experts"), windows="pattern",
+                         bias=lambda c: "all" if c.bool("attention_bias", False) else "none",
+                         custom_schedule=_mlp_layer_types(0), dense_ffn_key="prefix_dense_intermediate_size",
+                         shared_experts=lambda c: c.int("intermediate_size") * c.int("num_shared_experts", 0),
+                         tie_default=True, parallel_block=True,
+                         router=lambda c: RouterSpec(order="topk_then_score", scoring=c.str("expert_selection_fn", "softmax"),
+                                                     norm_topk_prob=c.bool("norm_topk_prob", True))),
 }
 
 

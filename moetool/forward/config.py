@@ -30,6 +30,7 @@ FAMILY_FORWARD: dict[str, dict] = {
     "granitemoeshared": dict(),  # GraniteMoE's multipliers (below) plus the shared MLP
     "solar_open": dict(theta=1e6),
     "exaone_moe": dict(qk_norm="head", rope_on_sliding_only=True),
+    "cohere2_moe": dict(rope_layout="interleave", layer_norms=("input_layernorm", None, None, None), parallel_block=True),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
@@ -137,6 +138,8 @@ class ForwardConfig:
     indexer: Optional[dict] = None  # DeepSeek-V3.2 sparse attention: heads, dim, topk (forward/indexer.py)
     # Mistral 4: queries times 1 + beta * log(1 + floor(position / original_max_position_embeddings))
     q_position_scale: Optional[tuple[float, float]] = None
+    parallel_block: bool = False  # Cohere: x + attention(norm(x)) + ffn(norm(x))
+    shared_combine: Literal["sum", "average"] = "sum"  # Cohere 2 MoE: (routed + shared) / 2 when "average"
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
@@ -187,6 +190,18 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         fc.layer_norms = extra.get("layer_norms", fc.layer_norms)
         if extra.get("rope_on_sliding_only") and cfg.has("sliding_window"):  # EXAONE: global layers are NoPE
             fc.use_rope = [w is not None for w in fc.windows]
+        fc.parallel_block = extra.get("parallel_block", False)
+    if family == "cohere2_moe":
+        if cfg.raw("rms_norm_eps") is None:
+            fc.norm, fc.eps = "layernorm", cfg.float("layer_norm_eps", 1e-5)
+        fc.logits_scaling = 1.0 / cfg.float("logit_scale", 0.0625)
+        fc.shared_combine = cfg.str("shared_expert_combination_strategy", "average")
+        if fc.shared_combine not in ("sum", "average"):
+            raise BadConfig(f"config.json: shared_expert_combination_strategy must be sum or average, got {fc.shared_combine!r}")
+        # RoPE on sliding layers, and on the dense prefix when prefix_dense_sliding_window_pattern is 1.
+        force = cfg.int("prefix_dense_sliding_window_pattern", 1) == 1
+        fc.use_rope = [w is not None or (force and not l.moe) for w, l in zip(fc.windows, spec.layers)]
+        fc.dense_ffn = cfg.int("prefix_dense_intermediate_size", 0)
         # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
         prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
         if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:

@@ -173,6 +173,8 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
     if r.order == "topk_then_score":
         top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
         w = torch.sigmoid(top) if r.scoring == "sigmoid" else torch.softmax(top, dim=-1)
+        if r.scoring == "sigmoid" and r.norm_topk_prob:  # Cohere 2 MoE (Llama 4 does not renormalise)
+            w = w / w.sum(dim=-1, keepdim=True)
         return idx, w, logits
     probs = torch.softmax(logits, dim=-1)  # [T, E]
     if bias is not None and r.correction_bias:  # Ernie 4.5: the bias shifts the choice, not the weights
@@ -394,8 +396,11 @@ class Decoder:
 
         h = nrm(pre_a, x)
         a = nrm(post_a, self.attention(i, h, cos, sin, masks))
-        x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
-        h = nrm(pre_f, x)
+        if fc.parallel_block:  # Cohere: attention and FFN both read norm(x); one residual for both
+            x = x + a
+        else:
+            x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
+            h = nrm(pre_f, x)
         if self.spec.layers[i].moe:
             f = self.moe(i, h, routes, record)
         else:
@@ -545,7 +550,7 @@ class Decoder:
             sg = find("mlp.shared_expert_gate.weight", required=False)
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
-            out = out + s
+            out = out + s if fc.shared_combine == "sum" else (out + s) / 2
         fused = find("shared_mlp.input_linear.weight", required=False)
         if fused:  # GraniteMoeShared: one [2F, D] gate+up matrix (gate first), output_linear [D, F]
             gate, up = self.w(fused).chunk(2, dim=0)
