@@ -72,6 +72,9 @@ FAMILIES: dict[str, dict] = {
                                 num_shared_experts=1, shared_expert_combination_strategy="sum",
                                 expert_selection_fn="sigmoid", rms_norm_eps=1e-6, head_dim=8, sliding_window=4,
                                 sliding_window_pattern=3, **_C),
+    "jetmoe": dict(model_type="jetmoe", hidden_size=32, num_key_value_heads=2, kv_channels=8, vocab_size=128,
+                   num_hidden_layers=3, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                   tie_word_embeddings=False, max_position_embeddings=256),
 }
 SEEDS = (0, 1)
 T = 40
@@ -102,6 +105,17 @@ def reference_routes(model, ids) -> tuple[torch.Tensor, dict]:
                 captured[layer] = (bound["top_k_index"].detach().clone(), bound["top_k_weights"].detach().float().clone())
 
             hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        elif m and name.endswith(".mlp.router") and type(module).__name__ == "JetMoeTopKGating":
+            # JetMoE's gating returns its decisions grouped by expert: (sorted slots, token of each,
+            # gate of each, tokens per expert, logits); turn them back into [T, K] per token.
+            def jet_hook(mod, args, out, layer=int(m.group(1))):
+                _, tokens, gates, sizes, _ = out
+                experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+                T = int(tokens.max()) + 1
+                order = torch.argsort(tokens, stable=True)
+                captured[layer] = (experts[order].view(T, -1), gates[order].float().view(T, -1))
+
+            hooks.append(module.register_forward_hook(jet_hook))
     assert hooks, "no experts module with top_k_index found"
     with torch.no_grad():
         logits = model(ids).logits[0].float()

@@ -16,7 +16,7 @@ from ..spec import Cfg, ModelSpec
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32",
-                    "mistral4")
+                    "mistral4", "jetmoe")
 
 # Families (moetool/arch/text_moe.py) whose forward is the Llama-like one with these settings:
 # rope_layout: "interleave" pairs (2i, 2i+1) instead of rotate-half; theta: default rope_theta.
@@ -164,6 +164,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         cfg = cfg.sub("text_config")
     if family == "dbrx":
         return _dbrx(spec, cfg)
+    if family == "jetmoe":
+        return _jetmoe(spec, cfg)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
     hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads
@@ -268,6 +270,20 @@ def _activation(spec: ModelSpec) -> str:
         raise UnsupportedArchitecture(f"hidden_act {act!r} is not supported by the reference forward; "
                                       f"supported: {', '.join(sorted(ACTIVATIONS))}")
     return act
+
+
+def _jetmoe(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
+    """JetMoE: k * Hkv query heads of kv_channels per token (mixture of attention heads, forward/moa.py)."""
+    kv, hd = cfg.int("num_key_value_heads", 16), cfg.int("kv_channels", 128)
+    params = cfg.raw("rope_parameters") or {}
+    theta = float(params.get("rope_theta") or cfg.float("rope_theta", 10000.0))
+    if (params.get("rope_type") or "default") != "default":
+        raise UnsupportedArchitecture("JetMoE with RoPE scaling is not supported by the reference forward")
+    return ForwardConfig(family="jetmoe", hidden=spec.hidden_size, vocab=spec.vocab_size, layers=spec.num_layers,
+                         heads=kv * spec.moe.top_k, kv_heads=kv, head_dim=hd, eps=cfg.float("rms_norm_eps", 1e-6),
+                         norm="rms", rope=Rope(theta=theta, dim=hd), attn_scale=hd ** -0.5,
+                         windows=[None] * spec.num_layers, use_rope=[True] * spec.num_layers,
+                         max_positions=cfg.raw("max_position_embeddings"), expert_act=_activation(spec))
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

@@ -22,6 +22,7 @@ from ..errors import BadCheckpoint, MoetoolError
 from ..spec import ModelSpec, MoESpec
 from .config import ForwardConfig
 from .indexer import sparse_attention_keep
+from .moa import moa_attention
 from .weights import WeightStore
 
 
@@ -279,9 +280,11 @@ class Experts:
                     if n in store:
                         self.per_expert[proj] = n.replace(".experts.0.", ".experts.{e}.")
         self.gate_up = find("mlp.experts.gate_up_proj", "feed_forward.experts.gate_up_proj",
-                            "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight")
+                            "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight",
+                            "mlp.input_linear.weight")
         self.down = find("mlp.experts.down_proj", "feed_forward.experts.down_proj",
-                         "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight")
+                         "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight",
+                         "mlp.output_linear.weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
         self.gate_up_bias = find("mlp.experts.gate_up_proj_bias")
         self.down_bias = find("mlp.experts.down_proj_bias")
@@ -417,6 +420,8 @@ class Decoder:
         H, Hkv, Dh = fc.heads, fc.kv_heads, fc.head_dim
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
+        if fc.family == "jetmoe":  # mixture of attention heads (forward/moa.py)
+            return moa_attention(self, i, h, cos, sin, masks, apply_rope, attention_mask, sdpa)
         if fc.family == "dbrx":
             qkv = linear(h, self.w(find("norm_attn_norm.attn.Wqkv.weight")))
             if fc.clip_qkv:
@@ -502,7 +507,8 @@ class Decoder:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
-                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight")
+                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
+                  "mlp.router.layer.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -551,6 +557,9 @@ class Decoder:
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
             out = out + s if fc.shared_combine == "sum" else (out + s) / 2
+        ob = find("mlp.bias", required=False)
+        if ob:  # JetMoE: a bias after the routed experts
+            out = out + self.w(ob)
         fused = find("shared_mlp.input_linear.weight", required=False)
         if fused:  # GraniteMoeShared: one [2F, D] gate+up matrix (gate first), output_linear [D, F]
             gate, up = self.w(fused).chunk(2, dim=0)
