@@ -193,6 +193,11 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if extra.get("rope_on_sliding_only") and cfg.has("sliding_window"):  # EXAONE: global layers are NoPE
             fc.use_rope = [w is not None for w in fc.windows]
         fc.parallel_block = extra.get("parallel_block", False)
+        # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
+        prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
+        if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
+            prf = cfg.int("rotary_dim") / hd
+        rope.dim = int(hd * float(prf))
     if family == "cohere2_moe":
         if cfg.raw("rms_norm_eps") is None:
             fc.norm, fc.eps = "layernorm", cfg.float("layer_norm_eps", 1e-5)
@@ -204,11 +209,6 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         force = cfg.int("prefix_dense_sliding_window_pattern", 1) == 1
         fc.use_rope = [w is not None or (force and not l.moe) for w, l in zip(fc.windows, spec.layers)]
         fc.dense_ffn = cfg.int("prefix_dense_intermediate_size", 0)
-        # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
-        prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
-        if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
-            prf = cfg.int("rotary_dim") / hd
-        rope.dim = int(hd * float(prf))
     if family == "phimoe":
         fc.norm = "layernorm"
         fc.eps = cfg.float("rms_norm_eps", 1e-5)
