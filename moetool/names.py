@@ -42,11 +42,11 @@ _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_project
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$")
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp)(\.|_gate\.)")
-_ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(input_linear|output_linear)\.")
+_ROUTED = re.compile(r"\.experts\.|\.(block_sparse_moe|mlp)\.(input_linear|output_linear)\.")
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)(\.\d+)?\.(weight|bias)$", re.I)
 _SSM = re.compile(r"\.(mamba|mixer)\.")
-_ATTN = re.compile(r"\.(self_attn|attn|attention|cross_attention|encoder_attn|selfattention|encdecattention|linear_attn|norm_attn_norm)\.", re.I)
+_ATTN = re.compile(r"\.(self_attn|self_attention|attn|attention|cross_attention|encoder_attn|selfattention|encdecattention|linear_attn|norm_attn_norm)\.", re.I)
 _MLP = re.compile(r"\.(mlp|mlps|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
 _PROJ = [
     (re.compile(r"\.(gate_up_proj|input_linear)"), "gate_up"),
@@ -163,6 +163,9 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
         return ("lm_head", "tied_copy") if tied and name.endswith("weight") else ("lm_head", "param")
     if _SHARED.search(name):
         return "shared_experts", "param"
+    if ".self_attention.experts." in name and not name.endswith(("input_linear.weight", "output_linear.weight")):
+        # JetMoE's mixture of attention heads: its router and output bias (its experts are routed experts)
+        return ("router", "param") if ".router." in name else ("attention", "param")
     if ".moe_statics." in name:  # Ernie 4.5: the correction bias is a parameter of the router
         return "router", "param"
     if _ROUTED.search(name):

@@ -53,6 +53,28 @@ FAMILIES: dict[str, dict] = {
     "solar_open": dict(model_type="solar_open", moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2,
                        num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.5, head_dim=16,
                        attention_bias=True, **_C),
+    "exaone_moe": dict(model_type="exaone_moe", intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                       num_shared_experts=2, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                       routed_scaling_factor=2.5, head_dim=8, sliding_window=4, sliding_window_pattern=2,
+                       **{**_C, "num_hidden_layers": 4}),
+    "mistral4": dict(model_type="mistral4", intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                     n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
+                     routed_scaling_factor=1.5, pad_token_id=0,
+                     rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+                                          beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                          llama_4_scaling_beta=0.1, partial_rotary_factor=0.5),
+                     **{**_MLA, "qk_nope_head_dim": 4}),
+    "cohere2_moe": dict(model_type="cohere2_moe", intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                        num_shared_experts=2, prefix_dense_intermediate_size=40, first_k_dense_replace=1, head_dim=8,
+                        attention_bias=True, sliding_window=4, sliding_window_pattern=2, logit_scale=0.25,
+                        tie_word_embeddings=False, **{**_C, "num_hidden_layers": 4}),
+    "cohere2_moe-sigmoid": dict(model_type="cohere2_moe", intermediate_size=16, num_experts=8, num_experts_per_tok=3,
+                                num_shared_experts=1, shared_expert_combination_strategy="sum",
+                                expert_selection_fn="sigmoid", rms_norm_eps=1e-6, head_dim=8, sliding_window=4,
+                                sliding_window_pattern=3, **_C),
+    "jetmoe": dict(model_type="jetmoe", hidden_size=32, num_key_value_heads=2, kv_channels=8, vocab_size=128,
+                   num_hidden_layers=3, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                   tie_word_embeddings=False, max_position_embeddings=256),
 }
 SEEDS = (0, 1)
 T = 40
@@ -83,12 +105,34 @@ def reference_routes(model, ids) -> tuple[torch.Tensor, dict]:
                 captured[layer] = (bound["top_k_index"].detach().clone(), bound["top_k_weights"].detach().float().clone())
 
             hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        elif m and name.endswith(".mlp.router") and type(module).__name__ == "JetMoeTopKGating":
+            # JetMoE's gating returns its decisions grouped by expert: (sorted slots, token of each,
+            # gate of each, tokens per expert, logits); turn them back into [T, K] per token.
+            def jet_hook(mod, args, out, layer=int(m.group(1))):
+                _, tokens, gates, sizes, _ = out
+                experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+                T = int(tokens.max()) + 1
+                order = torch.argsort(tokens, stable=True)
+                captured[layer] = (experts[order].view(T, -1), gates[order].float().view(T, -1))
+
+            hooks.append(module.register_forward_hook(jet_hook))
     assert hooks, "no experts module with top_k_index found"
     with torch.no_grad():
         logits = model(ids).logits[0].float()
     for h in hooks:
         h.remove()
     return logits, captured
+
+
+def _build(config: dict, seed: int):
+    """transformers' causal LM of `config`; Mistral 4 has no AutoModelForCausalLM mapping in 5.23."""
+    if config["model_type"] == "mistral4":
+        import transformers
+
+        cfg = transformers.AutoConfig.for_model(**config)
+        torch.manual_seed(seed)
+        return transformers.Mistral4ForCausalLM(cfg)
+    return build_transformers_model(config, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +142,7 @@ def family_checkpoint(tmp_path_factory):
 
     def get(name: str, seed: int):
         if (name, seed) not in cache:
-            model = build_transformers_model(FAMILIES[name], seed=seed).eval()
+            model = _build(FAMILIES[name], seed).eval()
             randomize_biases(model, seed)
             d = tmp_path_factory.mktemp(f"{name}-{seed}")
             model.save_pretrained(d)

@@ -13,10 +13,11 @@ from typing import Callable
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
-from . import dbrx, deepseek, jamba, llama4, llama_like, longcat_flash, multimodal, nllb_moe, qwen3_next, switch, text_moe
+from . import (dbrx, deepseek, jamba, jetmoe, llama4, llama_like, longcat_flash, multimodal, nllb_moe, qwen3_next, switch,
+               text_moe)
 
 ADAPTERS: dict[str, Callable[[Cfg], ModelSpec]] = {}
-for _module in (llama_like, deepseek, dbrx, llama4, jamba, qwen3_next, switch, text_moe, multimodal, nllb_moe,
+for _module in (llama_like, deepseek, dbrx, llama4, jamba, qwen3_next, switch, text_moe, jetmoe, multimodal, nllb_moe,
                 longcat_flash):
     _module.register(ADAPTERS)
 

@@ -70,6 +70,7 @@ def first_k_dense_schedule(cfg: Cfg, layers: int, has_experts: bool, first_k_def
 #   qwen2:      only if `use_sliding_window` (default false), layers i >= `max_window_layers` (dense Qwen2 / Qwen3)
 #   from_max:   layers i >= `max_window_layers`, no use flag (dots1)
 #   alternate:  layers with (i + 1) odd (gpt-oss)
+#   pattern:    layers with (i + 1) % `sliding_window_pattern` != 0 (EXAONE)
 #   none:       no sliding window whatever the config says (Llama, OLMoE, GraniteMoE)
 WindowRule = str
 
@@ -97,6 +98,9 @@ def layer_windows(cfg: Cfg, layers: int, rule: WindowRule = "all") -> list[Optio
         return [window if i >= cfg.int("max_window_layers", 0) else None for i in range(layers)]
     if rule == "qwen2":
         return [window if i >= cfg.int("max_window_layers", 28) else None for i in range(layers)]
+    if rule == "pattern":
+        period = cfg.int("sliding_window_pattern", 4, min_value=1)
+        return [window if (i + 1) % period else None for i in range(layers)]
     if rule == "alternate":
         return [window if (i + 1) % 2 else None for i in range(layers)]
     if rule == "all" and not use:

@@ -33,6 +33,9 @@ DEFAULTS = {
     # SK Telecom A.X-K1: DeepSeek-V3 with `mlp_layer_types` and a `post_mlp_layernorm` on MoE blocks.
     "axk1": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
                  mlp_layer_types=True, post_mlp_norm=True),
+    # Mistral 4: DeepSeek-V3's MLA and MoE with a softmax router, groups scored by their top-2 sum, no bias.
+    "mistral4": dict(first_k_dense=0, norm_topk_prob=True, scoring="softmax", topk_method="group_top2_softmax",
+                     correction_bias=False),
 }
 
 
@@ -56,7 +59,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
             topk_method=cfg.str("topk_method", dflt["topk_method"]),
             n_group=cfg.int("n_group", 1, min_value=1),
             topk_group=cfg.int("topk_group", 1, min_value=1),
-            correction_bias=family != "deepseek_v2",
+            correction_bias=dflt.get("correction_bias", family != "deepseek_v2"),
         )
         shared = cfg.int("n_shared_experts", 0)
         f = cfg.int("moe_intermediate_size", min_value=1)
@@ -175,5 +178,5 @@ def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd
 
 
 def register(table: dict) -> None:
-    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32", "axk1"):
+    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32", "axk1", "mistral4"):
         table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)

@@ -53,6 +53,8 @@ class Style:
     mlp_bias: Callable[[Cfg], bool] = lambda c: False  # biases in dense MLPs and shared experts
     head_bias: Callable[[Cfg], bool] = lambda c: False
     correction_bias_param: bool = False  # a counted [1, E] correction-bias parameter (Ernie 4.5 `moe_statics`)
+    tie_default: bool = False  # tie_word_embeddings when the config does not say (Cohere: true)
+    parallel_block: bool = False  # Cohere: one norm per layer, attention and FFN in parallel
 
 
 def _attention_bias(key: str, default: bool, kind: Bias) -> Callable[[Cfg], Bias]:
@@ -170,7 +172,7 @@ def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec
     vocab = cfg.int("vocab_size", min_value=1)
     n_layers = cfg.int("num_hidden_layers", min_value=1)
     heads, kv_heads, hd = common.attention_dims(cfg, d)
-    tie = common.tie_embeddings(cfg)
+    tie = common.tie_embeddings(cfg, s.tie_default)
     bias = s.bias(cfg) if callable(s.bias) else s.bias
 
     moe: Optional[MoESpec] = None
@@ -224,7 +226,8 @@ def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec
             inv.norm(f"layers.{i}.attn.q_norm", d, i)
             inv.norm(f"layers.{i}.attn.k_norm", (d // heads) * kv_heads, i)
         inv.norm(f"layers.{i}.input_norm", d, i, bias=s.layernorm_bias)
-        inv.norm(f"layers.{i}.post_attention_norm", d, i, bias=s.layernorm_bias)
+        if not s.parallel_block:
+            inv.norm(f"layers.{i}.post_attention_norm", d, i, bias=s.layernorm_bias)
         for j in range(s.extra_norms + (s.moe_norms if is_moe[i] else 0)):
             inv.norm(f"layers.{i}.extra_norm_{j}", d, i)
         if is_moe[i]:

@@ -6,6 +6,7 @@ transformers model it follows. Their forward-pass details (RoPE layout, router v
 
 from __future__ import annotations
 
+from ..errors import BadConfig
 from ..spec import Cfg, RouterSpec
 from . import common, llama_like
 from .llama_like import Style
@@ -25,6 +26,19 @@ def _deepseek_v3_router(c: Cfg, norm_default: bool = False) -> RouterSpec:
                       routed_scaling_factor=c.float("routed_scaling_factor", 1.0), topk_method="noaux_tc",
                       n_group=c.int("n_group", 1, min_value=1), topk_group=c.int("topk_group", 1, min_value=1),
                       correction_bias=True)
+
+
+def _mlp_layer_types(first_k_default: int):
+    """MoE per `mlp_layer_types` ("dense" / "sparse"); without it, dense below first_k_dense_replace."""
+    def schedule(c: Cfg, n: int) -> list[bool]:
+        if c.has("mlp_layer_types"):
+            types = c.str_list("mlp_layer_types")
+            if len(types) < n:
+                raise BadConfig(f"{c.where}: mlp_layer_types has {len(types)} entries for {n} layers")
+            return [t == "sparse" for t in types[:n]]
+        k = c.int("first_k_dense_replace", first_k_default)
+        return [i >= k for i in range(n)]
+    return schedule
 
 
 STYLES: dict[str, Style] = {
@@ -72,6 +86,22 @@ STYLES: dict[str, Style] = {
                         bias=lambda c: "qkv" if c.bool("attention_bias", False) else "none",
                         shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("n_shared_experts", 1),
                         router=lambda c: _deepseek_v3_router(c, norm_default=True)),
+    # LGAI-EXAONE/K-EXAONE-236B-A23B: EXAONE 4 attention (QK-norm per head; RoPE only on the sliding
+    # layers, global layers NoPE) with DeepSeek-V3's MoE; schedule from mlp_layer_types.
+    "exaone_moe": Style("exaone_moe", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
+                        qk_norm="head", windows="pattern", moe_schedule=_mlp_layer_types(1),
+                        shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("num_shared_experts", 1),
+                        router=lambda c: _deepseek_v3_router(c, norm_default=True)),
+    # CohereLabs/command-a-...-moe (cohere2_moe): parallel attention + FFN blocks, weight-only
+    # LayerNorm (or RMSNorm), RoPE only on sliding layers (and the dense prefix), router top-k of the
+    # logits then softmax (or sigmoid), shared experts summed or averaged with the routed output.
+    "cohere2_moe": Style("cohere2_moe", experts_keys=("num_experts", "num_local_experts"), windows="pattern",
+                         bias=lambda c: "all" if c.bool("attention_bias", False) else "none",
+                         moe_schedule=_mlp_layer_types(0), dense_ffn_key="prefix_dense_intermediate_size",
+                         shared_ffn=lambda c: c.int("intermediate_size") * c.int("num_shared_experts", 0),
+                         tie_default=True, parallel_block=True,
+                         router=lambda c: RouterSpec(order="topk_then_score", scoring=c.str("expert_selection_fn", "softmax"),
+                                                     norm_topk_prob=c.bool("norm_topk_prob", True))),
 }
 
 

@@ -15,7 +15,8 @@ from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32")
+                    "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32",
+                    "mistral4", "jetmoe")
 
 # Families (moetool/arch/text_moe.py) whose forward is the Llama-like one with these settings:
 # rope_layout: "interleave" pairs (2i, 2i+1) instead of rotate-half; theta: default rope_theta.
@@ -28,6 +29,8 @@ FAMILY_FORWARD: dict[str, dict] = {
     "dots1": dict(qk_norm="head"),
     "granitemoeshared": dict(),  # GraniteMoE's multipliers (below) plus the shared MLP
     "solar_open": dict(theta=1e6),
+    "exaone_moe": dict(qk_norm="head", rope_on_sliding_only=True),
+    "cohere2_moe": dict(rope_layout="interleave", layer_norms=("input_layernorm", None, None, None), parallel_block=True),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 
@@ -136,6 +139,10 @@ class ForwardConfig:
     chunk: Optional[int] = None
     mla: Optional[dict] = None
     indexer: Optional[dict] = None  # DeepSeek-V3.2 sparse attention: heads, dim, topk (forward/indexer.py)
+    # Mistral 4: queries times 1 + beta * log(1 + floor(position / original_max_position_embeddings))
+    q_position_scale: Optional[tuple[float, float]] = None
+    parallel_block: bool = False  # Cohere: x + attention(norm(x)) + ffn(norm(x))
+    shared_combine: Literal["sum", "average"] = "sum"  # Cohere 2 MoE: (routed + shared) / 2 when "average"
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
@@ -160,6 +167,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         cfg = cfg.sub("text_config")
     if family == "dbrx":
         return _dbrx(spec, cfg)
+    if family == "jetmoe":
+        return _jetmoe(spec, cfg)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
     hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads
@@ -186,11 +195,25 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         rope.layout = extra.get("rope_layout", rope.layout)
         fc.qk_norm = extra.get("qk_norm", fc.qk_norm)
         fc.layer_norms = extra.get("layer_norms", fc.layer_norms)
+        if extra.get("rope_on_sliding_only") and cfg.has("sliding_window"):  # EXAONE: global layers are NoPE
+            fc.use_rope = [w is not None for w in fc.windows]
+        fc.parallel_block = extra.get("parallel_block", False)
         # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
         prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
         if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
             prf = cfg.int("rotary_dim") / hd
         rope.dim = int(hd * float(prf))
+    if family == "cohere2_moe":
+        if cfg.raw("rms_norm_eps") is None:
+            fc.norm, fc.eps = "layernorm", cfg.float("layer_norm_eps", 1e-5)
+        fc.logits_scaling = 1.0 / cfg.float("logit_scale", 0.0625)
+        fc.shared_combine = cfg.str("shared_expert_combination_strategy", "average")
+        if fc.shared_combine not in ("sum", "average"):
+            raise BadConfig(f"config.json: shared_expert_combination_strategy must be sum or average, got {fc.shared_combine!r}")
+        # RoPE on sliding layers, and on the dense prefix when prefix_dense_sliding_window_pattern is 1.
+        force = cfg.int("prefix_dense_sliding_window_pattern", 1) == 1
+        fc.use_rope = [w is not None or (force and not l.moe) for w, l in zip(fc.windows, spec.layers)]
+        fc.dense_ffn = cfg.int("prefix_dense_intermediate_size", 0)
     if family == "phimoe":
         fc.norm = "layernorm"
         fc.eps = cfg.float("rms_norm_eps", 1e-5)
@@ -222,13 +245,16 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.bool("attn_temperature_tuning", True):
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
-    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
         # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
         interleave = family in ("deepseek_v2", "deepseek_v32") or cfg.bool("rope_interleave", True)
         rope.layout = "interleave" if interleave else "half"
+        beta = scaling_dict.get("llama_4_scaling_beta")
+        if family == "mistral4" and beta is not None:
+            fc.q_position_scale = (float(beta), float(scaling_dict["original_max_position_embeddings"]))
         if family == "deepseek_v32":
             if not fc.mla["q_lora"]:
                 raise BadConfig("config.json: deepseek_v32 needs q_lora_rank (its indexer reads the query latent)")
@@ -279,6 +305,20 @@ def _activation(spec: ModelSpec) -> str:
         raise UnsupportedArchitecture(f"hidden_act {act!r} is not supported by the reference forward; "
                                       f"supported: {', '.join(sorted(ACTIVATIONS))}")
     return act
+
+
+def _jetmoe(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
+    """JetMoE: k * Hkv query heads of kv_channels per token (mixture of attention heads, forward/moa.py)."""
+    kv, hd = cfg.int("num_key_value_heads", 16), cfg.int("kv_channels", 128)
+    params = cfg.raw("rope_parameters") or {}
+    theta = float(params.get("rope_theta") or cfg.float("rope_theta", 10000.0))
+    if (params.get("rope_type") or "default") != "default":
+        raise UnsupportedArchitecture("JetMoE with RoPE scaling is not supported by the reference forward")
+    return ForwardConfig(family="jetmoe", hidden=spec.hidden_size, vocab=spec.vocab_size, layers=spec.num_layers,
+                         heads=kv * spec.moe.top_k, kv_heads=kv, head_dim=hd, eps=cfg.float("rms_norm_eps", 1e-6),
+                         norm="rms", rope=Rope(theta=theta, dim=hd), attn_scale=hd ** -0.5,
+                         windows=[None] * spec.num_layers, use_rope=[True] * spec.num_layers,
+                         max_positions=cfg.raw("max_position_embeddings"), expert_act=_activation(spec))
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

@@ -22,6 +22,7 @@ from ..errors import BadCheckpoint, MoetoolError
 from ..spec import ModelSpec, MoESpec
 from .config import ForwardConfig
 from .indexer import sparse_attention_keep
+from .moa import moa_attention
 from .weights import WeightStore
 
 
@@ -197,11 +198,15 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
         return _route_sigmoid_group(logits, moe, bias)
     if family == "deepseek_v2":
         return _route_softmax_group(logits, moe)
+    if r.topk_method == "group_top2_softmax":
+        return _route_softmax_top2_group(logits, moe)
     if r.scoring == "sparsemixer":
         return _route_sparsemixer(logits, r.jitter_noise, k)
     if r.order == "topk_then_score":
         top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
         w = torch.sigmoid(top) if r.scoring == "sigmoid" else torch.softmax(top, dim=-1)
+        if r.scoring == "sigmoid" and r.norm_topk_prob:  # Cohere 2 MoE (Llama 4 does not renormalise)
+            w = w / w.sum(dim=-1, keepdim=True)
         return idx, w, logits
     probs = torch.softmax(logits, dim=-1)  # [T, E]
     if bias is not None and r.correction_bias:  # Ernie 4.5: the bias shifts the choice, not the weights
@@ -233,6 +238,22 @@ def _route_softmax_group(logits: torch.Tensor, moe: MoESpec):
     else:
         w = w * r.routed_scaling_factor
     return idx, w, scores
+
+
+def _route_softmax_top2_group(logits: torch.Tensor, moe: MoESpec):
+    """Mistral 4: softmax over E; group score = sum of its top-2 scores, keep topk_group of n_group
+    (the others' scores set to 0); top-k; renormalise if norm_topk_prob; times routed_scaling_factor."""
+    r, k, E = moe.router, moe.top_k, moe.num_experts
+    scores = torch.softmax(logits, dim=-1)  # [T, E]
+    g = r.n_group
+    group = scores.view(-1, g, E // g).topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    keep = torch.zeros_like(group).scatter_(1, torch.topk(group, r.topk_group, dim=-1).indices, 1.0)
+    choice = scores.masked_fill(~keep.bool().repeat_interleave(E // g, dim=1), 0.0)
+    idx = torch.topk(choice, k, dim=-1).indices
+    w = scores.gather(1, idx)
+    if r.norm_topk_prob:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, w * r.routed_scaling_factor, choice
 
 
 def _route_sigmoid_group(logits: torch.Tensor, moe: MoESpec, bias: Optional[torch.Tensor]):
@@ -290,9 +311,11 @@ class Experts:
                     if n in store:
                         self.per_expert[proj] = n.replace(".experts.0.", ".experts.{e}.")
         self.gate_up = find("mlp.experts.gate_up_proj", "feed_forward.experts.gate_up_proj",
-                            "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight")
+                            "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight",
+                            "mlp.input_linear.weight")
         self.down = find("mlp.experts.down_proj", "feed_forward.experts.down_proj",
-                         "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight")
+                         "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight",
+                         "mlp.output_linear.weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
         self.gate_up_bias = find("mlp.experts.gate_up_proj_bias")
         self.down_bias = find("mlp.experts.down_proj_bias")
@@ -419,8 +442,11 @@ class Decoder:
 
         h = nrm(pre_a, x)
         a = nrm(post_a, self.attention(i, h, cos, sin, masks))
-        x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
-        h = nrm(pre_f, x)
+        if fc.parallel_block:  # Cohere: attention and FFN both read norm(x); one residual for both
+            x = x + a
+        else:
+            x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
+            h = nrm(pre_f, x)
         if self.spec.layers[i].moe:
             f = self.moe(i, h, routes, record)
         else:
@@ -437,6 +463,8 @@ class Decoder:
         H, Hkv, Dh = fc.heads, fc.kv_heads, fc.head_dim
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
+        if fc.family == "jetmoe":  # mixture of attention heads (forward/moa.py)
+            return moa_attention(self, i, h, cos, sin, masks, apply_rope, attention_mask, sdpa)
         if fc.family == "dbrx":
             qkv = linear(h, self.w(find("norm_attn_norm.attn.Wqkv.weight")))
             if fc.clip_qkv:
@@ -509,6 +537,10 @@ class Decoder:
         k_rot = apply_rope(k_rot.view(T, 1, r), cos, sin, fc.rope.layout).expand(T, H, r)
         q = torch.cat((q[..., :nope], q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot), dim=-1)
+        if fc.q_position_scale:  # Mistral 4 (llama_4_scaling_beta)
+            beta, orig = fc.q_position_scale
+            pos = torch.arange(T, dtype=torch.float32, device=q.device)
+            q = q * (1 + beta * torch.log(1 + torch.floor(pos / orig)))[:, None, None].to(q.dtype)
         if (None, None) not in masks:
             masks[(None, None)] = attention_mask(T, None, None, q.device)
         mask = masks[(None, None)]
@@ -524,7 +556,8 @@ class Decoder:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
-                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight")
+                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
+                  "mlp.router.layer.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -533,8 +566,12 @@ class Decoder:
         if not torch.isfinite(logits).all():
             raise BadCheckpoint(non_finite_router(i, h, rw, router_w, router_b))
         corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias",
-                                            "block_sparse_moe.e_score_correction_bias", required=False),
+                                            "block_sparse_moe.e_score_correction_bias", "mlp.e_score_correction_bias",
+                                            required=False),
                                        torch.float32, device=self.device)
+        if corr is None and moe.router.correction_bias:
+            raise BadCheckpoint(f"layer {i}: the router uses a correction bias (e_score_correction_bias) "
+                                "but the checkpoint has none")
         corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if self.route_hook is not None:
@@ -575,7 +612,10 @@ class Decoder:
             sg = find("mlp.shared_expert_gate.weight", required=False)
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
-            out = out + s
+            out = out + s if fc.shared_combine == "sum" else (out + s) / 2
+        ob = find("mlp.bias", required=False)
+        if ob:  # JetMoE: a bias after the routed experts
+            out = out + self.w(ob)
         fused = find("shared_mlp.input_linear.weight", required=False)
         if fused:  # GraniteMoeShared: one [2F, D] gate+up matrix (gate first), output_linear [D, F]
             gate, up = self.w(fused).chunk(2, dim=0)
