@@ -28,7 +28,8 @@ Group = Literal[
     "embedding", "attention", "ssm", "router", "routed_experts", "shared_experts",
     "dense_mlp", "norms", "lm_head", "vision", "mtp",
 ]
-Mixer = Literal["attention", "mla", "linear_attention", "mamba", "encoder_attention", "decoder_attention"]
+Mixer = Literal["attention", "mla", "linear_attention", "mamba", "encoder_attention", "decoder_attention",
+                "mamba2", "gated_deltanet", "short_conv", "lightning_attention", "kda"]
 Scoring = Literal["softmax", "sigmoid", "sparsemixer"]
 
 

@@ -13,9 +13,12 @@ import torch
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
+from .mixers import gated_deltanet, mamba
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
+# Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
+FORWARD_FAMILIES += ("jamba", "qwen3_next")  # qwen3_next: also Qwen3.5-MoE's text model
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -124,6 +127,9 @@ class ForwardConfig:
     swiglu_alpha: float = 1.702
     dense_ffn: int = 0
     max_positions: Optional[int] = None
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Qwen3-Next stores weight - 1
+    attn_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
+    mixers: dict = field(default_factory=dict)  # LayerSpec.mixer kind -> that mixer's config
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -192,7 +198,33 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
             m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))
             fc.attn_scale *= m * m
+    elif family in HYBRID:
+        HYBRID[family](fc, spec, cfg, scaling_dict)
     return fc
+
+
+def _jamba(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Jamba: attention without positional encoding; Mamba layers with RMSNorms on dt, B, C."""
+    fc.use_rope = [False] * spec.num_layers
+    d = spec.hidden_size
+    dt_rank = cfg.raw("mamba_dt_rank", "auto")
+    fc.mixers["mamba"] = mamba.MambaConfig(
+        inner=cfg.int("mamba_expand", 2) * d, d_state=cfg.int("mamba_d_state", 16), d_conv=cfg.int("mamba_d_conv", 4),
+        dt_rank=math.ceil(d / 16) if dt_rank == "auto" else cfg.int("mamba_dt_rank"), eps=fc.eps,
+        activation=cfg.str("hidden_act", "silu"))
+
+
+def _qwen3_next(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Qwen3-Next / Qwen3.5: (1 + w) RMSNorms, gated attention with QK-norm and partial RoPE, Gated DeltaNet."""
+    fc.norm_offset, fc.attn_output_gate, fc.qk_norm = 1.0, True, "head"
+    fc.rope.dim = int(fc.head_dim * float(rope.get("partial_rotary_factor") or cfg.float("partial_rotary_factor", 0.25)))
+    fc.mixers["gated_deltanet"] = gated_deltanet.GatedDeltaNetConfig(
+        k_heads=cfg.int("linear_num_key_heads", 16), v_heads=cfg.int("linear_num_value_heads", 32),
+        k_dim=cfg.int("linear_key_head_dim", 128), v_dim=cfg.int("linear_value_head_dim", 128),
+        kernel=cfg.int("linear_conv_kernel_dim", 4), eps=fc.eps, activation=cfg.str("hidden_act", "silu"))
+
+
+HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next}
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

@@ -20,6 +20,7 @@ import torch.nn.functional as F_
 
 from ..errors import BadCheckpoint, MoetoolError
 from ..spec import ModelSpec, MoESpec
+from . import mixers
 from .config import ForwardConfig
 from .weights import WeightStore
 
@@ -49,6 +50,7 @@ class ForwardResult:
 class Names:
     """Finds the checkpoint's tensor names for each role (families and wrappers differ)."""
 
+    FINAL_NORM_ALIASES = ("final_layernorm.",)  # Jamba
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
              "model.language_model.embed_tokens.weight")
 
@@ -65,6 +67,9 @@ class Names:
         else:
             root = embed[: -len("embed_tokens.weight")]
             self.layers, self.final_norm = root + "layers.", root + "norm."
+            for alt in self.FINAL_NORM_ALIASES:  # families whose final norm has another name
+                if root + "norm.weight" not in store and root + alt + "weight" in store:
+                    self.final_norm = root + alt
             wrapper = embed.split("model.")[0] if embed.startswith("language_model.") else ""
             self.head = wrapper + "lm_head.weight"
 
@@ -92,6 +97,8 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tor
 def norm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], fc: ForwardConfig) -> torch.Tensor:
     if fc.norm == "layernorm":
         return F_.layer_norm(x, (x.shape[-1],), w, b, fc.eps)
+    if fc.norm_offset and w is not None:  # (1 + w) RMSNorm, in float32 (Qwen3-Next)
+        return (rms_norm(x.float(), None, fc.eps) * (fc.norm_offset + w.float())).to(x.dtype)
     return rms_norm(x, w, fc.eps)
 
 
@@ -351,7 +358,7 @@ class Decoder:
             n2w, n2b = find("norm_attn_norm.norm_2.weight"), find("norm_attn_norm.norm_2.bias", required=False)
         else:
             n1w, n1b = find("input_layernorm.weight"), find("input_layernorm.bias", required=False)
-            n2w = find("post_attention_layernorm.weight")
+            n2w = find("post_attention_layernorm.weight", "pre_ff_layernorm.weight")
             n2b = find("post_attention_layernorm.bias", required=False)
         h = norm(x, self.w(n1w), self.w(n1b), fc)
         a = self.attention(i, h, cos, sin, masks)
@@ -372,6 +379,8 @@ class Decoder:
         H, Hkv, Dh = fc.heads, fc.kv_heads, fc.head_dim
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
+        if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
+            return mixers.run(self, i, h)
         if fc.family == "dbrx":
             qkv = linear(h, self.w(find("norm_attn_norm.attn.Wqkv.weight")))
             if fc.clip_qkv:
@@ -381,6 +390,9 @@ class Decoder:
         else:
             p = "self_attn."
             q = linear(h, self.w(find(p + "q_proj.weight")), self.w(find(p + "q_proj.bias", required=False)))
+            if fc.attn_output_gate:  # per head: [query (Dh), gate (Dh)]
+                q, gate = q.view(T, H, 2 * Dh).chunk(2, dim=-1)
+                q, gate = q.reshape(T, H * Dh), gate.reshape(T, H * Dh)
             k = linear(h, self.w(find(p + "k_proj.weight")), self.w(find(p + "k_proj.bias", required=False)))
             v = linear(h, self.w(find(p + "v_proj.weight")), self.w(find(p + "v_proj.bias", required=False)))
             if fc.qk_norm == "full":  # OLMoE: RMSNorm over the whole projection
@@ -391,8 +403,8 @@ class Decoder:
             o_name, o_bias = find(p + "o_proj.weight"), find(p + "o_proj.bias", required=False)
         q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dh)
         if fc.qk_norm == "head":  # Qwen3 / GLM: RMSNorm per head
-            q = rms_norm(q, self.w(find("self_attn.q_norm.weight")), fc.eps)
-            k = rms_norm(k, self.w(find("self_attn.k_norm.weight")), fc.eps)
+            q = norm(q, self.w(find("self_attn.q_norm.weight")), None, fc)
+            k = norm(k, self.w(find("self_attn.k_norm.weight")), None, fc)
         if fc.use_rope[i]:
             r = fc.rope.dim
             q = torch.cat((apply_rope(q[..., :r], cos, sin, fc.rope.layout), q[..., r:]), dim=-1)
@@ -410,6 +422,8 @@ class Decoder:
             masks[key] = attention_mask(T, window, chunk, q.device)
         sinks = self.w(find("self_attn.sinks", required=False)) if fc.family == "gpt_oss" else None
         out = sdpa(q, k, v, masks[key], fc.attn_scale, sinks).reshape(T, H * Dh)
+        if fc.attn_output_gate:
+            out = out * torch.sigmoid(gate)
         return linear(out, self.w(o_name), self.w(o_bias))
 
     def mla(self, i: int, h, cos, sin, masks) -> torch.Tensor:

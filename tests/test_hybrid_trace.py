@@ -1,0 +1,96 @@
+"""Hybrid-mixer families (Mamba, Gated DeltaNet, ...): our streamed forward against transformers
+5.x on tiny random checkpoints written by `save_pretrained` (two seeds; biases, correction biases,
+norm weights and SSM parameters randomised; initializer_range 0.1 so the mixers matter). Logits
+within 1e-4 in float32, the same expert set for every token of every MoE layer, gate weights
+within 1e-5; and count from headers == count from config == transformers' parameter count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moetool
+from fakes import build_transformers_model, randomize_biases, transformers_param_count, transformers_routes
+from moetool.forward import run_forward
+from moetool.source import resolve
+
+_C = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_hidden_layers=4,
+          max_position_embeddings=256, initializer_range=0.1)
+
+HYBRID_CONFIGS = {
+    "jamba": dict(model_type="jamba", intermediate_size=48, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+                  attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_d_conv=4,
+                  mamba_expand=2, mamba_dt_rank=4, **_C),
+    "jamba-k1": dict(model_type="jamba", intermediate_size=40, num_experts=6, num_experts_per_tok=1, attn_layer_period=4,
+                     attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8, mamba_d_conv=3,
+                     mamba_expand=1, mamba_proj_bias=True, **_C),
+    "qwen3_next": dict(model_type="qwen3_next", intermediate_size=48, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2, head_dim=8,
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                       **_C),
+    "qwen3_next-sparse": dict(model_type="qwen3_next", intermediate_size=48, moe_intermediate_size=16,
+                              shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=3, head_dim=16,
+                              linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                              linear_value_head_dim=16, decoder_sparse_step=2, norm_topk_prob=False,
+                              full_attention_interval=2, attention_bias=True, **_C),
+    "qwen3_5_moe_text": dict(model_type="qwen3_5_moe_text", moe_intermediate_size=24, shared_expert_intermediate_size=24,
+                             num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_value_heads=4,
+                             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, **_C),
+}
+CASES = [(name, seed) for name in HYBRID_CONFIGS for seed in (0, 1)]
+T = 40
+
+
+def randomize_mixer_params(model, seed: int) -> None:
+    """Norm weights start at 1 (or 0), A_log / dt_bias / D at fixed values: perturb them all."""
+    g = torch.Generator().manual_seed(seed + 2000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", ".D")) or "norm" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.fixture(scope="session")
+def hybrid_checkpoint(tmp_path_factory):
+    cache: dict = {}
+
+    def get(name: str, seed: int):
+        if (name, seed) not in cache:
+            model = build_transformers_model(HYBRID_CONFIGS[name], seed=seed).eval()
+            randomize_biases(model, seed)
+            randomize_mixer_params(model, seed)
+            d = tmp_path_factory.mktemp(f"{name}-{seed}")
+            model.save_pretrained(d)
+            ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(seed))
+            logits, routes = transformers_routes(model, ids)
+            cache[name, seed] = (d, ids[0].tolist(), logits, routes, transformers_param_count(model))
+        return cache[name, seed]
+
+    return get
+
+
+@pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
+def test_trace_matches_transformers(name, seed, hybrid_checkpoint):
+    d, ids, ref_logits, ref_routes, _ = hybrid_checkpoint(name, seed)
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu", streaming=True)
+    assert ref_logits.abs().max() > 0.1  # the comparison is not between two near-zero tensors
+    assert (out.logits - ref_logits).abs().max().item() < 1e-4
+    assert sorted(ref_routes) == [r.layer for r in out.routes] and ref_routes
+    for r in out.routes:
+        ref_idx, ref_w = ref_routes[r.layer]
+        for t in range(T):
+            ours = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
+            theirs = dict(zip(ref_idx[t].tolist(), ref_w[t].float().tolist()))
+            assert set(ours) == set(theirs), f"layer {r.layer} token {t}: {sorted(ours)} vs {sorted(theirs)}"
+            for e, w in ours.items():
+                assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_CONFIGS))
+def test_count_matches_transformers(name, hybrid_checkpoint):
+    d, _, _, _, tf_count = hybrid_checkpoint(name, 0)
+    from_headers, from_config = moetool.count(str(d)), moetool.count(str(d), use_headers=False)
+    assert from_headers.total_params == from_config.total_params == tf_count
+    assert from_headers.cross_check["match"], from_headers.cross_check["differences"]
+    assert from_headers.breakdown == from_config.breakdown
+    assert sum(from_headers.breakdown.values()) == tf_count
