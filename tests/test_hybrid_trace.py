@@ -36,6 +36,17 @@ HYBRID_CONFIGS = {
     "qwen3_5_moe_text": dict(model_type="qwen3_5_moe_text", moe_intermediate_size=24, shared_expert_intermediate_size=24,
                              num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_value_heads=4,
                              linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, **_C),
+    "granitemoehybrid": dict(model_type="granitemoehybrid", intermediate_size=48, shared_intermediate_size=40,
+                             num_local_experts=4, num_experts_per_tok=2,
+                             layer_types=["mamba", "attention", "mamba", "attention"], mamba_n_heads=4, mamba_d_head=16,
+                             mamba_d_state=8, mamba_n_groups=2, mamba_expand=2, embedding_multiplier=2.0,
+                             attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=3.0,
+                             position_embedding_type="rope", **_C),
+    "granitemoehybrid-nope": dict(model_type="granitemoehybrid", intermediate_size=32, shared_intermediate_size=24,
+                                  num_local_experts=6, num_experts_per_tok=3,
+                                  layer_types=["mamba", "mamba", "attention", "mamba"], mamba_n_heads=8,
+                                  mamba_d_state=4, mamba_n_groups=1, mamba_expand=1, mamba_proj_bias=True,
+                                  time_step_limit=[0.05, 2.0], attention_bias=True, tie_word_embeddings=True, **_C),
 }
 CASES = [(name, seed) for name in HYBRID_CONFIGS for seed in (0, 1)]
 T = 40

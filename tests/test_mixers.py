@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from moetool.forward.mixers import gated_deltanet, mamba
+from moetool.forward.mixers import gated_deltanet, mamba, mamba2
 
 T, D = 37, 32
 
@@ -59,11 +59,25 @@ def _qwen3_5_gdn(seed: int):
     return _randomize(Qwen3_5MoeGatedDeltaNet(cfg, 0), seed), c
 
 
+def _granite_mamba2(seed: int, groups: int = 2, **kw):
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
+    cfg = transformers.GraniteMoeHybridConfig(hidden_size=D, mamba_n_heads=8, mamba_d_state=6, mamba_n_groups=groups,
+                                              mamba_expand=2, mamba_d_conv=4, num_hidden_layers=1,
+                                              layer_types=["mamba"], **kw)
+    lo, hi = cfg.time_step_limit
+    c = mamba2.Mamba2Config(heads=8, head_dim=8, groups=groups, d_state=6, d_conv=4, eps=cfg.rms_norm_eps,
+                            dt_min=lo, dt_max=hi)
+    return _randomize(GraniteMoeHybridMambaLayer(cfg, 0), seed), c
+
+
 CASES = {
     "mamba-jamba": (_jamba_mixer, mamba),
     "mamba-jamba-bias": (lambda s: _jamba_mixer(s, mamba_proj_bias=True), mamba),
     "gated_deltanet-qwen3_next": (_qwen3_next_gdn, gated_deltanet),
     "gated_deltanet-qwen3_5": (_qwen3_5_gdn, gated_deltanet),
+    "mamba2-granite": (_granite_mamba2, mamba2),
+    "mamba2-granite-limits": (lambda s: _granite_mamba2(s, groups=1, mamba_proj_bias=True, time_step_limit=(0.1, 0.8)),
+                              mamba2),
 }
 
 

@@ -13,12 +13,12 @@ import torch
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
-from .mixers import gated_deltanet, mamba
+from .mixers import gated_deltanet, mamba, mamba2
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
-FORWARD_FAMILIES += ("jamba", "qwen3_next")  # qwen3_next: also Qwen3.5-MoE's text model
+FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid")  # qwen3_next: also Qwen3.5-MoE's text model
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -224,7 +224,38 @@ def _qwen3_next(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> Non
         kernel=cfg.int("linear_conv_kernel_dim", 4), eps=fc.eps, activation=cfg.str("hidden_act", "silu"))
 
 
-HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next}
+def _granitemoehybrid(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Granite-4.0: GraniteMoE's multipliers; RoPE only with position_embedding_type "rope"; Mamba-2."""
+    from ..arch.granitemoehybrid import mamba2_dims
+
+    fc.attn_scale = cfg.float("attention_multiplier", 1.0)
+    fc.embedding_multiplier = cfg.float("embedding_multiplier", 1.0)
+    fc.residual_multiplier = cfg.float("residual_multiplier", 1.0)
+    fc.logits_scaling = cfg.float("logits_scaling", 1.0)
+    fc.use_rope = [cfg.raw("position_embedding_type") == "rope"] * spec.num_layers
+    fc.mixers["mamba2"] = _mamba2(cfg, mamba2_dims(cfg, spec.hidden_size), fc.eps, "mamba.")
+
+
+def _mamba2(cfg: Cfg, dims: dict, eps: float, prefix: str) -> "mamba2.Mamba2Config":
+    limit = cfg.raw("time_step_limit") or (0.0, float("inf"))
+    if not (isinstance(limit, (list, tuple)) and len(limit) == 2):
+        raise BadConfig(f"{cfg.where}: time_step_limit must be a pair [min, max]")
+    lo, hi = (_json_float(v, cfg, "time_step_limit") for v in limit)
+    return mamba2.Mamba2Config(**dims, eps=eps, activation=cfg.str("hidden_act", "silu"), dt_min=lo, dt_max=hi,
+                               prefix=prefix)
+
+
+def _json_float(v, cfg: Cfg, key: str) -> float:
+    """A number, or transformers' JSON spelling of a non-finite one ({"__float__": "Infinity"})."""
+    if isinstance(v, dict) and set(v) == {"__float__"}:
+        v = v["__float__"]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise BadConfig(f"{cfg.where}: field {key!r} must hold numbers, got {v!r}") from None
+
+
+HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid}
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

@@ -369,8 +369,11 @@ class Decoder:
         else:
             if self.ffn_hook:
                 self.ffn_hook(self, i, h, None)
-            f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight"))
-                            for p in ("gate", "up", "down")))
+            if find("shared_mlp.input_linear.weight", required=False):  # Granite-4.0 without experts
+                f = self.shared_mlp(i, h)
+            else:
+                f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight"))
+                                for p in ("gate", "up", "down")))
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
@@ -458,7 +461,7 @@ class Decoder:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
-                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight")
+                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "block_sparse_moe.router.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -501,7 +504,14 @@ class Decoder:
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
             out = out + s
+        if find("shared_mlp.input_linear.weight", required=False):  # Granite-4.0: an ungated shared MLP
+            out = out + self.shared_mlp(i, h)
         return out
+
+    def shared_mlp(self, i: int, h) -> torch.Tensor:
+        """Granite's fused SwiGLU: input_linear [2F, D] (gate rows, then up rows), output_linear [D, F]."""
+        gate, up = linear(h, self.w(self.names.find(i, "shared_mlp.input_linear.weight"))).chunk(2, dim=-1)
+        return linear(F_.silu(gate) * up, self.w(self.names.find(i, "shared_mlp.output_linear.weight")))
 
     def _final(self, x) -> torch.Tensor:
         fc, n = self.fc, self.names
