@@ -33,7 +33,7 @@ _QUANT_META = re.compile(
     r"|\.g_idx|\.weight_zero_point|\.weight_g_idx|\.weight_shape|\.absmax|\.quant_map|\.nested_absmax"
     r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
 )
-_BUFFERS = re.compile(r"(e_score_correction_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+_BUFFERS = re.compile(r"(e_score_correction_bias|\.expert_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector)\.")
@@ -44,7 +44,7 @@ _ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(input_linear|output_line
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier)?\.(weight|bias)$|\.router\.(weight|bias)$")
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)\.(weight|bias)$", re.I)
 _SSM = re.compile(r"\.(mamba|mixer)\.")
-_ATTN = re.compile(r"\.(self_attn|attn|attention|selfattention|encdecattention|linear_attn|norm_attn_norm)\.", re.I)
+_ATTN = re.compile(r"\.(self_attn|attn|attention|selfattention|encdecattention|linear_attn|norm_attn_norm|conv)\.", re.I)
 _MLP = re.compile(r"\.(mlp|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
 _PROJ = [
     (re.compile(r"\.(gate_up_proj|input_linear)"), "gate_up"),

@@ -72,6 +72,7 @@ class RouterSpec:
     correction_bias: bool = False  # e_score_correction_bias added for selection only
     bias: bool = False  # the router linear layer has a bias (gpt-oss)
     jitter_noise: float = 0.0
+    norm_eps: float = 1e-20  # added to the sum when renormalising the top-k weights (LFM2-MoE: 1e-6)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,13 @@ HYBRID_CONFIGS = {
                                   layer_types=["mamba", "mamba", "attention", "mamba"], mamba_n_heads=8,
                                   mamba_d_state=4, mamba_n_groups=1, mamba_expand=1, mamba_proj_bias=True,
                                   time_step_limit=[0.05, 2.0], attention_bias=True, tie_word_embeddings=True, **_C),
+    "lfm2_moe": dict(model_type="lfm2_moe", intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                     num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=1.7, pad_token_id=0,
+                     layer_types=["conv", "full_attention", "conv", "full_attention"], **_C),
+    "lfm2_moe-nobias": dict(model_type="lfm2_moe", intermediate_size=40, moe_intermediate_size=16, num_experts=8,
+                            num_experts_per_tok=3, num_dense_layers=0, use_expert_bias=False, norm_topk_prob=False,
+                            conv_L_cache=4, conv_bias=True, tie_word_embeddings=False, pad_token_id=0,
+                            layer_types=["full_attention", "conv", "conv", "full_attention"], **_C),
 }
 CASES = [(name, seed) for name in HYBRID_CONFIGS for seed in (0, 1)]
 T = 40

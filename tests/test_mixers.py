@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from moetool.forward.mixers import gated_deltanet, mamba, mamba2
+from moetool.forward.mixers import gated_deltanet, mamba, mamba2, short_conv
 
 T, D = 37, 32
 
@@ -70,6 +70,13 @@ def _granite_mamba2(seed: int, groups: int = 2, **kw):
     return _randomize(GraniteMoeHybridMambaLayer(cfg, 0), seed), c
 
 
+def _lfm2_conv(seed: int, bias: bool = False):
+    from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeShortConv
+    cfg = transformers.Lfm2MoeConfig(hidden_size=D, conv_L_cache=3, conv_bias=bias, num_hidden_layers=1,
+                                     layer_types=["conv"])
+    return _randomize(Lfm2MoeShortConv(cfg, 0), seed), short_conv.ShortConvConfig(kernel=3)
+
+
 CASES = {
     "mamba-jamba": (_jamba_mixer, mamba),
     "mamba-jamba-bias": (lambda s: _jamba_mixer(s, mamba_proj_bias=True), mamba),
@@ -78,6 +85,8 @@ CASES = {
     "mamba2-granite": (_granite_mamba2, mamba2),
     "mamba2-granite-limits": (lambda s: _granite_mamba2(s, groups=1, mamba_proj_bias=True, time_step_limit=(0.1, 0.8)),
                               mamba2),
+    "short_conv-lfm2": (_lfm2_conv, short_conv),
+    "short_conv-lfm2-bias": (lambda s: _lfm2_conv(s, bias=True), short_conv),
 }
 
 

@@ -13,12 +13,12 @@ import torch
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
-from .mixers import gated_deltanet, mamba, mamba2
+from .mixers import gated_deltanet, mamba, mamba2, short_conv
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
-FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid")  # qwen3_next: also Qwen3.5-MoE's text model
+FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe")  # qwen3_next: also Qwen3.5-MoE's text model
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -255,7 +255,13 @@ def _json_float(v, cfg: Cfg, key: str) -> float:
         raise BadConfig(f"{cfg.where}: field {key!r} must hold numbers, got {v!r}") from None
 
 
-HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid}
+def _lfm2_moe(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """LFM2-MoE: norm_eps, per-head QK RMSNorm, gated short convolutions."""
+    fc.eps, fc.qk_norm = cfg.float("norm_eps", 1e-5), "head"
+    fc.mixers["short_conv"] = short_conv.ShortConvConfig(kernel=cfg.int("conv_L_cache", 3))
+
+
+HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe}
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

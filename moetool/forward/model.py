@@ -50,7 +50,7 @@ class ForwardResult:
 class Names:
     """Finds the checkpoint's tensor names for each role (families and wrappers differ)."""
 
-    FINAL_NORM_ALIASES = ("final_layernorm.",)  # Jamba
+    FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.")  # Jamba, LFM2
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
              "model.language_model.embed_tokens.weight")
 
@@ -219,7 +219,7 @@ def _route_sigmoid_group(logits: torch.Tensor, moe: MoESpec, bias: Optional[torc
     idx = torch.topk(choice, k, dim=-1).indices  # [T, K]
     w = scores.gather(1, idx)
     if r.norm_topk_prob:
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        w = w / (w.sum(dim=-1, keepdim=True) + r.norm_eps)
     return idx, w * r.routed_scaling_factor, choice.masked_fill(torch.isinf(choice), float("nan"))
 
 
@@ -357,8 +357,8 @@ class Decoder:
             n1w, n1b = find("norm_attn_norm.norm_1.weight"), find("norm_attn_norm.norm_1.bias", required=False)
             n2w, n2b = find("norm_attn_norm.norm_2.weight"), find("norm_attn_norm.norm_2.bias", required=False)
         else:
-            n1w, n1b = find("input_layernorm.weight"), find("input_layernorm.bias", required=False)
-            n2w = find("post_attention_layernorm.weight", "pre_ff_layernorm.weight")
+            n1w, n1b = find("input_layernorm.weight", "operator_norm.weight"), find("input_layernorm.bias", required=False)
+            n2w = find("post_attention_layernorm.weight", "pre_ff_layernorm.weight", "ffn_norm.weight")
             n2b = find("post_attention_layernorm.bias", required=False)
         h = norm(x, self.w(n1w), self.w(n1b), fc)
         a = self.attention(i, h, cos, sin, masks)
@@ -372,8 +372,8 @@ class Decoder:
             if find("shared_mlp.input_linear.weight", required=False):  # Granite-4.0 without experts
                 f = self.shared_mlp(i, h)
             else:
-                f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight"))
-                                for p in ("gate", "up", "down")))
+                f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight", f"feed_forward.{q}.weight"))
+                                for p, q in (("gate", "w1"), ("up", "w3"), ("down", "w2"))))
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
@@ -403,11 +403,11 @@ class Decoder:
                 k = rms_norm(k, self.w(find(p + "k_norm.weight")), fc.eps)
             if fc.clip_qkv:
                 q, k, v = (t.clamp(-fc.clip_qkv, fc.clip_qkv) for t in (q, k, v))
-            o_name, o_bias = find(p + "o_proj.weight"), find(p + "o_proj.bias", required=False)
+            o_name, o_bias = find(p + "o_proj.weight", p + "out_proj.weight"), find(p + "o_proj.bias", required=False)
         q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dh)
         if fc.qk_norm == "head":  # Qwen3 / GLM: RMSNorm per head
-            q = norm(q, self.w(find("self_attn.q_norm.weight")), None, fc)
-            k = norm(k, self.w(find("self_attn.k_norm.weight")), None, fc)
+            q = norm(q, self.w(find("self_attn.q_norm.weight", "self_attn.q_layernorm.weight")), None, fc)
+            k = norm(k, self.w(find("self_attn.k_norm.weight", "self_attn.k_layernorm.weight")), None, fc)
         if fc.use_rope[i]:
             r = fc.rope.dim
             q = torch.cat((apply_rope(q[..., :r], cos, sin, fc.rope.layout), q[..., r:]), dim=-1)
@@ -461,12 +461,14 @@ class Decoder:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
-                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "block_sparse_moe.router.weight")
+                  "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "block_sparse_moe.router.weight",
+                  "feed_forward.gate.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
-        corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", required=False), torch.float32,
+        corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "feed_forward.expert_bias",
+                                            required=False), torch.float32,
                                        device=self.device)
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if record:

@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 
 from ...errors import BadCheckpoint
-from . import gated_deltanet, mamba, mamba2
+from . import gated_deltanet, mamba, mamba2, short_conv
 
-KINDS = {"mamba": mamba, "mamba2": mamba2, "gated_deltanet": gated_deltanet}
+KINDS = {"mamba": mamba, "mamba2": mamba2, "gated_deltanet": gated_deltanet, "short_conv": short_conv}
 
 
 def run(decoder, i: int, h: torch.Tensor, state: Optional[dict] = None) -> torch.Tensor:
