@@ -44,6 +44,10 @@ _ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(input_linear|output_line
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier)?\.(weight|bias)$|\.router\.(weight|bias)$")
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)\.(weight|bias)$", re.I)
 _SSM = re.compile(r"\.(mamba|mixer)\.")
+# Nemotron-H keeps every layer's one sublayer under `.mixer.`: attention, router, dense MLP, MoE latents.
+_MIXER_ROLES = ((re.compile(r"\.mixer\.[qkvo]_proj\."), "attention"), (re.compile(r"\.mixer\.gate\.weight$"), "router"),
+                (re.compile(r"\.mixer\.(up_proj|down_proj|fc\d_latent_proj)\."), "dense_mlp"))
+_BACKBONE_EMBED = re.compile(r"^(model|backbone)\.embeddings\.weight$")
 _ATTN = re.compile(r"\.(self_attn|attn|attention|selfattention|encdecattention|linear_attn|norm_attn_norm|conv)\.", re.I)
 _MLP = re.compile(r"\.(mlp|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
 _PROJ = [
@@ -151,7 +155,7 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
         if _EMBED.search(name) or ".shared_head.head." in name:
             return "mtp", "tied_copy"
         return "mtp", "param"
-    if _EMBED.search(name):
+    if _EMBED.search(name) or _BACKBONE_EMBED.match(name):
         if re.match(r"^(encoder|decoder)\.embed_tokens\.weight$", name):
             return "embedding", "tied_copy"  # T5: copies of `shared.weight`
         return "embedding", "param"
@@ -161,6 +165,9 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
         return "shared_experts", "param"
     if _ROUTED.search(name):
         return "routed_experts", "param"
+    for pattern, group in _MIXER_ROLES:
+        if pattern.search(name):
+            return group, "param"
     if _ROUTER.search(name) and _MLP.search(name):
         return "router", "param"
     if _NORM.search(name):

@@ -29,7 +29,8 @@ Group = Literal[
     "dense_mlp", "norms", "lm_head", "vision", "mtp",
 ]
 Mixer = Literal["attention", "mla", "linear_attention", "mamba", "encoder_attention", "decoder_attention",
-                "mamba2", "gated_deltanet", "short_conv", "lightning_attention", "kda"]
+                "mamba2", "gated_deltanet", "short_conv", "lightning_attention", "kda",
+                "none"]  # "none": a block with only an FFN (Nemotron-H's MoE and MLP layers)
 Scoring = Literal["softmax", "sigmoid", "sparsemixer"]
 
 

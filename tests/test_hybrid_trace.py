@@ -54,6 +54,17 @@ HYBRID_CONFIGS = {
                             num_experts_per_tok=3, num_dense_layers=0, use_expert_bias=False, norm_topk_prob=False,
                             conv_L_cache=4, conv_bias=True, tie_word_embeddings=False, pad_token_id=0,
                             layer_types=["full_attention", "conv", "conv", "full_attention"], **_C),
+    "nemotron_h": dict(model_type="nemotron_h", intermediate_size=48, moe_intermediate_size=24,
+                       moe_shared_expert_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                       topk_group=1, routed_scaling_factor=2.0, hybrid_override_pattern="M*E-ME", mamba_num_heads=4,
+                       mamba_head_dim=16, ssm_state_size=8, n_groups=2, head_dim=8,
+                       **{k: v for k, v in _C.items() if k != "num_hidden_layers"}),
+    "nemotron_h-latent": dict(model_type="nemotron_h", intermediate_size=48, moe_intermediate_size=24,
+                              moe_shared_expert_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=3,
+                              moe_latent_size=16, mlp_bias=True, use_bias=True, norm_topk_prob=False,
+                              time_step_min=0.05, hybrid_override_pattern="ME*E", mamba_num_heads=8, mamba_head_dim=4,
+                              ssm_state_size=8, n_groups=1, head_dim=16,
+                              **{k: v for k, v in _C.items() if k != "num_hidden_layers"}),
 }
 CASES = [(name, seed) for name in HYBRID_CONFIGS for seed in (0, 1)]
 T = 40

@@ -77,6 +77,16 @@ def _lfm2_conv(seed: int, bias: bool = False):
     return _randomize(Lfm2MoeShortConv(cfg, 0), seed), short_conv.ShortConvConfig(kernel=3)
 
 
+def _nemotron_mamba2(seed: int):
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+    cfg = transformers.NemotronHConfig(hidden_size=D, mamba_num_heads=4, mamba_head_dim=12, ssm_state_size=8,
+                                       n_groups=2, conv_kernel=4, time_step_min=0.01, use_bias=True,
+                                       hybrid_override_pattern="M")
+    c = mamba2.Mamba2Config(heads=4, head_dim=12, groups=2, d_state=8, d_conv=4, eps=cfg.layer_norm_epsilon,
+                            dt_min=0.01)
+    return _randomize(NemotronHMamba2Mixer(cfg, 0), seed), c
+
+
 CASES = {
     "mamba-jamba": (_jamba_mixer, mamba),
     "mamba-jamba-bias": (lambda s: _jamba_mixer(s, mamba_proj_bias=True), mamba),
@@ -85,6 +95,7 @@ CASES = {
     "mamba2-granite": (_granite_mamba2, mamba2),
     "mamba2-granite-limits": (lambda s: _granite_mamba2(s, groups=1, mamba_proj_bias=True, time_step_limit=(0.1, 0.8)),
                               mamba2),
+    "mamba2-nemotron_h": (_nemotron_mamba2, mamba2),
     "short_conv-lfm2": (_lfm2_conv, short_conv),
     "short_conv-lfm2-bias": (lambda s: _lfm2_conv(s, bias=True), short_conv),
 }

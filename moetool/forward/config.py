@@ -18,7 +18,7 @@ from .mixers import gated_deltanet, mamba, mamba2, short_conv
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
-FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe")  # qwen3_next: also Qwen3.5-MoE's text model
+FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h")  # qwen3_next: also Qwen3.5-MoE's text model
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -122,7 +122,7 @@ class ForwardConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     temperature_tuning: Optional[tuple[float, float]] = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
-    expert_act: Literal["silu", "gpt_oss"] = "silu"
+    expert_act: Literal["silu", "gpt_oss", "relu2"] = "silu"  # relu2: ungated experts (Nemotron-H)
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     dense_ffn: int = 0
@@ -130,6 +130,8 @@ class ForwardConfig:
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Qwen3-Next stores weight - 1
     attn_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
     mixers: dict = field(default_factory=dict)  # LayerSpec.mixer kind -> that mixer's config
+    attn_prefix: str = "self_attn."  # where the attention projections are stored (Nemotron-H: "mixer.")
+    single_block: bool = False  # one sublayer per layer: x + sublayer(norm(x)) (Nemotron-H)
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -261,7 +263,21 @@ def _lfm2_moe(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
     fc.mixers["short_conv"] = short_conv.ShortConvConfig(kernel=cfg.int("conv_L_cache", 3))
 
 
-HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe}
+def _nemotron_h(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Nemotron-H: one sublayer per layer, everything under `mixer.`; attention without RoPE;
+    ungated relu2 MLPs and experts; Mamba-2 with dt clamped below at time_step_min."""
+    from ..arch.nemotron_h import mamba2_dims
+
+    fc.eps, fc.single_block, fc.attn_prefix = cfg.float("layer_norm_epsilon", 1e-5), True, "mixer."
+    fc.use_rope = [False] * spec.num_layers
+    fc.expert_act = cfg.str("mlp_hidden_act", "relu2")
+    fc.mixers["mamba2"] = mamba2.Mamba2Config(
+        **mamba2_dims(cfg), eps=fc.eps, activation=cfg.str("mamba_hidden_act", "silu"),
+        dt_min=cfg.float("time_step_min", 0.001), prefix="mixer.")
+
+
+HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe,
+          "nemotron_h": _nemotron_h}
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

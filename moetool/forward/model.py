@@ -21,6 +21,7 @@ import torch.nn.functional as F_
 from ..errors import BadCheckpoint, MoetoolError
 from ..spec import ModelSpec, MoESpec
 from . import mixers
+from .mixers.common import act as activation
 from .config import ForwardConfig
 from .weights import WeightStore
 
@@ -50,9 +51,9 @@ class ForwardResult:
 class Names:
     """Finds the checkpoint's tensor names for each role (families and wrappers differ)."""
 
-    FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.")  # Jamba, LFM2
+    FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.", "norm_f.")  # Jamba, LFM2, Nemotron-H
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
-             "model.language_model.embed_tokens.weight")
+             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight")
 
     def __init__(self, store: WeightStore):
         self.store = store
@@ -65,7 +66,7 @@ class Names:
             self.layers, self.final_norm = "transformer.blocks.", "transformer.norm_f."
             self.head = "lm_head.weight"
         else:
-            root = embed[: -len("embed_tokens.weight")]
+            root = embed.rsplit(".", 2)[0] + "."  # "model." of model.embed_tokens.weight
             self.layers, self.final_norm = root + "layers.", root + "norm."
             for alt in self.FINAL_NORM_ALIASES:  # families whose final norm has another name
                 if root + "norm.weight" not in store and root + alt + "weight" in store:
@@ -252,7 +253,7 @@ class Experts:
         find = lambda *s: names.find(layer, *s, required=False)
         self.per_expert = {}
         for proj, keys in (("gate", ("w1", "gate_proj")), ("up", ("w3", "up_proj")), ("down", ("w2", "down_proj"))):
-            for moe in ("block_sparse_moe", "mlp", "feed_forward"):
+            for moe in ("block_sparse_moe", "mlp", "feed_forward", "mixer"):
                 for key in keys:
                     n = f"{names.layers}{layer}.{moe}.experts.0.{key}.weight"
                     if n in store:
@@ -262,9 +263,13 @@ class Experts:
         self.down = find("mlp.experts.down_proj", "feed_forward.experts.down_proj",
                          "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
+        self.up_only = find("mixer.experts.up_proj")  # Nemotron-H: ungated [E, F, D] (with down_proj)
+        if self.up_only:
+            self.down = find("mixer.experts.down_proj")
         self.gate_up_bias = find("mlp.experts.gate_up_proj_bias")
         self.down_bias = find("mlp.experts.down_proj_bias")
-        if not (len(self.per_expert) == 3 or (self.gate_up and self.down) or all(self.dbrx.values())):
+        if not (len(self.per_expert) == 3 or (self.gate_up and self.down) or all(self.dbrx.values())
+                or (self.up_only and self.down) or set(self.per_expert) == {"up", "down"}):
             raise BadCheckpoint(f"layer {layer}: cannot find the routed experts' weights")
 
     def load(self, e: int):
@@ -272,6 +277,10 @@ class Experts:
         gb = ub = db = None
         if len(self.per_expert) == 3:
             gate, up, down = (g(self.per_expert[p].format(e=e)) for p in ("gate", "up", "down"))
+        elif self.up_only or set(self.per_expert) == {"up", "down"}:  # ungated: down(act(up x))
+            gate = None
+            up, down = ((g(self.up_only, index=e), g(self.down, index=e)) if self.up_only else
+                        (g(self.per_expert["up"].format(e=e)), g(self.per_expert["down"].format(e=e))))
         elif all(self.dbrx.values()):  # DBRX: [E*F, D]; w2 holds down transposed
             gate, up = g(self.dbrx["w1"], index=e, rows=self.F), g(self.dbrx["v1"], index=e, rows=self.F)
             down = g(self.dbrx["w2"], index=e, rows=self.F).t()
@@ -293,7 +302,9 @@ class Experts:
 
 
 def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
-    """The expert's intermediate activation from its gate and up projections."""
+    """The expert's intermediate activation from its gate and up projections (ungated: act(up))."""
+    if g is None:
+        return activation(u, act)
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
@@ -302,7 +313,7 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
 
 
 def swiglu(x, gate, up, down, gb=None, ub=None, db=None, act: str = "silu", limit: float = 7.0, alpha: float = 1.702):
-    h = glu(linear(x, gate, gb), linear(x, up, ub), act, limit, alpha)  # [n, F]
+    h = glu(None if gate is None else linear(x, gate, gb), linear(x, up, ub), act, limit, alpha)  # [n, F]
     return linear(h, down, db)  # [n, D]
 
 
@@ -353,6 +364,8 @@ class Decoder:
     def layer(self, i: int, x, cos, sin, masks, routes, record):
         fc, n = self.fc, self.names
         find = lambda *s, required=True: n.find(i, *s, required=required)
+        if fc.single_block:
+            return self.block(i, x, cos, sin, masks, routes, record)
         if fc.family == "dbrx":
             n1w, n1b = find("norm_attn_norm.norm_1.weight"), find("norm_attn_norm.norm_1.bias", required=False)
             n2w, n2b = find("norm_attn_norm.norm_2.weight"), find("norm_attn_norm.norm_2.bias", required=False)
@@ -376,6 +389,22 @@ class Decoder:
                                 for p, q in (("gate", "w1"), ("up", "w3"), ("down", "w2"))))
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
+    def block(self, i: int, x, cos, sin, masks, routes, record):
+        """A layer with one sublayer (Nemotron-H): x + sublayer(norm(x)), the sublayer being the
+        layer's mixer (Mamba-2, attention), or for mixer "none" its MoE or dense MLP."""
+        fc, find = self.fc, (lambda *s, required=True: self.names.find(i, *s, required=required))
+        h = norm(x, self.w(find("norm.weight")), None, fc)
+        layer = self.spec.layers[i]
+        if layer.mixer != "none":
+            return x + self.attention(i, h, cos, sin, masks)
+        if layer.moe:
+            return x + self.moe(i, h, routes, record)
+        if self.ffn_hook:
+            self.ffn_hook(self, i, h, None)
+        up, down = find("mixer.up_proj.weight"), find("mixer.down_proj.weight")
+        bias = lambda name: self.w(find(name[: -len("weight")] + "bias", required=False))
+        return x + swiglu(h, None, self.w(up), self.w(down), None, bias(up), bias(down), fc.expert_act)
+
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
         fc, find = self.fc, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
@@ -391,7 +420,7 @@ class Decoder:
             q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
             o_name, o_bias = find("norm_attn_norm.attn.out_proj.weight"), None
         else:
-            p = "self_attn."
+            p = fc.attn_prefix
             q = linear(h, self.w(find(p + "q_proj.weight")), self.w(find(p + "q_proj.bias", required=False)))
             if fc.attn_output_gate:  # per head: [query (Dh), gate (Dh)]
                 q, gate = q.view(T, H, 2 * Dh).chunk(2, dim=-1)
@@ -462,13 +491,13 @@ class Decoder:
         T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "block_sparse_moe.router.weight",
-                  "feed_forward.gate.weight")
+                  "feed_forward.gate.weight", "mixer.gate.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
         corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "feed_forward.expert_bias",
-                                            required=False), torch.float32,
+                                            "mixer.gate.e_score_correction_bias", required=False), torch.float32,
                                        device=self.device)
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if record:
@@ -476,6 +505,9 @@ class Decoder:
         if self.ffn_hook:
             self.ffn_hook(self, i, h, (idx, weights))
         experts = Experts(self.store, self.names, i, fc.family, moe.expert_ffn, self.dtype, self.device)
+        latent = find("mixer.fc1_latent_proj.weight", required=False)  # Nemotron-H: experts in a smaller space
+        h_in, h = h, (linear(h, self.w(latent), self.w(find("mixer.fc1_latent_proj.bias", required=False)))
+                      if latent else h)
         out = torch.zeros_like(h)
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # group (token, slot) pairs by expert
@@ -497,6 +529,16 @@ class Decoder:
             out.index_add_(0, tok, y)
             del gate, up, down
             self.store.release()  # this expert's pages leave resident memory before the next one
+        if latent:
+            out = linear(out, self.w(find("mixer.fc2_latent_proj.weight")),
+                         self.w(find("mixer.fc2_latent_proj.bias", required=False)))
+        h = h_in
+        ungated = find("mixer.shared_experts.up_proj.weight", required=False)  # Nemotron-H: up, act, down
+        if ungated:
+            base = ungated[: -len("up_proj.weight")]
+            bias = lambda n: self.w(base + n) if base + n in self.store else None
+            out = out + swiglu(h, None, self.w(ungated), self.w(base + "down_proj.weight"), None,
+                               bias("up_proj.bias"), bias("down_proj.bias"), fc.expert_act)
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
                       "feed_forward.shared_expert.gate_proj.weight", required=False)
         if shared:
