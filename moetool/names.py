@@ -33,7 +33,7 @@ _QUANT_META = re.compile(
     r"|\.g_idx|\.weight_zero_point|\.weight_g_idx|\.weight_shape|\.absmax|\.quant_map|\.nested_absmax"
     r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
 )
-_BUFFERS = re.compile(r"(e_score_correction_bias|\.expert_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+_BUFFERS = re.compile(r"(e_score_correction_bias|\.expert_bias|\.slope_rate|\.query_decay|\.key_decay|\.diagonal_decay|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector)\.")

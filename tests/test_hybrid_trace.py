@@ -65,6 +65,12 @@ HYBRID_CONFIGS = {
                               time_step_min=0.05, hybrid_override_pattern="ME*E", mamba_num_heads=8, mamba_head_dim=4,
                               ssm_state_size=8, n_groups=1, head_dim=16,
                               **{k: v for k, v in _C.items() if k != "num_hidden_layers"}),
+    "minimax": dict(model_type="minimax", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                    block_size=16, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                    full_attn_alpha_factor=0.7, full_attn_beta_factor=1.3, linear_attn_alpha_factor=1.2,
+                    linear_attn_beta_factor=0.6, mlp_alpha_factor=0.9, mlp_beta_factor=1.1, **_C),
+    "minimax-window": dict(model_type="minimax", intermediate_size=40, num_local_experts=6, num_experts_per_tok=3,
+                           block_size=7, sliding_window=9, **_C),
 }
 CASES = [(name, seed) for name in HYBRID_CONFIGS for seed in (0, 1)]
 T = 40

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from moetool.forward.mixers import gated_deltanet, mamba, mamba2, short_conv
+from moetool.forward.mixers import gated_deltanet, lightning, mamba, mamba2, short_conv
 
 T, D = 37, 32
 
@@ -87,6 +87,32 @@ def _nemotron_mamba2(seed: int):
     return _randomize(NemotronHMamba2Mixer(cfg, 0), seed), c
 
 
+def _minimax_lightning(seed: int, layer: int = 2):
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+    cfg = transformers.MiniMaxConfig(hidden_size=D, num_attention_heads=4, head_dim=8, num_hidden_layers=5, block_size=8)
+    m = MiniMaxLightningAttention(cfg, layer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # parameters only: the decay buffers are the layer's schedule
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    c = lightning.for_layer(lightning.LightningConfig(heads=4, head_dim=8, num_layers=5), layer)
+    return _Out0(m.eval()), c
+
+
+class _Out0(torch.nn.Module):
+    """MiniMax's module needs position embeddings and a mask argument and returns a pair."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x, None, None)[0]
+
+    def named_parameters(self, *a, **kw):
+        return self.m.named_parameters(*a, **kw)
+
+
 CASES = {
     "mamba-jamba": (_jamba_mixer, mamba),
     "mamba-jamba-bias": (lambda s: _jamba_mixer(s, mamba_proj_bias=True), mamba),
@@ -97,6 +123,8 @@ CASES = {
                               mamba2),
     "mamba2-nemotron_h": (_nemotron_mamba2, mamba2),
     "short_conv-lfm2": (_lfm2_conv, short_conv),
+    "lightning-minimax-layer0": (lambda s: _minimax_lightning(s, 0), lightning),
+    "lightning-minimax-layer3": (lambda s: _minimax_lightning(s, 3), lightning),
     "short_conv-lfm2-bias": (lambda s: _lfm2_conv(s, bias=True), short_conv),
 }
 

@@ -13,12 +13,12 @@ import torch
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
-from .mixers import gated_deltanet, mamba, mamba2, short_conv
+from .mixers import gated_deltanet, lightning, mamba, mamba2, short_conv
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
-FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h")  # qwen3_next: also Qwen3.5-MoE's text model
+FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax")  # qwen3_next: also Qwen3.5-MoE's text model
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -132,6 +132,8 @@ class ForwardConfig:
     mixers: dict = field(default_factory=dict)  # LayerSpec.mixer kind -> that mixer's config
     attn_prefix: str = "self_attn."  # where the attention projections are stored (Nemotron-H: "mixer.")
     single_block: bool = False  # one sublayer per layer: x + sublayer(norm(x)) (Nemotron-H)
+    # MiniMax: x' = alpha * norm(x) + beta * sublayer(norm(x)); (alpha, beta) by LayerSpec.mixer, "ffn" for the FFN
+    normed_residual: Optional[dict] = None
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -276,8 +278,16 @@ def _nemotron_h(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> Non
         dt_min=cfg.float("time_step_min", 0.001), prefix="mixer.")
 
 
+def _minimax(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """MiniMax-Text-01: scaled residuals from the normalised input; lightning attention."""
+    pair = lambda kind: (cfg.float(f"{kind}_alpha_factor", 1.0), cfg.float(f"{kind}_beta_factor", 1.0))
+    fc.normed_residual = {"attention": pair("full_attn"), "lightning_attention": pair("linear_attn"), "ffn": pair("mlp")}
+    fc.mixers["lightning_attention"] = lightning.LightningConfig(
+        heads=fc.heads, head_dim=fc.head_dim, num_layers=spec.num_layers, activation=cfg.str("hidden_act", "silu"))
+
+
 HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe,
-          "nemotron_h": _nemotron_h}
+          "nemotron_h": _nemotron_h, "minimax": _minimax}
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

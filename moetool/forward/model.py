@@ -375,7 +375,11 @@ class Decoder:
             n2b = find("post_attention_layernorm.bias", required=False)
         h = norm(x, self.w(n1w), self.w(n1b), fc)
         a = self.attention(i, h, cos, sin, masks)
-        x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
+        if fc.normed_residual:  # MiniMax: the residual is the normalised input, both branches scaled
+            alpha, beta = fc.normed_residual[self.spec.layers[i].mixer]
+            x = h * alpha + a * beta
+        else:
+            x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
         h = norm(x, self.w(n2w), self.w(n2b), fc)
         if self.spec.layers[i].moe:
             f = self.moe(i, h, routes, record)
@@ -387,6 +391,9 @@ class Decoder:
             else:
                 f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight", f"feed_forward.{q}.weight"))
                                 for p, q in (("gate", "w1"), ("up", "w3"), ("down", "w2"))))
+        if fc.normed_residual:
+            alpha, beta = fc.normed_residual["ffn"]
+            return h * alpha + f * beta
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def block(self, i: int, x, cos, sin, masks, routes, record):

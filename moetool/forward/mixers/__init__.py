@@ -12,9 +12,10 @@ from typing import Optional
 import torch
 
 from ...errors import BadCheckpoint
-from . import gated_deltanet, mamba, mamba2, short_conv
+from . import gated_deltanet, lightning, mamba, mamba2, short_conv
 
-KINDS = {"mamba": mamba, "mamba2": mamba2, "gated_deltanet": gated_deltanet, "short_conv": short_conv}
+KINDS = {"mamba": mamba, "mamba2": mamba2, "gated_deltanet": gated_deltanet, "short_conv": short_conv,
+         "lightning_attention": lightning}
 
 
 def run(decoder, i: int, h: torch.Tensor, state: Optional[dict] = None) -> torch.Tensor:
@@ -26,6 +27,8 @@ def run(decoder, i: int, h: torch.Tensor, state: Optional[dict] = None) -> torch
     if not names:
         raise BadCheckpoint(f"checkpoint is missing the {kind} mixer of layer {i} (no tensor named {prefix}*)")
     w = {n[len(prefix):]: decoder.w(n) for n in names}
+    if hasattr(c, "layer"):  # mixers whose maths depends on the layer index (lightning attention's decay)
+        c = KINDS[kind].for_layer(c, i)
     return KINDS[kind].forward(w, h, c, state)
 
 
