@@ -71,6 +71,21 @@ HYBRID_CONFIGS = {
                     linear_attn_beta_factor=0.6, mlp_alpha_factor=0.9, mlp_beta_factor=1.1, **_C),
     "minimax-window": dict(model_type="minimax", intermediate_size=40, num_local_experts=6, num_experts_per_tok=3,
                            block_size=7, sliding_window=9, **_C),
+    "kimi_linear": dict(model_type="kimi_linear", intermediate_size=48, moe_intermediate_size=24, num_experts=8,
+                        num_experts_per_token=2, num_shared_experts=1, num_expert_group=2, topk_group=1,
+                        routed_scaling_factor=2.0, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=None,
+                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, linear_attn_config=dict(kda_layers=[1, 2, 4], full_attn_layers=[3], num_heads=4,
+                                                                head_dim=8, short_conv_kernel_size=4),
+                        **{**_C, "num_key_value_heads": 4}),
+    "kimi_linear-qlora": dict(model_type="kimi_linear", intermediate_size=40, moe_intermediate_size=16, num_experts=6,
+                              num_experts_per_token=3, num_shared_experts=2, routed_scaling_factor=1.5,
+                              moe_renormalize=False, mlp_layer_types=["sparse", "dense", "sparse", "sparse"],
+                              kv_lora_rank=8, q_lora_rank=16, attention_bias=True, qk_nope_head_dim=8,
+                              qk_rope_head_dim=4, v_head_dim=6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
+                              linear_attn_config=dict(num_heads=2, head_dim=16, short_conv_kernel_size=3),
+                              **{**_C, "num_key_value_heads": 4}),
 }
 CASES = [(name, seed) for name in HYBRID_CONFIGS for seed in (0, 1)]
 T = 40

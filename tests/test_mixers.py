@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from moetool.forward.mixers import gated_deltanet, lightning, mamba, mamba2, short_conv
+from moetool.forward.mixers import gated_deltanet, kda, lightning, mamba, mamba2, short_conv
 
 T, D = 37, 32
 
@@ -113,6 +113,15 @@ class _Out0(torch.nn.Module):
         return self.m.named_parameters(*a, **kw)
 
 
+def _kimi_kda(seed: int):
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
+    cfg = transformers.KimiLinearConfig(hidden_size=D, num_hidden_layers=1, layer_types=["linear_attention"],
+                                        linear_attn_config=dict(num_heads=4, head_dim=8, short_conv_kernel_size=4),
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=64)
+    c = kda.KDAConfig(heads=4, head_dim=8, kernel=4, eps=cfg.rms_norm_eps)
+    return _randomize(KimiLinearDeltaAttention(cfg, 0), seed), c
+
+
 CASES = {
     "mamba-jamba": (_jamba_mixer, mamba),
     "mamba-jamba-bias": (lambda s: _jamba_mixer(s, mamba_proj_bias=True), mamba),
@@ -123,6 +132,7 @@ CASES = {
                               mamba2),
     "mamba2-nemotron_h": (_nemotron_mamba2, mamba2),
     "short_conv-lfm2": (_lfm2_conv, short_conv),
+    "kda-kimi_linear": (_kimi_kda, kda),
     "lightning-minimax-layer0": (lambda s: _minimax_lightning(s, 0), lightning),
     "lightning-minimax-layer3": (lambda s: _minimax_lightning(s, 3), lightning),
     "short_conv-lfm2-bias": (lambda s: _lfm2_conv(s, bias=True), short_conv),

@@ -14,10 +14,10 @@ from typing import Callable
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 from . import dbrx, deepseek, jamba, llama4, llama_like, qwen3_next, switch
-from . import granitemoehybrid, lfm2_moe, minimax, nemotron_h
+from . import granitemoehybrid, kimi_linear, lfm2_moe, minimax, nemotron_h
 
 ADAPTERS: dict[str, Callable[[Cfg], ModelSpec]] = {}
-for _module in (llama_like, deepseek, dbrx, llama4, jamba, qwen3_next, switch) + (granitemoehybrid, lfm2_moe, nemotron_h, minimax):
+for _module in (llama_like, deepseek, dbrx, llama4, jamba, qwen3_next, switch) + (granitemoehybrid, lfm2_moe, nemotron_h, minimax, kimi_linear):
     _module.register(ADAPTERS)
 
 # Architectures whose checkpoints carry another name in the wild.

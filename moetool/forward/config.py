@@ -13,12 +13,12 @@ import torch
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
-from .mixers import gated_deltanet, lightning, mamba, mamba2, short_conv
+from .mixers import gated_deltanet, kda, lightning, mamba, mamba2, short_conv
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
-FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax")  # qwen3_next: also Qwen3.5-MoE's text model
+FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -286,8 +286,20 @@ def _minimax(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
         heads=fc.heads, head_dim=fc.head_dim, num_layers=spec.num_layers, activation=cfg.str("hidden_act", "silu"))
 
 
+def _kimi_linear(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Kimi Linear: MLA without positional encoding; Kimi Delta Attention."""
+    from ..arch.kimi_linear import kda_dims
+
+    nope, rdim, v = cfg.int("qk_nope_head_dim", 128), cfg.int("qk_rope_head_dim", 64), cfg.int("v_head_dim", 128)
+    fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank", 512), nope=nope, rope=rdim, v=v)
+    fc.attn_scale, fc.use_rope = (nope + rdim) ** -0.5, [False] * spec.num_layers
+    fc.eps = cfg.float("rms_norm_eps", 1e-5)
+    fc.max_positions = cfg.raw("max_position_embeddings") or cfg.raw("model_max_length")
+    fc.mixers["kda"] = kda.KDAConfig(**kda_dims(cfg), eps=fc.eps, activation=cfg.str("hidden_act", "silu"))
+
+
 HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe,
-          "nemotron_h": _nemotron_h, "minimax": _minimax}
+          "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear}
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

@@ -389,7 +389,8 @@ class Decoder:
             if find("shared_mlp.input_linear.weight", required=False):  # Granite-4.0 without experts
                 f = self.shared_mlp(i, h)
             else:
-                f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight", f"feed_forward.{q}.weight"))
+                f = swiglu(h, *(self.w(find(f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight", f"feed_forward.{q}.weight",
+                                            f"block_sparse_moe.{p}_proj.weight"))  # the last: Kimi Linear as saved
                                 for p, q in (("gate", "w1"), ("up", "w3"), ("down", "w2"))))
         if fc.normed_residual:
             alpha, beta = fc.normed_residual["ffn"]
@@ -416,10 +417,10 @@ class Decoder:
         fc, find = self.fc, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
         H, Hkv, Dh = fc.heads, fc.kv_heads, fc.head_dim
-        if fc.mla:
-            return self.mla(i, h, cos, sin, masks)
         if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
             return mixers.run(self, i, h)
+        if fc.mla:
+            return self.mla(i, h, cos, sin, masks)
         if fc.family == "dbrx":
             qkv = linear(h, self.w(find("norm_attn_norm.attn.Wqkv.weight")))
             if fc.clip_qkv:
@@ -484,8 +485,10 @@ class Decoder:
         latent = rms_norm(latent, self.w(find("self_attn.kv_a_layernorm.weight")), 1e-6)
         kvb = linear(latent, self.w(find("self_attn.kv_b_proj.weight"))).view(T, H, nope + v_dim)
         k_nope, v = kvb.split([nope, v_dim], dim=-1)
-        q_rot = apply_rope(q[..., nope:], cos, sin, fc.rope.layout)
-        k_rot = apply_rope(k_rot.view(T, 1, r), cos, sin, fc.rope.layout).expand(T, H, r)
+        q_rot, k_rot = q[..., nope:], k_rot.view(T, 1, r)
+        if fc.use_rope[i]:  # Kimi Linear's MLA is NoPE
+            q_rot, k_rot = apply_rope(q_rot, cos, sin, fc.rope.layout), apply_rope(k_rot, cos, sin, fc.rope.layout)
+        k_rot = k_rot.expand(T, H, r)
         q = torch.cat((q[..., :nope], q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot), dim=-1)
         if (None, None) not in masks:
@@ -504,7 +507,8 @@ class Decoder:
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
         corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "feed_forward.expert_bias",
-                                            "mixer.gate.e_score_correction_bias", required=False), torch.float32,
+                                            "mixer.gate.e_score_correction_bias",
+                                            "block_sparse_moe.gate.e_score_correction_bias", required=False), torch.float32,
                                        device=self.device)
         idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if record:
@@ -547,6 +551,7 @@ class Decoder:
             out = out + swiglu(h, None, self.w(ungated), self.w(base + "down_proj.weight"), None,
                                bias("up_proj.bias"), bias("down_proj.bias"), fc.expert_act)
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
+                      "block_sparse_moe.shared_experts.gate_proj.weight",
                       "feed_forward.shared_expert.gate_proj.weight", required=False)
         if shared:
             base = shared[: -len("gate_proj.weight")]

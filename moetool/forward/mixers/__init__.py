@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 
 from ...errors import BadCheckpoint
-from . import gated_deltanet, lightning, mamba, mamba2, short_conv
+from . import gated_deltanet, kda, lightning, mamba, mamba2, short_conv
 
 KINDS = {"mamba": mamba, "mamba2": mamba2, "gated_deltanet": gated_deltanet, "short_conv": short_conv,
-         "lightning_attention": lightning}
+         "lightning_attention": lightning, "kda": kda}
 
 
 def run(decoder, i: int, h: torch.Tensor, state: Optional[dict] = None) -> torch.Tensor:
