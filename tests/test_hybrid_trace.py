@@ -6,8 +6,11 @@ within 1e-5; and count from headers == count from config == transformers' parame
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import moetool
 from fakes import build_transformers_model, randomize_biases, transformers_param_count, transformers_routes
@@ -110,10 +113,15 @@ def hybrid_checkpoint(tmp_path_factory):
             randomize_biases(model, seed)
             randomize_mixer_params(model, seed)
             d = tmp_path_factory.mktemp(f"{name}-{seed}")
-            model.save_pretrained(d)
+            model.save_pretrained(d)  # the published layout (transformers reverses its weight conversions)
+            # transformers' runtime names (fused experts, Nemotron-H under model., Kimi's forget_gate ...)
+            runtime = tmp_path_factory.mktemp(f"{name}-{seed}-runtime")
+            save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+                      str(runtime / "model.safetensors"))
+            shutil.copy(d / "config.json", runtime / "config.json")
             ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(seed))
             logits, routes = transformers_routes(model, ids)
-            cache[name, seed] = (d, ids[0].tolist(), logits, routes, transformers_param_count(model))
+            cache[name, seed] = (d, ids[0].tolist(), logits, routes, transformers_param_count(model), runtime)
         return cache[name, seed]
 
     return get
@@ -121,8 +129,19 @@ def hybrid_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, hybrid_checkpoint):
-    d, ids, ref_logits, ref_routes, _ = hybrid_checkpoint(name, seed)
+    d, ids, ref_logits, ref_routes, _, _ = hybrid_checkpoint(name, seed)
     out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu", streaming=True)
+    _assert_same(out, ref_logits, ref_routes)
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_CONFIGS))
+def test_trace_of_runtime_layout(name, hybrid_checkpoint):
+    """The same weights stored under transformers' in-memory names (state_dict) trace the same."""
+    _, ids, ref_logits, ref_routes, _, runtime = hybrid_checkpoint(name, 0)
+    _assert_same(run_forward(resolve(str(runtime)), ids, dtype="float32", device="cpu"), ref_logits, ref_routes)
+
+
+def _assert_same(out, ref_logits, ref_routes):
     assert ref_logits.abs().max() > 0.1  # the comparison is not between two near-zero tensors
     assert (out.logits - ref_logits).abs().max().item() < 1e-4
     assert sorted(ref_routes) == [r.layer for r in out.routes] and ref_routes
@@ -138,7 +157,7 @@ def test_trace_matches_transformers(name, seed, hybrid_checkpoint):
 
 @pytest.mark.parametrize("name", sorted(HYBRID_CONFIGS))
 def test_count_matches_transformers(name, hybrid_checkpoint):
-    d, _, _, _, tf_count = hybrid_checkpoint(name, 0)
+    d, _, _, _, tf_count, _ = hybrid_checkpoint(name, 0)
     from_headers, from_config = moetool.count(str(d)), moetool.count(str(d), use_headers=False)
     assert from_headers.total_params == from_config.total_params == tf_count
     assert from_headers.cross_check["match"], from_headers.cross_check["differences"]
