@@ -163,3 +163,28 @@ def test_count_matches_transformers(name, hybrid_checkpoint):
     assert from_headers.cross_check["match"], from_headers.cross_check["differences"]
     assert from_headers.breakdown == from_config.breakdown
     assert sum(from_headers.breakdown.values()) == tf_count
+
+
+def test_quantize_report_refuses_ungated_experts_in_one_line(hybrid_checkpoint):
+    """Nemotron-H's experts have no gate projection: quantize-report says so (exit 2), no traceback."""
+    import subprocess
+    import sys
+
+    d = hybrid_checkpoint("nemotron_h", 0)[0]
+    r = subprocess.run([sys.executable, "-m", "moetool", "quantize-report", "--model", str(d), "--weight-only"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "ungated experts" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", ["jamba", "nemotron_h"])
+def test_trace_cli_on_hybrid_checkpoint(name, hybrid_checkpoint):
+    import json
+    import subprocess
+    import sys
+
+    d, ids, _, ref_routes, _, _ = hybrid_checkpoint(name, 0)
+    r = subprocess.run([sys.executable, "-m", "moetool", "trace", "--model", str(d), "--tokens",
+                        ",".join(map(str, ids[:8])), "--format", "json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [layer["layer"] for layer in out["layers"]] == sorted(ref_routes)

@@ -180,6 +180,8 @@ def quantize_report(model: Optional[str] = None, *, schemes: Optional[list[str]]
                 else:
                     X, g = _sample(h[tok].float(), w[tok, slot], reservoir, scorer.rng)
             gate, up, down, *_ = loader.load(e)
+            if gate is None:
+                raise MoetoolError(f"quantize-report does not score ungated experts ({spec.model_type}) yet")
             scorer.score(layer, e, {"gate": gate.float(), "up": up.float(), "down": down.float()}, X, g, tokens,
                          gsum, act)
             del gate, up, down
