@@ -89,6 +89,13 @@ HYBRID_CONFIGS = {
                               layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
                               linear_attn_config=dict(num_heads=2, head_dim=16, short_conv_kernel_size=3),
                               **{**_C, "num_key_value_heads": 4}),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", initializer_range=0.1,
+                        text_config=dict(model_type="qwen3_5_moe_text", moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                         head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2,
+                                         linear_key_head_dim=8, linear_value_head_dim=8, **_C),
+                        vision_config=dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32,
+                                           patch_size=4, num_position_embeddings=16)),
 }
 CASES = [(name, seed) for name in HYBRID_CONFIGS for seed in (0, 1)]
 T = 40
@@ -103,13 +110,22 @@ def randomize_mixer_params(model, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+def _build(config: dict, seed: int):
+    if config["model_type"] == "qwen3_5_moe":  # the image-text model, as published checkpoints are
+        import transformers
+
+        torch.manual_seed(seed)
+        return transformers.Qwen3_5MoeForConditionalGeneration(transformers.AutoConfig.for_model(**config))
+    return build_transformers_model(config, seed=seed)
+
+
 @pytest.fixture(scope="session")
 def hybrid_checkpoint(tmp_path_factory):
     cache: dict = {}
 
     def get(name: str, seed: int):
         if (name, seed) not in cache:
-            model = build_transformers_model(HYBRID_CONFIGS[name], seed=seed).eval()
+            model = _build(HYBRID_CONFIGS[name], seed).eval()
             randomize_biases(model, seed)
             randomize_mixer_params(model, seed)
             d = tmp_path_factory.mktemp(f"{name}-{seed}")
@@ -119,7 +135,7 @@ def hybrid_checkpoint(tmp_path_factory):
             save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
                       str(runtime / "model.safetensors"))
             shutil.copy(d / "config.json", runtime / "config.json")
-            ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(seed))
+            ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, T), generator=torch.Generator().manual_seed(seed))
             logits, routes = transformers_routes(model, ids)
             cache[name, seed] = (d, ids[0].tolist(), logits, routes, transformers_param_count(model), runtime)
         return cache[name, seed]

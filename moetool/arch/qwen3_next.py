@@ -6,6 +6,8 @@ projections stored apart (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) and ever
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
 from . import common
 
@@ -77,6 +79,34 @@ def adapt(cfg: Cfg, model_type: str = "qwen3_next", split_proj: bool = False) ->
                      quantization=common.quantization(cfg))
 
 
+def adapt_multimodal(cfg: Cfg) -> ModelSpec:
+    """Qwen3.5-MoE's image-text checkpoint (`qwen3_5_moe`): the text model from `text_config`
+    (stored under model.language_model.) plus the vision tower (model.visual.) as its own group."""
+    text = adapt(cfg.sub("text_config"), "qwen3_5_moe", split_proj=True)
+    v = cfg.sub("vision_config")
+    h, inter, depth = v.int("hidden_size", 1152, min_value=1), v.int("intermediate_size", 4304, min_value=1), v.int("depth", 27)
+    p, tp, ch = v.int("patch_size", 16, min_value=1), v.int("temporal_patch_size", 2, min_value=1), v.int("in_channels", 3)
+    merged = h * v.int("spatial_merge_size", 2, min_value=1) ** 2
+    inv = Inventory()
+    inv.add("visual.patch_embed.weight", "vision", (h, ch, tp, p, p))
+    inv.add("visual.patch_embed.bias", "vision", (h,))
+    inv.add("visual.pos_embed.weight", "vision", (v.int("num_position_embeddings", 2304), h))
+    for b in range(depth):
+        for n in ("norm1", "norm2"):
+            inv.add(f"visual.blocks.{b}.{n}.weight", "vision", (h,))
+            inv.add(f"visual.blocks.{b}.{n}.bias", "vision", (h,))
+        inv.linear(f"visual.blocks.{b}.qkv", "vision", 3 * h, h, bias=True)
+        inv.linear(f"visual.blocks.{b}.proj", "vision", h, h, bias=True)
+        inv.linear(f"visual.blocks.{b}.fc1", "vision", inter, h, bias=True)
+        inv.linear(f"visual.blocks.{b}.fc2", "vision", h, inter, bias=True)
+    inv.add("visual.merger.norm.weight", "vision", (h,))
+    inv.add("visual.merger.norm.bias", "vision", (h,))
+    inv.linear("visual.merger.fc1", "vision", merged, merged, bias=True)
+    inv.linear("visual.merger.fc2", "vision", v.int("out_hidden_size", 3584, min_value=1), merged, bias=True)
+    return dataclasses.replace(text, params=text.params + tuple(inv.params))
+
+
 def register(table: dict) -> None:
     table["qwen3_next"] = adapt
+    table["qwen3_5_moe"] = adapt_multimodal
     table["qwen3_5_moe_text"] = lambda cfg: adapt(cfg, "qwen3_5_moe_text", split_proj=True)

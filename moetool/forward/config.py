@@ -17,6 +17,7 @@ from .mixers import gated_deltanet, kda, lightning, mamba, mamba2, short_conv
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4")
+TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
 
@@ -143,6 +144,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             f"model_type {spec.model_type!r} has no reference forward yet; supported: {', '.join(FORWARD_FAMILIES)}")
     cfg = Cfg(config)
     if family == "llama4" and spec.model_type == "llama4":
+        cfg = cfg.sub("text_config")
+    if spec.model_type in TEXT_CONFIG_WRAPPERS:  # image-text checkpoints: the text model's fields
         cfg = cfg.sub("text_config")
     if family == "dbrx":
         return _dbrx(spec, cfg)
