@@ -204,3 +204,27 @@ def test_trace_cli_on_hybrid_checkpoint(name, hybrid_checkpoint):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [layer["layer"] for layer in out["layers"]] == sorted(ref_routes)
+
+
+def test_missing_or_misshapen_mixer_tensor_is_one_line(hybrid_checkpoint, tmp_path):
+    """A checkpoint whose mixer lacks a tensor, or whose config disagrees with its shapes: exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    d = hybrid_checkpoint("jamba", 0)[0]
+    tensors = load_file(str(d / "model.safetensors"))
+    del tensors["model.layers.0.mamba.A_log"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    r = subprocess.run([sys.executable, "-m", "moetool", "trace", "--model", str(tmp_path), "--tokens", "1,2,3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "mamba.A_log" in r.stderr and "Traceback" not in r.stderr
+    config = json.loads((d / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "mamba_d_state": 5}))
+    save_file(load_file(str(d / "model.safetensors")), str(tmp_path / "model.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "moetool", "trace", "--model", str(tmp_path), "--tokens", "1,2,3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

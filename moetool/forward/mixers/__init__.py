@@ -29,7 +29,12 @@ def run(decoder, i: int, h: torch.Tensor, state: Optional[dict] = None) -> torch
     w = {n[len(prefix):]: decoder.w(n) for n in names}
     if hasattr(c, "layer"):  # mixers whose maths depends on the layer index (lightning attention's decay)
         c = KINDS[kind].for_layer(c, i)
-    return KINDS[kind].forward(w, h, c, state)
+    try:
+        return KINDS[kind].forward(w, h, c, state)
+    except KeyError as e:
+        raise BadCheckpoint(f"checkpoint is missing tensor {prefix}{e.args[0]} ({kind} mixer of layer {i})") from None
+    except RuntimeError as e:  # shapes that contradict config.json
+        raise BadCheckpoint(f"layer {i}: the {kind} mixer's tensors do not fit config.json: {str(e)[:200]}") from None
 
 
 def _layer_tensors(decoder) -> dict[str, list[str]]:
