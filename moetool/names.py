@@ -33,7 +33,8 @@ _QUANT_META = re.compile(
     r"|\.g_idx|\.weight_zero_point|\.weight_g_idx|\.weight_shape|\.absmax|\.quant_map|\.nested_absmax"
     r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
 )
-_BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+_BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias|\.slope_rate|\.query_decay|\.key_decay|"
+                      r"\.diagonal_decay|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector"
@@ -46,7 +47,12 @@ _ROUTED = re.compile(r"\.experts\.|\.(block_sparse_moe|mlp)\.(input_linear|outpu
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)(\.\d+)?\.(weight|bias)$", re.I)
 _SSM = re.compile(r"\.(mamba|mixer)\.")
-_ATTN = re.compile(r"\.(self_attn|self_attention|attn|attention|cross_attention|encoder_attn|selfattention|encdecattention|linear_attn|norm_attn_norm)\.", re.I)
+# Nemotron-H keeps every layer's one sublayer under `.mixer.`: attention, router, dense MLP, MoE latents.
+_MIXER_ROLES = ((re.compile(r"\.mixer\.[qkvo]_proj\."), "attention"), (re.compile(r"\.mixer\.gate\.weight$"), "router"),
+                (re.compile(r"\.mixer\.(up_proj|down_proj|fc\d_latent_proj)\."), "dense_mlp"))
+_BACKBONE_EMBED = re.compile(r"^(model|backbone)\.embeddings\.weight$")
+_ATTN = re.compile(r"\.(self_attn|self_attention|attn|attention|cross_attention|encoder_attn|selfattention|encdecattention|"
+                   r"linear_attn|norm_attn_norm|conv)\.", re.I)
 _MLP = re.compile(r"\.(mlp|mlps|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
 _PROJ = [
     (re.compile(r"\.(gate_up_proj|input_linear)"), "gate_up"),
@@ -155,7 +161,7 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
         if _EMBED.search(name) or ".shared_head.head." in name:
             return "mtp", "tied_copy"
         return "mtp", "param"
-    if _EMBED.search(name):
+    if _EMBED.search(name) or _BACKBONE_EMBED.match(name):
         if re.match(r"^(model\.)?(encoder|decoder)\.embed_tokens\.weight$", name):
             return "embedding", "tied_copy"  # T5: copies of `shared.weight`
         return "embedding", "param"
@@ -170,6 +176,9 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
         return "router", "param"
     if _ROUTED.search(name):
         return "routed_experts", "param"
+    for pattern, group in _MIXER_ROLES:
+        if pattern.search(name):
+            return group, "param"
     if _ROUTER.search(name) and _MLP.search(name):
         return "router", "param"
     if _NORM.search(name):

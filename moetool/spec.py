@@ -28,7 +28,9 @@ Group = Literal[
     "embedding", "attention", "ssm", "router", "routed_experts", "shared_experts",
     "dense_mlp", "norms", "lm_head", "vision", "audio", "mtp",
 ]
-Mixer = Literal["attention", "mla", "linear_attention", "mamba", "encoder_attention", "decoder_attention"]
+Mixer = Literal["attention", "mla", "linear_attention", "mamba", "encoder_attention", "decoder_attention",
+                "mamba2", "gated_deltanet", "short_conv", "lightning_attention", "kda",
+                "none"]  # "none": a block with only an FFN (Nemotron-H's MoE and MLP layers)
 Scoring = Literal["softmax", "sigmoid", "sparsemixer"]
 
 
@@ -72,6 +74,7 @@ class RouterSpec:
     bias: bool = False  # the router linear layer has a bias (gpt-oss)
     jitter_noise: float = 0.0
     norm_p: float = 1.0  # norm_topk_prob divides by this p-norm of the top-k weights (DBRX; else 1: their sum)
+    norm_eps: float = 1e-20  # added to the sum when renormalising the top-k weights (LFM2-MoE: 1e-6)
 
 
 @dataclass(frozen=True)

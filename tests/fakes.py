@@ -270,7 +270,7 @@ def transformers_routes(model, ids) -> tuple:
 
     mod_parent = {}
     for name, module in model.named_modules():
-        m = re.search(r"\.(layers|blocks)\.(\d+)\.(mlp|block_sparse_moe|feed_forward|ffn)\.(gate|router)$", name)
+        m = re.search(r"\.(layers|blocks)\.(\d+)\.(mlp|block_sparse_moe|feed_forward|ffn|mixer)\.(gate|router)$", name)
         if m and not isinstance(module, torch.nn.ModuleList):
             layer = int(m.group(2))
             if family == "dbrx":

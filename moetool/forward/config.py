@@ -13,6 +13,7 @@ import torch
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
+from .mixers import gated_deltanet, kda, lightning, mamba, mamba2, short_conv
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                     "gpt_oss", "granitemoe", "phimoe", "dbrx", "llama4", "glm4_moe_lite", "deepseek_v32",
@@ -33,6 +34,9 @@ FAMILY_FORWARD: dict[str, dict] = {
     "cohere2_moe": dict(rope_layout="interleave", layer_norms=("input_layernorm", None, None, None), parallel_block=True),
 }
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
+TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
+# Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
+FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -147,7 +151,7 @@ class ForwardConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     temperature_tuning: Optional[tuple[float, float]] = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
-    expert_act: str = "silu"  # every gated FFN's activation: an ACT2FN name (hidden_act) or "gpt_oss"
+    expert_act: str = "silu"  # every FFN's activation: an ACT2FN name (hidden_act), "gpt_oss"; relu2: Nemotron-H's ungated experts
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     dense_ffn: int = 0
@@ -155,6 +159,13 @@ class ForwardConfig:
     # Norms of a decoder layer, as checkpoint names under the layer: (before attention, after
     # attention, before FFN, after FFN); None where the family has none (Olmo 2 style: after only).
     layer_norms: tuple[Optional[str], ...] = ("input_layernorm", None, "post_attention_layernorm", None)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Qwen3-Next stores weight - 1
+    attn_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
+    mixers: dict = field(default_factory=dict)  # LayerSpec.mixer kind -> that mixer's config
+    attn_prefix: str = "self_attn."  # where the attention projections are stored (Nemotron-H: "mixer.")
+    single_block: bool = False  # one sublayer per layer: x + sublayer(norm(x)) (Nemotron-H)
+    # MiniMax: x' = alpha * norm(x) + beta * sublayer(norm(x)); (alpha, beta) by LayerSpec.mixer, "ffn" for the FFN
+    normed_residual: Optional[dict] = None
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -164,6 +175,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             f"model_type {spec.model_type!r} has no reference forward yet; supported: {', '.join(FORWARD_FAMILIES)}")
     cfg = Cfg(config)
     if family == "llama4" and spec.model_type == "llama4":
+        cfg = cfg.sub("text_config")
+    if spec.model_type in TEXT_CONFIG_WRAPPERS:  # image-text checkpoints: the text model's fields
         cfg = cfg.sub("text_config")
     if family == "dbrx":
         return _dbrx(spec, cfg)
@@ -264,6 +277,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
             m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))
             fc.attn_scale *= m * m
+    elif family in HYBRID:
+        HYBRID[family](fc, spec, cfg, scaling_dict)
     return fc
 
 
@@ -319,6 +334,103 @@ def _jetmoe(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
                          norm="rms", rope=Rope(theta=theta, dim=hd), attn_scale=hd ** -0.5,
                          windows=[None] * spec.num_layers, use_rope=[True] * spec.num_layers,
                          max_positions=cfg.raw("max_position_embeddings"), expert_act=_activation(spec))
+
+
+def _jamba(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Jamba: attention without positional encoding; Mamba layers with RMSNorms on dt, B, C."""
+    fc.use_rope = [False] * spec.num_layers
+    fc.layer_norms = ("input_layernorm", None, "pre_ff_layernorm", None)
+    d = spec.hidden_size
+    dt_rank = cfg.raw("mamba_dt_rank", "auto")
+    fc.mixers["mamba"] = mamba.MambaConfig(
+        inner=cfg.int("mamba_expand", 2) * d, d_state=cfg.int("mamba_d_state", 16), d_conv=cfg.int("mamba_d_conv", 4),
+        dt_rank=math.ceil(d / 16) if dt_rank == "auto" else cfg.int("mamba_dt_rank"), eps=fc.eps,
+        activation=cfg.str("hidden_act", "silu"))
+
+
+def _qwen3_next(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Qwen3-Next / Qwen3.5: (1 + w) RMSNorms, gated attention with QK-norm and partial RoPE, Gated DeltaNet."""
+    fc.norm_offset, fc.attn_output_gate, fc.qk_norm = 1.0, True, "head"
+    fc.rope.dim = int(fc.head_dim * float(rope.get("partial_rotary_factor") or cfg.float("partial_rotary_factor", 0.25)))
+    fc.mixers["gated_deltanet"] = gated_deltanet.GatedDeltaNetConfig(
+        k_heads=cfg.int("linear_num_key_heads", 16), v_heads=cfg.int("linear_num_value_heads", 32),
+        k_dim=cfg.int("linear_key_head_dim", 128), v_dim=cfg.int("linear_value_head_dim", 128),
+        kernel=cfg.int("linear_conv_kernel_dim", 4), eps=fc.eps, activation=cfg.str("hidden_act", "silu"))
+
+
+def _granitemoehybrid(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Granite-4.0: GraniteMoE's multipliers; RoPE only with position_embedding_type "rope"; Mamba-2."""
+    from ..arch.granitemoehybrid import mamba2_dims
+
+    fc.attn_scale = cfg.float("attention_multiplier", 1.0)
+    fc.embedding_multiplier = cfg.float("embedding_multiplier", 1.0)
+    fc.residual_multiplier = cfg.float("residual_multiplier", 1.0)
+    fc.logits_scaling = cfg.float("logits_scaling", 1.0)
+    fc.use_rope = [cfg.raw("position_embedding_type") == "rope"] * spec.num_layers
+    fc.mixers["mamba2"] = _mamba2(cfg, mamba2_dims(cfg, spec.hidden_size), fc.eps, "mamba.")
+
+
+def _mamba2(cfg: Cfg, dims: dict, eps: float, prefix: str) -> "mamba2.Mamba2Config":
+    limit = cfg.raw("time_step_limit") or (0.0, float("inf"))
+    if not (isinstance(limit, (list, tuple)) and len(limit) == 2):
+        raise BadConfig(f"{cfg.where}: time_step_limit must be a pair [min, max]")
+    lo, hi = (_json_float(v, cfg, "time_step_limit") for v in limit)
+    return mamba2.Mamba2Config(**dims, eps=eps, activation=cfg.str("hidden_act", "silu"), dt_min=lo, dt_max=hi,
+                               prefix=prefix)
+
+
+def _json_float(v, cfg: Cfg, key: str) -> float:
+    """A number, or transformers' JSON spelling of a non-finite one ({"__float__": "Infinity"})."""
+    if isinstance(v, dict) and set(v) == {"__float__"}:
+        v = v["__float__"]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise BadConfig(f"{cfg.where}: field {key!r} must hold numbers, got {v!r}") from None
+
+
+def _lfm2_moe(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """LFM2-MoE: norm_eps, per-head QK RMSNorm, gated short convolutions."""
+    fc.eps, fc.qk_norm = cfg.float("norm_eps", 1e-5), "head"
+    fc.layer_norms = ("operator_norm", None, "ffn_norm", None)
+    fc.mixers["short_conv"] = short_conv.ShortConvConfig(kernel=cfg.int("conv_L_cache", 3))
+
+
+def _nemotron_h(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Nemotron-H: one sublayer per layer, everything under `mixer.`; attention without RoPE;
+    ungated relu2 MLPs and experts; Mamba-2 with dt clamped below at time_step_min."""
+    from ..arch.nemotron_h import mamba2_dims
+
+    fc.eps, fc.single_block, fc.attn_prefix = cfg.float("layer_norm_epsilon", 1e-5), True, "mixer."
+    fc.use_rope = [False] * spec.num_layers
+    fc.expert_act = cfg.str("mlp_hidden_act", "relu2")
+    fc.mixers["mamba2"] = mamba2.Mamba2Config(
+        **mamba2_dims(cfg), eps=fc.eps, activation=cfg.str("mamba_hidden_act", "silu"),
+        dt_min=cfg.float("time_step_min", 0.001), prefix="mixer.")
+
+
+def _minimax(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """MiniMax-Text-01: scaled residuals from the normalised input; lightning attention."""
+    pair = lambda kind: (cfg.float(f"{kind}_alpha_factor", 1.0), cfg.float(f"{kind}_beta_factor", 1.0))
+    fc.normed_residual = {"attention": pair("full_attn"), "lightning_attention": pair("linear_attn"), "ffn": pair("mlp")}
+    fc.mixers["lightning_attention"] = lightning.LightningConfig(
+        heads=fc.heads, head_dim=fc.head_dim, num_layers=spec.num_layers, activation=cfg.str("hidden_act", "silu"))
+
+
+def _kimi_linear(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Kimi Linear: MLA without positional encoding; Kimi Delta Attention."""
+    from ..arch.kimi_linear import kda_dims
+
+    nope, rdim, v = cfg.int("qk_nope_head_dim", 128), cfg.int("qk_rope_head_dim", 64), cfg.int("v_head_dim", 128)
+    fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank", 512), nope=nope, rope=rdim, v=v)
+    fc.attn_scale, fc.use_rope = (nope + rdim) ** -0.5, [False] * spec.num_layers
+    fc.eps = cfg.float("rms_norm_eps", 1e-5)
+    fc.max_positions = cfg.raw("max_position_embeddings") or cfg.raw("model_max_length")
+    fc.mixers["kda"] = kda.KDAConfig(**kda_dims(cfg), eps=fc.eps, activation=cfg.str("hidden_act", "silu"))
+
+
+HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe,
+          "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear}
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

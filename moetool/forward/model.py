@@ -20,6 +20,8 @@ import torch.nn.functional as F_
 
 from ..errors import BadCheckpoint, MoetoolError
 from ..spec import ModelSpec, MoESpec
+from . import mixers
+from .mixers.common import act as activation
 from .config import ForwardConfig
 from .indexer import sparse_attention_keep
 from .moa import moa_attention
@@ -72,8 +74,9 @@ def non_finite_router(i: int, h: torch.Tensor, name: str, w: torch.Tensor, b) ->
 class Names:
     """Finds the checkpoint's tensor names for each role (families and wrappers differ)."""
 
+    FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.", "norm_f.")  # Jamba, LFM2, Nemotron-H
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
-             "model.language_model.embed_tokens.weight")
+             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight")
 
     def __init__(self, store: WeightStore):
         self.store = store
@@ -86,8 +89,11 @@ class Names:
             self.layers, self.final_norm = "transformer.blocks.", "transformer.norm_f."
             self.head = "lm_head.weight"
         else:
-            root = embed[: -len("embed_tokens.weight")]
+            root = embed.rsplit(".", 2)[0] + "."  # "model." of model.embed_tokens.weight
             self.layers, self.final_norm = root + "layers.", root + "norm."
+            for alt in self.FINAL_NORM_ALIASES:  # families whose final norm has another name
+                if root + "norm.weight" not in store and root + alt + "weight" in store:
+                    self.final_norm = root + alt
             # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
             wrapper = "language_model." if embed.startswith("language_model.") else ""
             self.head = wrapper + "lm_head.weight"
@@ -116,6 +122,8 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tor
 def norm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], fc: ForwardConfig) -> torch.Tensor:
     if fc.norm == "layernorm":
         return F_.layer_norm(x, (x.shape[-1],), w, b, fc.eps)
+    if fc.norm_offset and w is not None:  # (1 + w) RMSNorm, in float32 (Qwen3-Next)
+        return (rms_norm(x.float(), None, fc.eps) * (fc.norm_offset + w.float())).to(x.dtype)
     return rms_norm(x, w, fc.eps)
 
 
@@ -272,7 +280,7 @@ def _route_sigmoid_group(logits: torch.Tensor, moe: MoESpec, bias: Optional[torc
     idx = torch.topk(choice, k, dim=-1).indices  # [T, K]
     w = scores.gather(1, idx)
     if r.norm_topk_prob:
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        w = w / (w.sum(dim=-1, keepdim=True) + r.norm_eps)
     return idx, w * r.routed_scaling_factor, choice.masked_fill(torch.isinf(choice), float("nan"))
 
 
@@ -305,7 +313,7 @@ class Experts:
         find = lambda *s: names.find(layer, *s, required=False)
         self.per_expert = {}
         for proj, keys in (("gate", ("w1", "gate_proj")), ("up", ("w3", "up_proj")), ("down", ("w2", "down_proj"))):
-            for moe in ("block_sparse_moe", "mlp", "feed_forward"):
+            for moe in ("block_sparse_moe", "mlp", "feed_forward", "mixer"):
                 for key in keys:
                     n = f"{names.layers}{layer}.{moe}.experts.0.{key}.weight"
                     if n in store:
@@ -317,9 +325,13 @@ class Experts:
                          "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight",
                          "mlp.output_linear.weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
+        self.up_only = find("mixer.experts.up_proj")  # Nemotron-H: ungated [E, F, D] (with down_proj)
+        if self.up_only:
+            self.down = find("mixer.experts.down_proj")
         self.gate_up_bias = find("mlp.experts.gate_up_proj_bias")
         self.down_bias = find("mlp.experts.down_proj_bias")
-        if not (len(self.per_expert) == 3 or (self.gate_up and self.down) or all(self.dbrx.values())):
+        if not (len(self.per_expert) == 3 or (self.gate_up and self.down) or all(self.dbrx.values())
+                or (self.up_only and self.down) or set(self.per_expert) == {"up", "down"}):
             raise BadCheckpoint(f"layer {layer}: cannot find the routed experts' weights")
 
     def load(self, e: int):
@@ -327,6 +339,10 @@ class Experts:
         gb = ub = db = None
         if len(self.per_expert) == 3:
             gate, up, down = (g(self.per_expert[p].format(e=e)) for p in ("gate", "up", "down"))
+        elif self.up_only or set(self.per_expert) == {"up", "down"}:  # ungated: down(act(up x))
+            gate = None
+            up, down = ((g(self.up_only, index=e), g(self.down, index=e)) if self.up_only else
+                        (g(self.per_expert["up"].format(e=e)), g(self.per_expert["down"].format(e=e))))
         elif all(self.dbrx.values()):  # DBRX: [E*F, D]; w2 holds down transposed
             gate, up = g(self.dbrx["w1"], index=e, rows=self.F), g(self.dbrx["v1"], index=e, rows=self.F)
             down = g(self.dbrx["w2"], index=e, rows=self.F).t()
@@ -360,7 +376,10 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
-    """The expert's intermediate activation from its gate and up projections: act(gate) * up."""
+    """The expert's intermediate activation from its gate and up projections: act(gate) * up
+    (ungated experts, Nemotron-H: act(up))."""
+    if g is None:
+        return ACTIVATIONS[act](u)
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
@@ -369,7 +388,7 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
 
 
 def swiglu(x, gate, up, down, gb=None, ub=None, db=None, act: str = "silu", limit: float = 7.0, alpha: float = 1.702):
-    h = glu(linear(x, gate, gb), linear(x, up, ub), act, limit, alpha)  # [n, F]
+    h = glu(None if gate is None else linear(x, gate, gb), linear(x, up, ub), act, limit, alpha)  # [n, F]
     return linear(h, down, db)  # [n, D]
 
 
@@ -432,6 +451,8 @@ class Decoder:
     def layer(self, i: int, x, cos, sin, masks, routes, record):
         fc, n = self.fc, self.names
         find = lambda *s, required=True: n.find(i, *s, required=required)
+        if fc.single_block:  # Nemotron-H: one sublayer per layer
+            return self.block(i, x, cos, sin, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
@@ -445,22 +466,53 @@ class Decoder:
         if fc.parallel_block:  # Cohere: attention and FFN both read norm(x); one residual for both
             x = x + a
         else:
-            x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
+            if fc.normed_residual:  # MiniMax: the residual is the normalised input, both branches scaled
+                alpha, beta = fc.normed_residual[self.spec.layers[i].mixer]
+                x = h * alpha + a * beta
+            else:
+                x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
             h = nrm(pre_f, x)
         if self.spec.layers[i].moe:
             f = self.moe(i, h, routes, record)
         else:
             if self.ffn_hook:
                 self.ffn_hook(self, i, h, None)
-            base = find("mlp.gate_proj.weight", "feed_forward.gate_proj.weight")[: -len("gate_proj.weight")]
-            f = self.gated_mlp(base, h)
+            if find("shared_mlp.input_linear.weight", required=False):  # Granite-4.0 without experts
+                f = self.shared_mlp(i, h)
+            elif find("feed_forward.w1.weight", required=False):  # LFM2: w1 / w3 / w2
+                f = swiglu(h, *(self.w(find(f"feed_forward.{q}.weight")) for q in ("w1", "w3", "w2")), act=fc.expert_act)
+            else:  # mlp / feed_forward; Kimi Linear's dense layers as saved: block_sparse_moe
+                base = find("mlp.gate_proj.weight", "feed_forward.gate_proj.weight",
+                            "block_sparse_moe.gate_proj.weight")[: -len("gate_proj.weight")]
+                f = self.gated_mlp(base, h)
         f = nrm(post_f, f)
+        if fc.normed_residual:
+            alpha, beta = fc.normed_residual["ffn"]
+            return h * alpha + f * beta
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
+
+    def block(self, i: int, x, cos, sin, masks, routes, record):
+        """A layer with one sublayer (Nemotron-H): x + sublayer(norm(x)), the sublayer being the
+        layer's mixer (Mamba-2, attention), or for mixer "none" its MoE or dense MLP."""
+        fc, find = self.fc, (lambda *s, required=True: self.names.find(i, *s, required=required))
+        h = norm(x, self.w(find("norm.weight")), None, fc)
+        layer = self.spec.layers[i]
+        if layer.mixer != "none":
+            return x + self.attention(i, h, cos, sin, masks)
+        if layer.moe:
+            return x + self.moe(i, h, routes, record)
+        if self.ffn_hook:
+            self.ffn_hook(self, i, h, None)
+        up, down = find("mixer.up_proj.weight"), find("mixer.down_proj.weight")
+        bias = lambda name: self.w(find(name[: -len("weight")] + "bias", required=False))
+        return x + swiglu(h, None, self.w(up), self.w(down), None, bias(up), bias(down), fc.expert_act)
 
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
         fc, find = self.fc, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
         H, Hkv, Dh = fc.heads, fc.kv_heads, fc.head_dim
+        if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
+            return mixers.run(self, i, h)
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
         if fc.family == "jetmoe":  # mixture of attention heads (forward/moa.py)
@@ -472,8 +524,11 @@ class Decoder:
             q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
             o_name, o_bias = find("norm_attn_norm.attn.out_proj.weight"), None
         else:
-            p = "self_attn."
+            p = fc.attn_prefix
             q = linear(h, self.w(find(p + "q_proj.weight")), self.w(find(p + "q_proj.bias", required=False)))
+            if fc.attn_output_gate:  # per head: [query (Dh), gate (Dh)]
+                q, gate = q.view(T, H, 2 * Dh).chunk(2, dim=-1)
+                q, gate = q.reshape(T, H * Dh), gate.reshape(T, H * Dh)
             k = linear(h, self.w(find(p + "k_proj.weight")), self.w(find(p + "k_proj.bias", required=False)))
             v = linear(h, self.w(find(p + "v_proj.weight")), self.w(find(p + "v_proj.bias", required=False)))
             if fc.qk_norm == "full":  # OLMoE: RMSNorm over the whole projection
@@ -481,15 +536,15 @@ class Decoder:
                 k = rms_norm(k, self.w(find(p + "k_norm.weight")), fc.eps)
             if fc.clip_qkv:
                 q, k, v = (t.clamp(-fc.clip_qkv, fc.clip_qkv) for t in (q, k, v))
-            o_name, o_bias = find(p + "o_proj.weight"), find(p + "o_proj.bias", required=False)
+            o_name, o_bias = find(p + "o_proj.weight", p + "out_proj.weight"), find(p + "o_proj.bias", required=False)
         if q.shape[-1] != H * Dh or k.shape[-1] != Hkv * Dh or v.shape[-1] != Hkv * Dh:
             raise BadCheckpoint(f"layer {i}: the q/k/v projections give {q.shape[-1]}/{k.shape[-1]}/{v.shape[-1]} "
                                 f"features, config.json implies {H * Dh}/{Hkv * Dh}/{Hkv * Dh} "
                                 "(num_attention_heads, num_key_value_heads, head_dim)")
         q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dh)
         if fc.qk_norm == "head":  # Qwen3 / GLM: RMSNorm per head
-            q = rms_norm(q, self.w(find("self_attn.q_norm.weight")), fc.eps)
-            k = rms_norm(k, self.w(find("self_attn.k_norm.weight")), fc.eps)
+            q = norm(q, self.w(find("self_attn.q_norm.weight", "self_attn.q_layernorm.weight")), None, fc)
+            k = norm(k, self.w(find("self_attn.k_norm.weight", "self_attn.k_layernorm.weight")), None, fc)
         if fc.use_rope[i]:
             r = fc.rope.dim
             q = torch.cat((apply_rope(q[..., :r], cos, sin, fc.rope.layout), q[..., r:]), dim=-1)
@@ -512,6 +567,8 @@ class Decoder:
             masks[key] = attention_mask(T, window, chunk, q.device)
         sinks = self.w(find("self_attn.sinks", required=False)) if fc.family == "gpt_oss" else None
         out = sdpa(q, k, v, masks[key], fc.attn_scale, sinks).reshape(T, H * Dh)
+        if fc.attn_output_gate:
+            out = out * torch.sigmoid(gate)
         return linear(out, self.w(o_name), self.w(o_bias))
 
     def mla(self, i: int, h, cos, sin, masks) -> torch.Tensor:
@@ -533,8 +590,10 @@ class Decoder:
         latent = rms_norm(latent, self.w(find("self_attn.kv_a_layernorm.weight")), 1e-6)
         kvb = linear(latent, self.w(find("self_attn.kv_b_proj.weight"))).view(T, H, nope + v_dim)
         k_nope, v = kvb.split([nope, v_dim], dim=-1)
-        q_rot = apply_rope(q[..., nope:], cos, sin, fc.rope.layout)
-        k_rot = apply_rope(k_rot.view(T, 1, r), cos, sin, fc.rope.layout).expand(T, H, r)
+        q_rot, k_rot = q[..., nope:], k_rot.view(T, 1, r)
+        if fc.use_rope[i]:  # Kimi Linear's MLA is NoPE
+            q_rot, k_rot = apply_rope(q_rot, cos, sin, fc.rope.layout), apply_rope(k_rot, cos, sin, fc.rope.layout)
+        k_rot = k_rot.expand(T, H, r)
         q = torch.cat((q[..., :nope], q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot), dim=-1)
         if fc.q_position_scale:  # Mistral 4 (llama_4_scaling_beta)
@@ -557,7 +616,8 @@ class Decoder:
         T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
-                  "mlp.router.layer.weight")
+                  "mlp.router.layer.weight", "block_sparse_moe.router.weight", "feed_forward.gate.weight",
+                  "mixer.gate.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -567,6 +627,8 @@ class Decoder:
             raise BadCheckpoint(non_finite_router(i, h, rw, router_w, router_b))
         corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias",
                                             "block_sparse_moe.e_score_correction_bias", "mlp.e_score_correction_bias",
+                                            "feed_forward.expert_bias", "mixer.gate.e_score_correction_bias",
+                                            "block_sparse_moe.gate.e_score_correction_bias",
                                             required=False),
                                        torch.float32, device=self.device)
         if corr is None and moe.router.correction_bias:
@@ -581,6 +643,9 @@ class Decoder:
         if self.ffn_hook:
             self.ffn_hook(self, i, h, (idx, weights))
         experts = Experts(self.store, self.names, i, fc.family, moe.expert_ffn, self.dtype, self.device)
+        latent = find("mixer.fc1_latent_proj.weight", required=False)  # Nemotron-H: experts in a smaller space
+        h_in, h = h, (linear(h, self.w(latent), self.w(find("mixer.fc1_latent_proj.bias", required=False)))
+                      if latent else h)
         out = torch.zeros_like(h)
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # group (token, slot) pairs by expert
@@ -604,8 +669,19 @@ class Decoder:
             out.index_add_(0, tok, y)
             del gate, up, down
             self.store.release()  # this expert's pages leave resident memory before the next one
+        if latent:
+            out = linear(out, self.w(find("mixer.fc2_latent_proj.weight")),
+                         self.w(find("mixer.fc2_latent_proj.bias", required=False)))
+        h = h_in
+        ungated = find("mixer.shared_experts.up_proj.weight", required=False)  # Nemotron-H: up, act, down
+        if ungated:
+            base = ungated[: -len("up_proj.weight")]
+            bias = lambda n: self.w(base + n) if base + n in self.store else None
+            out = out + swiglu(h, None, self.w(ungated), self.w(base + "down_proj.weight"), None,
+                               bias("up_proj.bias"), bias("down_proj.bias"), fc.expert_act)
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
-                      "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight", required=False)
+                      "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight",
+                      "block_sparse_moe.shared_experts.gate_proj.weight", required=False)
         if shared:
             base = shared[: -len("gate_proj.weight")]
             s = self.gated_mlp(base, h)
@@ -616,11 +692,14 @@ class Decoder:
         ob = find("mlp.bias", required=False)
         if ob:  # JetMoE: a bias after the routed experts
             out = out + self.w(ob)
-        fused = find("shared_mlp.input_linear.weight", required=False)
-        if fused:  # GraniteMoeShared: one [2F, D] gate+up matrix (gate first), output_linear [D, F]
-            gate, up = self.w(fused).chunk(2, dim=0)
-            out = out + swiglu(h, gate, up, self.w(find("shared_mlp.output_linear.weight")), act=fc.expert_act)
+        if find("shared_mlp.input_linear.weight", required=False):  # GraniteMoeShared / Granite-4.0
+            out = out + self.shared_mlp(i, h)
         return out
+
+    def shared_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Granite's fused shared MLP: input_linear [2F, D] (gate rows, then up rows), output_linear [D, F]."""
+        gate, up = self.w(self.names.find(i, "shared_mlp.input_linear.weight")).chunk(2, dim=0)
+        return swiglu(h, gate, up, self.w(self.names.find(i, "shared_mlp.output_linear.weight")), act=self.fc.expert_act)
 
     def gated_mlp(self, base: str, h: torch.Tensor) -> torch.Tensor:
         """A dense MLP or shared expert `base`{gate,up,down}_proj (biases where stored)."""

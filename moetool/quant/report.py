@@ -269,6 +269,8 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing[0] is not None else (None, None)
         chosen = [e for e in range(spec.moe.num_experts) if experts is None or e in experts]
         first = dict(zip(("gate", "up", "down"), loader.load(chosen[0])[:3]))  # shapes only (views)
+        if first["gate"] is None:
+            raise MoetoolError(f"quantize-report does not score ungated experts ({spec.model_type}) yet")
         per_block = max(1, BLOCK_ELEMENTS // sum(t.numel() for t in first.values()))  # fixed bytes, whatever E
         bufs = _buffers(buffers, first, per_block, dev)
         del first
