@@ -1180,6 +1180,9 @@ def whatif_topk(
             t.add_row(str(l["layer"]), f"{l['experts_per_token']:.2f}", f"{100 * l['compute_saved']:.1f}%",
                       f"{l['first_choice_unchanged']:.3f}", f"{l['jaccard_mean']:.3f}")
         con.print(t)
+    _finish_gate(gate, exit_zero)
+
+
 @app.command()
 def analyze(
     files: Annotated[list[str], typer.Argument(metavar="FILE...", help="Routing recorded by an engine: vLLM routed "

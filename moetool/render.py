@@ -479,7 +479,7 @@ def render_metrics(layers, summary: dict, num_experts: int, top_k: int, title: s
         from .metrics import sample_adequacy
 
         need = sample_adequacy(small[0]["tokens"], num_experts, top_k)["min_tokens_dead"]
-        out.print(f"[yellow]note[/yellow]: {small[0]['tokens']} tokens are too few to tell a dead expert from chance "
+        out.print(f"[yellow]note[/yellow]: {plural(small[0]['tokens'], 'token')} are too few to tell a dead expert from chance "
                   f"(top-{top_k} of {num_experts}: {small[0]['dead_expected_by_chance']:.1f} experts expected unused "
                   f"by chance; need >= {need} tokens); --max-dead-experts ignores such layers")
 

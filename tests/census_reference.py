@@ -23,6 +23,9 @@ SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, d
 
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
+    "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1),  # heads divide 2 x 32
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1),
+    "kimi_linear": dict(linear_head_dim=8, linear_num_heads=4, num_experts_per_token=2),
     "qwen3_omni_moe_thinker": dict(
         vision_config=dict(depth=2, deepstack_visual_indexes=[1]),
         audio_config=dict(d_model=16, encoder_ffn_dim=32, encoder_layers=1, encoder_attention_heads=2,
@@ -43,6 +46,11 @@ SHRINK_EXTRA: dict[str, dict] = {
 DEFAULT_FIXUPS: dict[str, dict] = {
     "deepseek_v2": dict(num_experts_per_tok=6),  # default None: no top-k; DeepSeek-V2's published value
     "dbrx": dict(attn_config=dict(rope_theta=500000.0)),  # to_dict() drops it; DbrxAttention needs it
+    # default configs transformers cannot build: the published values of the family's model
+    "dots1": dict(n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1408, n_shared_experts=2,
+                  first_k_dense_replace=1),  # rednote-hilab/dots.llm1.base; the default has no experts
+    "hunyuan_v1_moe": dict(head_dim=128),  # default None (4096 / 32 heads); the attention needs it
+    "lfm2_moe": dict(layer_types=(["conv", "conv", "full_attention"] * 11)[:32]),  # default None; 32 layers
 }
 
 
@@ -81,6 +89,9 @@ def shrunk_config(model_type: str) -> dict:
         if isinstance(cfg.get(key), dict):
             cfg[key] = _shrink_dict(cfg[key], SMALL_VISION)
     cfg = _merge(cfg, copy.deepcopy(SHRINK_EXTRA.get(model_type, {})))
+    for key in ("pad_token_id",):  # an id past the shrunk vocabulary: nn.Embedding refuses its padding_idx
+        if isinstance(cfg.get(key), int) and cfg[key] >= cfg.get("vocab_size", 1 << 62):
+            cfg[key] = None
     n = param_count(build(model_type, cfg))
     assert n < 3_000_000, f"shrunk {model_type} config still has {n:,} parameters: extend SMALL / SHRINK_EXTRA"
     return cfg

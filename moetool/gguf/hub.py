@@ -139,7 +139,7 @@ def _ranged(repo: str, file: str, commit: str, where: str) -> tuple[bytes, int]:
     from huggingface_hub import get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    from ..hub import _total_size
+    from ..hub import _total_size, hub_timeout
 
     url = hf_hub_url(repo, file, revision=commit)
     headers = build_hf_headers()
@@ -147,12 +147,13 @@ def _ranged(repo: str, file: str, commit: str, where: str) -> tuple[bytes, int]:
 
     def fetch(start: int, end: int) -> tuple[bytes, Optional[int]]:
         want = end - start + 1
-        with session.stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end}"}) as r:
+        with session.stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end}"},
+                            timeout=hub_timeout()) as r:
             if r.status_code == 404:
                 raise MoetoolError(f"{where}: not found on the hub")
             if r.status_code not in (200, 206):
                 raise MoetoolError(f"{where}: hub answered HTTP {r.status_code} to a header request")
-            size = _total_size(r)
+            size = _total_size(r, where)
             body = bytearray()
             skip = start if r.status_code == 200 else 0  # server ignored the range: skip, then stop early
             for chunk in r.iter_bytes():
