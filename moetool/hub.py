@@ -241,12 +241,14 @@ def _parse(prefix: bytes, rest: bytes, size: int, where: str) -> Header:
     return parse_header(rest[:n], size, where)
 
 
-def _ranged_header(repo_id: str, shard: str, revision: str, where: str):
-    """-> (8-byte prefix, header bytes, file size) or None if the file is not there."""
-    from huggingface_hub import get_session, hf_hub_url
+def range_fetcher(url: str, where: str):
+    """fetch(start, end) -> (the bytes start..end, the file's size or None, HTTP status), one GET
+    with a Range header and the hub timeout; a server that ignores the range is read only as far
+    as needed. A 404 gives (b"", None, 404); other failures one line. Used for safetensors and GGUF
+    headers alike."""
+    from huggingface_hub import get_session
     from huggingface_hub.utils import build_hf_headers
 
-    url = hf_hub_url(repo_id, shard, revision=revision)
     headers = build_hf_headers()
     session = get_session()
 
@@ -267,6 +269,14 @@ def _ranged_header(repo_id: str, shard: str, revision: str, where: str):
                     break
             return bytes(body[skip: skip + want]), size, r.status_code
 
+    return fetch
+
+
+def _ranged_header(repo_id: str, shard: str, revision: str, where: str):
+    """-> (8-byte prefix, header bytes, file size) or None if the file is not there."""
+    from huggingface_hub import hf_hub_url
+
+    fetch = range_fetcher(hf_hub_url(repo_id, shard, revision=revision), where)
     first, size, status = fetch(0, FIRST_RANGE - 1)
     if status == 404:
         return None

@@ -136,33 +136,14 @@ def _header(repo: str, file: str, commit: str, where: str) -> GGUFHeader:
 
 def _ranged(repo: str, file: str, commit: str, where: str) -> tuple[bytes, int]:
     """The header bytes by growing range requests -> (bytes from offset 0, file size)."""
-    from huggingface_hub import get_session, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub import hf_hub_url
 
-    from ..hub import _total_size, hub_timeout
+    from ..hub import range_fetcher
 
-    url = hf_hub_url(repo, file, revision=commit)
-    headers = build_hf_headers()
-    session = get_session()
-
-    def fetch(start: int, end: int) -> tuple[bytes, Optional[int]]:
-        want = end - start + 1
-        with session.stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end}"},
-                            timeout=hub_timeout()) as r:
-            if r.status_code == 404:
-                raise MoetoolError(f"{where}: not found on the hub")
-            if r.status_code not in (200, 206):
-                raise MoetoolError(f"{where}: hub answered HTTP {r.status_code} to a header request")
-            size = _total_size(r, where)
-            body = bytearray()
-            skip = start if r.status_code == 200 else 0  # server ignored the range: skip, then stop early
-            for chunk in r.iter_bytes():
-                body += chunk
-                if len(body) >= skip + want:
-                    break
-            return bytes(body[skip: skip + want]), size
-
-    buf, size = fetch(0, FIRST_RANGE - 1)
+    fetch = range_fetcher(hf_hub_url(repo, file, revision=commit), where)
+    buf, size, status = fetch(0, FIRST_RANGE - 1)
+    if status == 404:
+        raise MoetoolError(f"{where}: not found on the hub")
     if size is None:
         raise BadCheckpoint(f"{where}: the hub did not say how large the file is (no Content-Range)")
     while True:
@@ -171,7 +152,7 @@ def _ranged(repo: str, file: str, commit: str, where: str) -> tuple[bytes, int]:
             return buf, size
         except NeedMore as m:
             want = min(size, m.estimate)
-            more, _ = fetch(len(buf), want - 1)
+            more, _, _ = fetch(len(buf), want - 1)
             if not more:
                 raise BadCheckpoint(f"{where}: the hub sent no bytes for range {len(buf)}-{want - 1}") from None
             buf += more
