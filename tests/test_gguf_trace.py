@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,33 @@ def test_trace_cli_on_gguf(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["command"] == "trace" and len(d["layers"]) == 2 and d["tokens"][0]["text"]
+
+
+def test_profile_of_a_gguf_equals_the_safetensors_profile(tmp_path):
+    """`moetool profile` runs on a GGUF through the same store factory as trace: the bundled model
+    converted to F32 GGUF gives the loads and co-activations of its safetensors original."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from gguf_convert import tokenizer_arrays, write_gguf
+
+    d = Path(__file__).resolve().parents[1] / "moetool" / "data" / "default"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    write_gguf(tmp_path / "m.gguf", model, json.loads((d / "config.json").read_text()),
+               tokenizer=tokenizer_arrays(d / "tokenizer.json"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def add(a, b): return a + b\nThe quick brown fox jumps over the lazy dog.\nimport os, sys\n")
+    out = {}
+    for name, m in (("gguf", tmp_path / "m.gguf"), ("st", d)):
+        r = subprocess.run([sys.executable, "-m", "moetool", "profile", str(corpus), "--model", str(m), "-o",
+                            str(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        out[name] = json.loads((tmp_path / name / "profile.json").read_text())
+    assert out["gguf"]["tokens"] == out["st"]["tokens"] > 0
+    for a, b in zip(out["gguf"]["layers"], out["st"]["layers"]):
+        assert a["load"] == b["load"]
+        assert a["metrics"]["coactivation_top_pairs"] == b["metrics"]["coactivation_top_pairs"]
