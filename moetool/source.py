@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -241,7 +242,16 @@ def scan_shards(paths: list[str], weight_map: Optional[dict[str, str]],
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_set_worker_scan,
                                initargs=(scan,))
     try:
-        for part in _progress(pool.map(_worker_scan, chunks), "reading headers", total=len(chunks)):
+        # SIGINT and SIGTERM are blocked while the workers are forked (map submits every chunk at
+        # once), so neither reaches a child before its initializer has set its handlers (Python
+        # would print "Exception in initializer" or "... in _after_fork"); the parent gets them as
+        # soon as the mask is restored.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            results = pool.map(_worker_scan, chunks)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for part in _progress(results, "reading headers", total=len(chunks)):
             total.merge(part)
     except BrokenProcessPool:
         if notes is not None:
@@ -249,8 +259,20 @@ def scan_shards(paths: list[str], weight_map: Optional[dict[str, str]],
                          "process instead")
         return scan(paths, progress=True)
     except BaseException:  # a bad shard, Ctrl-C: stop the other workers now rather than wait for them
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.terminate()
+        import threading
+        from concurrent.futures import InvalidStateError
+
+        hook = threading.excepthook
+        # CPython 3.11's executor can fail to mark already-cancelled futures broken while its
+        # workers are stopped (InvalidStateError in its manager thread): teardown noise, not news.
+        threading.excepthook = lambda a: None if issubclass(a.exc_type, (InvalidStateError, BrokenProcessPool)) \
+            else hook(a)
+        try:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            threading.excepthook = hook
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -285,6 +307,7 @@ def _set_worker_scan(scan: _IndexedScan) -> None:
     # pool's shutdown) ends a worker quietly, not through the CLI's SIGTERM handler.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked by the parent while forking
 
 
 def _worker_scan(paths: list[str]) -> TensorStats:
