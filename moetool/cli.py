@@ -605,7 +605,7 @@ def profile_cmd(
 ) -> None:
     """Routing statistics over a whole corpus: one weight pass per block of prompts, mergeable (docs/profile.md)."""
     from . import render
-    from .profile.engine import parse_bytes
+    from .gates import parse_bytes
     from .profile.show import plot_profile, render_profile
     from .profile.stats import ProfileStats
 
@@ -619,7 +619,7 @@ def profile_cmd(
         from .profile.corpus import read_corpus
         from .profile.engine import profile
 
-        budget = parse_bytes(max_memory)
+        budget = parse_bytes(max_memory, "--max-memory")
         if output is None:
             raise MoetoolError("profile needs -o OUT (a directory for the statistics)")
         if os.path.exists(output) and not os.path.isdir(output):
@@ -781,7 +781,8 @@ def plan_pin(
     from . import render
     from .formats import FORMATS
     from .gates import Gate, check_threshold
-    from .plans import SCHEMA_VERSION, expert_bytes, load_profile, model_spec, parse_bytes
+    from .gates import parse_bytes
+    from .plans import SCHEMA_VERSION, expert_bytes, load_profile, model_spec
     from .plans.pin import pin_plan
 
     check_threshold(min_hit_rate, "--min-hit-rate")
@@ -791,7 +792,7 @@ def plan_pin(
         raise MoetoolError(f"--format must be one of {', '.join(FORMATS)}")
     if plot is not None and not plot.endswith((".png", ".svg")):
         raise MoetoolError("--plot must name a .png or .svg file")
-    nbytes = parse_bytes(budget, "--budget")
+    nbytes = parse_bytes(budget, "--budget", minimum=0)
     stats = load_profile(profile)
     ho = load_profile(holdout) if holdout else None
     spec, _ = model_spec(model, stats)
@@ -867,7 +868,8 @@ def plan_offload(
     from .counting import count as do_count
     from .formats import FORMATS
     from .gates import Gate, check_threshold
-    from .plans import SCHEMA_VERSION, load_profile, parse_bytes
+    from .gates import parse_bytes
+    from .plans import SCHEMA_VERSION, load_profile
     from .plans.offload import device_map, items_from_checkpoint, items_from_config, offload_plan
     from .source import resolve
 
@@ -886,14 +888,14 @@ def plan_offload(
         raise MoetoolError(f"--context: cannot read {context!r} (e.g. 8192 or 32k)") from None
     if ctx < 1:
         raise MoetoolError("--context must be at least 1")
-    sizes = {flag: parse_bytes(v, flag) for flag, v in (("--vram", vram), ("--reserve", reserve),
+    sizes = {flag: parse_bytes(v, flag, minimum=0) for flag, v in (("--vram", vram), ("--reserve", reserve),
                                                         ("--gpu-bandwidth", gpu_bandwidth),
                                                         ("--cpu-bandwidth", cpu_bandwidth),
                                                         ("--pcie-bandwidth", pcie_bandwidth))}
     for flag in ("--gpu-bandwidth", "--cpu-bandwidth", "--pcie-bandwidth"):
         if sizes[flag] <= 0:
             raise MoetoolError(f"{flag} must be positive")
-    ram_b = parse_bytes(ram, "--ram") if ram else None
+    ram_b = parse_bytes(ram, "--ram", minimum=0) if ram else None
     stats = load_profile(profile) if profile else None
     use_headers = fmt is None
     ckpt = resolve(model, revision=revision, read_headers=use_headers)

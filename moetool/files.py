@@ -20,6 +20,7 @@ import errno
 import os
 import stat
 import tempfile
+from typing import Optional
 
 from .errors import MoetoolError
 
@@ -39,19 +40,25 @@ def _umask() -> int:
     return mask
 
 
+def _target(path: str, say: str) -> Optional[os.stat_result]:
+    """The stat of an output target (None: it does not exist yet); a directory is refused."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MoetoolError(f"{say}: {_reason(e)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MoetoolError(f"{say}: is a directory; name a file")
+    return st
+
+
 def check_output(path: str, flag: str = "-o") -> None:
     """Refuse an output location that cannot work, before any computation: a directory, a missing
     or unwritable parent directory, an existing file that may not be written."""
     if not path:
         raise MoetoolError(f"{flag}: empty path")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise MoetoolError(f"{flag} {path}: {_reason(e)}") from None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise MoetoolError(f"{flag} {path}: is a directory; name a file")
+    st = _target(path, f"{flag} {path}")
     if st is not None and not stat.S_ISREG(st.st_mode):
         if not os.access(path, os.W_OK):
             raise MoetoolError(f"{flag} {path}: permission denied")
@@ -68,14 +75,7 @@ def check_output(path: str, flag: str = "-o") -> None:
 
 def write_output(path: str, data: bytes) -> None:
     """Write `data` to `path`: atomically for a regular file, in place for a device or FIFO."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise MoetoolError(f"cannot write {path}: {_reason(e)}") from None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise MoetoolError(f"cannot write {path}: is a directory")
+    st = _target(path, f"cannot write {path}")
     if st is not None and not stat.S_ISREG(st.st_mode):
         _write_in_place(path, data)
         return

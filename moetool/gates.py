@@ -81,6 +81,20 @@ def parse_fraction(s: str, what: str = "tolerance") -> float:
     return v
 
 
+def parse_bytes(s: str, what: str, minimum: int = 1) -> int:
+    """'2GB' (10^9), '512MiB' (2^20), '1.5TB', '1e9', '1000000' -> bytes, at least `minimum`."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(s))
+    if not m:
+        raise MoetoolError(f"{what}: cannot read {s!r} as a size (e.g. 24GB, 24GiB, 512MB)")
+    base = 1024 if m.group(3) else 1000
+    n = float(m.group(1)) * base ** " KMGT".index((m.group(2) or " ").upper())
+    if not math.isfinite(n) or n < minimum:
+        raise MoetoolError(f"{what} must be at least {minimum} bytes, got {s!r}")
+    return int(n)
+
+
 def check_threshold(value: Optional[float], what: str) -> Optional[float]:
     if value is None:
         return None

@@ -328,12 +328,14 @@ def test_bad_corpora(content, message, tmp_path):
 
 
 def test_memory_budget_and_block_packing():
-    from moetool.profile.engine import pack_blocks, parse_bytes
+    from moetool.gates import parse_bytes
+    from moetool.profile.engine import pack_blocks
 
-    assert parse_bytes("2GB") == 2_000_000_000 and parse_bytes("512MiB") == 512 << 20 and parse_bytes("1e6") == 10 ** 6
+    parse = lambda v: parse_bytes(v, "--max-memory")
+    assert parse("2GB") == 2_000_000_000 and parse("512MiB") == 512 << 20 and parse("1e6") == 10 ** 6
     for bad in ("abc", "-1GB", "0", "nan"):
         with pytest.raises(MoetoolError):
-            parse_bytes(bad)
+            parse(bad)
     lengths = [5, 3, 9, 20, 1, 1, 4]
     blocks = list(pack_blocks(lengths, 10))
     assert blocks == [(0, 2), (2, 3), (3, 4), (4, 7)]  # a prompt longer than a block gets its own

@@ -161,11 +161,10 @@ def _keep_columns(r: Recording, keep: list[int]) -> None:
 
 def _expand_flat(r: Recording, spec, where: str) -> None:
     """SGLang: base64 arrays of T x L x k int32; L is the MoE layer count or every decoder layer."""
-    flat = getattr(r, "flat", None)
-    if flat is None:
+    if r.flat is None:
         return
     k = spec.moe.top_k
-    for ids, tokens, out_ids in flat:
+    for ids, tokens, out_ids in r.flat:
         cands = [L for L in (len(spec.moe_layers), spec.num_layers) if len(ids) % (L * k) == 0]
         if tokens is not None:
             cands = [L for L in cands if len(ids) // (L * k) in (tokens, tokens - 1)] or cands
@@ -181,7 +180,7 @@ def _expand_flat(r: Recording, spec, where: str) -> None:
     r.layer_ids = list(range(r.sequences[0].experts.shape[1]))
     r.layer_kind = "moe_or_model"
     r.k = k
-    del r.flat
+    r.flat = None
 
 
 def _check(r: Recording, E: int, k: int, where: str) -> None:

@@ -27,7 +27,6 @@ import csv
 import io
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -66,6 +65,9 @@ class Recording:
     loads: Optional[np.ndarray] = None
     notes: list[str] = field(default_factory=list)
     k: Optional[int] = None  # slots per token as recorded (sglang-pt pads to 8 with -1)
+    # SGLang: (int32 ids, tokens or None, output ids) per response, reshaped once the model's layer
+    # count is known (analyze._expand_flat)
+    flat: Optional[list] = None
 
 
 # --- detection ------------------------------------------------------------------------------------
@@ -145,21 +147,9 @@ def _head(path: str, n: int) -> bytes:
 
 
 def _read_text(path: str) -> str:
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_TEXT_BYTES:
-            raise BadRecording(f"{path}: {size} bytes is more than moetool reads as JSON/CSV (2 GiB); "
-                               "split the recording and merge the profiles")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_TEXT_BYTES + 1)
-    except OSError as e:
-        raise BadRecording(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(raw) > MAX_TEXT_BYTES:
-        raise BadRecording(f"{path}: more than 2 GiB of text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRecording(f"{path}: not UTF-8 text (byte {e.start})") from None
+    from ..files import read_text_bounded
+
+    return read_text_bounded(path, "routing recording", MAX_TEXT_BYTES)
 
 
 def _json(text: str, where: str):
@@ -169,6 +159,15 @@ def _json(text: str, where: str):
         raise BadRecording(f"{where}: JSON nested too deeply") from None
     except ValueError as e:
         raise BadRecording(f"{where}: invalid JSON ({str(e)[:120]})") from None
+
+
+def _json_items(text: str, path: str) -> list:
+    """A JSON document (a list of items, or one item) or JSON Lines (one item per line)."""
+    try:
+        obj = _json(text, path)
+    except BadRecording:
+        return [_json(line, f"{path} line {i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return obj if isinstance(obj, list) else [obj]
 
 
 def _int_array(obj, where: str, ndim: int) -> np.ndarray:
@@ -203,12 +202,9 @@ def read_vllm(path: str) -> Recording:
             raise BadRecording(f"{path}: expected [tokens, layers, k] (or [requests, tokens, layers, k]), got {a.shape}")
         sequences = [Sequence(np.asarray(s, dtype=np.int64)) for s in seqs]
     else:
-        text = _read_text(path)
-        try:
-            obj = _json(text, path)
-            items = obj if isinstance(obj, list) and obj and isinstance(obj[0], dict) else [obj]
-        except BadRecording:
-            items = [_json(line, f"{path} line {i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        items = _json_items(_read_text(path), path)
+        if items and not isinstance(items[0], dict):  # a bare [tokens, layers, k] array: one request
+            items = [items]
         sequences = []
         for i, item in enumerate(items):
             where = f"{path} request {i}"
@@ -234,12 +230,7 @@ def read_sglang(path: str) -> Recording:
     Accepted: one response object, a JSON list of them, or JSON Lines. `layers` is resolved with
     the model (the MoE layers, or every decoder layer), using the response's token counts when the
     array length alone is ambiguous."""
-    text = _read_text(path)
-    try:
-        obj = _json(text, path)
-        items = obj if isinstance(obj, list) else [obj]
-    except BadRecording:
-        items = [_json(line, f"{path} line {i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    items = _json_items(_read_text(path), path)
     raw = []
     for i, item in enumerate(items):
         where = f"{path} response {i}"
@@ -261,9 +252,7 @@ def read_sglang(path: str) -> Recording:
     if not raw:
         raise BadRecording(f"{path}: no responses")
     # the [tokens, layers, k] reshape needs the layer count: resolved later against the model
-    rec = Recording("sglang", [], "flat", notes=[])
-    rec.flat = raw  # type: ignore[attr-defined]
-    return rec
+    return Recording("sglang", [], "flat", flat=raw)
 
 
 def read_sglang_pt(path: str) -> Recording:
@@ -398,7 +387,6 @@ def read_trtllm(path: str) -> Recording:
                     notes=["TensorRT-LLM expert statistics hold per-expert counts only (no co-activation, reuse "
                            "or transitions)"])
     rec.k = meta.get("num_experts_per_token") if isinstance(meta.get("num_experts_per_token"), int) else None
-    rec.num_experts = E  # type: ignore[attr-defined]
     return rec
 
 
@@ -457,8 +445,6 @@ def read_csv(path: str) -> Recording:
     tok_col = next((c for c in _TOK_COLS if c in cols), None)
     if tok_col is None:
         raise BadRecording(f"{path}: CSV needs a token position column (token_index, position or token)")
-    if tok_col == "token" and "token_index" not in cols:
-        pass
     has_w = "weight" in cols
     rows: dict = {}
     layers: set[int] = set()

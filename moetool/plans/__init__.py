@@ -30,12 +30,11 @@ def load_profile(path: str):
 
     if os.path.isdir(path):
         return ProfileStats.load(path)
+    from ..files import read_bounded
+
+    raw = read_bounded(path, "profile or trace report")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(1 << 31)
         d = json.loads(raw)
-    except OSError as e:
-        raise MoetoolError(f"{path}: cannot read ({e.strerror or e})") from None
     except (ValueError, RecursionError) as e:
         raise MoetoolError(f"{path}: neither a profile directory nor a JSON report ({str(e)[:80]})") from None
     if not isinstance(d, dict) or d.get("command") != "trace":
@@ -55,21 +54,6 @@ def load_profile(path: str):
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise MoetoolError(f"{path}: malformed trace report ({e.__class__.__name__}: {str(e)[:80]})") from None
     return stats
-
-
-def parse_bytes(s: str, what: str) -> int:
-    """'12GB' (10^9), '24GiB' (2^30), '512MB', '1.5TB', '1000000' -> bytes."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", s, re.IGNORECASE)
-    if not m:
-        raise MoetoolError(f"{what}: cannot read {s!r} as a size (e.g. 24GB, 24GiB, 512MB)")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    v = float(m.group(1)) * base ** power
-    if not np.isfinite(v) or v < 0:
-        raise MoetoolError(f"{what}: {s!r} is not a usable size")
-    return int(v)
 
 
 def model_spec(model: Optional[str], stats=None, revision: Optional[str] = None, read_headers: bool = False):

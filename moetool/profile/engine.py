@@ -37,20 +37,6 @@ PARTIAL = "partial"
 DEFAULT_MAX_MEMORY = 2 << 30
 
 
-def parse_bytes(value: str, what: str = "--max-memory") -> int:
-    """'2GB', '512MiB', '1e9' -> bytes (decimal and binary units)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(value))
-    if not m:
-        raise MoetoolError(f"{what} must look like 2GB or 512MiB, got {value!r}")
-    base = 1024 if m.group(3) else 1000
-    n = float(m.group(1)) * base ** " KMGT".index((m.group(2) or " ").upper())
-    if not math.isfinite(n) or n < 1:
-        raise MoetoolError(f"{what} must be positive, got {value!r}")
-    return int(n)
-
-
 def block_tokens_for(spec, fc, max_memory: int, dtype_bytes: int = 4) -> int:
     """How many tokens one block may hold within `max_memory`: the activations per token of one
     layer (residual, norms, q/k/v/out, the K expert intermediates, router logits and the float64
