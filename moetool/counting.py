@@ -147,6 +147,8 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
         stored = _header_groups(spec, ckpt)
         groups, per_layer_routed = stored.groups, stored.routed_per_layer
         cross = _cross_check(spec, analytic, stored)
+        # what the analytic side was computed from: a GGUF has no config.json, only its metadata
+        cross["config_from"] = "the GGUF metadata" if ckpt.gguf is not None else "config.json"
         counted_from = "headers"
     else:
         groups, per_layer_routed = analytic, _routed_per_layer(spec)

@@ -353,10 +353,10 @@ def render_count(r, per_layer: bool = False) -> None:
     cc = r.cross_check
     if cc["available"]:
         if cc["match"]:
-            out.print(f"[green]cross-check:[/green] config.json and the headers agree on every group "
-                      f"({cc['analytic_total']:,})")
+            out.print(f"[green]cross-check:[/green] {cc.get('config_from', 'config.json')} and the tensor headers agree "
+                      f"on every group ({cc['analytic_total']:,})")
         else:
-            out.print("[yellow]cross-check:[/yellow] config.json and the headers differ:")
+            out.print(f"[yellow]cross-check:[/yellow] {cc.get('config_from', 'config.json')} and the tensor headers differ:")
             for d in cc["differences"]:
                 out.print(f"  {GROUP_LABELS.get(d['group'], d['group'])}: config {d['analytic']:,}, "
                           f"headers {d['headers']:,}: {_escape(d['cause'])}")

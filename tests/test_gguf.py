@@ -72,8 +72,11 @@ def test_count_equals_transformers(tmp_path_factory, name, qtype, expert_q):
     assert r.counted_from == "headers"
     assert r.total_params == transformers_param_count(model)
     assert r.cross_check["match"], r.cross_check["differences"]
+    # the cross-check names what it compared: a GGUF has no config.json
+    assert r.cross_check["config_from"] == "the GGUF metadata"
     # the safetensors checkpoint of the same model counts the same, group by group
     st = moetool.count(str(tiny_gguf(tmp_path_factory, name, qtype, expert_q)[1]))
+    assert st.cross_check["config_from"] == "config.json"
     assert r.breakdown == st.breakdown and r.active_params == st.active_params
     assert (r.num_experts, r.top_k, r.num_shared_experts) == (st.num_experts, st.top_k, st.num_shared_experts)
     # exact bytes: what GGUFReader says each tensor occupies, by type
