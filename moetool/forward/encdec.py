@@ -41,9 +41,9 @@ import torch.nn.functional as F_
 
 from ..errors import BadCheckpoint, BadConfig, MoetoolError, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
+from .config import ENCDEC_FAMILIES  # noqa: F401 (the families this module runs)
 from .model import ACTIVATIONS, LayerRoute, check_shape, linear, non_finite_router, rms_norm, sdpa
 
-ENCDEC_FAMILIES = ("switch_transformers", "nllb_moe")
 
 
 @dataclass(frozen=True)
