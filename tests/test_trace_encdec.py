@@ -232,3 +232,76 @@ def test_trace_cli_decoder_tokens(encdec_checkpoint):
     bad = subprocess.run([sys.executable, "-m", "moetool", "trace", "--model", str(d), "--tokens", "5",
                           "--decoder-tokens", "999999", "--device", "cpu"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# --- JetMoE: the mixture-of-attention router -------------------------------------------------------
+
+JETMOE = dict(model_type="jetmoe", hidden_size=32, num_key_value_heads=2, kv_channels=8, vocab_size=128,
+              num_hidden_layers=3, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+              tie_word_embeddings=False, max_position_embeddings=256)
+
+
+def _jetmoe_reference(model, ids):
+    """transformers' logits and {layer: (experts [T, K], gates [T, K])} of each layer's attention
+    router (JetMoeTopKGating under self_attention.experts), read with hooks."""
+    import re
+
+    captured = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "JetMoeTopKGating" and name.endswith("self_attention.experts.router"):
+            def hook(mod, args, out, layer=int(re.search(r"layers\.(\d+)\.", name).group(1))):
+                _, tokens, gates, sizes, _ = out  # grouped by expert: token and gate of each slot
+                experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+                order = torch.argsort(tokens, stable=True)
+                T = int(tokens.max()) + 1
+                captured[layer] = (experts[order].view(T, -1), gates[order].float().view(T, -1))
+            module.register_forward_hook(hook)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return logits, captured
+
+
+@pytest.fixture(scope="session")
+def jetmoe_checkpoint(tmp_path_factory):
+    cache = {}
+
+    def get(seed: int):
+        if seed not in cache:
+            from fakes import build_transformers_model
+
+            model = build_transformers_model(JETMOE, seed=seed).eval()
+            randomize_biases(model, seed)
+            d = tmp_path_factory.mktemp(f"jetmoe-{seed}")
+            model.save_pretrained(d)
+            ids = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(seed)).tolist()
+            cache[seed] = (d, ids, *_jetmoe_reference(model, ids))
+        return cache[seed]
+
+    return get
+
+
+@pytest.mark.parametrize("seed", (0, 1))
+def test_jetmoe_attention_router_matches_transformers(seed, jetmoe_checkpoint):
+    d, ids, ref_logits, ref = jetmoe_checkpoint(seed)
+    rep = moetool.trace(model=str(d), tokens=ids, device="cpu")
+    assert (rep.logits - ref_logits).abs().max().item() < 1e-4
+    attn = [l for l in rep.layers if l.kind == "attention"]
+    assert [l.layer for l in attn] == sorted(ref) == [0, 1, 2]
+    assert [l.layer for l in rep.layers if l.kind == "ffn"] == [0, 1, 2]
+    for l in attn:
+        experts, gates = ref[l.layer]
+        for t in range(len(ids)):
+            ours = dict(zip(l.experts[t], l.weights[t]))
+            theirs = dict(zip(experts[t].tolist(), gates[t].tolist()))
+            assert set(ours) == set(theirs), (l.layer, t, ours, theirs)
+            for e, w in ours.items():
+                assert abs(w - theirs[e]) < 1e-5
+        assert l.metrics["tokens"] == len(ids) and sum(l.metrics["load"]) == 2 * len(ids)
+    js = rep.to_dict()
+    kinds = [(l["layer"], l.get("kind", "ffn")) for l in js["layers"]]
+    assert kinds == [(0, "ffn"), (1, "ffn"), (2, "ffn"), (0, "attention"), (1, "attention"), (2, "attention")]
+    assert all(r["layer"] in (0, 1, 2) for r in rep.rows()) and len(list(rep.rows())) == 3 * len(ids) * 2
+    # the summary is the FFN routers' (as before); the attention routers have their own metrics
+    assert rep.summary["max_mean_ratio"]["worst_layer"] in (0, 1, 2)
+    logits_js = moetool.trace(model=str(d), tokens=ids, device="cpu", router_logits=True).to_dict()
+    assert all(len(l["router_logits"]) == len(ids) for l in logits_js["layers"])
