@@ -305,7 +305,7 @@ def trace(
         single = report
     if save_logits:
         write_logits(single, save_logits)
-        render.info(f"logits [{len(single.tokens)}, {single.logits.shape[-1]}] written to {save_logits}")
+        render.info(f"logits [{single.logits.shape[0]}, {single.logits.shape[-1]}] written to {save_logits}")
     if plot:
         from .plot import plot_trace
 

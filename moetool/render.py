@@ -522,7 +522,8 @@ def render_diff(d) -> None:
     rows = []
     for l in d.layers:
         ties = "-" if l["changes_on_near_ties"] is None else f"{len(l['changes_on_near_ties'])} of {len(l['changed_tokens'])}"
-        rows.append([str(l["layer"]), f"{l['first_choice_changed']:.3f}", f"{l['expert_set_changed']:.3f}",
+        rows.append([str(l["layer"]) + (" attention" if l.get("kind") == "attention" else ""),
+                     f"{l['first_choice_changed']:.3f}", f"{l['expert_set_changed']:.3f}",
                      f"{l['load_tv']:.3f}", ties])
     print_table([(c, "right") for c in ("layer", "first choice changed", "expert set changed", "load TV",
                                         "changes on near ties")], rows)

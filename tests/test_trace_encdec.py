@@ -305,3 +305,27 @@ def test_jetmoe_attention_router_matches_transformers(seed, jetmoe_checkpoint):
     assert rep.summary["max_mean_ratio"]["worst_layer"] in (0, 1, 2)
     logits_js = moetool.trace(model=str(d), tokens=ids, device="cpu", router_logits=True).to_dict()
     assert all(len(l["router_logits"]) == len(ids) for l in logits_js["layers"])
+
+
+def test_diff_keeps_routers_and_stacks_apart(encdec_checkpoint, jetmoe_checkpoint):
+    """diff pairs JetMoE's attention router with the attention router (not the FFN router of the
+    same layer) and compares an encoder-decoder's decoder layers over the decoder tokens."""
+    from moetool.diff import diff_traces
+
+    d, ids, _, _ = jetmoe_checkpoint(0)
+    a = moetool.trace(model=str(d), tokens=ids, device="cpu").to_dict()
+    b = json.loads(json.dumps(a))
+    attn1 = next(l for l in b["layers"] if l.get("kind") == "attention" and l["layer"] == 1)
+    attn1["experts"][0] = [e for e in range(4) if e not in attn1["experts"][0]][:2]
+    rep = diff_traces(a, b)
+    changed = {(l["layer"], l.get("kind", "ffn")): l["changed_tokens"] for l in rep.layers}
+    assert len(changed) == 6 and changed[1, "attention"] == [0]
+    assert all(not v for k, v in changed.items() if k != (1, "attention"))
+
+    d, enc, dec, _, _ = encdec_checkpoint("nllb", 0)
+    a = moetool.trace(model=str(d), tokens=enc, decoder_tokens=dec[1:], device="cpu").to_dict()
+    rep = diff_traces(a, json.loads(json.dumps(a)))
+    assert {l["stack"] for l in rep.layers} == {"encoder", "decoder"} and rep.summary["changed_assignments"] == 0
+    other = moetool.trace(model=str(d), tokens=enc, decoder_tokens=dec[2:], device="cpu").to_dict()
+    with pytest.raises(moetool.errors.MoetoolError, match="decoder tokens"):
+        diff_traces(a, other)
