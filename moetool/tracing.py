@@ -44,6 +44,7 @@ class LayerTrace:
     stack: Optional[str] = None  # encoder-decoder models: "encoder" (over `tokens`) or "decoder" (`decoder_tokens`)
     dropped: Optional[list] = None  # encoder-decoder models: [token, slot] pairs over capacity (gate 0, not run)
     kind: str = "ffn"  # "attention": JetMoE's mixture-of-attention router of that layer
+    stack_layer: Optional[int] = None  # encoder-decoder models: the layer's index within its stack
 
     @property
     def key(self):
@@ -113,7 +114,7 @@ class TraceReport:
     def _layer_dict(self, l: "LayerTrace") -> dict[str, Any]:
         d = {"layer": l.layer, "experts": l.experts, "weights": l.weights, "metrics": l.metrics}
         if l.stack is not None:
-            d.update(stack=l.stack, dropped=l.dropped or [])
+            d.update(stack=l.stack, stack_layer=l.stack_layer, dropped=l.dropped or [])
         if l.kind != "ffn":
             d["kind"] = l.kind
         if self.include_router_logits:
@@ -319,6 +320,8 @@ def _trace_encdec(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_t
         raise MoetoolError(f"--layers selects no MoE layer; MoE layers: {', '.join(str(r.layer) for r in out.routes)}")
     text = lambda i: token_text(tok, i) if tok else str(i)
     traced = [_layer_trace(r) for r in routes]
+    for l in traced:
+        l.stack_layer = l.layer - (spec.encoder_layers if l.stack == "decoder" else 0)
     report = TraceReport(
         model=ckpt.source, model_type=spec.model_type, num_experts=spec.moe.num_experts, top_k=spec.moe.top_k,
         tokens=[Token(i, t, text(t)) for i, t in enumerate(ids)], layers=traced, dtype=dtype, device=device,

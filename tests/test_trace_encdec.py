@@ -229,6 +229,8 @@ def test_trace_cli_decoder_tokens(encdec_checkpoint):
     js = json.loads(r.stdout)
     assert [t["id"] for t in js["decoder_tokens"]] == dec
     assert [l["stack"] for l in js["layers"]] == ["encoder"] * 3 + ["decoder"] * 2
+    # SWITCH: 3 encoder layers, all sparse; 4 decoder layers, sparse step 2: blocks 1 and 3
+    assert [(l["layer"], l["stack_layer"]) for l in js["layers"]] == [(0, 0), (1, 1), (2, 2), (4, 1), (6, 3)]
     bad = subprocess.run([sys.executable, "-m", "moetool", "trace", "--model", str(d), "--tokens", "5",
                           "--decoder-tokens", "999999", "--device", "cpu"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
