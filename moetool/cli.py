@@ -167,15 +167,15 @@ class DType(str, Enum):
     float16 = "float16"
 
 
-def _parse_tokens(value: Optional[str]) -> Optional[list[int]]:
+def _parse_tokens(value: Optional[str], flag: str = "--tokens") -> Optional[list[int]]:
     if value is None:
         return None
     try:
         ids = [int(x) for x in value.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise MoetoolError(f"--tokens must be comma-separated integers, got {value!r}") from None
+        raise MoetoolError(f"{flag} must be comma-separated integers, got {value!r}") from None
     if not ids:
-        raise MoetoolError("--tokens is empty")
+        raise MoetoolError(f"{flag} is empty")
     return ids
 
 
@@ -203,6 +203,11 @@ def trace(
     per_token: Annotated[bool, typer.Option("--per-token", help="With --file: also each prompt's per-token "
                                             "table.")] = False,
     generate: Annotated[int, typer.Option(min=0, help="Greedy-generate N tokens after the prompt and trace them too.")] = 0,
+    decoder_tokens: Annotated[Optional[str], typer.Option(help="Encoder-decoder models (Switch, NLLB-MoE): the decoder's "
+                                                          "input after its start token, as ids, e.g. 5,9 (the prompt is "
+                                                          "the encoder's input).")] = None,
+    decoder_text: Annotated[Optional[str], typer.Option(help="Encoder-decoder models: the decoder's input after its start "
+                                                        "token, as text (tokenised without special tokens).")] = None,
     capacity_factor: Annotated[Optional[float], typer.Option(help="Report tokens dropped at this capacity factor "
                                                              "(Switch/GShard, position order).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Only these decoder layers, e.g. 0,3,5-7 (the forward stops "
@@ -254,6 +259,8 @@ def trace(
         raise MoetoolError("give one of PROMPT, --tokens or --file")
     if per_token and not file:
         raise MoetoolError("--per-token goes with --file (one prompt always shows its tokens)")
+    if file and (decoder_tokens is not None or decoder_text is not None):
+        raise MoetoolError("--decoder-tokens / --decoder-text go with one prompt, not --file")
     if save_logits is not None and not save_logits.endswith(".npy"):
         raise MoetoolError("--save-logits must name a .npy file")
     if save_logits and file:
@@ -265,6 +272,7 @@ def trace(
     for path in (plot, save_logits, output):
         _check_output_dir(path)
     ids = _parse_tokens(tokens)
+    dec_ids = _parse_tokens(decoder_tokens, "--decoder-tokens")
     _check_outputs((output, "-o"), (save_logits, "--save-logits"), (plot, "--plot"))
     from .gates import baseline_gate, check_threshold, parse_fraction, trace_gate
 
@@ -292,11 +300,12 @@ def trace(
         single = None
     else:
         with _layer_progress(enabled=not machine or output is not None, label=label) as progress:
-            report = do_trace(prompt, model=ckpt, tokens=ids, progress=progress, **options)
+            report = do_trace(prompt, model=ckpt, tokens=ids, progress=progress, decoder_text=decoder_text,
+                              decoder_tokens=dec_ids, **options)
         single = report
     if save_logits:
         write_logits(single, save_logits)
-        render.info(f"logits [{len(single.tokens)}, {single.logits.shape[-1]}] written to {save_logits}")
+        render.info(f"logits [{single.logits.shape[0]}, {single.logits.shape[-1]}] written to {save_logits}")
     if plot:
         from .plot import plot_trace
 

@@ -82,17 +82,21 @@ def diff_traces(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> DiffR
     if ids_a != ids_b:
         raise MoetoolError("the two traces are of different tokens; trace the same prompt with the same tokenizer "
                            "(or the same --tokens)")
+    dec_a = [t.get("id") for t in a.get("decoder_tokens") or [] if isinstance(t, dict)]
+    if dec_a != [t.get("id") for t in b.get("decoder_tokens") or [] if isinstance(t, dict)]:
+        raise MoetoolError("the two traces have different decoder tokens; trace with the same --decoder-tokens")
     E = a.get("num_experts")
     if E != b.get("num_experts"):
         raise MoetoolError(f"the two traces have different numbers of experts ({E} vs {b.get('num_experts')})")
-    layers_b = {l["layer"]: l for l in b["layers"]}
-    common = [l for l in a["layers"] if l["layer"] in layers_b]
+    key = lambda l: (l["layer"], l.get("kind", "ffn"))  # JetMoE: an attention router and an FFN router per layer
+    layers_b = {key(l): l for l in b["layers"]}
+    common = [l for l in a["layers"] if key(l) in layers_b]
     if not common:
         raise MoetoolError("the two traces share no MoE layer")
-    T = len(ids_a)
     out = []
     for la in common:
-        lb = layers_b[la["layer"]]
+        lb = layers_b[key(la)]
+        T = len(dec_a) if la.get("stack") == "decoder" else len(ids_a)  # encoder-decoder: the decoder's tokens
         ea, eb = la["experts"], lb["experts"]
         if len(ea) != T or len(eb) != T:
             raise MoetoolError(f"layer {la['layer']}: expert lists do not cover every token")
@@ -104,6 +108,8 @@ def diff_traces(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> DiffR
         on_ties = _near_tie_changes(la, lb, changed)
         out.append({
             "layer": la["layer"],
+            **({"kind": la["kind"]} if "kind" in la else {}),
+            **({"stack": la["stack"]} if "stack" in la else {}),
             "first_choice_changed": float(np.mean(first)),
             "expert_set_changed": float(np.mean(sets)),
             "load_tv": float(0.5 * np.abs(load_a - load_b).sum()),
@@ -118,7 +124,7 @@ def diff_traces(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> DiffR
     known = [l["changes_on_near_ties"] for l in out if l["changes_on_near_ties"] is not None]
     summary["changes_on_near_ties"] = sum(len(x) for x in known) if known else None
     summary["changed_assignments"] = sum(len(l["changed_tokens"]) for l in out)
-    return DiffReport(a_name, b_name, T, out, summary)
+    return DiffReport(a_name, b_name, len(ids_a), out, summary)
 
 
 def _near_tie_changes(la: dict, lb: dict, changed: list[int]) -> Optional[list[int]]:

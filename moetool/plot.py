@@ -38,8 +38,9 @@ def plot_trace(report: Any, path: str) -> None:
         T = sum(len(p.tokens) for p in report.prompts)
         what = f"{len(report.prompts)} prompts pooled, {T:,} tokens"
     else:
-        layer_ids = [l.layer for l in report.layers]
-        load = np.array([l.metrics["load"] for l in report.layers], dtype=float)
+        ffn = [l for l in report.layers if l.kind == "ffn"]  # JetMoE's attention routers are not drawn
+        layer_ids = [l.layer for l in ffn]
+        load = np.array([l.metrics["load"] for l in ffn], dtype=float)
         T = len(report.tokens)
         what = f"{T:,} token{'s' if T != 1 else ''}"
     L = len(layer_ids)
@@ -96,9 +97,12 @@ def _first_choice_map(sub, bx, report, layer_ids, E: int) -> None:
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
 
+    # the prompt's tokens: an encoder-decoder's encoder layers (its decoder layers route other tokens)
+    layers = [l for l in report.layers if l.kind == "ffn" and l.stack != "decoder"]
+    layer_ids = [l.layer for l in layers]
     T, L = len(report.tokens), len(layer_ids)
-    first = np.array([[row[0] for row in l.experts] for l in report.layers]).T  # [T, L]
-    weight = np.array([[row[0] for row in l.weights] for l in report.layers]).T
+    first = np.array([[row[0] for row in l.experts] for l in layers]).T  # [T, L]
+    weight = np.array([[row[0] for row in l.weights] for l in layers]).T
     legible = T * L <= 1200 and T <= 80
     if E <= CATEGORICAL_MAX:
         base = colormaps["tab20" if E > 10 else "tab10"]

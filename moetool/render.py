@@ -429,22 +429,43 @@ def render_trace(t, per_token: bool = True) -> None:
               f"{plural(len(t.layers), 'MoE layer')}, {plural(t.num_experts, 'expert')}, top-{t.top_k}  "
               f"({t.dtype}, {t.device})")
     if per_token:
-        generated = any(tok.generated for tok in t.tokens)
-        cols = [("#", "right"), ("token", "left")] + [(f"L{l.layer}", "left") for l in t.layers]
-        rows = []
-        for i, tok in enumerate(t.tokens):
-            cells = []
-            for l in t.layers:
-                es, ws = l.experts[i], l.weights[i]
-                rest = " ".join(str(e) for e in es[1:])
-                cells.append(f"[bold]{es[0]}[/bold] {rest}".rstrip() + f" [dim]{ws[0]:.2f}[/dim]")
-            label = _escape(repr(tok.text)[1:-1])
-            rows.append([str(i) + ("*" if tok.generated else ""), label, *cells])
-        print_table(cols, rows, keys=2, styles={0: "dim"})
+        # one table per token sequence: the prompt's; an encoder-decoder's decoder tokens apart
+        groups = [(None, t.tokens, [l for l in t.layers if l.stack != "decoder"])]
+        if getattr(t, "decoder_tokens", None) is not None:
+            groups = [("encoder", groups[0][1], groups[0][2]),
+                      ("decoder", t.decoder_tokens, [l for l in t.layers if l.stack == "decoder"])]
+        generated = any(tok.generated for _, toks, _ in groups for tok in toks)
+        for stack, tokens, layers in groups:
+            if stack and layers:
+                out.print(f"[bold]{stack}[/bold] layers ({plural(len(tokens), stack + ' token')})")
+            # JetMoE: "A3" is layer 3's attention router, "L3" its FFN router
+            cols = [("#", "right"), ("token", "left")] + [(("A" if l.kind == "attention" else "L") + str(l.layer), "left")
+                                                          for l in layers]
+            rows = []
+            for i, tok in enumerate(tokens):
+                cells = []
+                for l in layers:
+                    es, ws = l.experts[i], l.weights[i]
+                    rest = " ".join(str(e) for e in es[1:])
+                    cells.append(f"[bold]{es[0]}[/bold] {rest}".rstrip() + f" [dim]{ws[0]:.2f}[/dim]")
+                label = _escape(repr(tok.text)[1:-1])
+                rows.append([str(i) + ("*" if tok.generated else ""), label, *cells])
+            if layers:
+                print_table(cols, rows, keys=2, styles={0: "dim"})
         bold = " (first choice bold)" if out.is_terminal and out.color_system else ""
+        dropped = sum(len(l.dropped or []) for l in t.layers)
         out.print("[dim]each cell: the token's experts best first" + bold + ", then the first choice's gate weight"
-                  + ("; * after the index marks generated tokens" if generated else "") + "[/dim]")
-    render_metrics(t.layers, t.summary, t.num_experts, t.top_k, title="Routing metrics per MoE layer")
+                  + ("; * after the index marks generated tokens" if generated else "")
+                  + (f"; {dropped} (token, expert) pairs over their expert's capacity got gate 0 (not run)"
+                     if dropped else "") + "[/dim]")
+    render_metrics([l for l in t.layers if l.kind == "ffn"], t.summary, t.num_experts, t.top_k,
+                   title="Routing metrics per MoE layer")
+    attention = [l for l in t.layers if l.kind == "attention"]
+    if attention:
+        from .metrics import summarise
+
+        render_metrics(attention, summarise([(l.layer, l.metrics) for l in attention]), t.num_experts, t.top_k,
+                       title="Routing metrics of the attention routers (JetMoE)")
 
 
 def _f(v, digits: int = 2) -> str:
@@ -501,7 +522,8 @@ def render_diff(d) -> None:
     rows = []
     for l in d.layers:
         ties = "-" if l["changes_on_near_ties"] is None else f"{len(l['changes_on_near_ties'])} of {len(l['changed_tokens'])}"
-        rows.append([str(l["layer"]), f"{l['first_choice_changed']:.3f}", f"{l['expert_set_changed']:.3f}",
+        rows.append([str(l["layer"]) + (" attention" if l.get("kind") == "attention" else ""),
+                     f"{l['first_choice_changed']:.3f}", f"{l['expert_set_changed']:.3f}",
                      f"{l['load_tv']:.3f}", ties])
     print_table([(c, "right") for c in ("layer", "first choice changed", "expert set changed", "load TV",
                                         "changes on near ties")], rows)

@@ -41,6 +41,16 @@ class LayerTrace:
     experts: list[list[int]]
     weights: list[list[float]]
     metrics: dict = field(default_factory=dict)
+    stack: Optional[str] = None  # encoder-decoder models: "encoder" (over `tokens`) or "decoder" (`decoder_tokens`)
+    dropped: Optional[list] = None  # encoder-decoder models: [token, slot] pairs over capacity (gate 0, not run)
+    kind: str = "ffn"  # "attention": JetMoE's mixture-of-attention router of that layer
+    stack_layer: Optional[int] = None  # encoder-decoder models: the layer's index within its stack
+
+    @property
+    def key(self):
+        """The layer's key in `router_logits` / `selection_scores`: the layer number for an FFN
+        router, ("attention", layer) for JetMoE's attention router."""
+        return self.layer if self.kind == "ffn" else (self.kind, self.layer)
 
     def __repr__(self) -> str:
         from .render import short_repr
@@ -66,6 +76,11 @@ class TraceReport:
     router_logits: Any = field(default=None, repr=False)  # {layer: tensor [T, E]}
     selection_scores: Any = field(default=None, repr=False)
     include_router_logits: bool = False
+    decoder_tokens: Optional[list[Token]] = None  # encoder-decoder models: the decoder's input (start token first)
+
+    def tokens_for(self, l: "LayerTrace") -> list[Token]:
+        """The tokens a layer routed: the decoder's for a decoder layer, else the prompt's."""
+        return self.decoder_tokens if l.stack == "decoder" else self.tokens
 
     def _summary(self) -> list[tuple[str, Any]]:
         s = self.summary.get("max_mean_ratio", {})
@@ -92,15 +107,21 @@ class TraceReport:
             "layers": [self._layer_dict(l) for l in self.layers],
             "summary": self.summary,
         })
+        if self.decoder_tokens is not None:
+            d["decoder_tokens"] = [vars(t) for t in self.decoder_tokens]
         return d
 
     def _layer_dict(self, l: "LayerTrace") -> dict[str, Any]:
         d = {"layer": l.layer, "experts": l.experts, "weights": l.weights, "metrics": l.metrics}
+        if l.stack is not None:
+            d.update(stack=l.stack, stack_layer=l.stack_layer, dropped=l.dropped or [])
+        if l.kind != "ffn":
+            d["kind"] = l.kind
         if self.include_router_logits:
             from .metrics import token_margins
 
-            sel = self.selection_scores[l.layer].numpy()
-            d["router_logits"] = self.router_logits[l.layer].tolist()
+            sel = self.selection_scores[l.key].numpy()
+            d["router_logits"] = self.router_logits[l.key].tolist()
             d["selection_scores"] = [[None if v != v else v for v in row] for row in sel.tolist()]
             if sel.shape[1] > self.top_k:
                 d["margin"] = [None if m == float("inf") else float(m) for m in token_margins(sel, self.top_k)]
@@ -109,9 +130,12 @@ class TraceReport:
     def rows(self, prompt_index: int = 0):
         """The long table: one row per (prompt, layer, token, slot)."""
         for l in self.layers:
+            if l.kind != "ffn":  # the long table is the FFN routing; JetMoE's attention router is in the JSON
+                continue
+            tokens = self.tokens_for(l)
             for t, (es, ws) in enumerate(zip(l.experts, l.weights)):
                 for slot, (e, w) in enumerate(zip(es, ws)):
-                    tok = self.tokens[t]
+                    tok = tokens[t]
                     yield {"prompt_index": prompt_index, "layer": l.layer, "token_index": t, "token_id": tok.id,
                            "token": tok.text, "generated": tok.generated, "slot": slot, "expert": e, "weight": w}
 
@@ -185,14 +209,22 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
           revision: Optional[str] = None, dtype: str = "float32", router_dtype: str = "float32",
           device: str = "auto", progress: Optional[Callable[[int, int], None]] = None, generate: int = 0,
           capacity_factor: Optional[float] = None, layers: Optional[set[int]] = None,
-          router_logits: bool = False) -> TraceReport:
+          router_logits: bool = False, decoder_tokens: Optional[list[int]] = None,
+          decoder_text: Optional[str] = None) -> TraceReport:
     """Trace `prompt` (or explicit token ids) through `model`; returns a TraceReport with router
     decisions and the routing metrics of every MoE layer. `generate` greedy tokens are appended
-    first (and marked `generated`); `layers` narrows the report to those decoder layers."""
+    first (and marked `generated`); `layers` narrows the report to those decoder layers.
+    Encoder-decoder models (Switch, NLLB-MoE): the prompt is the encoder's input; the decoder reads
+    its start token, then `decoder_tokens` (ids) or `decoder_text` (tokenised without special
+    tokens), then `generate` greedy tokens; layers of both stacks are reported."""
     from .forward import pick_device, run_forward
+    from .forward.encdec import ENCDEC_FAMILIES
 
     ckpt = model if isinstance(model, Checkpoint) else _resolve_for_forward(model, revision)
     spec = spec_from_config(ckpt.config, ckpt.config_path)
+    if (decoder_tokens is not None or decoder_text is not None) and spec.family not in ENCDEC_FAMILIES:
+        raise MoetoolError(f"--decoder-tokens / --decoder-text: model_type {spec.model_type!r} has no encoder "
+                           "and decoder (they are for Switch Transformers and NLLB-MoE)")
     if capacity_factor is not None and not (capacity_factor > 0 and capacity_factor < float("inf")):
         raise MoetoolError(f"--capacity-factor must be a positive finite number, got {capacity_factor}")
     if layers is not None and max(layers) >= spec.num_layers:
@@ -212,6 +244,10 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
             raise MoetoolError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
     if not ids:
         raise MoetoolError("the prompt encodes to no tokens")
+    if spec.family in ENCDEC_FAMILIES:
+        return _trace_encdec(ckpt, spec, tok, prompt, ids, decoder_tokens, decoder_text, dtype=dtype,
+                             device=pick_device(device), progress=progress, generate=generate,
+                             capacity_factor=capacity_factor, layers=layers, router_logits=router_logits)
     from .forward.config import forward_config
 
     context = forward_config(spec, ckpt.config).max_positions
@@ -232,14 +268,67 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
     routes = [r for r in out.routes if layers is None or r.layer in layers]
     if layers is not None and not routes:
         raise MoetoolError(f"--layers selects no MoE layer; MoE layers: {', '.join(str(r.layer) for r in out.routes)}")
-    traced = [LayerTrace(r.layer, r.experts.tolist(), [[float(w) for w in row] for row in r.weights.tolist()])
-              for r in routes]
+    # JetMoE: the attention experts' router of each layer, as its own entry (kind "attention")
+    routes += [r for r in out.attention_routes if layers is None or r.layer in layers]
+    traced = [_layer_trace(r) for r in routes]
     report = TraceReport(
         model=ckpt.source, model_type=spec.model_type, num_experts=spec.moe.num_experts, top_k=spec.moe.top_k,
         tokens=[Token(i, t, s, i >= n_prompt) for i, (t, s) in enumerate(zip(ids, texts))], layers=traced,
         dtype=dtype, device=dev, text=prompt, capacity_factor=capacity_factor, logits=out.logits,
+        router_logits={l.key: r.logits for l, r in zip(traced, routes)},
+        selection_scores={l.key: r.scores for l, r in zip(traced, routes)},
+        include_router_logits=router_logits,
+    )
+    compute_metrics(report, spec)
+    return report
+
+
+def _layer_trace(r) -> LayerTrace:
+    """A LayerTrace from the forward's LayerRoute."""
+    return LayerTrace(r.layer, r.experts.tolist(), [[float(w) for w in row] for row in r.weights.tolist()],
+                      stack=r.stack, dropped=list(r.dropped) if r.stack is not None else None, kind=r.kind)
+
+
+def _trace_encdec(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_tokens, decoder_text, *, dtype, device,
+                  progress, generate: int, capacity_factor, layers, router_logits) -> TraceReport:
+    """`trace` of an encoder-decoder model (moetool/forward/encdec.py): the encoder reads the
+    prompt, the decoder its start token + the given tokens + `generate` greedy ones."""
+    from .forward.encdec import encdec_config, run_encdec
+
+    start = encdec_config(spec, ckpt.config).decoder_start
+    if decoder_tokens is not None and decoder_text is not None:
+        raise MoetoolError("give --decoder-tokens or --decoder-text, not both")
+    if decoder_text is not None:
+        if tok is None:
+            raise MoetoolError(f"{ckpt.source}: no tokenizer.json; pass decoder token ids with --decoder-tokens 1,2,3")
+        given = tok.encode(decoder_text, add_special_tokens=False).ids
+    else:
+        given = list(decoder_tokens or [])
+    bad = [i for i in given if not 0 <= i < spec.vocab_size]
+    if bad:
+        raise MoetoolError(f"decoder token id {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})")
+    dec = [start] + given
+    n_given = len(dec)
+    for n in range(max(0, generate)):  # greedy decoding: one full forward per new decoder token
+        step = run_encdec(ckpt, ids, dec, dtype=dtype, device=device, record=False)
+        dec.append(int(step.logits[-1].argmax()))
+        if progress:
+            progress(n + 1, generate)
+    out = run_encdec(ckpt, ids, dec, dtype=dtype, device=device, progress=progress)
+    routes = [r for r in out.routes if layers is None or r.layer in layers]
+    if layers is not None and not routes:
+        raise MoetoolError(f"--layers selects no MoE layer; MoE layers: {', '.join(str(r.layer) for r in out.routes)}")
+    text = lambda i: token_text(tok, i) if tok else str(i)
+    traced = [_layer_trace(r) for r in routes]
+    for l in traced:
+        l.stack_layer = l.layer - (spec.encoder_layers if l.stack == "decoder" else 0)
+    report = TraceReport(
+        model=ckpt.source, model_type=spec.model_type, num_experts=spec.moe.num_experts, top_k=spec.moe.top_k,
+        tokens=[Token(i, t, text(t)) for i, t in enumerate(ids)], layers=traced, dtype=dtype, device=device,
+        text=prompt, capacity_factor=capacity_factor, logits=out.logits,
         router_logits={r.layer: r.logits for r in routes}, selection_scores={r.layer: r.scores for r in routes},
         include_router_logits=router_logits,
+        decoder_tokens=[Token(i, t, text(t), i >= n_given) for i, t in enumerate(dec)],
     )
     compute_metrics(report, spec)
     return report
@@ -263,11 +352,14 @@ def compute_metrics(report: TraceReport, spec) -> None:
 
     from .metrics import metrics_from_sums, summarise, with_capacity
 
-    stats = corpus_stats([report], spec)
-    for l in report.layers:
-        l.metrics = metrics_from_sums(stats.layers[l.layer])
-        with_capacity(l.metrics, np.array(l.experts, dtype=np.int64), report.num_experts, report.capacity_factor)
-    report.summary = summarise([(l.layer, l.metrics) for l in report.layers])
+    for kind in dict.fromkeys(l.kind for l in report.layers):  # FFN routers; JetMoE's attention router apart
+        stats = corpus_stats([report], spec, kind=kind)
+        for l in report.layers:
+            if l.kind == kind:
+                l.metrics = metrics_from_sums(stats.layers[l.layer])
+                with_capacity(l.metrics, np.array(l.experts, dtype=np.int64), report.num_experts,
+                              report.capacity_factor)
+    report.summary = summarise([(l.layer, l.metrics) for l in report.layers if l.kind == "ffn"])
 
 
 @dataclass
@@ -344,6 +436,8 @@ def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, 
     stats = corpus_stats(reports, spec)
     pooled = []
     for j, l in enumerate(reports[0].layers):
+        if l.kind != "ffn":  # JetMoE's attention router: per prompt only
+            continue
         m = metrics_from_sums(stats.layers[l.layer])
         if cf is not None:  # capacity is served in token order over the concatenated corpus
             experts = np.concatenate([np.array(r.layers[j].experts, dtype=np.int64) for r in reports])
@@ -356,26 +450,30 @@ def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, 
     return CorpusReport(reports, pooled, summary, seq)
 
 
-def corpus_stats(reports: list[TraceReport], spec, stats=None):
+def corpus_stats(reports: list[TraceReport], spec, stats=None, kind: str = "ffn"):
     """The routing sums (moetool.profile.stats.ProfileStats) of traced prompts: every metric of a
-    trace comes from these sums. Transitions pair each reported MoE layer with the previous one."""
+    trace comes from these sums. Transitions pair each reported MoE layer with the previous one of
+    the same stack. `kind`: which routers ("ffn", or JetMoE's "attention")."""
     import numpy as np
 
     from .profile.stats import ProfileStats
 
     first = reports[0]
     if stats is None:
-        stats = ProfileStats.empty(first.num_experts, first.top_k, [l.layer for l in first.layers],
+        stats = ProfileStats.empty(first.num_experts, first.top_k, [l.layer for l in first.layers if l.kind == kind],
                                    model=first.model, model_type=first.model_type, dtype=first.dtype,
                                    tie_keep=max(1, sum(len(r.tokens) for r in reports)))
     for r in reports:
-        prev = None
-        ids = [t.id for t in r.tokens]
+        prev, stack = None, None
         for l in r.layers:
+            if l.kind != kind:
+                continue
+            if l.stack != stack:  # the decoder's tokens are not the encoder's: no transitions across
+                prev, stack = None, l.stack
             experts = np.array(l.experts, dtype=np.int64)
-            stats.add(l.layer, experts, np.array(l.weights, dtype=np.float64), token_ids=ids,
-                      probs=router_distribution(r.router_logits[l.layer], spec),
-                      selection=r.selection_scores[l.layer].numpy(), prev_experts=prev)
+            stats.add(l.layer, experts, np.array(l.weights, dtype=np.float64), token_ids=[t.id for t in r.tokens_for(l)],
+                      probs=router_distribution(r.router_logits[l.key], spec),
+                      selection=r.selection_scores[l.key].numpy(), prev_experts=prev)
             prev = experts
     return stats
 

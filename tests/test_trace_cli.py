@@ -116,6 +116,6 @@ def test_trace_pickle_and_sample_config(tmp_path):
 
 
 def test_trace_unsupported_family(tiny_checkpoint):
-    d, _ = tiny_checkpoint("switch_transformers")
+    d, _ = tiny_checkpoint("llama")  # a dense model (switch_transformers traces: tests/test_trace_encdec.py)
     r = run_cli("trace", "--model", str(d), "--tokens", "1,2")
     assert r.returncode == 2 and "no reference forward" in r.stderr

@@ -37,6 +37,9 @@ FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
+# Encoder-decoder families: their own forward (forward/encdec.py), run by `trace` only.
+ENCDEC_FAMILIES = ("switch_transformers", "nllb_moe")
+FORWARD_FAMILIES += ENCDEC_FAMILIES
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -170,6 +173,9 @@ class ForwardConfig:
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     family = spec.family
+    if family in ENCDEC_FAMILIES:
+        raise UnsupportedArchitecture(f"model_type {spec.model_type!r} is an encoder-decoder model: `moetool trace` "
+                                      "runs it; this command supports decoder-only models")
     if family not in FORWARD_FAMILIES:
         raise UnsupportedArchitecture(
             f"model_type {spec.model_type!r} has no reference forward yet; supported: {', '.join(FORWARD_FAMILIES)}")

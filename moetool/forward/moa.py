@@ -4,7 +4,8 @@ A router [E, D] picks k experts per token (top-k of the logits, softmax over tho
 projects the token to Hkv query heads (W_in[e] [Hkv*Dh, D]); the token's k experts give it k*Hkv
 heads, head j*Hkv + m attending with the shared key/value head m (kv_proj [2*Hkv*Dh, D], RoPE on
 queries and keys). Each slot's output goes back through its expert's W_out[e] [D, Hkv*Dh], weighted
-by its gate, summed, plus a bias [D]. Experts are read one at a time (streaming).
+by its gate, summed, plus a bias [D]. Experts are read one at a time (streaming). The router's
+decisions go to `dec.attention_routes` when the decoder records (trace: layers of kind "attention").
 
 Shapes: T tokens, D hidden, E experts, K top-k, Hkv key/value heads, Dh head dim.
 """
@@ -23,6 +24,11 @@ def moa_attention(dec, i: int, h: torch.Tensor, cos, sin, masks, apply_rope, att
     logits = F_.linear(h, dec.w(find(base + "router.layer.weight"))).float()  # [T, E]
     top, idx = logits.topk(K, dim=1)  # [T, K]
     gates = torch.softmax(top, dim=1).to(h.dtype)
+    routes = getattr(dec, "attention_routes", None)
+    if routes is not None:  # trace: this router's decisions, as their own entry (kind "attention")
+        from .model import LayerRoute
+
+        routes.append(LayerRoute(i, idx.cpu(), gates.float().cpu(), logits.cpu(), logits.cpu(), kind="attention"))
     w_in, w_out = find(base + "input_linear.weight"), find(base + "output_linear.weight")
     q = h.new_zeros(T, K, Hkv * Dh)
     for e in idx.unique().tolist():

@@ -39,6 +39,9 @@ class LayerRoute:
     weights: torch.Tensor
     logits: torch.Tensor
     scores: torch.Tensor
+    stack: Optional[str] = None  # encoder-decoder models: "encoder" / "decoder" (forward/encdec.py)
+    dropped: list = field(default_factory=list)  # [token, slot] pairs over their expert's capacity (not run)
+    kind: str = "ffn"  # "attention": JetMoE's mixture-of-attention router (forward/moa.py)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class ForwardResult:
     logits: torch.Tensor  # [T, V] float32
     routes: list[LayerRoute] = field(default_factory=list)
     bytes_read: int = 0
+    attention_routes: list[LayerRoute] = field(default_factory=list)  # JetMoE: the attention experts' router
 
 
 HEAD_BLOCK_BYTES = 256 * 1024 * 1024  # the LM head is converted in blocks of rows above this size
@@ -430,6 +434,7 @@ class Decoder:
         x = self.embed(ids)  # [T, D]
         cos, sin = rope_tables(fc, T, self.device)
         routes: list[LayerRoute] = []
+        self.attention_routes: Optional[list] = [] if record else None  # moa.py records there
         masks: dict = {}
         n = fc.layers if last_layer is None else min(fc.layers, last_layer + 1)
         for i in range(n):
@@ -444,9 +449,11 @@ class Decoder:
             if self.progress:
                 self.progress(i + 1, n)
         if n < fc.layers:  # stopped early: no logits
-            return ForwardResult(logits=None, routes=routes, bytes_read=self.store.bytes_read)
+            return ForwardResult(logits=None, routes=routes, bytes_read=self.store.bytes_read,
+                                 attention_routes=self.attention_routes or [])
         x = self._final(x)
-        return ForwardResult(logits=x, routes=routes, bytes_read=self.store.bytes_read)
+        return ForwardResult(logits=x, routes=routes, bytes_read=self.store.bytes_read,
+                             attention_routes=self.attention_routes or [])
 
     def layer(self, i: int, x, cos, sin, masks, routes, record):
         fc, n = self.fc, self.names
