@@ -162,8 +162,9 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
             return "mtp", "tied_copy"
         return "mtp", "param"
     if _EMBED.search(name) or _BACKBONE_EMBED.match(name):
-        if re.match(r"^(model\.)?(encoder|decoder)\.embed_tokens\.weight$", name):
-            return "embedding", "tied_copy"  # T5: copies of `shared.weight`
+        if tied and re.match(r"^(model\.)?(encoder|decoder)\.embed_tokens\.weight$", name):
+            # T5 / NLLB: copies of `shared.weight`; untied (transformers 5), each stack has its own
+            return "embedding", "tied_copy"
         return "embedding", "param"
     if _HEAD.search(name):
         return ("lm_head", "tied_copy") if tied and name.endswith("weight") else ("lm_head", "param")

@@ -225,3 +225,19 @@ def test_gqa_conventions_coincide(census_checkpoint):
     assert r.kv_cache["convention"] == "per_head"
     assert r.kv_cache["bytes_per_token_per_head"] == r.kv_cache["bytes_per_token"]
     assert r.flops_per_token["attention_latent"] == r.flops_per_token["attention"]
+
+
+# --- encoder-decoder: untied embeddings and router biases (found while adding their trace) --------
+
+@pytest.mark.parametrize("model_type", ["switch_transformers", "nllb-moe"])
+@pytest.mark.parametrize("tie,router_bias", [(True, True), (False, False), (False, True)])
+def test_encoder_decoder_untied_and_router_bias_count(model_type, tie, router_bias, tmp_path):
+    # transformers 5 unties `shared`, both stacks' embed_tokens and the head when tie_word_embeddings is false,
+    # and gives the routers a bias with router_bias: config-only and header counts must follow.
+    config = {**shrunk_config(model_type), "tie_word_embeddings": tie, "router_bias": router_bias}
+    model = build(model_type, config, device="cpu")
+    model.save_pretrained(tmp_path)
+    expected = param_count(model)
+    assert moetool.count(str(tmp_path / "config.json")).total_params == expected
+    r = moetool.count(str(tmp_path))
+    assert r.total_params == expected and r.cross_check["match"] and not r.cross_check["stored_not_counted"]

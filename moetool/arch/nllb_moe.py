@@ -21,6 +21,9 @@ def adapt(cfg: Cfg, model_type: str = "nllb-moe") -> ModelSpec:
                   router=RouterSpec(norm_topk_prob=True), activation=cfg.str("activation_function", "relu"))
     inv = Inventory()
     inv.add("embed.weight", "embedding", (vocab, d))
+    if not tie:  # transformers 5 unties every copy: `shared`, each stack's embed_tokens and the head
+        for stack in ("encoder", "decoder"):
+            inv.add(f"{stack}.embed_tokens.weight", "embedding", (vocab, d))
     layers = []
     n_enc = cfg.int("encoder_layers", 12, min_value=0)
     for stack in ("encoder", "decoder"):

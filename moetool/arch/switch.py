@@ -27,6 +27,9 @@ def adapt(cfg: Cfg, model_type: str = "switch_transformers") -> ModelSpec:
 
     inv = Inventory()
     inv.add("embed.weight", "embedding", (vocab, d))
+    if not tie:  # transformers 5 unties every copy: `shared`, each stack's embed_tokens and the head
+        for stack in ("encoder", "decoder"):
+            inv.add(f"{stack}.embed_tokens.weight", "embedding", (vocab, d))
     layers = []
     for stack, n, step_key in (("encoder", n_enc, "encoder_sparse_step"), ("decoder", n_dec, "decoder_sparse_step")):
         step = cfg.int(step_key, 3 if stack == "encoder" else 4)
@@ -43,7 +46,7 @@ def adapt(cfg: Cfg, model_type: str = "switch_transformers") -> ModelSpec:
                 inv.add(f"layers.{i}.self_attn.relative_attention_bias", "attention", (buckets, heads), i)
             sparse = (j % step == 1 or step == 1) if step > 0 else False
             if sparse:
-                inv.linear(f"layers.{i}.router", "router", E, d, i)
+                inv.linear(f"layers.{i}.router", "router", E, d, i, bias=cfg.bool("router_bias", False))
                 inv.linear(f"layers.{i}.experts.up", "routed_experts", F, d, i, copies=E)
                 inv.linear(f"layers.{i}.experts.down", "routed_experts", d, F, i, copies=E)
             else:
