@@ -201,3 +201,44 @@ def test_gates_and_bad_input(traces):
     stats = _stats(_random_routing(np.random.default_rng(0), 1, 6, 3, 10), 6, 3)
     with pytest.raises(MoetoolError, match="--objective"):
         pin_plan(stats, {0: 10}, 30, objective="pairs")
+
+
+def test_top3_model_bounds_and_pair_rate(tiny_checkpoint, tmp_path):
+    """A tiny Qwen3-MoE with top-3 routing: the pair-hit and hit rates equal a recount of the traces,
+    the step-hit rate is not claimed (null) and its bounds contain the recounted rate; the text
+    report prints the range; the step-hit gate is refused for k > 2."""
+    import os
+    import shutil
+
+    from conftest import write_tokenizer
+
+    src, _ = tiny_checkpoint("qwen3_moe-bias")
+    d = tmp_path / "model"
+    d.mkdir()
+    for f in os.listdir(src):
+        shutil.copy(src / f, d / f)
+    write_tokenizer(d)
+    for name, text in (("fit", FIT), ("holdout", HOLDOUT)):
+        r = run_cli("trace", text, "--model", str(d), "--json", "-o", str(tmp_path / f"{name}.json"))
+        assert r.returncode == 0, r.stderr
+    args = ["plan", "pin", "--profile", str(tmp_path / "fit.json"), "--holdout", str(tmp_path / "holdout.json"),
+            "--model", str(d), "--objective", "step"]
+    from moetool.arch import spec_from_config
+    from moetool.plans import expert_bytes
+
+    eb = set(expert_bytes(spec_from_config(json.loads((d / "config.json").read_text())), "bf16").values()).pop()
+    r = run_cli(*args, "--budget", str(eb * 9), "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["top_k"] == 3 and plan["resident_bytes"] <= eb * 9
+    for name, sfx in (("fit", ""), ("holdout", "_holdout")):
+        want = recount(trace_sets(tmp_path / f"{name}.json"), residents(plan))
+        assert plan["hit_rate" + sfx] == pytest.approx(want["hit_rate"])
+        assert plan["pair_hit_rate" + sfx] == pytest.approx(want["pair_hit_rate"])
+        assert plan["step_hit_rate" + sfx] is None
+        lo, hi = plan["step_hit_bounds" + sfx]
+        assert lo - 1e-12 <= want["step_hit_rate"] <= hi + 1e-12
+    r = run_cli(*args, "--budget", str(eb * 9))
+    assert r.returncode == 0 and "pair-hit rate" in r.stdout and "bounded from the pairwise counts" in r.stdout
+    r = run_cli(*args, "--budget", str(eb * 9), "--min-step-hit-rate", "0.5")
+    assert r.returncode == 2 and "k <= 2 only" in r.stderr
