@@ -856,8 +856,8 @@ def plan_pin(
                       "objective maximises the pair-hit rate (docs/plans.md)")
         from rich.table import Table
 
-        t = Table(title="Hit rate against the budget (fitted / held-out)", title_justify="left", box=None,
-                  header_style="bold")
+        t = Table(title="Hit rate against the budget" + ("" if ho is None else " (fitted / held-out)"),
+                  title_justify="left", box=None, header_style="bold")
         for c in ("budget", "slot: experts", "hit rate", "step-hit", "step: experts", "hit rate", "step-hit"):
             t.add_column(c, justify="right")
         two = lambda d, key: (step_txt(d, "") if key == "step" else f"{d['hit_rate']:.3f}") + (
