@@ -780,10 +780,15 @@ def plan_pin(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="The profiled model (default: the profile's).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Storage format of the expert weights (bf16, fp8, int4_g128, "
                                      "nf4, mxfp4, ...).")] = "bf16",
+    objective: Annotated[str, typer.Option("--objective", help="slot: most routed (token, slot) assignments resident "
+                                           "(bytes moved per token; by frequency). step: most (token, layer) pairs "
+                                           "with every chosen expert resident (no stall; by co-activation).")] = "slot",
     plot: Annotated[Optional[str], typer.Option("--plot", help="Write the hit-rate curve (.png or .svg).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the JSON plan to this file.")] = None,
     min_hit_rate: Annotated[Optional[float], typer.Option(help="Gate: hit rate (held-out when given) (0-1).")] = None,
+    min_step_hit_rate: Annotated[Optional[float], typer.Option(help="Gate: step-hit rate, every top-k expert "
+                                                               "resident (held-out when given; k <= 2) (0-1).")] = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
 ) -> None:
     """Which routed experts to keep on the GPU under a budget, and the hit rate that buys."""
@@ -794,9 +799,14 @@ def plan_pin(
     from .plans import SCHEMA_VERSION, expert_bytes, load_profile, model_spec
     from .plans.pin import pin_plan
 
-    check_threshold(min_hit_rate, "--min-hit-rate")
-    if min_hit_rate is not None and not 0 <= min_hit_rate <= 1:
-        raise MoetoolError("--min-hit-rate is a share: give a number between 0 and 1")
+    from .plans.pin import OBJECTIVES
+
+    for value, flag in ((min_hit_rate, "--min-hit-rate"), (min_step_hit_rate, "--min-step-hit-rate")):
+        check_threshold(value, flag)
+        if value is not None and not 0 <= value <= 1:
+            raise MoetoolError(f"{flag} is a share: give a number between 0 and 1")
+    if objective not in OBJECTIVES:
+        raise MoetoolError(f"--objective must be one of {', '.join(OBJECTIVES)}")
     if fmt not in FORMATS:
         raise MoetoolError(f"--format must be one of {', '.join(FORMATS)}")
     if plot is not None and not plot.endswith((".png", ".svg")):
@@ -805,13 +815,18 @@ def plan_pin(
     stats = load_profile(profile)
     ho = load_profile(holdout) if holdout else None
     spec, _ = model_spec(model, stats)
-    plan = pin_plan(stats, expert_bytes(spec, fmt), nbytes, ho)
+    if min_step_hit_rate is not None and stats.top_k > 2:
+        raise MoetoolError(f"--min-step-hit-rate: a top-{stats.top_k} profile's pairwise counts do not determine "
+                           "the step-hit rate (k <= 2 only); see step_hit_bounds in --json")
+    plan = pin_plan(stats, expert_bytes(spec, fmt), nbytes, ho, objective=objective)
     plan = {"schema_version": SCHEMA_VERSION, "command": "plan pin", "model": stats.meta.get("model"), "format": fmt,
-            **plan}
+            "top_k": stats.top_k, **plan}
     gate = Gate()
+    sfx = "_holdout" if ho is not None else ""
     if min_hit_rate is not None:
-        which = "hit_rate_holdout" if ho is not None else "hit_rate"
-        gate.check(which, plan[which], min_hit_rate, ">=")
+        gate.check("hit_rate" + sfx, plan["hit_rate" + sfx], min_hit_rate, ">=")
+    if min_step_hit_rate is not None:
+        gate.check("step_hit_rate" + sfx, plan["step_hit_rate" + sfx], min_step_hit_rate, ">=")
     plan["gate"] = gate.to_dict()
     if ho is None:
         render.info("hit rate measured on the profile the plan was fitted on (optimistic); --holdout PROFILE "
@@ -825,20 +840,40 @@ def plan_pin(
         _emit(render.to_json(plan).encode(), output, "pinning plan")
     else:
         con = render.stdout_console()
-        ho_txt = "" if ho is None else f", held-out {plan['hit_rate_holdout']:.3f}"
-        full = plan["full_hit_rate"]
+
+        def step_txt(d: dict, sfx: str) -> str:
+            if d["step_hit_rate" + sfx] is not None:
+                return f"{d['step_hit_rate' + sfx]:.3f}"
+            lo, hi = d["step_hit_bounds" + sfx]
+            return f"{lo:.3f}-{hi:.3f}"
+
+        def rates_txt(d: dict) -> str:
+            txt = f"hit rate {d['hit_rate']:.3f}" + ("" if ho is None else f" (held-out {d['hit_rate_holdout']:.3f})")
+            txt += f", step-hit rate {step_txt(d, '')}" + ("" if ho is None else f" (held-out {step_txt(d, '_holdout')})")
+            if stats.top_k > 2:
+                txt += f", pair-hit rate {d['pair_hit_rate']:.3f}" + (
+                    "" if ho is None else f" (held-out {d['pair_hit_rate_holdout']:.3f})")
+            return txt
+
         con.print(f"[bold]pin[/bold] {plan['resident_experts']} of {plan['experts_total']} routed experts "
                   f"({render.human_bytes(plan['resident_bytes'])} of {render.human_bytes(plan['all_experts_bytes'])}, "
-                  f"{fmt}) under {render.human_bytes(nbytes)}: hit rate {plan['hit_rate']:.3f}{ho_txt}"
-                  + ("" if full is None else f"; every top-k expert resident for {full:.3f} of token-layers"))
+                  f"{fmt}) under {render.human_bytes(nbytes)}, objective {objective}: {rates_txt(plan)}")
+        alt = plan["other_objective"]
+        con.print(f"objective {alt['objective']} instead: {alt['resident_experts']} experts, {rates_txt(alt)}")
+        if stats.top_k > 2:
+            con.print(f"top-{stats.top_k}: the step-hit rate is bounded from the pairwise counts (a range); the step "
+                      "objective maximises the pair-hit rate (docs/plans.md)")
         from rich.table import Table
 
-        t = Table(title="Hit rate against the budget", title_justify="left", box=None, header_style="bold")
-        for c in ("budget", "experts", "hit rate", "held-out"):
+        t = Table(title="Hit rate against the budget" + ("" if ho is None else " (fitted / held-out)"),
+                  title_justify="left", box=None, header_style="bold")
+        for c in ("budget", "slot: experts", "hit rate", "step-hit", "step: experts", "hit rate", "step-hit"):
             t.add_column(c, justify="right")
-        for row in plan["curve"]:
-            t.add_row(render.human_bytes(row["budget_bytes"]), str(row["experts"]), f"{row['hit_rate']:.3f}",
-                      "-" if row["hit_rate_holdout"] is None else f"{row['hit_rate_holdout']:.3f}")
+        two = lambda d, key: (step_txt(d, "") if key == "step" else f"{d['hit_rate']:.3f}") + (
+            "" if ho is None else " / " + (step_txt(d, "_holdout") if key == "step" else f"{d['hit_rate_holdout']:.3f}"))
+        for a, b in zip(plan["curves"]["slot"], plan["curves"]["step"]):
+            t.add_row(render.human_bytes(a["budget_bytes"]), str(a["experts"]), two(a, "hit"), two(a, "step"),
+                      str(b["experts"]), two(b, "hit"), two(b, "step"))
         con.print(t)
     _finish_gate(gate, exit_zero)
 

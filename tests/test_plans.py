@@ -106,8 +106,8 @@ def test_plan_pin_hit_rates_independent(traces, tmp_path):
     resident = {l["layer"]: set(l["resident"]) for l in plan["layers"]}
     assert plan["resident_experts"] == sum(len(v) for v in resident.values())
     assert plan["resident_bytes"] == sum(len(resident[l["layer"]]) * l["expert_bytes"] for l in plan["layers"])
-    for name, key, full_key in (("fit", "hit_rate", "full_hit_rate"), ("holdout", "hit_rate_holdout",
-                                                                         "full_hit_rate_holdout")):
+    for name, key, full_key in (("fit", "hit_rate", "step_hit_rate"), ("holdout", "hit_rate_holdout",
+                                                                         "step_hit_rate_holdout")):
         t = json.loads((traces / f"{name}.json").read_text())
         hits = total = full = tl = 0
         for l in t["layers"]:  # per token, per slot: is the chosen expert resident?
