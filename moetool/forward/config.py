@@ -37,6 +37,18 @@ FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
+# Aria's text model (routed experts always SiLU-gated, whatever hidden_act) and MiniMax-M3's
+# ((1 + w) RMSNorms, clamped SwiGLU, block-sparse attention: _minimax_m3 below).
+FAMILY_FORWARD.update({"aria_text": dict(routed_act="silu"), "minimax_m3_vl_text": dict(qk_norm="head", theta=5e6),
+                       "qwen3_vl_moe_text": dict(qk_norm="head", theta=500000.0),
+                       "qwen3_omni_moe_text": dict(qk_norm="head", theta=1e6)})
+# Multimodal families (moetool/arch/multimodal.py): `trace` runs the language model on text-only input,
+# its fields read from `text_config`, as the text family named here; the vision / audio towers are not
+# run (no image or audio input). Multimodal RoPE (Qwen3-VL's interleaved MRoPE, GLM-4V's mrope_section)
+# gives every section the same text position then, which is ordinary RoPE (tests/test_trace_multimodal.py).
+MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_vl_moe_text",
+                      "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text"}
+FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -166,6 +178,9 @@ class ForwardConfig:
     single_block: bool = False  # one sublayer per layer: x + sublayer(norm(x)) (Nemotron-H)
     # MiniMax: x' = alpha * norm(x) + beta * sublayer(norm(x)); (alpha, beta) by LayerSpec.mixer, "ffn" for the FFN
     normed_residual: Optional[dict] = None
+    routed_act: Optional[str] = None  # the routed experts' activation when not expert_act (Aria: always SiLU)
+    # MiniMax-M3's block-sparse attention: layers, heads, dim, block, topk, local (forward/block_sparse.py)
+    block_sparse: Optional[dict] = None
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -178,6 +193,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         cfg = cfg.sub("text_config")
     if spec.model_type in TEXT_CONFIG_WRAPPERS:  # image-text checkpoints: the text model's fields
         cfg = cfg.sub("text_config")
+    if family in MULTIMODAL_FORWARD:  # image-text models: the language model, as its text family
+        cfg, family = cfg.sub("text_config"), MULTIMODAL_FORWARD[family]
     if family == "dbrx":
         return _dbrx(spec, cfg)
     if family == "jetmoe":
@@ -211,6 +228,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if extra.get("rope_on_sliding_only") and cfg.has("sliding_window"):  # EXAONE: global layers are NoPE
             fc.use_rope = [w is not None for w in fc.windows]
         fc.parallel_block = extra.get("parallel_block", False)
+        fc.routed_act = extra.get("routed_act")
         # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
         prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
         if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
@@ -431,6 +449,45 @@ def _kimi_linear(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> No
 
 HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe,
           "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear}
+
+
+# MiniMax-M3's legacy `sparse_attention_config` keys (transformers' MiniMaxM3VLTextConfig reads them too).
+_M3_LEGACY = {"heads": ("index_n_heads", "sparse_num_index_heads", 4), "dim": ("index_head_dim", "sparse_index_dim", 128),
+              "block": ("index_block_size", "sparse_block_size", 128),
+              "topk": ("index_topk_blocks", "sparse_topk_blocks", 16), "local": ("index_local_blocks", "sparse_local_block", 1)}
+
+
+def _minimax_m3(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """MiniMax-M3: (1 + w) RMSNorms (QK-norm per head before RoPE), RoPE over head_dim times
+    rope_parameters' partial_rotary_factor (transformers 5.23 does not read `rotary_dim` for this
+    family), clamped SwiGLU (gpt-oss's, gate and up not interleaved) in every FFN, and block-sparse
+    attention on the "minimax_m3_sparse" layers (forward/block_sparse.py)."""
+    fc.norm_offset = 1.0
+    fc.rope.dim = int(fc.head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+    fc.expert_act = "gpt_oss"
+    fc.swiglu_limit, fc.swiglu_alpha = cfg.float("swiglu_limit", 7.0), cfg.float("swiglu_alpha", 1.702)
+    legacy = Cfg(cfg.raw("sparse_attention_config") or {}, f"{cfg.where}[sparse_attention_config]")
+    types = cfg.str_list("layer_types", [])
+    if not types and legacy.has("sparse_attention_freq"):
+        freq = legacy.raw("sparse_attention_freq")
+        if not isinstance(freq, list):
+            raise BadConfig(f"{legacy.where}: sparse_attention_freq must be a list, got {freq!r}")
+        types = ["minimax_m3_sparse" if f else "full_attention" for f in freq]
+    layers = [i for i, t in enumerate(types[:spec.num_layers]) if t == "minimax_m3_sparse"]
+    if layers:
+        pick = lambda key, old, default: (legacy.int(old, min_value=0) if legacy.has(old)
+                                          else cfg.int(key, default, min_value=0))
+        bs = {k: pick(*keys) for k, keys in _M3_LEGACY.items()}
+        if min(bs["heads"], bs["dim"], bs["block"], bs["topk"]) < 1:
+            raise BadConfig(f"{cfg.where}: index_n_heads, index_head_dim, index_block_size and index_topk_blocks "
+                            "must be positive")
+        if fc.heads % bs["heads"]:
+            raise BadConfig(f"{cfg.where}: num_attention_heads ({fc.heads}) must be a multiple of index_n_heads "
+                            f"({bs['heads']})")
+        fc.block_sparse = dict(layers=frozenset(layers), **bs)
+
+
+HYBRID["minimax_m3_vl_text"] = _minimax_m3
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
