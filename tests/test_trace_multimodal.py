@@ -180,3 +180,27 @@ def test_count_matches_transformers(name, mm_checkpoint):
     assert from_headers.total_params == from_config.total_params == tf_count
     assert from_headers.cross_check["match"], from_headers.cross_check["differences"]
     assert from_headers.breakdown == from_config.breakdown
+
+
+def test_minimax_m3_legacy_config_keys(mm_checkpoint, tmp_path):
+    """Released MiniMax-M3 configs may say `sparse_attention_config` / `moe_layer_freq` instead of
+    `layer_types` / `mlp_layer_types` / index_*: transformers reads them to the same model, so must moetool."""
+    import json
+
+    import transformers
+
+    d, _, ids, logits, routes, tf_count, scale = mm_checkpoint("minimax_m3_vl_text", 0)
+    config = json.loads((d / "config.json").read_text())
+    legacy = {k: v for k, v in config.items() if k not in ("layer_types", "mlp_layer_types") and not k.startswith("index_")}
+    legacy["moe_layer_freq"] = [int(t == "sparse") for t in config["mlp_layer_types"]]
+    legacy["sparse_attention_config"] = dict(
+        sparse_attention_freq=[int(t == "minimax_m3_sparse") for t in config["layer_types"]],
+        sparse_num_index_heads=config["index_n_heads"], sparse_index_dim=config["index_head_dim"],
+        sparse_block_size=config["index_block_size"], sparse_topk_blocks=config["index_topk_blocks"],
+        sparse_local_block=config["index_local_blocks"])
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    shutil.copy(d / "model.safetensors", tmp_path / "model.safetensors")
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert theirs.layer_types == config["layer_types"] and theirs.mlp_layer_types == config["mlp_layer_types"]
+    assert moetool.count(str(tmp_path), use_headers=False).total_params == tf_count
+    _assert_same(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu"), logits, routes, scale)

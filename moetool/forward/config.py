@@ -451,40 +451,24 @@ HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _grani
           "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear}
 
 
-# MiniMax-M3's legacy `sparse_attention_config` keys (transformers' MiniMaxM3VLTextConfig reads them too).
-_M3_LEGACY = {"heads": ("index_n_heads", "sparse_num_index_heads", 4), "dim": ("index_head_dim", "sparse_index_dim", 128),
-              "block": ("index_block_size", "sparse_block_size", 128),
-              "topk": ("index_topk_blocks", "sparse_topk_blocks", 16), "local": ("index_local_blocks", "sparse_local_block", 1)}
-
-
 def _minimax_m3(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
     """MiniMax-M3: (1 + w) RMSNorms (QK-norm per head before RoPE), RoPE over head_dim times
     rope_parameters' partial_rotary_factor (transformers 5.23 does not read `rotary_dim` for this
     family), clamped SwiGLU (gpt-oss's, gate and up not interleaved) in every FFN, and block-sparse
-    attention on the "minimax_m3_sparse" layers (forward/block_sparse.py)."""
+    attention on the layers arch/minimax_m3.py names (forward/block_sparse.py)."""
+    from ..arch import minimax_m3
+
     fc.norm_offset = 1.0
     fc.rope.dim = int(fc.head_dim * float(rope.get("partial_rotary_factor", 1.0)))
     fc.expert_act = "gpt_oss"
     fc.swiglu_limit, fc.swiglu_alpha = cfg.float("swiglu_limit", 7.0), cfg.float("swiglu_alpha", 1.702)
-    legacy = Cfg(cfg.raw("sparse_attention_config") or {}, f"{cfg.where}[sparse_attention_config]")
-    types = cfg.str_list("layer_types", [])
-    if not types and legacy.has("sparse_attention_freq"):
-        freq = legacy.raw("sparse_attention_freq")
-        if not isinstance(freq, list):
-            raise BadConfig(f"{legacy.where}: sparse_attention_freq must be a list, got {freq!r}")
-        types = ["minimax_m3_sparse" if f else "full_attention" for f in freq]
-    layers = [i for i, t in enumerate(types[:spec.num_layers]) if t == "minimax_m3_sparse"]
+    layers = minimax_m3.sparse_layers(cfg, spec.num_layers)
     if layers:
-        pick = lambda key, old, default: (legacy.int(old, min_value=0) if legacy.has(old)
-                                          else cfg.int(key, default, min_value=0))
-        bs = {k: pick(*keys) for k, keys in _M3_LEGACY.items()}
-        if min(bs["heads"], bs["dim"], bs["block"], bs["topk"]) < 1:
-            raise BadConfig(f"{cfg.where}: index_n_heads, index_head_dim, index_block_size and index_topk_blocks "
-                            "must be positive")
-        if fc.heads % bs["heads"]:
+        ix = minimax_m3.indexer(cfg)
+        if fc.heads % ix["heads"]:
             raise BadConfig(f"{cfg.where}: num_attention_heads ({fc.heads}) must be a multiple of index_n_heads "
-                            f"({bs['heads']})")
-        fc.block_sparse = dict(layers=frozenset(layers), **bs)
+                            f"({ix['heads']})")
+        fc.block_sparse = dict(layers=frozenset(layers), **ix)
 
 
 HYBRID["minimax_m3_vl_text"] = _minimax_m3
