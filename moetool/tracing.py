@@ -66,6 +66,7 @@ class TraceReport:
     router_logits: Any = field(default=None, repr=False)  # {layer: tensor [T, E]}
     selection_scores: Any = field(default=None, repr=False)
     include_router_logits: bool = False
+    notes: list = field(default_factory=list)  # what the trace did not run (an image-text model's towers)
 
     def _summary(self) -> list[tuple[str, Any]]:
         s = self.summary.get("max_mean_ratio", {})
@@ -92,6 +93,8 @@ class TraceReport:
             "layers": [self._layer_dict(l) for l in self.layers],
             "summary": self.summary,
         })
+        if self.notes:
+            d["notes"] = self.notes
         return d
 
     def _layer_dict(self, l: "LayerTrace") -> dict[str, Any]:
@@ -241,6 +244,10 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
         router_logits={r.layer: r.logits for r in routes}, selection_scores={r.layer: r.scores for r in routes},
         include_router_logits=router_logits,
     )
+    towers = sorted({p.group for p in spec.params} & {"vision", "audio"})
+    if towers:  # an image-text (or audio) model traced on text: its language model only
+        report.notes.append(f"text-only input: the {' and '.join(towers)} tower{'s are' if len(towers) > 1 else ' is'} "
+                            "not run; the trace is of the language model")
     compute_metrics(report, spec)
     return report
 

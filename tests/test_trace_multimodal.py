@@ -204,3 +204,24 @@ def test_minimax_m3_legacy_config_keys(mm_checkpoint, tmp_path):
     assert theirs.layer_types == config["layer_types"] and theirs.mlp_layer_types == config["mlp_layer_types"]
     assert moetool.count(str(tmp_path), use_headers=False).total_params == tf_count
     _assert_same(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu"), logits, routes, scale)
+
+
+@pytest.mark.parametrize("name,towers", [("qwen3_omni_moe_thinker", "audio and vision towers are"),
+                                         ("glm4v_moe", "vision tower is"), ("aria_text", None)])
+def test_trace_cli_says_the_towers_are_not_run(name, towers, mm_checkpoint):
+    import json
+    import subprocess
+    import sys
+
+    d, _, ids, _, routes, _, _ = mm_checkpoint(name, 0)
+    args = [sys.executable, "-m", "moetool", "trace", "--model", str(d), "--tokens", ",".join(map(str, ids[:8]))]
+    r = subprocess.run(args + ["--format", "json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [layer["layer"] for layer in out["layers"]] == sorted(routes)
+    if towers is None:
+        assert "notes" not in out
+    else:
+        assert out["notes"] == [f"text-only input: the {towers} not run; the trace is of the language model"]
+        r = subprocess.run(args, capture_output=True, text=True)
+        assert r.returncode == 0 and f"note: text-only input: the {towers} not run" in r.stdout
