@@ -225,3 +225,29 @@ def test_trace_cli_says_the_towers_are_not_run(name, towers, mm_checkpoint):
         assert out["notes"] == [f"text-only input: the {towers} not run; the trace is of the language model"]
         r = subprocess.run(args, capture_output=True, text=True)
         assert r.returncode == 0 and f"note: text-only input: the {towers} not run" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["glm4v_moe", "minimax_m3_vl"])
+def test_tied_head_from_text_config(name, tmp_path):
+    """GLM-4.5V and MiniMax-M3 configs written before transformers 5 say tie_word_embeddings inside
+    text_config only; transformers ties the head then (its config moves the flag up): so does moetool."""
+    import json
+
+    import transformers
+
+    model = _build(CONFIGS[name](), 0)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    _randomize(model, 0)
+    model.save_pretrained(tmp_path)
+    assert not any("lm_head" in k for k in load_file(str(tmp_path / "model.safetensors")))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    config["text_config"]["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).tie_word_embeddings
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(0))
+    logits, routes = reference_routes(model, ids)
+    scale = 2.0 if name == "minimax_m3_vl" else 1.0
+    _assert_same(run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device="cpu"), logits, routes, scale)
+    assert moetool.count(str(tmp_path)).total_params == sum(p.numel() for p in model.parameters())

@@ -160,6 +160,7 @@ class Family:
     text_model_type: str  # the model_type its text part is counted as
     towers: tuple[tuple[str, Tower], ...]  # (config key, builder)
     tie_default: bool = False
+    tie_from_text: bool = False  # text_config's tie_word_embeddings true also ties (GLM-4.5V, MiniMax-M3: pre-v5 configs)
 
 
 # Qwen3-VL-MoE's router always renormalises the top-k weights (it reads no norm_topk_prob); Qwen3-Omni's
@@ -179,18 +180,20 @@ FAMILIES: dict[str, Family] = {
     # rhymes-ai/Aria: Aria text MoE + Idefics3 vision encoder + cross-attention projector.
     "aria": Family(llama_like.adapt, "aria_text", (("vision_config", aria_vision),)),
     # MiniMax-M3 (vision-language): MiniMax-M3 text MoE + CLIP-style tower + two projectors.
-    "minimax_m3_vl": Family(llama_like.adapt, "minimax_m3_vl_text", (("vision_config", minimax_m3_vision),)),
+    "minimax_m3_vl": Family(llama_like.adapt, "minimax_m3_vl_text", (("vision_config", minimax_m3_vision),),
+                            tie_from_text=True),
     # Qwen/Qwen3-Omni-30B-A3B thinker: Qwen3-MoE text + Qwen3-VL-style vision + audio encoder.
     "qwen3_omni_moe_thinker": Family(_styled(_QWEN3_OMNI_TEXT), "qwen3_moe",
                                      (("vision_config", qwen3_vl_vision), ("audio_config", qwen3_omni_audio))),
-    "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),)),
+    "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),), tie_from_text=True),
 }
 
 
 def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
     fam = FAMILIES[model_type]
     text = dict(cfg.sub("text_config").d)
-    text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", fam.tie_default)
+    text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", fam.tie_default) or (
+        fam.tie_from_text and Cfg(text, f"{cfg.where}[text_config]").bool("tie_word_embeddings", False))
     spec = fam.text(Cfg(text, f"{cfg.where}[text_config]"), fam.text_model_type)
     inv = Inventory()
     for key, build in fam.towers:
