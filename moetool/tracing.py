@@ -77,6 +77,7 @@ class TraceReport:
     selection_scores: Any = field(default=None, repr=False)
     include_router_logits: bool = False
     decoder_tokens: Optional[list[Token]] = None  # encoder-decoder models: the decoder's input (start token first)
+    notes: list = field(default_factory=list)  # what the trace did not run (an image-text model's towers)
 
     def tokens_for(self, l: "LayerTrace") -> list[Token]:
         """The tokens a layer routed: the decoder's for a decoder layer, else the prompt's."""
@@ -109,6 +110,8 @@ class TraceReport:
         })
         if self.decoder_tokens is not None:
             d["decoder_tokens"] = [vars(t) for t in self.decoder_tokens]
+        if self.notes:
+            d["notes"] = self.notes
         return d
 
     def _layer_dict(self, l: "LayerTrace") -> dict[str, Any]:
@@ -330,6 +333,10 @@ def _trace_encdec(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_t
         include_router_logits=router_logits,
         decoder_tokens=[Token(i, t, text(t), i >= n_given) for i, t in enumerate(dec)],
     )
+    towers = sorted({p.group for p in spec.params} & {"vision", "audio"})
+    if towers:  # an image-text (or audio) model traced on text: its language model only
+        report.notes.append(f"text-only input: the {' and '.join(towers)} tower{'s are' if len(towers) > 1 else ' is'} "
+                            "not run; the trace is of the language model")
     compute_metrics(report, spec)
     return report
 

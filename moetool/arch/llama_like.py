@@ -14,7 +14,7 @@ from typing import Callable, Literal, Optional
 
 from ..errors import BadConfig
 from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
-from . import common
+from . import common, minimax_m3
 
 Bias = Literal["none", "qkv", "all"]
 
@@ -55,6 +55,7 @@ class Style:
     correction_bias_param: bool = False  # a counted [1, E] correction-bias parameter (Ernie 4.5 `moe_statics`)
     tie_default: bool = False  # tie_word_embeddings when the config does not say (Cohere: true)
     parallel_block: bool = False  # Cohere: one norm per layer, attention and FFN in parallel
+    layer_extra: Optional[Callable[[Inventory, Cfg, int, int], None]] = None  # (inv, cfg, layer, D): more params of a layer
 
 
 def _attention_bias(key: str, default: bool, kind: Bias) -> Callable[[Cfg], Bias]:
@@ -146,16 +147,19 @@ STYLES: dict[str, Style] = {
                                                        norm_topk_prob=c.bool("norm_topk_prob", True))),
     # rhymes-ai/Aria (text part): every layer MoE, shared experts of intermediate_size x moe_num_shared_experts.
     "aria_text": Style("aria_text", experts_keys=("moe_num_experts",), top_k_keys=("moe_topk",),
-                       bias=_attention_bias("attention_bias", False, "all"),
+                       bias=_attention_bias("attention_bias", False, "all"), mlp_bias=lambda c: c.bool("mlp_bias", False),
+                       router=lambda c: RouterSpec(order="topk_then_score"),  # softmax over the top-k logits
                        shared_ffn=lambda c: c.int("intermediate_size") * c.int("moe_num_shared_experts", 2),
                        n_shared=lambda c: c.int("moe_num_shared_experts", 2)),
     # MiniMax-M3 (text part): every `mlp_layer_types` "sparse" layer MoE with a fused shared expert
-    # of `shared_intermediate_size`; dense layers of `dense_intermediate_size`.
+    # of `shared_intermediate_size`; dense layers of `dense_intermediate_size`; a lightning indexer on
+    # the block-sparse attention layers (arch/minimax_m3.py).
     "minimax_m3_vl_text": Style("minimax_m3_vl_text", experts_keys=("num_local_experts", "num_experts"),
                                 dense_ffn_key="dense_intermediate_size", qk_norm="head",
-                                moe_schedule=lambda c, n: mlp_layer_types(c, n),
+                                moe_schedule=lambda c, n: minimax_m3.moe_schedule(c, n),
                                 shared_ffn=lambda c: c.int("shared_intermediate_size", 0),
-                                router=lambda c: RouterSpec(scoring="sigmoid",
+                                layer_extra=lambda inv, c, i, d: minimax_m3.indexer_params(inv, c, i, d),
+                                router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
                                                             routed_scaling_factor=c.float("routed_scaling_factor", 1.0))),
     "llama": Style("llama", dense=True, windows="none", bias=_attention_bias("attention_bias", False, "all")),
     "mistral": Style("mistral", dense=True),
@@ -230,6 +234,8 @@ def adapt(cfg: Cfg, model_type: str, style: Optional[Style] = None) -> ModelSpec
             inv.norm(f"layers.{i}.post_attention_norm", d, i, bias=s.layernorm_bias)
         for j in range(s.extra_norms + (s.moe_norms if is_moe[i] else 0)):
             inv.norm(f"layers.{i}.extra_norm_{j}", d, i)
+        if s.layer_extra is not None:
+            s.layer_extra(inv, cfg, i, d)
         if is_moe[i]:
             _moe_block(inv, i, d, moe, s, cfg)
         else:

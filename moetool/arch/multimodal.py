@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ..spec import Cfg, Inventory, ModelSpec
+from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
 from . import common, deepseek, llama_like
 
 
@@ -160,27 +160,40 @@ class Family:
     text_model_type: str  # the model_type its text part is counted as
     towers: tuple[tuple[str, Tower], ...]  # (config key, builder)
     tie_default: bool = False
+    tie_from_text: bool = False  # text_config's tie_word_embeddings true also ties (GLM-4.5V, MiniMax-M3: pre-v5 configs)
+
+
+# Qwen3-VL-MoE's router always renormalises the top-k weights (it reads no norm_topk_prob); Qwen3-Omni's
+# reads norm_topk_prob, default true; neither has sliding windows. Otherwise Qwen3-MoE's text model.
+_QWEN3_VL_TEXT = replace(llama_like.STYLES["qwen3_moe"], windows="none", router=lambda c: RouterSpec(norm_topk_prob=True))
+_QWEN3_OMNI_TEXT = replace(_QWEN3_VL_TEXT, router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", True)))
+
+
+def _styled(style: llama_like.Style) -> Callable[[Cfg, str], ModelSpec]:
+    return lambda cfg, model_type: llama_like.adapt(cfg, model_type, style)
 
 
 FAMILIES: dict[str, Family] = {
     # Qwen/Qwen3-VL-30B-A3B: Qwen3-MoE text model + Qwen3-VL vision tower.
-    "qwen3_vl_moe": Family(llama_like.adapt, "qwen3_moe", (("vision_config", qwen3_vl_vision),)),
+    "qwen3_vl_moe": Family(_styled(_QWEN3_VL_TEXT), "qwen3_moe", (("vision_config", qwen3_vl_vision),)),
     # zai-org/GLM-4.5V: GLM-4.5 (glm4_moe) text model + GLM-4V vision tower.
     # rhymes-ai/Aria: Aria text MoE + Idefics3 vision encoder + cross-attention projector.
     "aria": Family(llama_like.adapt, "aria_text", (("vision_config", aria_vision),)),
     # MiniMax-M3 (vision-language): MiniMax-M3 text MoE + CLIP-style tower + two projectors.
-    "minimax_m3_vl": Family(llama_like.adapt, "minimax_m3_vl_text", (("vision_config", minimax_m3_vision),)),
+    "minimax_m3_vl": Family(llama_like.adapt, "minimax_m3_vl_text", (("vision_config", minimax_m3_vision),),
+                            tie_from_text=True),
     # Qwen/Qwen3-Omni-30B-A3B thinker: Qwen3-MoE text + Qwen3-VL-style vision + audio encoder.
-    "qwen3_omni_moe_thinker": Family(llama_like.adapt, "qwen3_moe",
+    "qwen3_omni_moe_thinker": Family(_styled(_QWEN3_OMNI_TEXT), "qwen3_moe",
                                      (("vision_config", qwen3_vl_vision), ("audio_config", qwen3_omni_audio))),
-    "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),)),
+    "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),), tie_from_text=True),
 }
 
 
 def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
     fam = FAMILIES[model_type]
     text = dict(cfg.sub("text_config").d)
-    text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", fam.tie_default)
+    text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", fam.tie_default) or (
+        fam.tie_from_text and Cfg(text, f"{cfg.where}[text_config]").bool("tie_word_embeddings", False))
     spec = fam.text(Cfg(text, f"{cfg.where}[text_config]"), fam.text_model_type)
     inv = Inventory()
     for key, build in fam.towers:

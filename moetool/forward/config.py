@@ -40,6 +40,18 @@ FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nem
 # Encoder-decoder families: their own forward (forward/encdec.py), run by `trace` only.
 ENCDEC_FAMILIES = ("switch_transformers", "nllb_moe")
 FORWARD_FAMILIES += ENCDEC_FAMILIES
+# Aria's text model (routed experts always SiLU-gated, whatever hidden_act) and MiniMax-M3's
+# ((1 + w) RMSNorms, clamped SwiGLU, block-sparse attention: _minimax_m3 below).
+FAMILY_FORWARD.update({"aria_text": dict(routed_act="silu"), "minimax_m3_vl_text": dict(qk_norm="head", theta=5e6),
+                       "qwen3_vl_moe_text": dict(qk_norm="head", theta=500000.0),
+                       "qwen3_omni_moe_text": dict(qk_norm="head", theta=1e6)})
+# Multimodal families (moetool/arch/multimodal.py): `trace` runs the language model on text-only input,
+# its fields read from `text_config`, as the text family named here; the vision / audio towers are not
+# run (no image or audio input). Multimodal RoPE (Qwen3-VL's interleaved MRoPE, GLM-4V's mrope_section)
+# gives every section the same text position then, which is ordinary RoPE (tests/test_trace_multimodal.py).
+MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_vl_moe_text",
+                      "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text"}
+FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -169,6 +181,9 @@ class ForwardConfig:
     single_block: bool = False  # one sublayer per layer: x + sublayer(norm(x)) (Nemotron-H)
     # MiniMax: x' = alpha * norm(x) + beta * sublayer(norm(x)); (alpha, beta) by LayerSpec.mixer, "ffn" for the FFN
     normed_residual: Optional[dict] = None
+    routed_act: Optional[str] = None  # the routed experts' activation when not expert_act (Aria: always SiLU)
+    # MiniMax-M3's block-sparse attention: layers, heads, dim, block, topk, local (forward/block_sparse.py)
+    block_sparse: Optional[dict] = None
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -184,6 +199,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         cfg = cfg.sub("text_config")
     if spec.model_type in TEXT_CONFIG_WRAPPERS:  # image-text checkpoints: the text model's fields
         cfg = cfg.sub("text_config")
+    if family in MULTIMODAL_FORWARD:  # image-text models: the language model, as its text family
+        cfg, family = cfg.sub("text_config"), MULTIMODAL_FORWARD[family]
     if family == "dbrx":
         return _dbrx(spec, cfg)
     if family == "jetmoe":
@@ -217,6 +234,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if extra.get("rope_on_sliding_only") and cfg.has("sliding_window"):  # EXAONE: global layers are NoPE
             fc.use_rope = [w is not None for w in fc.windows]
         fc.parallel_block = extra.get("parallel_block", False)
+        fc.routed_act = extra.get("routed_act")
         # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
         prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
         if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
@@ -437,6 +455,29 @@ def _kimi_linear(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> No
 
 HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe,
           "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear}
+
+
+def _minimax_m3(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """MiniMax-M3: (1 + w) RMSNorms (QK-norm per head before RoPE), RoPE over head_dim times
+    rope_parameters' partial_rotary_factor (transformers 5.23 does not read `rotary_dim` for this
+    family), clamped SwiGLU (gpt-oss's, gate and up not interleaved) in every FFN, and block-sparse
+    attention on the layers arch/minimax_m3.py names (forward/block_sparse.py)."""
+    from ..arch import minimax_m3
+
+    fc.norm_offset = 1.0
+    fc.rope.dim = int(fc.head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+    fc.expert_act = "gpt_oss"
+    fc.swiglu_limit, fc.swiglu_alpha = cfg.float("swiglu_limit", 7.0), cfg.float("swiglu_alpha", 1.702)
+    layers = minimax_m3.sparse_layers(cfg, spec.num_layers)
+    if layers:
+        ix = minimax_m3.indexer(cfg)
+        if fc.heads % ix["heads"]:
+            raise BadConfig(f"{cfg.where}: num_attention_heads ({fc.heads}) must be a multiple of index_n_heads "
+                            f"({ix['heads']})")
+        fc.block_sparse = dict(layers=frozenset(layers), **ix)
+
+
+HYBRID["minimax_m3_vl_text"] = _minimax_m3
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

@@ -23,6 +23,7 @@ from ..spec import ModelSpec, MoESpec
 from . import mixers
 from .mixers.common import act as activation
 from .config import ForwardConfig
+from .block_sparse import block_sparse_keep
 from .indexer import sparse_attention_keep
 from .moa import moa_attention
 from .weights import WeightStore
@@ -324,10 +325,10 @@ class Experts:
                         self.per_expert[proj] = n.replace(".experts.0.", ".experts.{e}.")
         self.gate_up = find("mlp.experts.gate_up_proj", "feed_forward.experts.gate_up_proj",
                             "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight",
-                            "mlp.input_linear.weight")
+                            "mlp.input_linear.weight", "mlp.experts.fc1.weight")  # Aria: fc1 [E, D, 2F], fc2 [E, F, D]
         self.down = find("mlp.experts.down_proj", "feed_forward.experts.down_proj",
                          "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight",
-                         "mlp.output_linear.weight")
+                         "mlp.output_linear.weight", "mlp.experts.fc2.weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
         self.up_only = find("mixer.experts.up_proj")  # Nemotron-H: ungated [E, F, D] (with down_proj)
         if self.up_only:
@@ -352,9 +353,12 @@ class Experts:
             down = g(self.dbrx["w2"], index=e, rows=self.F).t()
         else:
             gu, dn = g(self.gate_up, index=e), g(self.down, index=e)
-            transposed = self.family in ("gpt_oss", "llama4") and self.gate_up in self.store.tensors
+            transposed = self.family in TRANSPOSED_EXPERTS and self.gate_up in self.store.tensors
             if transposed:  # stored for x @ W: [D, 2F] and [F, D]
                 gu, dn = gu.t(), dn.t()
+            else:  # either orientation, as transformers' Transpose(check_dims) loads Qwen3-VL-MoE's experts
+                gu = gu.t() if gu.shape[0] != 2 * self.F and gu.shape[-1] == 2 * self.F else gu
+                dn = dn.t() if dn.shape[-1] != self.F and dn.shape[0] == self.F else dn
             if self.family == "gpt_oss":  # gate and up interleaved along the 2F outputs
                 gate, up = gu[0::2], gu[1::2]
                 if self.gate_up_bias:
@@ -366,6 +370,9 @@ class Experts:
             down = dn
         return gate, up, down, gb, ub, db
 
+
+# Families whose fused experts are stored for x @ W ([E, D, 2F] and [E, F, D]) whatever their shapes.
+TRANSPOSED_EXPERTS = ("gpt_oss", "llama4", "aria_text", "aria")
 
 # transformers' ACT2FN names (activations.py) for the gate of a gated FFN.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -490,7 +497,7 @@ class Decoder:
                 f = swiglu(h, *(self.w(find(f"feed_forward.{q}.weight")) for q in ("w1", "w3", "w2")), act=fc.expert_act)
             else:  # mlp / feed_forward; Kimi Linear's dense layers as saved: block_sparse_moe
                 base = find("mlp.gate_proj.weight", "feed_forward.gate_proj.weight",
-                            "block_sparse_moe.gate_proj.weight")[: -len("gate_proj.weight")]
+                            "block_sparse_moe.gate_proj.weight", "mlp.gate_up_proj.weight").rsplit(".", 2)[0] + "."
                 f = self.gated_mlp(base, h)
         f = nrm(post_f, f)
         if fc.normed_residual:
@@ -573,7 +580,10 @@ class Decoder:
         if key not in masks:
             masks[key] = attention_mask(T, window, chunk, q.device)
         sinks = self.w(find("self_attn.sinks", required=False)) if fc.family == "gpt_oss" else None
-        out = sdpa(q, k, v, masks[key], fc.attn_scale, sinks).reshape(T, H * Dh)
+        mask = masks[key]
+        if fc.block_sparse and i in fc.block_sparse["layers"]:  # MiniMax-M3: the key blocks its indexer keeps
+            mask = block_sparse_keep(lambda *s: self.w(find(*s)), i, h, cos, sin, mask, fc.block_sparse, H, fc.eps)
+        out = sdpa(q, k, v, mask, fc.attn_scale, sinks).reshape(T, H * Dh)
         if fc.attn_output_gate:
             out = out * torch.sigmoid(gate)
         return linear(out, self.w(o_name), self.w(o_bias))
@@ -669,7 +679,8 @@ class Decoder:
             if fc.family == "llama4":  # the gate scales the expert's input, not its output
                 y = swiglu(h[tok] * w_e[:, None].to(h.dtype), gate, up, down, act=fc.expert_act)
             else:
-                y = swiglu(h[tok], gate, up, down, gb, ub, db, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
+                y = swiglu(h[tok], gate, up, down, gb, ub, db, fc.routed_act or fc.expert_act, fc.swiglu_limit,
+                           fc.swiglu_alpha)
                 if getattr(self, "expert_hook", None):  # profile: ||expert output|| per routed token (REAP)
                     self.expert_hook(i, e, tok, y)
                 y = y * w_e[:, None].to(y.dtype)
@@ -688,9 +699,10 @@ class Decoder:
                                bias("up_proj.bias"), bias("down_proj.bias"), fc.expert_act)
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
                       "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight",
-                      "block_sparse_moe.shared_experts.gate_proj.weight", required=False)
+                      "block_sparse_moe.shared_experts.gate_proj.weight",
+                      "mlp.shared_experts.gate_up_proj.weight", required=False)  # MiniMax-M3: gate and up fused
         if shared:
-            base = shared[: -len("gate_proj.weight")]
+            base = shared.rsplit(".", 2)[0] + "."
             s = self.gated_mlp(base, h)
             sg = find("mlp.shared_expert_gate.weight", required=False)
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
@@ -709,10 +721,16 @@ class Decoder:
         return swiglu(h, gate, up, self.w(self.names.find(i, "shared_mlp.output_linear.weight")), act=self.fc.expert_act)
 
     def gated_mlp(self, base: str, h: torch.Tensor) -> torch.Tensor:
-        """A dense MLP or shared expert `base`{gate,up,down}_proj (biases where stored)."""
+        """A dense MLP or shared expert `base`{gate,up,down}_proj (biases where stored), or with gate
+        and up fused as `base`gate_up_proj [2F, D] (MiniMax-M3)."""
+        fc = self.fc
         w = lambda p: self.w(base + p + "_proj.weight")
         b = lambda p: self.w(base + p + "_proj.bias") if (base + p + "_proj.bias") in self.store else None
-        return swiglu(h, w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"), act=self.fc.expert_act)
+        if base + "gate_up_proj.weight" in self.store:
+            gate, up = w("gate_up").chunk(2, dim=0)
+            return swiglu(h, gate, up, w("down"), None, None, b("down"), fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
+        return swiglu(h, w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"), fc.expert_act, fc.swiglu_limit,
+                      fc.swiglu_alpha)
 
     def _final(self, x) -> torch.Tensor:
         fc, n = self.fc, self.names
