@@ -92,7 +92,8 @@ STYLES: dict[str, Style] = {
     # Kolibri-1: four norms a layer, one shared expert of `shared_expert_intermediate_size`, all layers MoE.
     "kolibri1": Style("kolibri1", experts_keys=("num_local_experts", "num_experts"), expert_ffn_key="moe_intermediate_size",
                       qk_norm="head", extra_norms=2, shared_ffn=lambda c: c.int("shared_expert_intermediate_size", 0),
-                      router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
+                      router=lambda c: RouterSpec(order="topk_then_score", scoring="sigmoid", correction_bias=True,
+                                                  norm_topk_prob=c.bool("norm_topk_prob", False))),
     # Laguna: per-layer head counts, a softplus output gate per head (or per channel), shared expert.
     "laguna": Style("laguna", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                     bias=_attention_bias("attention_bias", False, "all"), qk_norm="head",

@@ -33,6 +33,13 @@ FAMILY_FORWARD: dict[str, dict] = {
     "exaone_moe": dict(qk_norm="head", rope_on_sliding_only=True),
     "cohere2_moe": dict(rope_layout="interleave", layer_norms=("input_layernorm", None, None, None), parallel_block=True),
 }
+# Issue 11, trace of the families count already handled (tests/test_trace_text_families.py).
+# partial_rotary: the partial_rotary_factor of a per-layer-type RoPE entry that gives none.
+# Norm names: transformers' or, as save_pretrained writes them back, the original checkpoint's (conversion_mapping.py).
+_SANDWICH = ("input_layernorm", ("post_self_attn_layernorm", "post_attn_norm"), "post_attention_layernorm",
+             ("post_mlp_layernorm", "post_ffn_norm"))
+FAMILY_FORWARD["kolibri1"] = dict(qk_norm="head", rope_on_sliding_only=True, layer_norms=_SANDWICH)
+FAMILY_FORWARD["mellum"] = dict(qk_norm="head")
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
@@ -158,7 +165,7 @@ class ForwardConfig:
     max_positions: Optional[int] = None
     # Norms of a decoder layer, as checkpoint names under the layer: (before attention, after
     # attention, before FFN, after FFN); None where the family has none (Olmo 2 style: after only).
-    layer_norms: tuple[Optional[str], ...] = ("input_layernorm", None, "post_attention_layernorm", None)
+    layer_norms: tuple = ("input_layernorm", None, "post_attention_layernorm", None)  # a name, alternatives, or None
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Qwen3-Next stores weight - 1
     attn_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
     mixers: dict = field(default_factory=dict)  # LayerSpec.mixer kind -> that mixer's config
@@ -166,6 +173,11 @@ class ForwardConfig:
     single_block: bool = False  # one sublayer per layer: x + sublayer(norm(x)) (Nemotron-H)
     # MiniMax: x' = alpha * norm(x) + beta * sublayer(norm(x)); (alpha, beta) by LayerSpec.mixer, "ffn" for the FFN
     normed_residual: Optional[dict] = None
+    # RoPE per layer where rope_parameters is keyed by layer type (Mellum, Laguna, MiMo-V2-Flash); empty: `rope`
+    layer_rope: list[Rope] = field(default_factory=list)
+
+    def rope_of(self, i: int) -> Rope:
+        return self.layer_rope[i] if self.layer_rope else self.rope
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -216,6 +228,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
             prf = cfg.int("rotary_dim") / hd
         rope.dim = int(hd * float(prf))
+    _rope_by_layer_type(fc, cfg, extra)
     if family == "cohere2_moe":
         if cfg.raw("rms_norm_eps") is None:
             fc.norm, fc.eps = "layernorm", cfg.float("layer_norm_eps", 1e-5)
@@ -310,6 +323,35 @@ def _check_rope(kind, p: dict, cfg: Cfg) -> None:
             and cfg.raw("max_position_embeddings") is None and cfg.raw("original_max_position_embeddings") is None:
         raise BadConfig(f"{where}: RoPE type {kind!r} needs 'original_max_position_embeddings' or "
                         "'max_position_embeddings'")
+
+
+def _rope_by_layer_type(fc: ForwardConfig, cfg: Cfg, extra: dict) -> None:
+    """rope_parameters keyed by layer type ({"full_attention": {...}, "sliding_attention": {...}}, as
+    Gemma 3 / Mellum / Laguna / MiMo-V2-Flash write it): one Rope per type, by `layer_types`; a type
+    whose entry is null has no positional encoding (Beam's full-attention layers)."""
+    params = cfg.raw("rope_parameters")
+    if not isinstance(params, dict) or not any(isinstance(v, dict) or v is None for v in params.values()):
+        return
+    types = cfg.str_list("layer_types", [])
+    if len(types) < fc.layers:
+        raise BadConfig(f"config.json: rope_parameters is given per layer type, but layer_types has {len(types)} "
+                        f"entries for {fc.layers} layers")
+    ropes: dict[str, Rope] = {}
+    for t in dict.fromkeys(types[:fc.layers]):
+        if t not in params:
+            raise BadConfig(f"config.json: rope_parameters has no entry for the layer type {t!r}")
+        p = params[t]
+        if p is None:
+            continue
+        if not isinstance(p, dict):
+            raise BadConfig(f"config.json: rope_parameters[{t!r}] must be an object or null")
+        kind = p.get("rope_type") or "default"
+        _check_rope(kind, p, cfg)
+        prf = float(p.get("partial_rotary_factor", extra.get("partial_rotary", 1.0)))
+        ropes[t] = Rope(theta=float(p.get("rope_theta") or fc.rope.theta), dim=int(fc.head_dim * prf), kind=kind,
+                        params=p, layout=fc.rope.layout, max_position_embeddings=fc.max_positions)
+    fc.layer_rope = [ropes.get(t, fc.rope) for t in types[:fc.layers]]
+    fc.use_rope = [u and t in ropes for u, t in zip(fc.use_rope, types)]
 
 
 def _activation(spec: ModelSpec) -> str:

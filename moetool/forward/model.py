@@ -211,7 +211,11 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
     if r.scoring == "sparsemixer":
         return _route_sparsemixer(logits, r.jitter_noise, k)
     if r.order == "topk_then_score":
-        top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
+        if bias is not None and r.correction_bias:  # Kolibri-1: the bias shifts the choice of logits only
+            idx = torch.topk(logits + bias, k, dim=-1).indices
+            top = logits.gather(1, idx)
+        else:
+            top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
         w = torch.sigmoid(top) if r.scoring == "sigmoid" else torch.softmax(top, dim=-1)
         if r.scoring == "sigmoid" and r.norm_topk_prob:  # Cohere 2 MoE (Llama 4 does not renormalise)
             w = w / w.sum(dim=-1, keepdim=True)
@@ -456,10 +460,12 @@ class Decoder:
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
-        def nrm(name: Optional[str], t: torch.Tensor) -> torch.Tensor:
+        def nrm(name, t: torch.Tensor) -> torch.Tensor:
             if name is None:
                 return t
-            return norm(t, self.w(find(name + ".weight")), self.w(find(name + ".bias", required=False)), fc)
+            names = (name,) if isinstance(name, str) else name  # alternatives: transformers' and the original name
+            return norm(t, self.w(find(*(n + ".weight" for n in names))),
+                        self.w(find(*(n + ".bias" for n in names), required=False)), fc)
 
         h = nrm(pre_a, x)
         a = nrm(post_a, self.attention(i, h, cos, sin, masks))
@@ -546,9 +552,10 @@ class Decoder:
             q = norm(q, self.w(find("self_attn.q_norm.weight", "self_attn.q_layernorm.weight")), None, fc)
             k = norm(k, self.w(find("self_attn.k_norm.weight", "self_attn.k_layernorm.weight")), None, fc)
         if fc.use_rope[i]:
-            r = fc.rope.dim
-            q = torch.cat((apply_rope(q[..., :r], cos, sin, fc.rope.layout), q[..., r:]), dim=-1)
-            k = torch.cat((apply_rope(k[..., :r], cos, sin, fc.rope.layout), k[..., r:]), dim=-1)
+            rope, cos, sin = self.layer_rope(i, T, cos, sin)
+            r = rope.dim
+            q = torch.cat((apply_rope(q[..., :r], cos, sin, rope.layout), q[..., r:]), dim=-1)
+            k = torch.cat((apply_rope(k[..., :r], cos, sin, rope.layout), k[..., r:]), dim=-1)
             if fc.qk_norm == "l2":  # Llama 4: weightless RMS norm after RoPE, RoPE layers only
                 q, k = rms_norm(q, None, fc.eps), rms_norm(k, None, fc.eps)
         elif fc.temperature_tuning:  # Llama 4 NoPE layers: position-dependent query scale
@@ -570,6 +577,18 @@ class Decoder:
         if fc.attn_output_gate:
             out = out * torch.sigmoid(gate)
         return linear(out, self.w(o_name), self.w(o_bias))
+
+    def layer_rope(self, i: int, T: int, cos, sin):
+        """Layer i's RoPE and its cos / sin: the model's (the tables given), or the layer type's own
+        (fc.layer_rope: RoPE parameters per layer type), tabled at the same positions."""
+        rope = self.fc.rope_of(i)
+        if rope is self.fc.rope:
+            return rope, cos, sin
+        inv, factor = rope.inv_freq_and_factor(T)
+        pos = getattr(self, "positions", None)  # a block of prompts (profile): per-prompt positions
+        pos = torch.arange(T, dtype=torch.float32) if pos is None else pos.to(torch.float32)
+        freqs = torch.outer(pos, inv)
+        return rope, (freqs.cos() * factor).to(self.device), (freqs.sin() * factor).to(self.device)
 
     def mla(self, i: int, h, cos, sin, masks) -> torch.Tensor:
         """Multi-head latent attention (DeepSeek-V2/V3), in its naive (decompressed) form."""
@@ -629,6 +648,8 @@ class Decoder:
                                             "block_sparse_moe.e_score_correction_bias", "mlp.e_score_correction_bias",
                                             "feed_forward.expert_bias", "mixer.gate.e_score_correction_bias",
                                             "block_sparse_moe.gate.e_score_correction_bias",
+                                            "moe.router.expert_bias", "mlp.experts.e_score_correction_bias",
+                                            "mlp.expert_bias",
                                             required=False),
                                        torch.float32, device=self.device)
         if corr is None and moe.router.correction_bias:

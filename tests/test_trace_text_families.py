@@ -1,0 +1,90 @@
+"""trace of the text MoE families that `count` handled exactly but `trace` refused (issue 11, item 3),
+against transformers 5.23: tiny random checkpoints written by `save_pretrained`, two seeds each, every
+bias, correction bias, sink and norm weight randomised (so a misplaced norm or a dropped bias shows).
+
+Logits within 1e-4 of transformers' (float32) and, in every MoE layer, the same expert set and gate
+weights (1e-5) for every token, read by a pre-hook on transformers' experts modules
+(tests/test_forward_families.py's `reference_routes`), independently of its router classes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fakes import build_transformers_model, randomize_biases
+from moetool.forward import run_forward
+from moetool.source import resolve
+from test_forward_families import reference_routes
+
+_C = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_hidden_layers=4,
+          max_position_embeddings=256)
+_SWA4 = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+FAMILIES: dict[str, dict] = {
+    # Kolibri-1: Exaone-4 attention (QK-norm, RoPE on sliding layers only), four norms a layer,
+    # router: top-k of (logits + correction bias), sigmoid of the chosen logits; shared expert.
+    "kolibri1": dict(model_type="kolibri1", moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                     num_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=4, layer_types=_SWA4, **_C),
+    "kolibri1-norm": dict(model_type="kolibri1", moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                          num_experts=6, num_experts_per_tok=3, head_dim=16, sliding_window=5, norm_topk_prob=True,
+                          layer_types=["sliding_attention"] * 3 + ["full_attention"], **_C),
+    # Mellum: Qwen3-MoE attention with sliding layers and RoPE parameters per layer type.
+    "mellum": dict(model_type="mellum", intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                   num_experts_per_tok=2, head_dim=8, sliding_window=4, layer_types=_SWA4,
+                   mlp_layer_types=["dense", "sparse", "sparse", "sparse"], attention_bias=True,
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}, **_C),
+}
+SEEDS = (0, 1)
+T = 40
+
+
+def randomize(model, seed: int) -> None:
+    """Biases, correction biases and sinks (fakes.randomize_biases), and every norm weight."""
+    randomize_biases(model, seed)
+    g = torch.Generator().manual_seed(seed + 2000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"):
+                p.copy_(p + 0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def text_family(tmp_path_factory):
+    """text_family(name, seed) -> (directory, ids, reference logits, reference routes), built once."""
+    cache: dict = {}
+
+    def get(name: str, seed: int):
+        if (name, seed) not in cache:
+            model = build_transformers_model(FAMILIES[name], seed=seed).eval()
+            randomize(model, seed)
+            d = tmp_path_factory.mktemp(f"{name}-{seed}")
+            model.save_pretrained(d)
+            ids = torch.randint(0, FAMILIES[name]["vocab_size"], (1, T), generator=torch.Generator().manual_seed(seed))
+            logits, routes = reference_routes(model, ids)
+            cache[name, seed] = (d, ids[0].tolist(), logits, routes)
+        return cache[name, seed]
+
+    return get
+
+
+CASES = [(n, s) for n in FAMILIES for s in SEEDS]
+
+
+@pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
+def test_trace_matches_transformers(name, seed, text_family):
+    d, ids, ref_logits, ref_routes = text_family(name, seed)
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    diff = (out.logits - ref_logits).abs().max().item()
+    assert sorted(ref_routes) == [r.layer for r in out.routes]
+    for r in out.routes:
+        ref_idx, ref_w = ref_routes[r.layer]
+        ref_idx, ref_w = ref_idx.reshape(len(ids), -1), ref_w.reshape(len(ids), -1)
+        for t in range(len(ids)):
+            ours = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
+            theirs = dict(zip(ref_idx[t].tolist(), ref_w[t].tolist()))
+            assert set(ours) == set(theirs), f"layer {r.layer} token {t}: {sorted(ours)} vs {sorted(theirs)}"
+            for e, w in ours.items():
+                assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
+    assert diff < 1e-4, f"logits differ by {diff}"
