@@ -35,6 +35,26 @@ FAMILIES: dict[str, dict] = {
                    mlp_layer_types=["dense", "sparse", "sparse", "sparse"], attention_bias=True,
                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}, **_C),
+    # HY-V3: Apertus attention (QK-norm per head), sigmoid router + correction bias, renormalised and
+    # scaled by router_scaling_factor; shared experts; dense layer 0 (mlp_layer_types).
+    "hy_v3": dict(model_type="hy_v3", intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                  num_experts_per_tok=2, num_shared_experts=2, router_scaling_factor=2.5, head_dim=8,
+                  attention_bias=True, tie_word_embeddings=False, **_C),
+    # Flint: sinks on every layer, RoPE only on sliding layers, sigmoid top-k without bias, ungated
+    # shared expert; dense layers by mlp_only_layers.
+    "flint": dict(model_type="flint", intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                  num_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=4, layer_types=_SWA4,
+                  mlp_only_layers=[0], attention_bias=True, **_C),
+    "flint-nonorm": dict(model_type="flint", intermediate_size=48, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=16, num_experts=6, num_experts_per_tok=3, head_dim=16,
+                         sliding_window=6, norm_topk_prob=False, mlp_only_layers=[],
+                         layer_types=["full_attention"] + ["sliding_attention"] * 3, **_C),
+    # GraniteMoE-SWA: GraniteMoE's multipliers and router, sinks (as a softmax-denominator logit),
+    # RoPE theta per layer (0: NoPE), shared MLP.
+    "granitemoe_swa": dict(model_type="granitemoe_swa", intermediate_size=24, shared_intermediate_size=40,
+                           num_local_experts=8, num_experts_per_tok=2, attention_bias=True, embedding_multiplier=2.0,
+                           attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0, sliding_window=4,
+                           layer_types=_SWA4, layer_rope_theta=[10000.0, 0, 500.0, 10000.0], **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -113,7 +113,7 @@ STYLES: dict[str, Style] = {
     "flint": Style("flint", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                    bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", schedule="sparse_step",
                    sinks=lambda c, i: True, shared_ffn=lambda c: c.int("shared_expert_intermediate_size", 0),
-                   router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", True))),
+                   router=lambda c: RouterSpec(scoring="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True))),
     # Beam: gated attention output with a per-head gate bias, sandwich norms, `mlp_layer_types`.
     "beam": Style("beam", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                   bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", attn_gate="full",

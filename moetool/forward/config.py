@@ -6,7 +6,7 @@ Read once from config.json with the family's upstream defaults (transformers' co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 import torch
@@ -40,6 +40,9 @@ _SANDWICH = ("input_layernorm", ("post_self_attn_layernorm", "post_attn_norm"), 
              ("post_mlp_layernorm", "post_ffn_norm"))
 FAMILY_FORWARD["kolibri1"] = dict(qk_norm="head", rope_on_sliding_only=True, layer_norms=_SANDWICH)
 FAMILY_FORWARD["mellum"] = dict(qk_norm="head")
+FAMILY_FORWARD["hy_v3"] = dict(qk_norm="head", theta=11_158_840.0)
+FAMILY_FORWARD["flint"] = dict(qk_norm="head", rope_on_sliding_only="always")
+FAMILY_FORWARD["granitemoe_swa"] = dict(layer_theta_key="layer_rope_theta")  # GraniteMoE's multipliers (below)
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
@@ -222,6 +225,16 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         fc.layer_norms = extra.get("layer_norms", fc.layer_norms)
         if extra.get("rope_on_sliding_only") and cfg.has("sliding_window"):  # EXAONE: global layers are NoPE
             fc.use_rope = [w is not None for w in fc.windows]
+        if extra.get("rope_on_sliding_only") == "always":  # Flint: NoPE on every full-attention layer
+            fc.use_rope = [w is not None for w in fc.windows]
+        if extra.get("layer_theta_key") and cfg.has(extra["layer_theta_key"]):  # GraniteMoE-SWA: theta per layer, 0: NoPE
+            thetas = [_json_float(t, cfg, extra["layer_theta_key"]) for t in cfg.raw(extra["layer_theta_key"])]
+            if len(thetas) < spec.num_layers:
+                raise BadConfig(f"config.json: {extra['layer_theta_key']} has {len(thetas)} entries for "
+                                f"{spec.num_layers} layers")
+            ropes = {t: replace(rope, theta=t) for t in set(thetas) if t}
+            fc.layer_rope = [ropes.get(t, rope) for t in thetas[:spec.num_layers]]
+            fc.use_rope = [bool(t) for t in thetas[:spec.num_layers]]
         fc.parallel_block = extra.get("parallel_block", False)
         # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
         prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
@@ -252,7 +265,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         # transformers 5 writes partial_rotary_factor inside rope_parameters; older configs at the top.
         prf = scaling_dict.get("partial_rotary_factor")
         rope.dim = int(hd * (float(prf) if prf is not None else cfg.float("partial_rotary_factor", 0.5)))
-    elif family in ("granitemoe", "granitemoeshared"):
+    elif family in ("granitemoe", "granitemoeshared", "granitemoe_swa"):
         fc.attn_scale = cfg.float("attention_multiplier", 1.0)
         fc.embedding_multiplier = cfg.float("embedding_multiplier", 1.0)
         fc.residual_multiplier = cfg.float("residual_multiplier", 1.0)

@@ -572,7 +572,9 @@ class Decoder:
         key = (window, chunk)
         if key not in masks:
             masks[key] = attention_mask(T, window, chunk, q.device)
-        sinks = self.w(find("self_attn.sinks", required=False)) if fc.family == "gpt_oss" else None
+        # attention sinks [H] (gpt-oss, Flint, GraniteMoE-SWA, MiMo-V2-Flash's sliding layers), under either name
+        sinks = self.w(find("self_attn.sinks", "self_attn.softmax_offset", "self_attn.attention_sink_bias",
+                            required=False))
         out = sdpa(q, k, v, masks[key], fc.attn_scale, sinks).reshape(T, H * Dh)
         if fc.attn_output_gate:
             out = out * torch.sigmoid(gate)
@@ -633,7 +635,7 @@ class Decoder:
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
-        rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
+        rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
                   "mlp.router.layer.weight", "block_sparse_moe.router.weight", "feed_forward.gate.weight",
                   "mixer.gate.weight")
