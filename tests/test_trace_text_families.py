@@ -55,6 +55,36 @@ FAMILIES: dict[str, dict] = {
                            num_local_experts=8, num_experts_per_tok=2, attention_bias=True, embedding_multiplier=2.0,
                            attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0, sliding_window=4,
                            layer_types=_SWA4, layer_rope_theta=[10000.0, 0, 500.0, 10000.0], **_C),
+    # AFMoE: sigmoid output gate [H*Dh, D], RoPE only on sliding layers, four norms, sigmoid router +
+    # expert_bias, renormalised, times route_scale; shared experts; muP embedding scale.
+    "afmoe": dict(model_type="afmoe", intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                  num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, route_scale=2.0, head_dim=8,
+                  sliding_window=4, global_attn_every_n_layers=2, attention_bias=True, **_C),
+    "afmoe-mup": dict(model_type="afmoe", intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                      num_experts_per_tok=3, num_shared_experts=2, num_dense_layers=2, route_scale=1.0, head_dim=16,
+                      sliding_window=5, global_attn_every_n_layers=4, mup_enabled=True, **_C),
+    # Laguna: per-layer head counts, softplus output gate per head (or per channel), partial RoPE per
+    # layer type, router logits soft-capped, sigmoid + correction bias, routed sum scaled after the experts.
+    "laguna": dict(model_type="laguna", intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                   num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=8, sliding_window=4,
+                   num_attention_heads_per_layer=[4, 2, 6, 4], layer_types=_SWA4, moe_routed_scaling_factor=1.5,
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0,
+                                                       "partial_rotary_factor": 0.5},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                                          "partial_rotary_factor": 1.0}}, **_C),
+    "laguna-channel": dict(model_type="laguna", intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                           num_experts_per_tok=3, shared_expert_intermediate_size=16, head_dim=8, sliding_window=5,
+                           gating="per-element", moe_router_logit_softcapping=1.5, attention_bias=True,
+                           layer_types=_SWA4, mlp_layer_types=["sparse", "dense", "sparse", "sparse"],
+                           rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                           **_C),
+    # MiMo-V2-Flash: sliding layers with twice the KV heads and sinks, narrower V heads scaled by
+    # attention_value_scale, partial RoPE per layer type, DeepSeek-V3's router (groups, scaling).
+    "mimo_v2_flash": dict(model_type="mimo_v2_flash", intermediate_size=48, moe_intermediate_size=16,
+                          n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                          routed_scaling_factor=2.0, head_dim=24, v_head_dim=8, sliding_window=4, layer_types=_SWA4,
+                          attention_bias=True, attention_value_scale=0.5, **_C),
 }
 SEEDS = (0, 1)
 T = 40

@@ -100,8 +100,8 @@ STYLES: dict[str, Style] = {
                     attn_gate=lambda c: "per_head" if c.raw("gating", True) in (True, "per-head") else "full", dims=lambda c, i, d: _laguna_dims(c, i, d), moe_schedule=lambda c, n: mlp_layer_types(c, n),
                     shared_ffn=lambda c: c.int("shared_expert_intermediate_size", 0),
                     router_bias_param="e_score_correction_bias",
-                    router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
-                                                routed_scaling_factor=c.float("moe_routed_scaling_factor", 1.0))),
+                    # moe_routed_scaling_factor scales the routed sum after the experts (forward/config.py)
+                    router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True)),
     # Tencent HY-V3: shared experts of moe_intermediate_size x num_shared_experts, `mlp_layer_types`.
     "hy_v3": Style("hy_v3", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                    bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", moe_schedule=lambda c, n: mlp_layer_types(c, n),
@@ -129,7 +129,8 @@ STYLES: dict[str, Style] = {
                    shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("num_shared_experts", 2),
                    n_shared=lambda c: c.int("num_shared_experts", 2),
                    router_bias_param="expert_bias",
-                   router=lambda c: RouterSpec(scoring="sigmoid", routed_scaling_factor=c.float("route_scale", 1.0))),
+                   router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
+                                               routed_scaling_factor=c.float("route_scale", 1.0))),
     # IBM GraniteMoE-SWA: sinks on every layer, optional shared MLP of `shared_intermediate_size`.
     "granitemoe_swa": Style("granitemoe_swa", bias=_attention_bias("attention_bias", False, "all"), sinks=lambda c, i: True,
                             shared_ffn=lambda c: c.int("shared_intermediate_size", 0),
@@ -143,8 +144,11 @@ STYLES: dict[str, Style] = {
                            expert_ffn_key="moe_intermediate_size", bias=_attention_bias("attention_bias", False, "qkv"),
                            sinks=lambda c, i: _layer_type(c, i) == "sliding_attention",
                            dims=lambda c, i, d: _mimo_dims(c, i, d), moe_schedule=lambda c, n: mlp_layer_types(c, n),
-                           router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
-                                                       norm_topk_prob=c.bool("norm_topk_prob", True))),
+                           router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True, topk_method="noaux_tc",
+                                                       norm_topk_prob=c.bool("norm_topk_prob", True),
+                                                       n_group=c.int("n_group", 1, min_value=1),
+                                                       topk_group=c.int("topk_group", 1, min_value=1),
+                                                       routed_scaling_factor=c.float("routed_scaling_factor", 1.0))),
     # rhymes-ai/Aria (text part): every layer MoE, shared experts of intermediate_size x moe_num_shared_experts.
     "aria_text": Style("aria_text", experts_keys=("moe_num_experts",), top_k_keys=("moe_topk",),
                        bias=_attention_bias("attention_bias", False, "all"),

@@ -43,6 +43,14 @@ FAMILY_FORWARD["mellum"] = dict(qk_norm="head")
 FAMILY_FORWARD["hy_v3"] = dict(qk_norm="head", theta=11_158_840.0)
 FAMILY_FORWARD["flint"] = dict(qk_norm="head", rope_on_sliding_only="always")
 FAMILY_FORWARD["granitemoe_swa"] = dict(layer_theta_key="layer_rope_theta")  # GraniteMoE's multipliers (below)
+FAMILY_FORWARD["afmoe"] = dict(qk_norm="head", rope_on_sliding_only="always", mup_key="mup_enabled",
+                               layer_norms=("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm",
+                                            "post_mlp_layernorm"),
+                               out_gate=dict(proj=("self_attn.gate_proj.weight",), act="sigmoid"))
+FAMILY_FORWARD["laguna"] = dict(qk_norm="head", out_gate=dict(proj=("self_attn.g_proj.weight",), act="softplus"),
+                                fields=dict(routed_scale=("moe_routed_scaling_factor", 1.0),
+                                            router_softcap=("moe_router_logit_softcapping", 0.0)))
+FAMILY_FORWARD["mimo_v2_flash"] = dict(partial_rotary=0.334, fields=dict(value_scale=("attention_value_scale", 0.707)))
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
@@ -179,6 +187,20 @@ class ForwardConfig:
     # RoPE per layer where rope_parameters is keyed by layer type (Mellum, Laguna, MiMo-V2-Flash); empty: `rope`
     layer_rope: list[Rope] = field(default_factory=list)
 
+    # per-layer (heads, kv heads, q/k head dim, v head dim) where they differ by layer (Laguna, MiMo-V2-Flash)
+    layer_dims: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # attention output gate from its own projection: {"proj": names, "act": sigmoid | softplus, "bias": name}
+    out_gate: Optional[dict] = None
+    query_scale_nope: Optional[str] = None  # Beam: NoPE layers scale queries by position
+    value_scale: float = 1.0  # values times this before attention (MiMo-V2-Flash attention_value_scale)
+    routed_scale: float = 1.0  # the routed experts' sum times this, after the experts (Laguna, Beam)
+    router_softcap: float = 0.0  # router logits -> cap * tanh(logits / cap) when > 0 (Laguna)
+    depth_scaled_residual: bool = False  # Beam: the n-th residual add is x*sqrt((n-1)/n) + f/sqrt(n)
+    final_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) when > 0 (Beam)
+
+    def dims_of(self, i: int) -> tuple[int, int, int, int]:
+        return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
+
     def rope_of(self, i: int) -> Rope:
         return self.layer_rope[i] if self.layer_rope else self.rope
 
@@ -236,6 +258,19 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.layer_rope = [ropes.get(t, rope) for t in thetas[:spec.num_layers]]
             fc.use_rope = [bool(t) for t in thetas[:spec.num_layers]]
         fc.parallel_block = extra.get("parallel_block", False)
+        fc.out_gate = extra.get("out_gate")
+        fc.query_scale_nope = extra.get("query_scale_nope")
+        fc.depth_scaled_residual = extra.get("depth_scaled_residual", False)
+        for name, (key, default) in extra.get("fields", {}).items():  # ForwardConfig field <- config key
+            value = cfg.raw(key)
+            setattr(fc, name, default if value is None else cfg.float(key))
+        if extra.get("mup_key") and cfg.bool(extra["mup_key"], False):  # AFMoE muP: embeddings times sqrt(D)
+            fc.embedding_multiplier = d ** 0.5
+        from ..arch.llama_like import STYLES  # per-layer head counts and head dims, as count reads them
+
+        style = STYLES.get(family)
+        if style is not None and style.dims is not None:
+            fc.layer_dims = [style.dims(cfg, i, d) for i in range(spec.num_layers)]
         # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
         prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
         if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:

@@ -367,6 +367,17 @@ class Experts:
         return gate, up, down, gb, ub, db
 
 
+GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "softplus": F_.softplus}  # attention output gates
+
+
+# Per-position query scale [T] of NoPE layers (ForwardConfig.query_scale_nope), positions from 0.
+QUERY_SCALES = {"beam": lambda pos: torch.exp(0.1 * torch.log1p((pos + 1) / 2048))}  # scalable softmax
+
+
+def query_scale(kind: str, pos: torch.Tensor) -> torch.Tensor:
+    return QUERY_SCALES[kind](pos)
+
+
 # transformers' ACT2FN names (activations.py) for the gate of a gated FFN.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F_.silu, "swish": F_.silu,
@@ -516,7 +527,7 @@ class Decoder:
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
         fc, find = self.fc, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
-        H, Hkv, Dh = fc.heads, fc.kv_heads, fc.head_dim
+        H, Hkv, Dh, Dv = fc.dims_of(i)
         if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
             return mixers.run(self, i, h)
         if fc.mla:
@@ -543,11 +554,13 @@ class Decoder:
             if fc.clip_qkv:
                 q, k, v = (t.clamp(-fc.clip_qkv, fc.clip_qkv) for t in (q, k, v))
             o_name, o_bias = find(p + "o_proj.weight", p + "out_proj.weight"), find(p + "o_proj.bias", required=False)
-        if q.shape[-1] != H * Dh or k.shape[-1] != Hkv * Dh or v.shape[-1] != Hkv * Dh:
+        if q.shape[-1] != H * Dh or k.shape[-1] != Hkv * Dh or v.shape[-1] != Hkv * Dv:
             raise BadCheckpoint(f"layer {i}: the q/k/v projections give {q.shape[-1]}/{k.shape[-1]}/{v.shape[-1]} "
-                                f"features, config.json implies {H * Dh}/{Hkv * Dh}/{Hkv * Dh} "
+                                f"features, config.json implies {H * Dh}/{Hkv * Dh}/{Hkv * Dv} "
                                 "(num_attention_heads, num_key_value_heads, head_dim)")
-        q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dh)
+        q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dv)
+        if fc.value_scale != 1.0:  # MiMo-V2-Flash
+            v = v * fc.value_scale
         if fc.qk_norm == "head":  # Qwen3 / GLM: RMSNorm per head
             q = norm(q, self.w(find("self_attn.q_norm.weight", "self_attn.q_layernorm.weight")), None, fc)
             k = norm(k, self.w(find("self_attn.k_norm.weight", "self_attn.k_layernorm.weight")), None, fc)
@@ -575,10 +588,30 @@ class Decoder:
         # attention sinks [H] (gpt-oss, Flint, GraniteMoE-SWA, MiMo-V2-Flash's sliding layers), under either name
         sinks = self.w(find("self_attn.sinks", "self_attn.softmax_offset", "self_attn.attention_sink_bias",
                             required=False))
-        out = sdpa(q, k, v, masks[key], fc.attn_scale, sinks).reshape(T, H * Dh)
+        if fc.query_scale_nope and not fc.use_rope[i]:  # Beam: NoPE layers scale queries by position
+            q = q * query_scale(fc.query_scale_nope, self._positions(T, q.device))[:, None, None].to(q.dtype)
+        out = sdpa(q, k, v, masks[key], fc.attn_scale, sinks).reshape(T, H * Dv)
         if fc.attn_output_gate:
             out = out * torch.sigmoid(gate)
+        if fc.out_gate:
+            out = self.output_gate(i, h, out, H)
         return linear(out, self.w(o_name), self.w(o_bias))
+
+    def output_gate(self, i: int, h: torch.Tensor, out: torch.Tensor, H: int) -> torch.Tensor:
+        """out [T, H * Dv] times act(gate projection of the layer input): one gate per channel
+        ([H * Dv, D] weight) or per head ([H, D]), plus a per-head bias where stored (Beam).
+        AFMoE / Beam: sigmoid; Laguna: softplus (forward/config.py `out_gate`)."""
+        g, T = self.fc.out_gate, h.shape[0]
+        gate = linear(h, self.w(self.names.find(i, *g["proj"]))).view(T, H, -1)  # [T, H, Dv] or [T, H, 1]
+        bias = self.names.find(i, g["bias"], required=False) if g.get("bias") else None
+        if bias:
+            gate = gate + self.w(bias).view(1, H, 1)
+        gate = GATE_ACTIVATIONS[g["act"]](gate.float()).to(out.dtype)
+        return (out.view(T, H, -1) * gate).reshape(T, -1)
+
+    def _positions(self, T: int, device) -> torch.Tensor:
+        pos = getattr(self, "positions", None)  # a block of prompts (profile): per-prompt positions
+        return (torch.arange(T) if pos is None else pos).to(device=device, dtype=torch.float32)
 
     def layer_rope(self, i: int, T: int, cos, sin):
         """Layer i's RoPE and its cos / sin: the model's (the tables given), or the layer type's own
@@ -587,9 +620,7 @@ class Decoder:
         if rope is self.fc.rope:
             return rope, cos, sin
         inv, factor = rope.inv_freq_and_factor(T)
-        pos = getattr(self, "positions", None)  # a block of prompts (profile): per-prompt positions
-        pos = torch.arange(T, dtype=torch.float32) if pos is None else pos.to(torch.float32)
-        freqs = torch.outer(pos, inv)
+        freqs = torch.outer(self._positions(T, "cpu"), inv)
         return rope, (freqs.cos() * factor).to(self.device), (freqs.sin() * factor).to(self.device)
 
     def mla(self, i: int, h, cos, sin, masks) -> torch.Tensor:
@@ -644,6 +675,8 @@ class Decoder:
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         check_shape(rw, router_w, (moe.num_experts, h.shape[1]), "[num_experts, hidden_size]")
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
+        if fc.router_softcap > 0:  # Laguna: tanh soft-capping of the router logits
+            logits = torch.tanh(logits / fc.router_softcap) * fc.router_softcap
         if not torch.isfinite(logits).all():
             raise BadCheckpoint(non_finite_router(i, h, rw, router_w, router_b))
         corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias",
@@ -692,6 +725,8 @@ class Decoder:
             out.index_add_(0, tok, y)
             del gate, up, down
             self.store.release()  # this expert's pages leave resident memory before the next one
+        if fc.routed_scale != 1.0:  # Laguna, Beam: the routed sum is scaled after the experts
+            out = out * fc.routed_scale
         if latent:
             out = linear(out, self.w(find("mixer.fc2_latent_proj.weight")),
                          self.w(find("mixer.fc2_latent_proj.bias", required=False)))
