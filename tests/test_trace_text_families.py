@@ -85,6 +85,13 @@ FAMILIES: dict[str, dict] = {
                           n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                           routed_scaling_factor=2.0, head_dim=24, v_head_dim=8, sliding_window=4, layer_types=_SWA4,
                           attention_bias=True, attention_value_scale=0.5, **_C),
+    # Beam: RoPE on sliding layers only (rope_parameters null for full attention), NoPE queries scaled
+    # by position, sigmoid output gate with a per-head bias, four norms, depth-scaled residual adds,
+    # DeepSeek-V3 group router with the routed sum scaled after the experts, final logit soft-capping.
+    "beam": dict(model_type="beam", intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                 num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, head_dim=8,
+                 sliding_window=4, layer_types=_SWA4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                 attention_bias=True, final_logit_softcapping=3.0, **_C),
 }
 SEEDS = (0, 1)
 T = 40

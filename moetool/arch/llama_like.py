@@ -118,9 +118,10 @@ STYLES: dict[str, Style] = {
     "beam": Style("beam", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                   bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", attn_gate="full",
                   attn_gate_bias=True, extra_norms=2, moe_schedule=lambda c, n: mlp_layer_types(c, n),
+                  # routed_scaling_factor scales the routed sum after the experts (forward/config.py)
                   router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True, topk_method="noaux_tc",
-                                              n_group=c.int("n_group", 1), topk_group=c.int("topk_group", 1),
-                                              routed_scaling_factor=c.float("routed_scaling_factor", 1.0))),
+                                              norm_topk_prob=c.bool("norm_topk_prob", True),
+                                              n_group=c.int("n_group", 1), topk_group=c.int("topk_group", 1))),
     # Arcee AFMoE: gated attention output, sandwich norms, first `num_dense_layers` dense, shared experts
     # of moe_intermediate_size x num_shared_experts, a selection bias stored as a parameter.
     "afmoe": Style("afmoe", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",

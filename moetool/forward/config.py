@@ -50,6 +50,12 @@ FAMILY_FORWARD["afmoe"] = dict(qk_norm="head", rope_on_sliding_only="always", mu
 FAMILY_FORWARD["laguna"] = dict(qk_norm="head", out_gate=dict(proj=("self_attn.g_proj.weight",), act="softplus"),
                                 fields=dict(routed_scale=("moe_routed_scaling_factor", 1.0),
                                             router_softcap=("moe_router_logit_softcapping", 0.0)))
+FAMILY_FORWARD["beam"] = dict(qk_norm="head", query_scale_nope="beam", depth_scaled_residual=True,
+                              layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                           "post_feedforward_layernorm"),
+                              out_gate=dict(proj=("self_attn.gate_proj.weight",), act="sigmoid", bias="self_attn.gate_bias"),
+                              fields=dict(routed_scale=("routed_scaling_factor", 2.5),
+                                          final_softcap=("final_logit_softcapping", 0.0)))
 FAMILY_FORWARD["mimo_v2_flash"] = dict(partial_rotary=0.334, fields=dict(value_scale=("attention_value_scale", 0.707)))
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)

@@ -370,6 +370,11 @@ class Experts:
 GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "softplus": F_.softplus}  # attention output gates
 
 
+def depth_scaled_add(x: torch.Tensor, f: torch.Tensor, n: int) -> torch.Tensor:
+    """Beam's n-th residual add (n from 2): the residual times sqrt((n-1)/n) plus the branch over sqrt(n)."""
+    return f * (1.0 / math.sqrt(n)) + x * math.sqrt((n - 1) / n)
+
+
 # Per-position query scale [T] of NoPE layers (ForwardConfig.query_scale_nope), positions from 0.
 QUERY_SCALES = {"beam": lambda pos: torch.exp(0.1 * torch.log1p((pos + 1) / 2048))}  # scalable softmax
 
@@ -486,6 +491,8 @@ class Decoder:
             if fc.normed_residual:  # MiniMax: the residual is the normalised input, both branches scaled
                 alpha, beta = fc.normed_residual[self.spec.layers[i].mixer]
                 x = h * alpha + a * beta
+            elif fc.depth_scaled_residual:  # Beam: residual add number 2(i+1) of the network
+                x = depth_scaled_add(x, a, 2 * (i + 1))
             else:
                 x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
             h = nrm(pre_f, x)
@@ -506,6 +513,8 @@ class Decoder:
         if fc.normed_residual:
             alpha, beta = fc.normed_residual["ffn"]
             return h * alpha + f * beta
+        if fc.depth_scaled_residual:
+            return depth_scaled_add(x, f, 2 * (i + 1) + 1)
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def block(self, i: int, x, cos, sin, masks, routes, record):
@@ -778,6 +787,8 @@ class Decoder:
             raise BadCheckpoint(f"checkpoint has no LM head {n.head!r} and tie_word_embeddings is false")
         hb = n.head[: -len("weight")] + "bias"
         logits = self._head(x, head, self.w(hb) if hb in self.store else None)  # [T, V] float32
+        if fc.final_softcap > 0:  # Beam: tanh soft-capping of the logits
+            logits = torch.tanh(logits / fc.final_softcap) * fc.final_softcap
         return logits / fc.logits_scaling if fc.logits_scaling != 1.0 else logits
 
     def _head(self, x, name: str, bias) -> torch.Tensor:
