@@ -92,9 +92,46 @@ FAMILIES: dict[str, dict] = {
                  num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, head_dim=8,
                  sliding_window=4, layer_types=_SWA4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
                  attention_bias=True, final_logit_softcapping=3.0, **_C),
+    # OpenAI privacy filter: gpt-oss layers as a bidirectional encoder (|i - j| <= sliding_window), sinks,
+    # q and k each scaled by head_dim ** -0.25, experts [D, 2F] with [gate | up] concatenated and biases,
+    # router softmax(top-k logits) / k with the routed sum times k; token-classification head `score`.
+    "openai_privacy_filter": dict(model_type="openai_privacy_filter", intermediate_size=16, num_local_experts=8,
+                                  num_experts_per_tok=2, head_dim=8, sliding_window=3, num_labels=5, pad_token_id=0,
+                                  eos_token_id=0, swiglu_limit=2.0, **_C),
 }
 SEEDS = (0, 1)
 T = 40
+
+
+def _build(config: dict, seed: int):
+    """transformers' model of `config`: the causal LM, or the token classifier of the privacy filter."""
+    if config["model_type"] == "openai_privacy_filter":
+        import transformers
+
+        torch.manual_seed(seed)
+        return transformers.AutoModelForTokenClassification.from_config(transformers.AutoConfig.for_model(**config))
+    return build_transformers_model(config, seed=seed)
+
+
+def routes_and_logits(model, ids) -> tuple[torch.Tensor, dict]:
+    """reference_routes; the privacy filter's experts take the choice as router_indices / routing_weights."""
+    captured: dict[int, tuple] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts") and type(module).__name__ == "OpenAIPrivacyFilterExperts":
+            layer = int(name.split("layers.")[1].split(".")[0])
+
+            def hook(mod, args, layer=layer):
+                captured[layer] = (args[1].detach().clone(), args[2].detach().float().clone())
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    if not hooks:
+        return reference_routes(model, ids)
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    for h in hooks:
+        h.remove()
+    return logits, captured
 
 
 def randomize(model, seed: int) -> None:
@@ -114,12 +151,12 @@ def text_family(tmp_path_factory):
 
     def get(name: str, seed: int):
         if (name, seed) not in cache:
-            model = build_transformers_model(FAMILIES[name], seed=seed).eval()
+            model = _build(FAMILIES[name], seed).eval()
             randomize(model, seed)
             d = tmp_path_factory.mktemp(f"{name}-{seed}")
             model.save_pretrained(d)
             ids = torch.randint(0, FAMILIES[name]["vocab_size"], (1, T), generator=torch.Generator().manual_seed(seed))
-            logits, routes = reference_routes(model, ids)
+            logits, routes = routes_and_logits(model, ids)
             cache[name, seed] = (d, ids[0].tolist(), logits, routes)
         return cache[name, seed]
 

@@ -139,7 +139,9 @@ STYLES: dict[str, Style] = {
     # OpenAI privacy filter: gpt-oss layers under a token-classification head (`score`).
     "openai_privacy_filter": Style("openai_privacy_filter", bias=_attention_bias("attention_bias", True, "all"),
                                    fused_gate_up_bias=True, head="classifier",
-                                   router=lambda c: RouterSpec(order="topk_then_score", bias=True)),
+                                   # softmax of the top-k logits / k (the routed sum is times k: forward/config.py)
+                                   router=lambda c: RouterSpec(order="topk_then_score", bias=True,
+                                                               routed_scaling_factor=1.0 / c.int("num_experts_per_tok", 4))),
     # Xiaomi MiMo-V2-Flash: sliding layers have twice the KV heads and sinks; V heads narrower.
     "mimo_v2_flash": Style("mimo_v2_flash", experts_keys=("n_routed_experts", "num_experts"),
                            expert_ffn_key="moe_intermediate_size", bias=_attention_bias("attention_bias", False, "qkv"),

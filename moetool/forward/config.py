@@ -56,6 +56,13 @@ FAMILY_FORWARD["beam"] = dict(qk_norm="head", query_scale_nope="beam", depth_sca
                               out_gate=dict(proj=("self_attn.gate_proj.weight",), act="sigmoid", bias="self_attn.gate_bias"),
                               fields=dict(routed_scale=("routed_scaling_factor", 2.5),
                                           final_softcap=("final_logit_softcapping", 0.0)))
+# OpenAI privacy filter: gpt-oss's layers as a bidirectional encoder (|i - j| <= sliding_window), experts
+# with concatenated [gate | up]; router weights softmax / k, the routed sum times k; `score` head.
+FAMILY_FORWARD["openai_privacy_filter"] = dict(bidirectional=True, expert_act="gpt_oss", theta=150000.0,
+                                               rope_layout="interleave",
+                                               fields=dict(swiglu_limit=("swiglu_limit", 7.0),
+                                                           swiglu_alpha=("swiglu_alpha", 1.702),
+                                                           routed_scale=("num_experts_per_tok", 4)))
 FAMILY_FORWARD["mimo_v2_flash"] = dict(partial_rotary=0.334, fields=dict(value_scale=("attention_value_scale", 0.707)))
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
@@ -203,6 +210,7 @@ class ForwardConfig:
     router_softcap: float = 0.0  # router logits -> cap * tanh(logits / cap) when > 0 (Laguna)
     depth_scaled_residual: bool = False  # Beam: the n-th residual add is x*sqrt((n-1)/n) + f/sqrt(n)
     final_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) when > 0 (Beam)
+    bidirectional: bool = False  # an encoder: every token attends both ways within its window (privacy filter)
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -267,6 +275,9 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         fc.out_gate = extra.get("out_gate")
         fc.query_scale_nope = extra.get("query_scale_nope")
         fc.depth_scaled_residual = extra.get("depth_scaled_residual", False)
+        fc.bidirectional = extra.get("bidirectional", False)
+        if "expert_act" in extra:
+            fc.expert_act = extra["expert_act"]
         for name, (key, default) in extra.get("fields", {}).items():  # ForwardConfig field <- config key
             value = cfg.raw(key)
             setattr(fc, name, default if value is None else cfg.float(key))

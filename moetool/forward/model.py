@@ -97,6 +97,8 @@ class Names:
             # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
             wrapper = "language_model." if embed.startswith("language_model.") else ""
             self.head = wrapper + "lm_head.weight"
+            if self.head not in store and "score.weight" in store:  # token classification: `score` [labels, D]
+                self.head = "score.weight"
 
     def find(self, layer: int, *suffixes: str, required: bool = True) -> Optional[str]:
         for s in suffixes:
@@ -149,10 +151,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
     return out.to(dtype)
 
 
-def attention_mask(T: int, window: Optional[int], chunk: Optional[int], device) -> torch.Tensor:
-    """[T, T] bool, True where query i may attend to key j: causal, within the window / chunk."""
+def attention_mask(T: int, window: Optional[int], chunk: Optional[int], device,
+                   bidirectional: bool = False) -> torch.Tensor:
+    """[T, T] bool, True where query i may attend to key j: causal, within the window / chunk.
+    Bidirectional (an encoder: OpenAI's privacy filter): |i - j| <= window, both directions."""
     i = torch.arange(T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
+    if bidirectional:
+        return (i - j).abs() <= window if window else torch.ones(T, T, dtype=torch.bool, device=device)
     allowed = j <= i
     if window:
         allowed &= (i - j) < window
@@ -219,6 +225,8 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
         w = torch.sigmoid(top) if r.scoring == "sigmoid" else torch.softmax(top, dim=-1)
         if r.scoring == "sigmoid" and r.norm_topk_prob:  # Cohere 2 MoE (Llama 4 does not renormalise)
             w = w / w.sum(dim=-1, keepdim=True)
+        if r.routed_scaling_factor != 1.0:  # OpenAI's privacy filter: 1 / k
+            w = w * r.routed_scaling_factor
         return idx, w, logits
     probs = torch.softmax(logits, dim=-1)  # [T, E]
     if bias is not None and r.correction_bias:  # Ernie 4.5: the bias shifts the choice, not the weights
@@ -308,6 +316,9 @@ def _route_sparsemixer(logits: torch.Tensor, eps: float, k: int):
 
 # --- experts ------------------------------------------------------------------------------------
 
+# Families whose fused experts are stored for x @ W ([E, D, 2F] and [E, F, D]).
+TRANSPOSED_EXPERTS = ("gpt_oss", "llama4", "openai_privacy_filter")
+
 class Experts:
     """Loads one routed expert's weights in Linear orientation: gate [F, D], up [F, D], down [D, F]
     (+ biases), from per-expert tensors or any fused layout, reading only that expert's bytes."""
@@ -352,7 +363,7 @@ class Experts:
             down = g(self.dbrx["w2"], index=e, rows=self.F).t()
         else:
             gu, dn = g(self.gate_up, index=e), g(self.down, index=e)
-            transposed = self.family in ("gpt_oss", "llama4") and self.gate_up in self.store.tensors
+            transposed = self.family in TRANSPOSED_EXPERTS and self.gate_up in self.store.tensors
             if transposed:  # stored for x @ W: [D, 2F] and [F, D]
                 gu, dn = gu.t(), dn.t()
             if self.family == "gpt_oss":  # gate and up interleaved along the 2F outputs
@@ -363,6 +374,9 @@ class Experts:
                     db = g(self.down_bias, index=e)
             else:
                 gate, up = gu[: self.F], gu[self.F:]
+                if self.gate_up_bias:  # concatenated [gate | up] biases (OpenAI's privacy filter)
+                    gb, ub = g(self.gate_up_bias, index=e).split(self.F)
+                    db = g(self.down_bias, index=e)
             down = dn
         return gate, up, down, gb, ub, db
 
@@ -593,7 +607,7 @@ class Decoder:
         chunk = fc.chunk if (fc.chunk and fc.use_rope[i]) else None
         key = (window, chunk)
         if key not in masks:
-            masks[key] = attention_mask(T, window, chunk, q.device)
+            masks[key] = attention_mask(T, window, chunk, q.device, fc.bidirectional)
         # attention sinks [H] (gpt-oss, Flint, GraniteMoE-SWA, MiMo-V2-Flash's sliding layers), under either name
         sinks = self.w(find("self_attn.sinks", "self_attn.softmax_offset", "self_attn.attention_sink_bias",
                             required=False))
