@@ -98,6 +98,12 @@ FAMILIES: dict[str, dict] = {
     "openai_privacy_filter": dict(model_type="openai_privacy_filter", intermediate_size=16, num_local_experts=8,
                                   num_experts_per_tok=2, head_dim=8, sliding_window=3, num_labels=5, pad_token_id=0,
                                   eos_token_id=0, swiglu_limit=2.0, **_C),
+    # A.X-K1: DeepSeek-V3 (MLA with Q-LoRA, group sigmoid router + correction bias, shared expert) with
+    # an RMSNorm on the MoE block's output; dense / sparse by mlp_layer_types.
+    "axk1": dict(model_type="axk1", intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                 n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                 mlp_layer_types=["dense", "sparse", "dense", "sparse"], q_lora_rank=16, kv_lora_rank=8,
+                 qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, **{**_C, "num_key_value_heads": 4}),
 }
 SEEDS = (0, 1)
 T = 40

@@ -65,6 +65,7 @@ FAMILY_FORWARD["openai_privacy_filter"] = dict(bidirectional=True, expert_act="g
                                                            routed_scale=("num_experts_per_tok", 4)))
 FAMILY_FORWARD["mimo_v2_flash"] = dict(partial_rotary=0.334, fields=dict(value_scale=("attention_value_scale", 0.707)))
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
+FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
@@ -211,6 +212,7 @@ class ForwardConfig:
     depth_scaled_residual: bool = False  # Beam: the n-th residual add is x*sqrt((n-1)/n) + f/sqrt(n)
     final_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) when > 0 (Beam)
     bidirectional: bool = False  # an encoder: every token attends both ways within its window (privacy filter)
+    moe_out_norm: Optional[tuple[str, ...]] = None  # a norm on the MoE block's output (routed + shared), its names
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -336,7 +338,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.bool("attn_temperature_tuning", True):
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
-    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
@@ -352,6 +354,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.indexer = dict(heads=cfg.int("index_n_heads", 64), dim=cfg.int("index_head_dim", 128),
                               topk=cfg.int("index_topk", 2048))
         fc.attn_scale = (nope + rdim) ** -0.5
+        if family == "axk1":  # A.X-K1: an RMSNorm on the MoE block's output (stored at the layer or in the block)
+            fc.moe_out_norm = ("mlp.post_mlp_layernorm", "post_mlp_layernorm")
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
             m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))
             fc.attn_scale *= m * m

@@ -775,6 +775,8 @@ class Decoder:
             out = out + self.w(ob)
         if find("shared_mlp.input_linear.weight", required=False):  # GraniteMoeShared / Granite-4.0
             out = out + self.shared_mlp(i, h)
+        if fc.moe_out_norm:  # A.X-K1
+            out = norm(out, self.w(find(*(n + ".weight" for n in fc.moe_out_norm))), None, fc)
         return out
 
     def shared_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
