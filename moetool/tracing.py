@@ -219,7 +219,7 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
         grow = f" and --generate {generate} makes {len(ids) + generate}" if generate else ""
         raise MoetoolError(f"the prompt has {len(ids)} tokens{grow}, more than the model's context "
                            f"({context} tokens, max_position_embeddings)")
-    if generate and any(p.name == "score" for p in spec.params):  # a token classifier has no next token
+    if generate and any(p.name == "score.weight" for p in spec.params):  # a token classifier has no next token
         raise MoetoolError(f"model_type {spec.model_type!r} is a token classifier (its head scores labels, not "
                            "tokens): --generate does not apply")
     dev = pick_device(device)

@@ -15,10 +15,11 @@ import torch
 from fakes import build_transformers_model, randomize_biases
 from moetool.forward import run_forward
 from moetool.source import resolve
+from test_bad_input import run_cli
 from test_forward_families import reference_routes
 
 _C = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_hidden_layers=4,
-          max_position_embeddings=256)
+          max_position_embeddings=256, initializer_range=0.2)
 _SWA4 = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
 FAMILIES: dict[str, dict] = {
@@ -104,6 +105,13 @@ FAMILIES: dict[str, dict] = {
                  n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                  mlp_layer_types=["dense", "sparse", "dense", "sparse"], q_lora_rank=16, kv_lora_rank=8,
                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, **{**_C, "num_key_value_heads": 4}),
+    # LongCat-Flash: two MLA (LoRA-scaled) + MLP sublayers per layer and a shortcut MoE; the router picks
+    # k of E routed + Z zero (identity) experts: softmax, correction bias for the choice, scaled weights.
+    "longcat_flash": dict(model_type="longcat_flash", hidden_size=32, num_attention_heads=4, vocab_size=128,
+                          num_layers=2, max_position_embeddings=256, ffn_hidden_size=48, expert_ffn_hidden_size=16,
+                          n_routed_experts=6, zero_expert_num=3, moe_topk=3, routed_scaling_factor=1.5,
+                          q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                          head_dim=4),
 }
 SEEDS = (0, 1)
 T = 40
@@ -141,13 +149,20 @@ def routes_and_logits(model, ids) -> tuple[torch.Tensor, dict]:
 
 
 def randomize(model, seed: int) -> None:
-    """Biases, correction biases and sinks (fakes.randomize_biases), and every norm weight."""
+    """Biases, correction biases and sinks (fakes.randomize_biases), and every norm weight. AFMoE's
+    selection bias (`expert_bias`) gets a correction bias's scale and a matrix an init left at zero
+    (AFMoE's router) random values, so that routing depends on the token (the configs' initializer_range 0.2 does the same for the weights: every MoE layer
+    routes tokens to many different expert sets)."""
     randomize_biases(model, seed)
     g = torch.Generator().manual_seed(seed + 2000)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"):
                 p.copy_(p + 0.3 * torch.randn(p.shape, generator=g))
+            if name.endswith("expert_bias"):
+                p.mul_(0.1)
+            if p.dim() >= 2 and not p.any():  # a matrix left at zero by its init (AFMoE's router)
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="session")
@@ -188,3 +203,13 @@ def test_trace_matches_transformers(name, seed, text_family):
             for e, w in ours.items():
                 assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
     assert diff < 1e-4, f"logits differ by {diff}"
+    # the check means something only where routing depends on the token
+    assert any(len({tuple(sorted(e)) for e in r.experts.tolist()}) > 1 for r in out.routes)
+
+
+def test_token_classifier_refuses_generate(text_family):
+    """The privacy filter's head scores labels: there is no next token to generate (one line, exit 2)."""
+    d, _, _, _ = text_family("openai_privacy_filter", 0)
+    r = run_cli("trace", str(d), "--tokens", "1,2,3", "--generate", "2")
+    assert r.returncode == 2, r.stderr
+    assert "token classifier" in r.stderr and "Traceback" not in r.stderr

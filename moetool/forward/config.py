@@ -65,6 +65,7 @@ FAMILY_FORWARD["openai_privacy_filter"] = dict(bidirectional=True, expert_act="g
                                                            routed_scale=("num_experts_per_tok", 4)))
 FAMILY_FORWARD["mimo_v2_flash"] = dict(partial_rotary=0.334, fields=dict(value_scale=("attention_value_scale", 0.707)))
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
+FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per layer: forward/longcat.py
 FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
@@ -338,12 +339,12 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.bool("attn_temperature_tuning", True):
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
-    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
         # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
-        interleave = family in ("deepseek_v2", "deepseek_v32") or cfg.bool("rope_interleave", True)
+        interleave = family in ("deepseek_v2", "deepseek_v32", "longcat_flash") or cfg.bool("rope_interleave", True)
         rope.layout = "interleave" if interleave else "half"
         beta = scaling_dict.get("llama_4_scaling_beta")
         if family == "mistral4" and beta is not None:
@@ -354,6 +355,9 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.indexer = dict(heads=cfg.int("index_n_heads", 64), dim=cfg.int("index_head_dim", 128),
                               topk=cfg.int("index_topk", 2048))
         fc.attn_scale = (nope + rdim) ** -0.5
+        if family == "longcat_flash":  # LoRA scaling of query and KV latent; qk_head_dim may be set apart
+            fc.mla.update(q_scale=(d / fc.mla["q_lora"]) ** 0.5, kv_scale=(d / fc.mla["kv_lora"]) ** 0.5)
+            fc.attn_scale = cfg.int("qk_head_dim", nope + rdim) ** -0.5
         if family == "axk1":  # A.X-K1: an RMSNorm on the MoE block's output (stored at the layer or in the block)
             fc.moe_out_norm = ("mlp.post_mlp_layernorm", "post_mlp_layernorm")
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):

@@ -487,6 +487,10 @@ class Decoder:
         find = lambda *s, required=True: n.find(i, *s, required=required)
         if fc.single_block:  # Nemotron-H: one sublayer per layer
             return self.block(i, x, cos, sin, masks, routes, record)
+        if fc.family == "longcat_flash":  # two attention + MLP sublayers and a shortcut MoE (forward/longcat.py)
+            from .longcat import longcat_layer
+
+            return longcat_layer(self, i, x, cos, sin, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
@@ -646,24 +650,29 @@ class Decoder:
         freqs = torch.outer(self._positions(T, "cpu"), inv)
         return rope, (freqs.cos() * factor).to(self.device), (freqs.sin() * factor).to(self.device)
 
-    def mla(self, i: int, h, cos, sin, masks) -> torch.Tensor:
-        """Multi-head latent attention (DeepSeek-V2/V3), in its naive (decompressed) form."""
+    def mla(self, i: int, h, cos, sin, masks, prefix: str = "self_attn.") -> torch.Tensor:
+        """Multi-head latent attention (DeepSeek-V2/V3), in its naive (decompressed) form; `prefix`: where
+        its weights are (LongCat-Flash: self_attn.0. and self_attn.1.)."""
         fc, m = self.fc, self.fc.mla
         find = lambda *s, required=True: self.names.find(i, *s, required=required)
         T, H = h.shape[0], fc.heads
         nope, r, v_dim, kvr = m["nope"], m["rope"], m["v"], m["kv_lora"]
         if m["q_lora"]:
-            qa = linear(h, self.w(find("self_attn.q_a_proj.weight")), self.w(find("self_attn.q_a_proj.bias", required=False)))
-            q_resid = rms_norm(qa, self.w(find("self_attn.q_a_layernorm.weight")), 1e-6)  # [T, Rq]
-            q = linear(q_resid, self.w(find("self_attn.q_b_proj.weight")))
+            qa = linear(h, self.w(find(prefix + "q_a_proj.weight")), self.w(find(prefix + "q_a_proj.bias", required=False)))
+            q_resid = rms_norm(qa, self.w(find(prefix + "q_a_layernorm.weight")), 1e-6)  # [T, Rq]
+            q = linear(q_resid, self.w(find(prefix + "q_b_proj.weight")))
         else:
-            q = linear(h, self.w(find("self_attn.q_proj.weight")))
+            q = linear(h, self.w(find(prefix + "q_proj.weight")))
         q = q.view(T, H, nope + r)  # [T, H, nope + rope]
-        kv = linear(h, self.w(find("self_attn.kv_a_proj_with_mqa.weight")),
-                    self.w(find("self_attn.kv_a_proj_with_mqa.bias", required=False)))  # [T, Rkv + rope]
+        if m.get("q_scale"):  # LongCat-Flash: LoRA scaling sqrt(D / rank) of the query and the KV latent
+            q = q * m["q_scale"]
+        kv = linear(h, self.w(find(prefix + "kv_a_proj_with_mqa.weight")),
+                    self.w(find(prefix + "kv_a_proj_with_mqa.bias", required=False)))  # [T, Rkv + rope]
         latent, k_rot = kv.split([kvr, r], dim=-1)
-        latent = rms_norm(latent, self.w(find("self_attn.kv_a_layernorm.weight")), 1e-6)
-        kvb = linear(latent, self.w(find("self_attn.kv_b_proj.weight"))).view(T, H, nope + v_dim)
+        latent = rms_norm(latent, self.w(find(prefix + "kv_a_layernorm.weight")), 1e-6)
+        if m.get("kv_scale"):
+            latent = latent * m["kv_scale"]
+        kvb = linear(latent, self.w(find(prefix + "kv_b_proj.weight"))).view(T, H, nope + v_dim)
         k_nope, v = kvb.split([nope, v_dim], dim=-1)
         q_rot, k_rot = q[..., nope:], k_rot.view(T, 1, r)
         if fc.use_rope[i]:  # Kimi Linear's MLA is NoPE
@@ -684,7 +693,7 @@ class Decoder:
             mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
                                          ix["topk"], r, apply_rope)
         out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
-        return linear(out, self.w(find("self_attn.o_proj.weight")), self.w(find("self_attn.o_proj.bias", required=False)))
+        return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
