@@ -238,7 +238,8 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
     traced = [LayerTrace(r.layer, r.experts.tolist(), [[float(w) for w in row] for row in r.weights.tolist()])
               for r in routes]
     report = TraceReport(
-        model=ckpt.source, model_type=spec.model_type, num_experts=spec.moe.num_experts, top_k=spec.moe.top_k,
+        model=ckpt.source, model_type=spec.model_type, top_k=spec.moe.top_k,
+        num_experts=spec.moe.num_experts + spec.moe.zero_experts,  # LongCat-Flash: zero experts are ids E..E+Z-1
         tokens=[Token(i, t, s, i >= n_prompt) for i, (t, s) in enumerate(zip(ids, texts))], layers=traced,
         dtype=dtype, device=dev, text=prompt, capacity_factor=capacity_factor, logits=out.logits,
         router_logits={r.layer: r.logits for r in routes}, selection_scores={r.layer: r.scores for r in routes},
@@ -350,7 +351,7 @@ def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, 
         m = metrics_from_sums(stats.layers[l.layer])
         if cf is not None:  # capacity is served in token order over the concatenated corpus
             experts = np.concatenate([np.array(r.layers[j].experts, dtype=np.int64) for r in reports])
-            with_capacity(m, experts, spec.moe.num_experts, cf)
+            with_capacity(m, experts, spec.moe.num_experts + spec.moe.zero_experts, cf)
         pooled.append({"layer": l.layer, "metrics": m})
     summary = summarise([(p["layer"], p["metrics"]) for p in pooled])
     seq = {name: (float(np.mean(vals)) if vals else None)

@@ -181,7 +181,7 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
                                    f"(max_position_embeddings={fc.max_positions})")
     done_at = np.concatenate([[0], np.cumsum(lengths)])
     fingerprint = config_fingerprint(ckpt.config)
-    stats = ProfileStats.empty(spec.moe.num_experts, spec.moe.top_k, moe_layers, model=ckpt.source,
+    stats = ProfileStats.empty(spec.moe.num_experts + spec.moe.zero_experts, spec.moe.top_k, moe_layers, model=ckpt.source,
                                model_type=spec.model_type, fingerprint=fingerprint, dtype=dtype,
                                router_dtype=router_dtype)
     start = 0
