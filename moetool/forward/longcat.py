@@ -61,6 +61,8 @@ def moe(dec, i: int, h: torch.Tensor, routes: list, record: bool) -> torch.Tenso
         idx, weights = dec.route_hook(i, idx, weights)
     if record:
         routes.append(LayerRoute(i, idx.cpu(), weights.float().cpu(), logits.cpu(), choice.float().cpu()))
+    if dec.ffn_hook:  # quantize-report scores the real experts (ids < E) from these decisions
+        dec.ffn_hook(dec, i, h, (idx, weights))
     experts = Experts(dec.store, dec.names, i, dec.fc.family, spec.expert_ffn, dec.dtype, dec.device)
     out = torch.zeros_like(h)
     for e in torch.unique(idx).tolist():  # each chosen expert once, on all its tokens, in expert order
@@ -70,7 +72,10 @@ def moe(dec, i: int, h: torch.Tensor, routes: list, record: bool) -> torch.Tenso
             out.index_add_(0, tok, h[tok] * w)
             continue
         gate, up, down, gb, ub, db = experts.load(e)
-        out.index_add_(0, tok, swiglu(h[tok], gate, up, down, gb, ub, db, dec.fc.expert_act) * w)
+        y = swiglu(h[tok], gate, up, down, gb, ub, db, dec.fc.expert_act)
+        if getattr(dec, "expert_hook", None):  # profile: ||expert output|| per routed token (REAP)
+            dec.expert_hook(i, e, tok, y)
+        out.index_add_(0, tok, y * w)
         del gate, up, down
         dec.store.release()
     return out
