@@ -151,8 +151,8 @@ def routes_and_logits(model, ids) -> tuple[torch.Tensor, dict]:
 def randomize(model, seed: int) -> None:
     """Biases, correction biases and sinks (fakes.randomize_biases), and every norm weight. AFMoE's
     selection bias (`expert_bias`) gets a correction bias's scale and a matrix an init left at zero
-    (AFMoE's router) random values, so that routing depends on the token (the configs' initializer_range 0.2 does the same for the weights: every MoE layer
-    routes tokens to many different expert sets)."""
+    (AFMoE's router) random values, so that routing depends on the token (with the configs'
+    initializer_range 0.2, every MoE layer routes tokens to many different expert sets)."""
     randomize_biases(model, seed)
     g = torch.Generator().manual_seed(seed + 2000)
     with torch.no_grad():

@@ -698,7 +698,8 @@ class Decoder:
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
-        rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
+        rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.gate.weight", "mlp.router.weight",
+                  "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
                   "mlp.router.layer.weight", "block_sparse_moe.router.weight", "feed_forward.gate.weight",
                   "mixer.gate.weight")
