@@ -86,6 +86,7 @@ class MoESpec:
     shared_ffn: int = 0  # total intermediate size of the shared path (all shared experts together)
     router: RouterSpec = field(default_factory=RouterSpec)
     activation: str = "silu"
+    zero_experts: int = 0  # LongCat-Flash: identity experts the router may pick beside the E routed ones
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:

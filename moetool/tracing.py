@@ -258,6 +258,9 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
         grow = f" and --generate {generate} makes {len(ids) + generate}" if generate else ""
         raise MoetoolError(f"the prompt has {len(ids)} tokens{grow}, more than the model's context "
                            f"({context} tokens, max_position_embeddings)")
+    if generate and any(p.name == "score.weight" for p in spec.params):  # a token classifier has no next token
+        raise MoetoolError(f"model_type {spec.model_type!r} is a token classifier (its head scores labels, not "
+                           "tokens): --generate does not apply")
     dev = pick_device(device)
     n_prompt = len(ids)
     for n in range(max(0, generate)):  # greedy continuation: one full forward per new token
@@ -275,7 +278,8 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
     routes += [r for r in out.attention_routes if layers is None or r.layer in layers]
     traced = [_layer_trace(r) for r in routes]
     report = TraceReport(
-        model=ckpt.source, model_type=spec.model_type, num_experts=spec.moe.num_experts, top_k=spec.moe.top_k,
+        model=ckpt.source, model_type=spec.model_type, top_k=spec.moe.top_k,
+        num_experts=spec.moe.num_experts + spec.moe.zero_experts,  # LongCat-Flash: zero experts are ids E..E+Z-1
         tokens=[Token(i, t, s, i >= n_prompt) for i, (t, s) in enumerate(zip(ids, texts))], layers=traced,
         dtype=dtype, device=dev, text=prompt, capacity_factor=capacity_factor, logits=out.logits,
         router_logits={l.key: r.logits for l, r in zip(traced, routes)},
@@ -448,7 +452,7 @@ def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, 
         m = metrics_from_sums(stats.layers[l.layer])
         if cf is not None:  # capacity is served in token order over the concatenated corpus
             experts = np.concatenate([np.array(r.layers[j].experts, dtype=np.int64) for r in reports])
-            with_capacity(m, experts, spec.moe.num_experts, cf)
+            with_capacity(m, experts, spec.moe.num_experts + spec.moe.zero_experts, cf)
         pooled.append({"layer": l.layer, "metrics": m})
     summary = summarise([(p["layer"], p["metrics"]) for p in pooled])
     seq = {name: (float(np.mean(vals)) if vals else None)

@@ -93,15 +93,16 @@ STYLES: dict[str, Style] = {
     # Kolibri-1: four norms a layer, one shared expert of `shared_expert_intermediate_size`, all layers MoE.
     "kolibri1": Style("kolibri1", experts_keys=("num_local_experts", "num_experts"), expert_ffn_key="moe_intermediate_size",
                       qk_norm="head", extra_norms=2, shared_ffn=lambda c: c.int("shared_expert_intermediate_size", 0),
-                      router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", False))),
+                      router=lambda c: RouterSpec(order="topk_then_score", scoring="sigmoid", correction_bias=True,
+                                                  norm_topk_prob=c.bool("norm_topk_prob", False))),
     # Laguna: per-layer head counts, a softplus output gate per head (or per channel), shared expert.
     "laguna": Style("laguna", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                     bias=_attention_bias("attention_bias", False, "all"), qk_norm="head",
                     attn_gate=lambda c: "per_head" if c.raw("gating", True) in (True, "per-head") else "full", dims=lambda c, i, d: _laguna_dims(c, i, d), moe_schedule=lambda c, n: mlp_layer_types(c, n),
                     shared_ffn=lambda c: c.int("shared_expert_intermediate_size", 0),
                     router_bias_param="e_score_correction_bias",
-                    router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
-                                                routed_scaling_factor=c.float("moe_routed_scaling_factor", 1.0))),
+                    # moe_routed_scaling_factor scales the routed sum after the experts (forward/config.py)
+                    router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True)),
     # Tencent HY-V3: shared experts of moe_intermediate_size x num_shared_experts, `mlp_layer_types`.
     "hy_v3": Style("hy_v3", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                    bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", moe_schedule=lambda c, n: mlp_layer_types(c, n),
@@ -113,14 +114,15 @@ STYLES: dict[str, Style] = {
     "flint": Style("flint", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                    bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", schedule="sparse_step",
                    sinks=lambda c, i: True, shared_ffn=lambda c: c.int("shared_expert_intermediate_size", 0),
-                   router=lambda c: RouterSpec(norm_topk_prob=c.bool("norm_topk_prob", True))),
+                   router=lambda c: RouterSpec(scoring="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True))),
     # Beam: gated attention output with a per-head gate bias, sandwich norms, `mlp_layer_types`.
     "beam": Style("beam", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
                   bias=_attention_bias("attention_bias", False, "all"), qk_norm="head", attn_gate="full",
                   attn_gate_bias=True, extra_norms=2, moe_schedule=lambda c, n: mlp_layer_types(c, n),
+                  # routed_scaling_factor scales the routed sum after the experts (forward/config.py)
                   router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True, topk_method="noaux_tc",
-                                              n_group=c.int("n_group", 1), topk_group=c.int("topk_group", 1),
-                                              routed_scaling_factor=c.float("routed_scaling_factor", 1.0))),
+                                              norm_topk_prob=c.bool("norm_topk_prob", True),
+                                              n_group=c.int("n_group", 1), topk_group=c.int("topk_group", 1))),
     # Arcee AFMoE: gated attention output, sandwich norms, first `num_dense_layers` dense, shared experts
     # of moe_intermediate_size x num_shared_experts, a selection bias stored as a parameter.
     "afmoe": Style("afmoe", experts_keys=("num_experts", "num_local_experts"), expert_ffn_key="moe_intermediate_size",
@@ -129,7 +131,8 @@ STYLES: dict[str, Style] = {
                    shared_ffn=lambda c: c.int("moe_intermediate_size") * c.int("num_shared_experts", 2),
                    n_shared=lambda c: c.int("num_shared_experts", 2),
                    router_bias_param="expert_bias",
-                   router=lambda c: RouterSpec(scoring="sigmoid", routed_scaling_factor=c.float("route_scale", 1.0))),
+                   router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
+                                               routed_scaling_factor=c.float("route_scale", 1.0))),
     # IBM GraniteMoE-SWA: sinks on every layer, optional shared MLP of `shared_intermediate_size`.
     "granitemoe_swa": Style("granitemoe_swa", bias=_attention_bias("attention_bias", False, "all"), sinks=lambda c, i: True,
                             shared_ffn=lambda c: c.int("shared_intermediate_size", 0),
@@ -137,14 +140,19 @@ STYLES: dict[str, Style] = {
     # OpenAI privacy filter: gpt-oss layers under a token-classification head (`score`).
     "openai_privacy_filter": Style("openai_privacy_filter", bias=_attention_bias("attention_bias", True, "all"),
                                    fused_gate_up_bias=True, head="classifier",
-                                   router=lambda c: RouterSpec(order="topk_then_score", bias=True)),
+                                   # softmax of the top-k logits / k (the routed sum is times k: forward/config.py)
+                                   router=lambda c: RouterSpec(order="topk_then_score", bias=True,
+                                                               routed_scaling_factor=1.0 / c.int("num_experts_per_tok", 4))),
     # Xiaomi MiMo-V2-Flash: sliding layers have twice the KV heads and sinks; V heads narrower.
     "mimo_v2_flash": Style("mimo_v2_flash", experts_keys=("n_routed_experts", "num_experts"),
                            expert_ffn_key="moe_intermediate_size", bias=_attention_bias("attention_bias", False, "qkv"),
                            sinks=lambda c, i: _layer_type(c, i) == "sliding_attention",
                            dims=lambda c, i, d: _mimo_dims(c, i, d), moe_schedule=lambda c, n: mlp_layer_types(c, n),
-                           router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
-                                                       norm_topk_prob=c.bool("norm_topk_prob", True))),
+                           router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True, topk_method="noaux_tc",
+                                                       norm_topk_prob=c.bool("norm_topk_prob", True),
+                                                       n_group=c.int("n_group", 1, min_value=1),
+                                                       topk_group=c.int("topk_group", 1, min_value=1),
+                                                       routed_scaling_factor=c.float("routed_scaling_factor", 1.0))),
     # rhymes-ai/Aria (text part): every layer MoE, shared experts of intermediate_size x moe_num_shared_experts.
     "aria_text": Style("aria_text", experts_keys=("moe_num_experts",), top_k_keys=("moe_topk",),
                        bias=_attention_bias("attention_bias", False, "all"), mlp_bias=lambda c: c.bool("mlp_bias", False),

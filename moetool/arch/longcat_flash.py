@@ -24,7 +24,7 @@ def adapt(cfg: Cfg, model_type: str = "longcat_flash") -> ModelSpec:
     moe = MoESpec(num_experts=E, top_k=min(cfg.int("moe_topk", 12, min_value=1), E), expert_ffn=F,
                   router=RouterSpec(scoring="softmax", correction_bias=True,
                                     routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0)),
-                  activation=cfg.str("hidden_act", "silu"))
+                  activation=cfg.str("hidden_act", "silu"), zero_experts=zero)
     mla = _MLA(cfg, d, heads)
     ffn = cfg.int("ffn_hidden_size", min_value=1)
     inv = Inventory()

@@ -6,7 +6,7 @@ Read once from config.json with the family's upstream defaults (transformers' co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 import torch
@@ -33,7 +33,40 @@ FAMILY_FORWARD: dict[str, dict] = {
     "exaone_moe": dict(qk_norm="head", rope_on_sliding_only=True),
     "cohere2_moe": dict(rope_layout="interleave", layer_norms=("input_layernorm", None, None, None), parallel_block=True),
 }
+# Issue 11, trace of the families count already handled (tests/test_trace_text_families.py).
+# partial_rotary: the partial_rotary_factor of a per-layer-type RoPE entry that gives none.
+# Norm names: transformers' or, as save_pretrained writes them back, the original checkpoint's (conversion_mapping.py).
+_SANDWICH = ("input_layernorm", ("post_self_attn_layernorm", "post_attn_norm"), "post_attention_layernorm",
+             ("post_mlp_layernorm", "post_ffn_norm"))
+FAMILY_FORWARD["kolibri1"] = dict(qk_norm="head", rope_on_sliding_only=True, layer_norms=_SANDWICH)
+FAMILY_FORWARD["mellum"] = dict(qk_norm="head")
+FAMILY_FORWARD["hy_v3"] = dict(qk_norm="head", theta=11_158_840.0)
+FAMILY_FORWARD["flint"] = dict(qk_norm="head", rope_on_sliding_only="always")
+FAMILY_FORWARD["granitemoe_swa"] = dict(layer_theta_key="layer_rope_theta")  # GraniteMoE's multipliers (below)
+FAMILY_FORWARD["afmoe"] = dict(qk_norm="head", rope_on_sliding_only="always", mup_key="mup_enabled",
+                               layer_norms=("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm",
+                                            "post_mlp_layernorm"),
+                               out_gate=dict(proj=("self_attn.gate_proj.weight",), act="sigmoid"))
+FAMILY_FORWARD["laguna"] = dict(qk_norm="head", out_gate=dict(proj=("self_attn.g_proj.weight",), act="softplus"),
+                                fields=dict(routed_scale=("moe_routed_scaling_factor", 1.0),
+                                            router_softcap=("moe_router_logit_softcapping", 0.0)))
+FAMILY_FORWARD["beam"] = dict(qk_norm="head", query_scale_nope="beam", depth_scaled_residual=True,
+                              layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                           "post_feedforward_layernorm"),
+                              out_gate=dict(proj=("self_attn.gate_proj.weight",), act="sigmoid", bias="self_attn.gate_bias"),
+                              fields=dict(routed_scale=("routed_scaling_factor", 2.5),
+                                          final_softcap=("final_logit_softcapping", 0.0)))
+# OpenAI privacy filter: gpt-oss's layers as a bidirectional encoder (|i - j| <= sliding_window), experts
+# with concatenated [gate | up]; router weights softmax / k, the routed sum times k; `score` head.
+FAMILY_FORWARD["openai_privacy_filter"] = dict(bidirectional=True, expert_act="gpt_oss", theta=150000.0,
+                                               rope_layout="interleave",
+                                               fields=dict(swiglu_limit=("swiglu_limit", 7.0),
+                                                           swiglu_alpha=("swiglu_alpha", 1.702),
+                                                           routed_scale=("num_experts_per_tok", 4)))
+FAMILY_FORWARD["mimo_v2_flash"] = dict(partial_rotary=0.334, fields=dict(value_scale=("attention_value_scale", 0.707)))
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
+FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per layer: forward/longcat.py
+FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
@@ -173,7 +206,7 @@ class ForwardConfig:
     max_positions: Optional[int] = None
     # Norms of a decoder layer, as checkpoint names under the layer: (before attention, after
     # attention, before FFN, after FFN); None where the family has none (Olmo 2 style: after only).
-    layer_norms: tuple[Optional[str], ...] = ("input_layernorm", None, "post_attention_layernorm", None)
+    layer_norms: tuple = ("input_layernorm", None, "post_attention_layernorm", None)  # a name, alternatives, or None
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Qwen3-Next stores weight - 1
     attn_output_gate: bool = False  # q_proj also yields a per-head output gate (Qwen3-Next)
     mixers: dict = field(default_factory=dict)  # LayerSpec.mixer kind -> that mixer's config
@@ -184,6 +217,27 @@ class ForwardConfig:
     routed_act: Optional[str] = None  # the routed experts' activation when not expert_act (Aria: always SiLU)
     # MiniMax-M3's block-sparse attention: layers, heads, dim, block, topk, local (forward/block_sparse.py)
     block_sparse: Optional[dict] = None
+    # RoPE per layer where rope_parameters is keyed by layer type (Mellum, Laguna, MiMo-V2-Flash); empty: `rope`
+    layer_rope: list[Rope] = field(default_factory=list)
+
+    # per-layer (heads, kv heads, q/k head dim, v head dim) where they differ by layer (Laguna, MiMo-V2-Flash)
+    layer_dims: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # attention output gate from its own projection: {"proj": names, "act": sigmoid | softplus, "bias": name}
+    out_gate: Optional[dict] = None
+    query_scale_nope: Optional[str] = None  # Beam: NoPE layers scale queries by position
+    value_scale: float = 1.0  # values times this before attention (MiMo-V2-Flash attention_value_scale)
+    routed_scale: float = 1.0  # the routed experts' sum times this, after the experts (Laguna, Beam)
+    router_softcap: float = 0.0  # router logits -> cap * tanh(logits / cap) when > 0 (Laguna)
+    depth_scaled_residual: bool = False  # Beam: the n-th residual add is x*sqrt((n-1)/n) + f/sqrt(n)
+    final_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) when > 0 (Beam)
+    bidirectional: bool = False  # an encoder: every token attends both ways within its window (privacy filter)
+    moe_out_norm: Optional[tuple[str, ...]] = None  # a norm on the MoE block's output (routed + shared), its names
+
+    def dims_of(self, i: int) -> tuple[int, int, int, int]:
+        return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
+
+    def rope_of(self, i: int) -> Rope:
+        return self.layer_rope[i] if self.layer_rope else self.rope
 
 
 def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
@@ -233,13 +287,40 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         fc.layer_norms = extra.get("layer_norms", fc.layer_norms)
         if extra.get("rope_on_sliding_only") and cfg.has("sliding_window"):  # EXAONE: global layers are NoPE
             fc.use_rope = [w is not None for w in fc.windows]
+        if extra.get("rope_on_sliding_only") == "always":  # Flint: NoPE on every full-attention layer
+            fc.use_rope = [w is not None for w in fc.windows]
+        if extra.get("layer_theta_key") and cfg.has(extra["layer_theta_key"]):  # GraniteMoE-SWA: theta per layer, 0: NoPE
+            thetas = [_json_float(t, cfg, extra["layer_theta_key"]) for t in cfg.raw(extra["layer_theta_key"])]
+            if len(thetas) < spec.num_layers:
+                raise BadConfig(f"config.json: {extra['layer_theta_key']} has {len(thetas)} entries for "
+                                f"{spec.num_layers} layers")
+            ropes = {t: replace(rope, theta=t) for t in set(thetas) if t}
+            fc.layer_rope = [ropes.get(t, rope) for t in thetas[:spec.num_layers]]
+            fc.use_rope = [bool(t) for t in thetas[:spec.num_layers]]
         fc.parallel_block = extra.get("parallel_block", False)
         fc.routed_act = extra.get("routed_act")
+        fc.out_gate = extra.get("out_gate")
+        fc.query_scale_nope = extra.get("query_scale_nope")
+        fc.depth_scaled_residual = extra.get("depth_scaled_residual", False)
+        fc.bidirectional = extra.get("bidirectional", False)
+        if "expert_act" in extra:
+            fc.expert_act = extra["expert_act"]
+        for name, (key, default) in extra.get("fields", {}).items():  # ForwardConfig field <- config key
+            value = cfg.raw(key)
+            setattr(fc, name, default if value is None else cfg.float(key))
+        if extra.get("mup_key") and cfg.bool(extra["mup_key"], False):  # AFMoE muP: embeddings times sqrt(D)
+            fc.embedding_multiplier = d ** 0.5
+        from ..arch.llama_like import STYLES  # per-layer head counts and head dims, as count reads them
+
+        style = STYLES.get(family)
+        if style is not None and style.dims is not None:
+            fc.layer_dims = [style.dims(cfg, i, d) for i in range(spec.num_layers)]
         # partial RoPE: transformers 5 keeps partial_rotary_factor in rope_parameters (MiniMax-M2: rotary_dim)
         prf = scaling_dict.get("partial_rotary_factor", cfg.float("partial_rotary_factor", 1.0))
         if cfg.has("rotary_dim") and "partial_rotary_factor" not in scaling_dict:
             prf = cfg.int("rotary_dim") / hd
         rope.dim = int(hd * float(prf))
+    _rope_by_layer_type(fc, cfg, extra)
     if family == "cohere2_moe":
         if cfg.raw("rms_norm_eps") is None:
             fc.norm, fc.eps = "layernorm", cfg.float("layer_norm_eps", 1e-5)
@@ -263,7 +344,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         # transformers 5 writes partial_rotary_factor inside rope_parameters; older configs at the top.
         prf = scaling_dict.get("partial_rotary_factor")
         rope.dim = int(hd * (float(prf) if prf is not None else cfg.float("partial_rotary_factor", 0.5)))
-    elif family in ("granitemoe", "granitemoeshared"):
+    elif family in ("granitemoe", "granitemoeshared", "granitemoe_swa"):
         fc.attn_scale = cfg.float("attention_multiplier", 1.0)
         fc.embedding_multiplier = cfg.float("embedding_multiplier", 1.0)
         fc.residual_multiplier = cfg.float("residual_multiplier", 1.0)
@@ -282,12 +363,12 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.bool("attn_temperature_tuning", True):
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
-    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
         # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
-        interleave = family in ("deepseek_v2", "deepseek_v32") or cfg.bool("rope_interleave", True)
+        interleave = family in ("deepseek_v2", "deepseek_v32", "longcat_flash") or cfg.bool("rope_interleave", True)
         rope.layout = "interleave" if interleave else "half"
         beta = scaling_dict.get("llama_4_scaling_beta")
         if family == "mistral4" and beta is not None:
@@ -298,6 +379,11 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.indexer = dict(heads=cfg.int("index_n_heads", 64), dim=cfg.int("index_head_dim", 128),
                               topk=cfg.int("index_topk", 2048))
         fc.attn_scale = (nope + rdim) ** -0.5
+        if family == "longcat_flash":  # LoRA scaling of query and KV latent; qk_head_dim may be set apart
+            fc.mla.update(q_scale=(d / fc.mla["q_lora"]) ** 0.5, kv_scale=(d / fc.mla["kv_lora"]) ** 0.5)
+            fc.attn_scale = cfg.int("qk_head_dim", nope + rdim) ** -0.5
+        if family == "axk1":  # A.X-K1: an RMSNorm on the MoE block's output (stored at the layer or in the block)
+            fc.moe_out_norm = ("mlp.post_mlp_layernorm", "post_mlp_layernorm")
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
             m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))
             fc.attn_scale *= m * m
@@ -334,6 +420,35 @@ def _check_rope(kind, p: dict, cfg: Cfg) -> None:
             and cfg.raw("max_position_embeddings") is None and cfg.raw("original_max_position_embeddings") is None:
         raise BadConfig(f"{where}: RoPE type {kind!r} needs 'original_max_position_embeddings' or "
                         "'max_position_embeddings'")
+
+
+def _rope_by_layer_type(fc: ForwardConfig, cfg: Cfg, extra: dict) -> None:
+    """rope_parameters keyed by layer type ({"full_attention": {...}, "sliding_attention": {...}}, as
+    Gemma 3 / Mellum / Laguna / MiMo-V2-Flash write it): one Rope per type, by `layer_types`; a type
+    whose entry is null has no positional encoding (Beam's full-attention layers)."""
+    params = cfg.raw("rope_parameters")
+    if not isinstance(params, dict) or not any(isinstance(v, dict) or v is None for v in params.values()):
+        return
+    types = cfg.str_list("layer_types", [])
+    if len(types) < fc.layers:
+        raise BadConfig(f"config.json: rope_parameters is given per layer type, but layer_types has {len(types)} "
+                        f"entries for {fc.layers} layers")
+    ropes: dict[str, Rope] = {}
+    for t in dict.fromkeys(types[:fc.layers]):
+        if t not in params:
+            raise BadConfig(f"config.json: rope_parameters has no entry for the layer type {t!r}")
+        p = params[t]
+        if p is None:
+            continue
+        if not isinstance(p, dict):
+            raise BadConfig(f"config.json: rope_parameters[{t!r}] must be an object or null")
+        kind = p.get("rope_type") or "default"
+        _check_rope(kind, p, cfg)
+        prf = float(p.get("partial_rotary_factor", extra.get("partial_rotary", 1.0)))
+        ropes[t] = Rope(theta=float(p.get("rope_theta") or fc.rope.theta), dim=int(fc.head_dim * prf), kind=kind,
+                        params=p, layout=fc.rope.layout, max_position_embeddings=fc.max_positions)
+    fc.layer_rope = [ropes.get(t, fc.rope) for t in types[:fc.layers]]
+    fc.use_rope = [u and t in ropes for u, t in zip(fc.use_rope, types)]
 
 
 def _activation(spec: ModelSpec) -> str:

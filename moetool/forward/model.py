@@ -102,6 +102,8 @@ class Names:
             # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
             wrapper = "language_model." if embed.startswith("language_model.") else ""
             self.head = wrapper + "lm_head.weight"
+            if self.head not in store and "score.weight" in store:  # token classification: `score` [labels, D]
+                self.head = "score.weight"
 
     def find(self, layer: int, *suffixes: str, required: bool = True) -> Optional[str]:
         for s in suffixes:
@@ -154,10 +156,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
     return out.to(dtype)
 
 
-def attention_mask(T: int, window: Optional[int], chunk: Optional[int], device) -> torch.Tensor:
-    """[T, T] bool, True where query i may attend to key j: causal, within the window / chunk."""
+def attention_mask(T: int, window: Optional[int], chunk: Optional[int], device,
+                   bidirectional: bool = False) -> torch.Tensor:
+    """[T, T] bool, True where query i may attend to key j: causal, within the window / chunk.
+    Bidirectional (an encoder: OpenAI's privacy filter): |i - j| <= window, both directions."""
     i = torch.arange(T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
+    if bidirectional:
+        return (i - j).abs() <= window if window else torch.ones(T, T, dtype=torch.bool, device=device)
     allowed = j <= i
     if window:
         allowed &= (i - j) < window
@@ -216,10 +222,16 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
     if r.scoring == "sparsemixer":
         return _route_sparsemixer(logits, r.jitter_noise, k)
     if r.order == "topk_then_score":
-        top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
+        if bias is not None and r.correction_bias:  # Kolibri-1: the bias shifts the choice of logits only
+            idx = torch.topk(logits + bias, k, dim=-1).indices
+            top = logits.gather(1, idx)
+        else:
+            top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
         w = torch.sigmoid(top) if r.scoring == "sigmoid" else torch.softmax(top, dim=-1)
         if r.scoring == "sigmoid" and r.norm_topk_prob:  # Cohere 2 MoE (Llama 4 does not renormalise)
             w = w / w.sum(dim=-1, keepdim=True)
+        if r.routed_scaling_factor != 1.0:  # OpenAI's privacy filter: 1 / k
+            w = w * r.routed_scaling_factor
         return idx, w, logits
     probs = torch.softmax(logits, dim=-1)  # [T, E]
     if bias is not None and r.correction_bias:  # Ernie 4.5: the bias shifts the choice, not the weights
@@ -309,6 +321,9 @@ def _route_sparsemixer(logits: torch.Tensor, eps: float, k: int):
 
 # --- experts ------------------------------------------------------------------------------------
 
+# Families whose fused experts are stored for x @ W ([E, D, 2F] and [E, F, D]).
+TRANSPOSED_EXPERTS = ("gpt_oss", "llama4", "openai_privacy_filter", "aria_text", "aria")
+
 class Experts:
     """Loads one routed expert's weights in Linear orientation: gate [F, D], up [F, D], down [D, F]
     (+ biases), from per-expert tensors or any fused layout, reading only that expert's bytes."""
@@ -367,12 +382,28 @@ class Experts:
                     db = g(self.down_bias, index=e)
             else:
                 gate, up = gu[: self.F], gu[self.F:]
+                if self.gate_up_bias:  # concatenated [gate | up] biases (OpenAI's privacy filter)
+                    gb, ub = g(self.gate_up_bias, index=e).split(self.F)
+                    db = g(self.down_bias, index=e)
             down = dn
         return gate, up, down, gb, ub, db
 
 
-# Families whose fused experts are stored for x @ W ([E, D, 2F] and [E, F, D]) whatever their shapes.
-TRANSPOSED_EXPERTS = ("gpt_oss", "llama4", "aria_text", "aria")
+GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "softplus": F_.softplus}  # attention output gates
+
+
+def depth_scaled_add(x: torch.Tensor, f: torch.Tensor, n: int) -> torch.Tensor:
+    """Beam's n-th residual add (n from 2): the residual times sqrt((n-1)/n) plus the branch over sqrt(n)."""
+    return f * (1.0 / math.sqrt(n)) + x * math.sqrt((n - 1) / n)
+
+
+# Per-position query scale [T] of NoPE layers (ForwardConfig.query_scale_nope), positions from 0.
+QUERY_SCALES = {"beam": lambda pos: torch.exp(0.1 * torch.log1p((pos + 1) / 2048))}  # scalable softmax
+
+
+def query_scale(kind: str, pos: torch.Tensor) -> torch.Tensor:
+    return QUERY_SCALES[kind](pos)
+
 
 # transformers' ACT2FN names (activations.py) for the gate of a gated FFN.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -467,13 +498,19 @@ class Decoder:
         find = lambda *s, required=True: n.find(i, *s, required=required)
         if fc.single_block:  # Nemotron-H: one sublayer per layer
             return self.block(i, x, cos, sin, masks, routes, record)
+        if fc.family == "longcat_flash":  # two attention + MLP sublayers and a shortcut MoE (forward/longcat.py)
+            from .longcat import longcat_layer
+
+            return longcat_layer(self, i, x, cos, sin, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
-        def nrm(name: Optional[str], t: torch.Tensor) -> torch.Tensor:
+        def nrm(name, t: torch.Tensor) -> torch.Tensor:
             if name is None:
                 return t
-            return norm(t, self.w(find(name + ".weight")), self.w(find(name + ".bias", required=False)), fc)
+            names = (name,) if isinstance(name, str) else name  # alternatives: transformers' and the original name
+            return norm(t, self.w(find(*(n + ".weight" for n in names))),
+                        self.w(find(*(n + ".bias" for n in names), required=False)), fc)
 
         h = nrm(pre_a, x)
         a = nrm(post_a, self.attention(i, h, cos, sin, masks))
@@ -483,6 +520,8 @@ class Decoder:
             if fc.normed_residual:  # MiniMax: the residual is the normalised input, both branches scaled
                 alpha, beta = fc.normed_residual[self.spec.layers[i].mixer]
                 x = h * alpha + a * beta
+            elif fc.depth_scaled_residual:  # Beam: residual add number 2(i+1) of the network
+                x = depth_scaled_add(x, a, 2 * (i + 1))
             else:
                 x = x + a * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + a
             h = nrm(pre_f, x)
@@ -503,6 +542,8 @@ class Decoder:
         if fc.normed_residual:
             alpha, beta = fc.normed_residual["ffn"]
             return h * alpha + f * beta
+        if fc.depth_scaled_residual:
+            return depth_scaled_add(x, f, 2 * (i + 1) + 1)
         return x + f * fc.residual_multiplier if fc.residual_multiplier != 1.0 else x + f
 
     def block(self, i: int, x, cos, sin, masks, routes, record):
@@ -524,7 +565,7 @@ class Decoder:
     def attention(self, i: int, h, cos, sin, masks) -> torch.Tensor:
         fc, find = self.fc, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
-        H, Hkv, Dh = fc.heads, fc.kv_heads, fc.head_dim
+        H, Hkv, Dh, Dv = fc.dims_of(i)
         if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
             return mixers.run(self, i, h)
         if fc.mla:
@@ -551,18 +592,21 @@ class Decoder:
             if fc.clip_qkv:
                 q, k, v = (t.clamp(-fc.clip_qkv, fc.clip_qkv) for t in (q, k, v))
             o_name, o_bias = find(p + "o_proj.weight", p + "out_proj.weight"), find(p + "o_proj.bias", required=False)
-        if q.shape[-1] != H * Dh or k.shape[-1] != Hkv * Dh or v.shape[-1] != Hkv * Dh:
+        if q.shape[-1] != H * Dh or k.shape[-1] != Hkv * Dh or v.shape[-1] != Hkv * Dv:
             raise BadCheckpoint(f"layer {i}: the q/k/v projections give {q.shape[-1]}/{k.shape[-1]}/{v.shape[-1]} "
-                                f"features, config.json implies {H * Dh}/{Hkv * Dh}/{Hkv * Dh} "
+                                f"features, config.json implies {H * Dh}/{Hkv * Dh}/{Hkv * Dv} "
                                 "(num_attention_heads, num_key_value_heads, head_dim)")
-        q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dh)
+        q, k, v = q.view(T, H, Dh), k.view(T, Hkv, Dh), v.view(T, Hkv, Dv)
+        if fc.value_scale != 1.0:  # MiMo-V2-Flash
+            v = v * fc.value_scale
         if fc.qk_norm == "head":  # Qwen3 / GLM: RMSNorm per head
             q = norm(q, self.w(find("self_attn.q_norm.weight", "self_attn.q_layernorm.weight")), None, fc)
             k = norm(k, self.w(find("self_attn.k_norm.weight", "self_attn.k_layernorm.weight")), None, fc)
         if fc.use_rope[i]:
-            r = fc.rope.dim
-            q = torch.cat((apply_rope(q[..., :r], cos, sin, fc.rope.layout), q[..., r:]), dim=-1)
-            k = torch.cat((apply_rope(k[..., :r], cos, sin, fc.rope.layout), k[..., r:]), dim=-1)
+            rope, cos, sin = self.layer_rope(i, T, cos, sin)
+            r = rope.dim
+            q = torch.cat((apply_rope(q[..., :r], cos, sin, rope.layout), q[..., r:]), dim=-1)
+            k = torch.cat((apply_rope(k[..., :r], cos, sin, rope.layout), k[..., r:]), dim=-1)
             if fc.qk_norm == "l2":  # Llama 4: weightless RMS norm after RoPE, RoPE layers only
                 q, k = rms_norm(q, None, fc.eps), rms_norm(k, None, fc.eps)
         elif fc.temperature_tuning:  # Llama 4 NoPE layers: position-dependent query scale
@@ -578,34 +622,71 @@ class Decoder:
         chunk = fc.chunk if (fc.chunk and fc.use_rope[i]) else None
         key = (window, chunk)
         if key not in masks:
-            masks[key] = attention_mask(T, window, chunk, q.device)
-        sinks = self.w(find("self_attn.sinks", required=False)) if fc.family == "gpt_oss" else None
+            masks[key] = attention_mask(T, window, chunk, q.device, fc.bidirectional)
+        # attention sinks [H] (gpt-oss, Flint, GraniteMoE-SWA, MiMo-V2-Flash's sliding layers), under either name
+        sinks = self.w(find("self_attn.sinks", "self_attn.softmax_offset", "self_attn.attention_sink_bias",
+                            required=False))
+        if fc.query_scale_nope and not fc.use_rope[i]:  # Beam: NoPE layers scale queries by position
+            q = q * query_scale(fc.query_scale_nope, self._positions(T, q.device))[:, None, None].to(q.dtype)
         mask = masks[key]
         if fc.block_sparse and i in fc.block_sparse["layers"]:  # MiniMax-M3: the key blocks its indexer keeps
             mask = block_sparse_keep(lambda *s: self.w(find(*s)), i, h, cos, sin, mask, fc.block_sparse, H, fc.eps)
-        out = sdpa(q, k, v, mask, fc.attn_scale, sinks).reshape(T, H * Dh)
+        out = sdpa(q, k, v, mask, fc.attn_scale, sinks).reshape(T, H * Dv)
         if fc.attn_output_gate:
             out = out * torch.sigmoid(gate)
+        if fc.out_gate:
+            out = self.output_gate(i, h, out, H)
         return linear(out, self.w(o_name), self.w(o_bias))
 
-    def mla(self, i: int, h, cos, sin, masks) -> torch.Tensor:
-        """Multi-head latent attention (DeepSeek-V2/V3), in its naive (decompressed) form."""
+    def output_gate(self, i: int, h: torch.Tensor, out: torch.Tensor, H: int) -> torch.Tensor:
+        """out [T, H * Dv] times act(gate projection of the layer input): one gate per channel
+        ([H * Dv, D] weight) or per head ([H, D]), plus a per-head bias where stored (Beam).
+        AFMoE / Beam: sigmoid; Laguna: softplus (forward/config.py `out_gate`)."""
+        g, T = self.fc.out_gate, h.shape[0]
+        gate = linear(h, self.w(self.names.find(i, *g["proj"]))).view(T, H, -1)  # [T, H, Dv] or [T, H, 1]
+        bias = self.names.find(i, g["bias"], required=False) if g.get("bias") else None
+        if bias:
+            gate = gate + self.w(bias).view(1, H, 1)
+        gate = GATE_ACTIVATIONS[g["act"]](gate.float()).to(out.dtype)
+        return (out.view(T, H, -1) * gate).reshape(T, -1)
+
+    def _positions(self, T: int, device) -> torch.Tensor:
+        pos = getattr(self, "positions", None)  # a block of prompts (profile): per-prompt positions
+        return (torch.arange(T) if pos is None else pos).to(device=device, dtype=torch.float32)
+
+    def layer_rope(self, i: int, T: int, cos, sin):
+        """Layer i's RoPE and its cos / sin: the model's (the tables given), or the layer type's own
+        (fc.layer_rope: RoPE parameters per layer type), tabled at the same positions."""
+        rope = self.fc.rope_of(i)
+        if rope is self.fc.rope:
+            return rope, cos, sin
+        inv, factor = rope.inv_freq_and_factor(T)
+        freqs = torch.outer(self._positions(T, "cpu"), inv)
+        return rope, (freqs.cos() * factor).to(self.device), (freqs.sin() * factor).to(self.device)
+
+    def mla(self, i: int, h, cos, sin, masks, prefix: str = "self_attn.") -> torch.Tensor:
+        """Multi-head latent attention (DeepSeek-V2/V3), in its naive (decompressed) form; `prefix`: where
+        its weights are (LongCat-Flash: self_attn.0. and self_attn.1.)."""
         fc, m = self.fc, self.fc.mla
         find = lambda *s, required=True: self.names.find(i, *s, required=required)
         T, H = h.shape[0], fc.heads
         nope, r, v_dim, kvr = m["nope"], m["rope"], m["v"], m["kv_lora"]
         if m["q_lora"]:
-            qa = linear(h, self.w(find("self_attn.q_a_proj.weight")), self.w(find("self_attn.q_a_proj.bias", required=False)))
-            q_resid = rms_norm(qa, self.w(find("self_attn.q_a_layernorm.weight")), 1e-6)  # [T, Rq]
-            q = linear(q_resid, self.w(find("self_attn.q_b_proj.weight")))
+            qa = linear(h, self.w(find(prefix + "q_a_proj.weight")), self.w(find(prefix + "q_a_proj.bias", required=False)))
+            q_resid = rms_norm(qa, self.w(find(prefix + "q_a_layernorm.weight")), 1e-6)  # [T, Rq]
+            q = linear(q_resid, self.w(find(prefix + "q_b_proj.weight")))
         else:
-            q = linear(h, self.w(find("self_attn.q_proj.weight")))
+            q = linear(h, self.w(find(prefix + "q_proj.weight")))
         q = q.view(T, H, nope + r)  # [T, H, nope + rope]
-        kv = linear(h, self.w(find("self_attn.kv_a_proj_with_mqa.weight")),
-                    self.w(find("self_attn.kv_a_proj_with_mqa.bias", required=False)))  # [T, Rkv + rope]
+        if m.get("q_scale"):  # LongCat-Flash: LoRA scaling sqrt(D / rank) of the query and the KV latent
+            q = q * m["q_scale"]
+        kv = linear(h, self.w(find(prefix + "kv_a_proj_with_mqa.weight")),
+                    self.w(find(prefix + "kv_a_proj_with_mqa.bias", required=False)))  # [T, Rkv + rope]
         latent, k_rot = kv.split([kvr, r], dim=-1)
-        latent = rms_norm(latent, self.w(find("self_attn.kv_a_layernorm.weight")), 1e-6)
-        kvb = linear(latent, self.w(find("self_attn.kv_b_proj.weight"))).view(T, H, nope + v_dim)
+        latent = rms_norm(latent, self.w(find(prefix + "kv_a_layernorm.weight")), 1e-6)
+        if m.get("kv_scale"):
+            latent = latent * m["kv_scale"]
+        kvb = linear(latent, self.w(find(prefix + "kv_b_proj.weight"))).view(T, H, nope + v_dim)
         k_nope, v = kvb.split([nope, v_dim], dim=-1)
         q_rot, k_rot = q[..., nope:], k_rot.view(T, 1, r)
         if fc.use_rope[i]:  # Kimi Linear's MLA is NoPE
@@ -626,12 +707,13 @@ class Decoder:
             mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
                                          ix["topk"], r, apply_rope)
         out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
-        return linear(out, self.w(find("self_attn.o_proj.weight")), self.w(find("self_attn.o_proj.bias", required=False)))
+        return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
         T = h.shape[0]
-        rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight", "feed_forward.router.weight",
+        rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.gate.weight", "mlp.router.weight",
+                  "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
                   "mlp.router.layer.weight", "block_sparse_moe.router.weight", "feed_forward.gate.weight",
                   "mixer.gate.weight")
@@ -640,12 +722,16 @@ class Decoder:
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         check_shape(rw, router_w, (moe.num_experts, h.shape[1]), "[num_experts, hidden_size]")
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
+        if fc.router_softcap > 0:  # Laguna: tanh soft-capping of the router logits
+            logits = torch.tanh(logits / fc.router_softcap) * fc.router_softcap
         if not torch.isfinite(logits).all():
             raise BadCheckpoint(non_finite_router(i, h, rw, router_w, router_b))
         corr = self.store.get_optional(find("mlp.gate.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias",
                                             "block_sparse_moe.e_score_correction_bias", "mlp.e_score_correction_bias",
                                             "feed_forward.expert_bias", "mixer.gate.e_score_correction_bias",
                                             "block_sparse_moe.gate.e_score_correction_bias",
+                                            "moe.router.expert_bias", "mlp.experts.e_score_correction_bias",
+                                            "mlp.expert_bias",
                                             required=False),
                                        torch.float32, device=self.device)
         if corr is None and moe.router.correction_bias:
@@ -687,6 +773,8 @@ class Decoder:
             out.index_add_(0, tok, y)
             del gate, up, down
             self.store.release()  # this expert's pages leave resident memory before the next one
+        if fc.routed_scale != 1.0:  # Laguna, Beam: the routed sum is scaled after the experts
+            out = out * fc.routed_scale
         if latent:
             out = linear(out, self.w(find("mixer.fc2_latent_proj.weight")),
                          self.w(find("mixer.fc2_latent_proj.bias", required=False)))
@@ -713,6 +801,8 @@ class Decoder:
             out = out + self.w(ob)
         if find("shared_mlp.input_linear.weight", required=False):  # GraniteMoeShared / Granite-4.0
             out = out + self.shared_mlp(i, h)
+        if fc.moe_out_norm:  # A.X-K1
+            out = norm(out, self.w(find(*(n + ".weight" for n in fc.moe_out_norm))), None, fc)
         return out
 
     def shared_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -745,6 +835,8 @@ class Decoder:
             raise BadCheckpoint(f"checkpoint has no LM head {n.head!r} and tie_word_embeddings is false")
         hb = n.head[: -len("weight")] + "bias"
         logits = self._head(x, head, self.w(hb) if hb in self.store else None)  # [T, V] float32
+        if fc.final_softcap > 0:  # Beam: tanh soft-capping of the logits
+            logits = torch.tanh(logits / fc.final_softcap) * fc.final_softcap
         return logits / fc.logits_scaling if fc.logits_scaling != 1.0 else logits
 
     def _head(self, x, name: str, bias) -> torch.Tensor:

@@ -181,7 +181,7 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
                                    f"(max_position_embeddings={fc.max_positions})")
     done_at = np.concatenate([[0], np.cumsum(lengths)])
     fingerprint = config_fingerprint(ckpt.config)
-    stats = ProfileStats.empty(spec.moe.num_experts, spec.moe.top_k, moe_layers, model=ckpt.source,
+    stats = ProfileStats.empty(spec.moe.num_experts + spec.moe.zero_experts, spec.moe.top_k, moe_layers, model=ckpt.source,
                                model_type=spec.model_type, fingerprint=fingerprint, dtype=dtype,
                                router_dtype=router_dtype)
     start = 0
@@ -257,7 +257,7 @@ def _run_block(dec, spec, fc, stats, block, ids, writer, prog, b, Segments, atte
     sin = torch.cat([tables[L][1] for L in lengths])
     keys = {(fc.windows[i], fc.chunk if (fc.chunk and fc.use_rope[i]) else None) for i in range(fc.layers)}
     keys.add((None, None))
-    masks = {key: Segments([(int(a), int(a) + L, attention_mask(L, key[0], key[1], dev))
+    masks = {key: Segments([(int(a), int(a) + L, attention_mask(L, key[0], key[1], dev, fc.bidirectional))
                             for a, L in zip(starts, lengths)]) for key in keys}
     dec.positions = torch.cat([torch.arange(L) for L in lengths])
     norms: dict[int, torch.Tensor] = {}
