@@ -37,6 +37,10 @@ SHRINK_EXTRA: dict[str, dict] = {
     "nllb-moe": dict(encoder_sparse_step=2, decoder_sparse_step=1, num_experts=4),
     "qwen3_vl_moe": dict(vision_config=dict(depth=2, deepstack_visual_indexes=[1])),
     "openai_privacy_filter": dict(pad_token_id=0),
+    # at least one MoE layer (the default schedule's dense prefix is 3 layers) and a small indexer
+    "glm_moe_dsa": dict(mlp_layer_types=["dense", "sparse", "sparse"], indexer_types=["full", "shared", "full"],
+                        index_n_heads=4, index_head_dim=16),
+    "axk2": dict(index_n_heads=4, index_head_dim=16),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
                                       vision_output_dim=32)),

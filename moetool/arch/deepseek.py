@@ -36,6 +36,16 @@ DEFAULTS = {
     # Mistral 4: DeepSeek-V3's MLA and MoE with a softmax router, groups scored by their top-2 sum, no bias.
     "mistral4": dict(first_k_dense=0, norm_topk_prob=True, scoring="softmax", topk_method="group_top2_softmax",
                      correction_bias=False),
+    # zai-org GLM-5 (glm_moe_dsa): DeepSeek-V3.2 whose indexer runs only on `indexer_types` "full"
+    # layers ("shared" layers reuse the previous full layer's top-k and build no indexer).
+    "glm_moe_dsa": dict(first_k_dense=3, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
+                        indexer="per_layer", index_heads=32),
+    # SK Telecom A.X-K2 (axk2): DeepSeek-V3.2 without q_b_proj: a fused query + output-gate projection
+    # q_gate_proj [H*(qk+v), 2*q_lora_rank] on [normed | raw] query latent; gated RMSNorms (norm + a
+    # rank-`gated_norm_rank` MLP) before attention and before every MoE block; schedule from
+    # `mlp_layer_types` (else first_k_dense_replace=1 and moe_layer_freq).
+    "axk2": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
+                 indexer="all", index_heads=16, q_gate=True, gated_norms=True, moe_layer_freq=True),
 }
 
 
@@ -69,6 +79,9 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
     k_key = dflt.get("first_k_key", "first_k_dense_replace")
     k_dense = cfg.int(k_key, dflt["first_k_dense"]) if k_key else dflt["first_k_dense"]
     types = cfg.str_list("mlp_layer_types") if cfg.has("mlp_layer_types") else None
+    if types is None and dflt.get("moe_layer_freq"):
+        freq = cfg.int("moe_layer_freq", 1, min_value=1)
+        types = ["sparse" if i >= k_dense and i % freq == 0 else "dense" for i in range(n_layers)]
     if types is not None and len(types) < n_layers:
         raise BadConfig(f"{cfg.where}: mlp_layer_types has {len(types)} entries for {n_layers} layers")
     mtp = cfg.first_int(["num_nextn_predict_layers", "num_mtp_layers"], 0)
@@ -83,7 +96,7 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
             _glm_attention(inv, i, d, heads, kv_heads, hd, attn_bias, qk_norm, group)
             return common.gqa_layer(i, heads, kv_heads, hd, False)
     else:
-        mla = _MLA(cfg, d, heads)
+        mla = _MLA(cfg, d, heads, dflt, n_layers)
 
         def attention(inv: Inventory, i: int, group: str) -> LayerSpec:
             return mla.build(inv, i, group)
@@ -94,9 +107,11 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
         is_mtp = i >= n_layers
         group = "mtp" if is_mtp else None
         layer = attention(inv, i, group or "attention")
-        inv.add(f"layers.{i}.input_norm.weight", group or "norms", (d,), i)
-        inv.add(f"layers.{i}.post_attention_norm.weight", group or "norms", (d,), i)
         is_moe = moe is not None and (types[i] == "sparse" if types and i < n_layers else i >= k_dense)  # MTP layers too
+        gated = dflt.get("gated_norms")
+        _norm(inv, f"layers.{i}.input_norm", d, i, group or "norms", gated and cfg.int("gated_norm_rank", 16, min_value=1))
+        _norm(inv, f"layers.{i}.post_attention_norm", d, i, group or "norms",
+              gated and is_moe and cfg.int("gated_norm_rank", 16, min_value=1))
         if is_moe:
             inv.linear(f"layers.{i}.router", group or "router", moe.num_experts, d, i)  # [E, D]
             inv.swiglu(f"layers.{i}.experts", group or "routed_experts", d, moe.expert_ffn, i, copies=moe.num_experts)
@@ -123,8 +138,34 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
                      torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))
 
 
+def _norm(inv: Inventory, name: str, d: int, i: int, group: str, gate_rank: int = 0) -> None:
+    """An RMSNorm [D]; with `gate_rank`, A.X-K2's gated RMSNorm: the norm plus an MLP D -> rank -> D."""
+    if not gate_rank:
+        inv.add(f"{name}.weight", group, (d,), i)
+        return
+    inv.add(f"{name}.norm.weight", group, (d,), i)
+    inv.linear(f"{name}.mlp.fc1", group, gate_rank, d, i)
+    inv.linear(f"{name}.mlp.fc2", group, d, gate_rank, i)
+
+
+def _indexer_types(cfg: Cfg, n_layers: int) -> list[str]:
+    """GLM-5's per-layer indexer mode: `indexer_types`, else `index_topk_pattern` ("F" / "S"), else
+    full where max(i - index_skip_topk_offset + 1, 0) % index_topk_freq == 0 (GlmMoeDsaConfig)."""
+    if cfg.has("indexer_types"):
+        return cfg.str_list("indexer_types")
+    pattern = cfg.raw("index_topk_pattern")
+    if isinstance(pattern, str):
+        return [{"F": "full", "S": "shared"}.get(c, c) for c in pattern]
+    if isinstance(pattern, list):
+        return [str(x) for x in pattern]
+    freq = max(cfg.int("index_topk_freq", 1), 1)
+    offset = cfg.int("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
+
+
 class _MLA:
-    def __init__(self, cfg: Cfg, d: int, heads: int):
+    def __init__(self, cfg: Cfg, d: int, heads: int, dflt: dict | None = None, n_layers: int = 0):
+        dflt = dflt or {}
         self.d, self.heads = d, heads
         self.q_lora = cfg.int("q_lora_rank", 0)
         self.kv_lora = cfg.int("kv_lora_rank", min_value=1)
@@ -133,14 +174,23 @@ class _MLA:
         self.v = cfg.int("v_head_dim", min_value=1)
         self.bias = cfg.bool("attention_bias", False)
         # DeepSeek-V3.2's sparse-attention indexer (deepseek_v32): index_n_heads x index_head_dim.
-        self.index = (cfg.int("index_n_heads", 64, min_value=1), cfg.int("index_head_dim", 128, min_value=1)) \
-            if cfg.raw("model_type") == "deepseek_v32" else None
+        indexer = "all" if cfg.raw("model_type") == "deepseek_v32" else dflt.get("indexer")
+        self.index = (cfg.int("index_n_heads", dflt.get("index_heads", 64), min_value=1),
+                      cfg.int("index_head_dim", 128, min_value=1)) if indexer else None
+        # layers without their own indexer (GLM-5 "shared" layers); MTP layers past the list keep one
+        self.no_index = {i for i, t in enumerate(_indexer_types(cfg, n_layers)) if t != "full"} \
+            if indexer == "per_layer" else set()
+        self.q_gate = bool(dflt.get("q_gate"))
 
     def build(self, inv: Inventory, i: int, group: str) -> LayerSpec:
         d, H, qk = self.d, self.heads, self.nope + self.rope
         p = f"layers.{i}.attn"
         norms = "norms" if group == "attention" else group
-        if self.q_lora:
+        if self.q_gate:  # A.X-K2: query and output gate from [normed | raw] latent, one fused matrix
+            inv.linear(f"{p}.q_a", group, self.q_lora, d, i, self.bias)        # [Rq, D]
+            inv.add(f"{p}.q_a_norm.weight", norms, (self.q_lora,), i)
+            inv.linear(f"{p}.q_gate", group, H * (qk + self.v), 2 * self.q_lora, i)  # [H*(qk+v), 2Rq]
+        elif self.q_lora:
             inv.linear(f"{p}.q_a", group, self.q_lora, d, i, self.bias)        # [Rq, D]
             inv.add(f"{p}.q_a_norm.weight", norms, (self.q_lora,), i)
             inv.linear(f"{p}.q_b", group, H * qk, self.q_lora, i)              # [H*(nope+rope), Rq]
@@ -150,7 +200,7 @@ class _MLA:
         inv.add(f"{p}.kv_a_norm.weight", norms, (self.kv_lora,), i)
         inv.linear(f"{p}.kv_b", group, H * (self.nope + self.v), self.kv_lora, i)  # [H*(nope+v), Rkv]
         inv.linear(f"{p}.o", group, d, H * self.v, i, self.bias)               # [D, H*v]
-        if self.index:
+        if self.index and i not in self.no_index:
             nh, hd = self.index
             inv.linear(f"{p}.indexer.wq_b", group, nh * hd, self.q_lora, i)    # [Hi*Di, Rq]
             inv.linear(f"{p}.indexer.wk", group, hd, d, i)                     # [Di, D]
@@ -178,5 +228,6 @@ def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd
 
 
 def register(table: dict) -> None:
-    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32", "axk1", "mistral4"):
+    for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32", "axk1", "mistral4",
+               "glm_moe_dsa", "axk2"):
         table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)
