@@ -42,8 +42,11 @@ _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_proje
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$")
-# A.X-K2's gated RMSNorm: its low-rank gate MLP (mlp.fc1 / fc2 in transformers, W_down / W_up on disk)
-_GATED_NORM = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$")
+# Norm-like parameters outside a norm's own name: A.X-K2's gated RMSNorm (its low-rank gate MLP, mlp.fc1 / fc2
+# in transformers, W_down / W_up on disk)
+_NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
+                         # hyper-connections (HY-V4, DeepSeek-V4, Qwen4-Exp): mixers of the residual streams
+                         r"|(^|\.)(attn_hc|ffn_hc|hc_head|hc_pre|\w*hyper_connection\w*)\.")
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp)(\.|_gate\.)")
 _ROUTED = re.compile(r"\.experts\.|\.(block_sparse_moe|mlp)\.(input_linear|output_linear)\.")
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")
@@ -169,7 +172,7 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
         return "embedding", "param"
     if _HEAD.search(name):
         return ("lm_head", "tied_copy") if tied and name.endswith("weight") else ("lm_head", "param")
-    if _GATED_NORM.search(name):
+    if _NORM_EXTRA.search(name):
         return "norms", "param"
     if _SHARED.search(name):
         return "shared_experts", "param"

@@ -51,7 +51,7 @@ KNOWN_GAPS: dict[str, str] = {
     **{mt: _NO_ADAPTER + "; transformers 5.23 cannot build a small model from its default config, so the header "
        "count is not verified" for mt in ("bailing_hybrid", "deepseek_ocr2", "diffusion_gemma", "dots3_note",
                                           "dots3_note_text", "ernie4_5_vl_moe", "gemma4", "gemma4_text", "glm5_next",
-                                          "hy_v4", "inkling2", "inkling_mm_model", "muse_spark", "nemo_speechlm",
+                                          "inkling2", "inkling_mm_model", "muse_spark", "nemo_speechlm",
                                           "qwen3_omni_moe", "unlimited_ocr", "zaya")},
 }
 

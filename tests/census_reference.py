@@ -41,6 +41,7 @@ SHRINK_EXTRA: dict[str, dict] = {
     "glm_moe_dsa": dict(mlp_layer_types=["dense", "sparse", "sparse"], indexer_types=["full", "shared", "full"],
                         index_n_heads=4, index_head_dim=16),
     "axk2": dict(index_n_heads=4, index_head_dim=16),
+    "hy_v4": dict(index_n_heads=4, index_head_dim=16, indexer_types=["full", "shared", "full"]),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
                                       vision_output_dim=32)),

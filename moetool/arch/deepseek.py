@@ -46,6 +46,14 @@ DEFAULTS = {
     # `mlp_layer_types` (else first_k_dense_replace=1 and moe_layer_freq).
     "axk2": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
                  indexer="all", index_heads=16, q_gate=True, gated_norms=True, moe_layer_freq=True),
+    # Tencent HY-V4 (hy_v4): GLM-5's MLA + per-layer indexer (default: full on layer 0 and every 4th
+    # after layer 1, shared between) with attention sinks [H] and a per-head output gate [H*v, D];
+    # DeepSeek-V4-style hyper-connections (hc_mult residual streams: a mixer before attention and
+    # before the FFN in every layer, one before the head), counted with the norms.
+    "hy_v4": dict(first_k_dense=1, norm_topk_prob=True, scoring="sigmoid", topk_method="noaux_tc",
+                  indexer="per_layer", index_heads=16, sinks=True, out_gate=True, hyper_connections=True,
+                  first_k_key=None,
+                  indexer_default=lambda n: ["full" if i == 0 or (i - 1) % 4 == 0 else "shared" for i in range(n)]),
 }
 
 
@@ -122,6 +130,12 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
         else:
             inv.swiglu(f"layers.{i}.mlp", group or "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i,
                        bias=cfg.bool("mlp_bias", False))
+        if dflt.get("hyper_connections"):  # HY-V4: a mixer of the hc_mult streams before attention and FFN
+            hc = cfg.int("hc_mult", 4, min_value=1)
+            for mixer in ("attn_hc", "ffn_hc"):
+                inv.add(f"layers.{i}.{mixer}.fn", group or "norms", (2 * hc, hc * d), i, matmul=True)
+                inv.add(f"layers.{i}.{mixer}.base", group or "norms", (2 * hc,), i)
+                inv.add(f"layers.{i}.{mixer}.scale", group or "norms", (2,), i)
         if is_mtp:
             # The MTP head: norms of the embedding and of the previous hidden state, their fused
             # projection [D, 2D], and the shared head's norm. Its embedding and LM head are stored
@@ -131,6 +145,11 @@ def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
             inv.add(f"layers.{i}.eh_proj.weight", "mtp", (d, 2 * d), i, matmul=True)
         else:
             layers.append(replace(layer, index=i, moe=is_moe))
+    if dflt.get("hyper_connections"):  # the head's mixer of the streams
+        hc = cfg.int("hc_mult", 4, min_value=1)
+        inv.add("hc_head.hc_fn", "norms", (hc, hc * d), matmul=True)
+        inv.add("hc_head.hc_base", "norms", (hc,))
+        inv.add("hc_head.hc_scale", "norms", (1,))
     common.embed_and_head(inv, cfg, vocab, d, tie)
     return ModelSpec(model_type=model_type, family=family, hidden_size=d, vocab_size=vocab, num_layers=n_layers,
                      layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie, mtp_layers=mtp,
@@ -148,11 +167,13 @@ def _norm(inv: Inventory, name: str, d: int, i: int, group: str, gate_rank: int 
     inv.linear(f"{name}.mlp.fc2", group, d, gate_rank, i)
 
 
-def _indexer_types(cfg: Cfg, n_layers: int) -> list[str]:
+def _indexer_types(cfg: Cfg, n_layers: int, default=None) -> list[str]:
     """GLM-5's per-layer indexer mode: `indexer_types`, else `index_topk_pattern` ("F" / "S"), else
     full where max(i - index_skip_topk_offset + 1, 0) % index_topk_freq == 0 (GlmMoeDsaConfig)."""
     if cfg.has("indexer_types"):
         return cfg.str_list("indexer_types")
+    if default is not None:
+        return default(n_layers)
     pattern = cfg.raw("index_topk_pattern")
     if isinstance(pattern, str):
         return [{"F": "full", "S": "shared"}.get(c, c) for c in pattern]
@@ -178,9 +199,11 @@ class _MLA:
         self.index = (cfg.int("index_n_heads", dflt.get("index_heads", 64), min_value=1),
                       cfg.int("index_head_dim", 128, min_value=1)) if indexer else None
         # layers without their own indexer (GLM-5 "shared" layers); MTP layers past the list keep one
-        self.no_index = {i for i, t in enumerate(_indexer_types(cfg, n_layers)) if t != "full"} \
+        self.no_index = {i for i, t in enumerate(_indexer_types(cfg, n_layers, dflt.get("indexer_default")))
+                         if t != "full"} \
             if indexer == "per_layer" else set()
         self.q_gate = bool(dflt.get("q_gate"))
+        self.sinks, self.out_gate = bool(dflt.get("sinks")), bool(dflt.get("out_gate"))
 
     def build(self, inv: Inventory, i: int, group: str) -> LayerSpec:
         d, H, qk = self.d, self.heads, self.nope + self.rope
@@ -200,6 +223,10 @@ class _MLA:
         inv.add(f"{p}.kv_a_norm.weight", norms, (self.kv_lora,), i)
         inv.linear(f"{p}.kv_b", group, H * (self.nope + self.v), self.kv_lora, i)  # [H*(nope+v), Rkv]
         inv.linear(f"{p}.o", group, d, H * self.v, i, self.bias)               # [D, H*v]
+        if self.sinks:
+            inv.add(f"{p}.sinks", group, (H,), i)                              # [H]
+        if self.out_gate:
+            inv.linear(f"{p}.gate", group, H * self.v, d, i)                   # [H*v, D]
         if self.index and i not in self.no_index:
             nh, hd = self.index
             inv.linear(f"{p}.indexer.wq_b", group, nh * hd, self.q_lora, i)    # [Hi*Di, Rq]
@@ -229,5 +256,5 @@ def _glm_attention(inv: Inventory, i: int, d: int, heads: int, kv_heads: int, hd
 
 def register(table: dict) -> None:
     for mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "deepseek_v32", "axk1", "mistral4",
-               "glm_moe_dsa", "axk2"):
+               "glm_moe_dsa", "axk2", "hy_v4"):
         table[mt] = lambda cfg, mt=mt: adapt(cfg, mt)
