@@ -42,6 +42,11 @@ SHRINK_EXTRA: dict[str, dict] = {
                         index_n_heads=4, index_head_dim=16),
     "axk2": dict(index_n_heads=4, index_head_dim=16),
     "hy_v4": dict(index_n_heads=4, index_head_dim=16, indexer_types=["full", "shared", "full"]),
+    "zaya": dict(num_experts_per_tok=1),  # ZayaConfig refuses any other top-k
+    "glm5_next": dict(num_key_value_heads=4),  # Glm5NextConfig: MLA, KV heads == attention heads
+    "bailing_hybrid": dict(num_experts_per_token=2, layer_types=["linear_attention", "full_attention", "linear_attention"],
+                           mlp_layer_types=["dense", "sparse", "sparse"], num_expert_group=2, linear_num_heads=4,
+                           linear_head_dim=8),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
                                       vision_output_dim=32)),
