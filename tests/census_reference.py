@@ -21,6 +21,10 @@ SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, d
                     num_heads=2, embed_dim=16, out_hidden_size=32, image_size=28, patch_size=14,
                     num_position_embeddings=16)
 
+GEMMA4_SMALL = dict(per_layer_config={"02": {"head_dim": 16}}, enable_moe_block=True, top_k_experts=2, num_experts=8,
+                    moe_intermediate_size=16, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1),  # heads divide 2 x 32
@@ -43,10 +47,17 @@ SHRINK_EXTRA: dict[str, dict] = {
     "axk2": dict(index_n_heads=4, index_head_dim=16),
     "hy_v4": dict(index_n_heads=4, index_head_dim=16, indexer_types=["full", "shared", "full"]),
     "zaya": dict(num_experts_per_tok=1),  # ZayaConfig refuses any other top-k
-    "glm5_next": dict(num_key_value_heads=4),  # Glm5NextConfig: MLA, KV heads == attention heads
+    "glm5_next": dict(text_config=dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16)),  # Glm5NextConfig: MLA, KV heads == attention heads
     "bailing_hybrid": dict(num_experts_per_token=2, layer_types=["linear_attention", "full_attention", "linear_attention"],
                            mlp_layer_types=["dense", "sparse", "sparse"], num_expert_group=2, linear_num_heads=4,
                            linear_head_dim=8),
+    # Gemma 4: per_layer_config names layers of the 30-layer default (the shrunk model has 3): one
+    # full-attention layer of a wider head, as the default's every 6th; the MoE block switched on
+    # (the default has it off); per-layer input embeddings shrunk
+    **{mt: dict(text_config=GEMMA4_SMALL) for mt in ("gemma4", "diffusion_gemma")},
+    "gemma4_text": GEMMA4_SMALL,
+    "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 8])),  # [text experts, vision experts]
+    "inkling2": dict(vision_config=dict(text_hidden_size=32)),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
                                       vision_output_dim=32)),
@@ -80,6 +91,8 @@ def _shrink_dict(d: dict, small: dict) -> dict:
     for k, v in d.items():  # per-layer lists follow the new layer count
         if isinstance(v, list) and n_old and len(v) == n_old and n_new:
             out[k] = v[:n_new]
+    if isinstance(d.get("per_layer_config"), dict) and n_new:  # per-layer overrides of the layers kept
+        out["per_layer_config"] = {k: v for k, v in d["per_layer_config"].items() if int(k) < n_new}
     return out
 
 
