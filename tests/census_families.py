@@ -41,7 +41,7 @@ NOT_MOE_MODULES = {
 # config.json in one line and counts a checkpoint exactly from its headers (arch/generic.py); the
 # census verifies that generic count against transformers where a small model can be built.
 _NO_ADAPTER = "no specific adapter yet: config-only count refused; checkpoints counted from their headers"
-GENERIC_VERIFIED = ("inkling_text", "qwen4_exp", "qwen4_exp_text", "step3p7")
+GENERIC_VERIFIED = ("inkling_text", "qwen4_exp", "qwen4_exp_text")
 KNOWN_GAPS: dict[str, str] = {
     **{mt: _NO_ADAPTER + " (generic header count equals transformers', tested)" for mt in GENERIC_VERIFIED},
     # measured on tiny save_pretrained checkpoints (tests: scripts in the issue-11 note)
