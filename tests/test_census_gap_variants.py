@@ -11,6 +11,7 @@ reach, each checked against transformers' own parameter count (meta device):
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,26 @@ def test_gap_family_variant_count_equals_transformers(name, tmp_path):
     mt, drop, extra = VARIANTS[name]
     cfg = {**_base(mt, drop), **extra}
     assert _count(tmp_path, cfg) == param_count(build(mt, cfg))
+
+
+def test_gemma4_with_a_tower_falls_back_to_the_exact_header_count(tmp_path):
+    """gemma4 counts its text model from config.json; with a vision / audio tower in the config it
+    refuses config-only in one line and still counts a checkpoint exactly from the headers."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = shrunk_config("gemma4")
+    model = build("gemma4", cfg, device="cpu")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["vision_config"] = {"model_type": "gemma4_vision"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-m", "moetool", "count", str(tmp_path), "--json"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["total_params"] == param_count(model)
+    only = subprocess.run([sys.executable, "-m", "moetool", "count", str(tmp_path / "config.json")], capture_output=True,
+                          text=True, env=env)
+    assert only.returncode == 2 and only.stderr.count("\n") == 1 and "vision tower" in only.stderr

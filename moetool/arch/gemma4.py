@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..errors import BadConfig
+from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, Inventory, ModelSpec, MoESpec, RouterSpec
 from . import common
 
@@ -112,5 +112,22 @@ def adapt(cfg: Cfg, model_type: str = "gemma4_text") -> ModelSpec:
                      torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))
 
 
+def adapt_multimodal(cfg: Cfg) -> ModelSpec:
+    """gemma4 (Gemma4ForConditionalGeneration): the text model on `text_config`, tied through the
+    top-level `tie_word_embeddings`. Its default config has no vision or audio tower; a config with
+    one is not counted from config.json yet (UnsupportedArchitecture: a checkpoint of it is still
+    counted exactly from its headers by arch/generic.py)."""
+    for tower in ("vision_config", "audio_config"):
+        if cfg.raw(tower) is not None:
+            raise UnsupportedArchitecture(f"{cfg.where}: gemma4 with a {tower.split('_')[0]} tower: its tower is not "
+                                          "counted from config.json yet (a checkpoint is counted from its headers)")
+    text = dict(cfg.sub("text_config").d)
+    text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", True)
+    spec = adapt(Cfg(text, f"{cfg.where}[text_config]"), "gemma4")
+    return replace(spec, torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype") or spec.torch_dtype,
+                   quantization=common.quantization(cfg) or spec.quantization)
+
+
 def register(table: dict) -> None:
     table["gemma4_text"] = adapt
+    table["gemma4"] = adapt_multimodal
