@@ -34,16 +34,27 @@ _QUANT_META = re.compile(
     r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
 )
 _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias|\.slope_rate|\.query_decay|\.key_decay|"
-                      r"\.diagonal_decay|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+                      r"\.diagonal_decay|\.layer_scalar|\.moe\.router_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
-_VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector"
+_VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
                      r"|patch_merge_mlp)\.")
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$")
-_SHARED = re.compile(r"\.(shared_experts?|shared_mlp)(\.|_gate\.)")
-_ROUTED = re.compile(r"\.experts\.|\.(block_sparse_moe|mlp)\.(input_linear|output_linear)\.")
+# Norm-like parameters outside a norm's own name: A.X-K2's gated RMSNorm (its low-rank gate MLP, mlp.fc1 / fc2
+# in transformers, W_down / W_up on disk)
+_NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
+                         # hyper-connections (HY-V4, DeepSeek-V4, Qwen4-Exp): mixers of the residual streams
+                         r"|(^|\.)(attn_hc|ffn_hc|hc_head|hc_pre|\w*hyper_connection\w*)\.")
+# Gemma 4's router: a projection plus a scale per channel and per expert
+_ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
+                           r"|\.moe\.gate\.weight$")  # Step-3.7's stored router
+# Gemma 3n / 4 per-layer input embeddings (a lookup table like the input embedding)
+_PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
+_PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$")
+_SHARED = re.compile(r"\.(shared_experts?|shared_mlp|share_expert)(\.|_gate\.)")
+_ROUTED = re.compile(r"\.experts\.|\.moe\.(gate_proj|up_proj|down_proj)\.weight$|\.(block_sparse_moe|mlp)\.(input_linear|output_linear)\.")
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln_\w+|ln\d*|norm_\d|\w*layernorm\w*|layer_norm)(\.\d+)?\.(weight|bias)$", re.I)
 _SSM = re.compile(r"\.(mamba|mixer)\.")
@@ -168,6 +179,14 @@ def _group(name: str, mtp: bool, tied: bool) -> tuple[str, str]:
         return "embedding", "param"
     if _HEAD.search(name):
         return ("lm_head", "tied_copy") if tied and name.endswith("weight") else ("lm_head", "param")
+    if _ROUTER_EXTRA.search(name):
+        return "router", "param"
+    if _PER_LAYER_EMBED.search(name):
+        return "embedding", "param"
+    if _PER_LAYER_MLP.search(name):
+        return "dense_mlp", "param"
+    if _NORM_EXTRA.search(name):
+        return "norms", "param"
     if _SHARED.search(name):
         return "shared_experts", "param"
     if ".self_attention.experts." in name and not name.endswith(("input_linear.weight", "output_linear.weight")):

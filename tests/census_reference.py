@@ -21,6 +21,12 @@ SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, d
                     num_heads=2, embed_dim=16, out_hidden_size=32, image_size=28, patch_size=14,
                     num_position_embeddings=16)
 
+GEMMA4_SMALL = dict(per_layer_config={"02": {"head_dim": 16}}, enable_moe_block=True, top_k_experts=2, num_experts=8,
+                    moe_intermediate_size=16, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+
+DOTS3_SWA = dict(num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8)
+
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1),  # heads divide 2 x 32
@@ -37,6 +43,36 @@ SHRINK_EXTRA: dict[str, dict] = {
     "nllb-moe": dict(encoder_sparse_step=2, decoder_sparse_step=1, num_experts=4),
     "qwen3_vl_moe": dict(vision_config=dict(depth=2, deepstack_visual_indexes=[1])),
     "openai_privacy_filter": dict(pad_token_id=0),
+    # at least one MoE layer (the default schedule's dense prefix is 3 layers) and a small indexer
+    "glm_moe_dsa": dict(mlp_layer_types=["dense", "sparse", "sparse"], indexer_types=["full", "shared", "full"],
+                        index_n_heads=4, index_head_dim=16),
+    "axk2": dict(index_n_heads=4, index_head_dim=16),
+    "hy_v4": dict(index_n_heads=4, index_head_dim=16, indexer_types=["full", "shared", "full"]),
+    "zaya": dict(num_experts_per_tok=1),  # ZayaConfig refuses any other top-k
+    # Glm5NextConfig: MLA with KV heads == attention heads, NoPE on the DSA layers; one of each layer kind
+    "glm5_next": dict(text_config=dict(num_key_value_heads=4, index_n_heads=4, index_head_dim=16, qk_rope_head_dim=0,
+                                       layer_types=["linear_attention", "indexed_attention", "linear_attention"],
+                                       mlp_layer_types=["dense", "sparse", "sparse"], linear_num_heads=4,
+                                       linear_head_dim=8, pad_token_id=0)),
+    "bailing_hybrid": dict(num_experts_per_token=2, layer_types=["linear_attention", "full_attention", "linear_attention"],
+                           mlp_layer_types=["dense", "sparse", "sparse"], num_expert_group=2, linear_num_heads=4,
+                           linear_head_dim=8),
+    # Gemma 4: per_layer_config names layers of the 30-layer default (the shrunk model has 3): one
+    # full-attention layer of a wider head, as the default's every 6th; the MoE block switched on
+    # (the default has it off); per-layer input embeddings shrunk
+    **{mt: dict(text_config=GEMMA4_SMALL) for mt in ("gemma4", "diffusion_gemma")},
+    "gemma4_text": GEMMA4_SMALL,
+    "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 8])),  # [text experts, vision experts]
+    "inkling2": dict(vision_config=dict(text_hidden_size=32)),
+    # one sliding layer of other head count, and MoE layers (the default's first 3 layers are dense)
+    "step3p7": dict(text_config=dict(mlp_layer_types=["dense", "sparse", "sparse"], share_expert_dim=24,
+                                     layer_types=["sliding_attention", "full_attention", "full_attention"],
+                                     sliding_window=16, per_layer_config={"0": {"num_attention_heads": 2}})),
+    # MLA: KV heads == attention heads (the configs refuse others)
+    # dots3: sliding layers (here layer 2) are MLA of their own sizes in per_layer_config
+    "dots3_note_text": dict(num_key_value_heads=4, head_dim=12, index_n_heads=4, index_head_dim=16, per_layer_config={"02": DOTS3_SWA}),
+    "dots3_note": dict(text_config=dict(num_key_value_heads=4, head_dim=12, index_n_heads=4, index_head_dim=16,
+                                        per_layer_config={"02": DOTS3_SWA})),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
                                       vision_output_dim=32)),
@@ -70,6 +106,8 @@ def _shrink_dict(d: dict, small: dict) -> dict:
     for k, v in d.items():  # per-layer lists follow the new layer count
         if isinstance(v, list) and n_old and len(v) == n_old and n_new:
             out[k] = v[:n_new]
+    if isinstance(d.get("per_layer_config"), dict) and n_new:  # per-layer overrides of the layers kept
+        out["per_layer_config"] = {k: v for k, v in d["per_layer_config"].items() if int(k) < n_new}
     return out
 
 

@@ -169,6 +169,17 @@ STYLES: dict[str, Style] = {
                                 layer_extra=lambda inv, c, i, d: minimax_m3.indexer_params(inv, c, i, d),
                                 router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
                                                             routed_scaling_factor=c.float("routed_scaling_factor", 1.0))),
+    # StepFun Step-3.7 (step3p7, text part): Laguna's attention (QK-norm per head, a sigmoid output gate
+    # per head, sliding layers with `num_sliding_attention_heads` / per_layer_config heads), MiniMax-M3's
+    # MoE (sigmoid router with a correction bias, an always-on shared expert of `share_expert_dim`);
+    # MoE per `mlp_layer_types` (else `moe_layers_enum`, else layers 3 and up).
+    "step3p7_text": Style("step3p7_text", experts_keys=("n_routed_experts", "num_local_experts", "num_experts"),
+                          expert_ffn_key="moe_intermediate_size", bias=_attention_bias("attention_bias", False, "all"),
+                          qk_norm="head", attn_gate=lambda c: "per_head" if c.raw("gating", True) in (True, "per-head") else "full",
+                          dims=lambda c, i, d: _step3p7_dims(c, i, d), moe_schedule=lambda c, n: _step3p7_schedule(c, n),
+                          shared_ffn=lambda c: c.int("share_expert_dim", 1280), windows="none",
+                          router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
+                                                      routed_scaling_factor=c.float("moe_router_scaling_factor", 1.0))),
     "llama": Style("llama", dense=True, windows="none", bias=_attention_bias("attention_bias", False, "all")),
     "mistral": Style("mistral", dense=True),
     "qwen2": Style("qwen2", dense=True, windows="qwen2", bias="qkv"),
@@ -311,6 +322,34 @@ def _mimo_dims(cfg: Cfg, i: int, d: int) -> tuple[int, int, int, int]:
     if _layer_type(cfg, i) == "sliding_attention":
         kv *= 2
     return heads, kv, hd, cfg.int("v_head_dim", hd, min_value=1)
+
+
+def _step3p7_dims(cfg: Cfg, i: int, d: int) -> tuple[int, int, int, int]:
+    """Step3p7TextConfig: per_layer_config overrides; without it sliding layers have
+    `num_sliding_attention_heads` (legacy: attention_other_setting.num_attention_heads)."""
+    heads, kv, hd = common.attention_dims(cfg, d)
+    per = cfg.raw("per_layer_config")
+    if isinstance(per, dict) and per:
+        o = next((v for k, v in per.items() if str(k).isdigit() and int(k) == i), None)
+        o = Cfg(o if isinstance(o, dict) else {}, f"{cfg.where}[per_layer_config][{i}]")
+        return o.int("num_attention_heads", heads, min_value=1), o.int("num_key_value_heads", kv, min_value=1), hd, hd
+    if _layer_type(cfg, i) == "sliding_attention":
+        other = cfg.raw("attention_other_setting")
+        legacy = other.get("num_attention_heads", heads) if isinstance(other, dict) else heads
+        heads = cfg.int("num_sliding_attention_heads", int(legacy), min_value=1)
+    return heads, kv, hd, hd
+
+
+def _step3p7_schedule(cfg: Cfg, n: int) -> list[bool]:
+    if cfg.has("mlp_layer_types"):
+        return mlp_layer_types(cfg, n)
+    enum = cfg.raw("moe_layers_enum")
+    if enum is not None:
+        items = enum.split(",") if isinstance(enum, str) else enum
+        moe = {int(x) for x in items if str(x).strip()}
+    else:
+        moe = set(range(3, n))
+    return [i in moe for i in range(n)]
 
 
 def _layer_type(cfg: Cfg, i: int) -> str:

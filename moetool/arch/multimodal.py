@@ -151,6 +151,29 @@ def qwen3_omni_audio(inv: Inventory, a: Cfg, text_d: int, top: Cfg) -> None:
     _lin(inv, "audio.proj1", d, d, group=g), _lin(inv, "audio.proj2", a.int("output_dim", 3584, min_value=1), d, group=g)
 
 
+def step3p7_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Step-3.7 vision tower: a SigLIP-style encoder (Conv2d patches without bias, learned positions,
+    a pre-LayerNorm, blocks with LayerNorms, biased q/k/v/out and an MLP of int(h * mlp_ratio), and
+    layer scales lambda_1 / lambda_2 [h]), two stride-2 Conv2d downsamplers (h -> 2h -> 4h) and the
+    projector [text D, 4h] (bias with `projector_bias`)."""
+    h = v.int("hidden_size", 1536, min_value=1)
+    f = int(h * v.float("mlp_ratio", 8960 / 1536))  # Step3p7VisionConfig overrides intermediate_size with it
+    p = v.int("patch_size", 14, min_value=1)
+    _conv(inv, "vision_model.patch_embedding", h, v.int("num_channels", 3, min_value=1), (p, p), bias=False)
+    inv.add("vision_model.position_embedding.weight", "vision", ((v.int("image_size", 728) // p) ** 2, h))
+    _norm(inv, "vision_model.pre_layernorm", h)
+    for i in range(v.int("num_hidden_layers", 47, min_value=0)):
+        b = f"vision_model.layers.{i}"
+        inv.add(f"{b}.lambda_1", "vision", (h,)), inv.add(f"{b}.lambda_2", "vision", (h,))
+        for proj in ("q", "k", "v", "out"):
+            _lin(inv, f"{b}.attn.{proj}", h, h)
+        _lin(inv, f"{b}.fc1", f, h), _lin(inv, f"{b}.fc2", h, f)
+        _norm(inv, f"{b}.layernorm_before", h), _norm(inv, f"{b}.layernorm_after", h)
+    _conv(inv, "vision_model.downsampler1", 2 * h, h, (3, 3))
+    _conv(inv, "vision_model.downsampler2", 4 * h, 2 * h, (3, 3))
+    _lin(inv, "multi_modal_projector", text_d, 4 * h, top.bool("projector_bias", False))
+
+
 Tower = Callable[[Inventory, Cfg, int, Cfg], None]  # (inventory, tower config, text hidden size, top config)
 
 
@@ -186,6 +209,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3_omni_moe_thinker": Family(_styled(_QWEN3_OMNI_TEXT), "qwen3_moe",
                                      (("vision_config", qwen3_vl_vision), ("audio_config", qwen3_omni_audio))),
     "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),), tie_from_text=True),
+    # stepfun-ai Step-3.7: Step-3.7 text MoE (llama_like "step3p7_text") + its vision tower and projector.
+    "step3p7": Family(llama_like.adapt, "step3p7_text", (("vision_config", step3p7_vision),)),
 }
 
 

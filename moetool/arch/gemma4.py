@@ -1,0 +1,133 @@
+"""Gemma 4 text model (gemma4_text; google/gemma-4-*): Gemma's four norms a layer and QK-norm, a
+dense GeGLU MLP in every layer and, with `enable_moe_block`, a routed-expert block beside it.
+
+Per layer (Gemma4TextDecoderLayer):
+- attention: q/k/v/o [H*Dh, D] (biases with `attention_bias`), q_norm and k_norm [Dh] (v_norm has
+  no weight); `per_layer_config` overrides head_dim / num_key_value_heads per layer (full-attention
+  layers: `global_head_dim`, default 512, when the config does not list them); with
+  `attention_k_eq_v` full-attention layers have no v_proj (V = K); the last `num_kv_shared_layers`
+  layers reuse an earlier layer's KV cache and have no k/v projections or norms;
+- the dense MLP (doubled in KV-shared layers with `use_double_wide_mlp`);
+- the MoE block: router (proj [E, D], scale [D], per_expert_scale [E]), fused experts of
+  `moe_intermediate_size`, and three more norms;
+- per-layer inputs (hidden_size_per_layer_input P > 0): gate [P, D], projection [D, P], a norm;
+  model-wide an embedding [vocab_size_per_layer_input, L*P], its projection [L*P, D] and a norm [P].
+Layer types: `layer_types`, else every 6th full attention; the last layer is always full attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import BadConfig, UnsupportedArchitecture
+from ..spec import Cfg, Inventory, ModelSpec, MoESpec, RouterSpec
+from . import common
+
+
+def layer_types(cfg: Cfg, n: int) -> list[str]:
+    types = cfg.str_list("layer_types", ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)])
+    if len(types) < n:
+        raise BadConfig(f"{cfg.where}: layer_types has {len(types)} entries for {n} layers")
+    return types[:n - 1] + ["full_attention"]  # Gemma4TextConfig forces the last layer to full attention
+
+
+def _layer_overrides(cfg: Cfg, types: list[str]) -> dict[int, dict]:
+    raw = cfg.raw("per_layer_config")
+    if raw is None:  # Gemma4TextConfig's default: full-attention layers get the global head size
+        over = {"head_dim": cfg.int("global_head_dim", 512, min_value=1)}
+        if cfg.raw("num_global_key_value_heads") is not None and cfg.bool("attention_k_eq_v", True):
+            over["num_key_value_heads"] = cfg.int("num_global_key_value_heads", min_value=1)
+        return {i: over for i, t in enumerate(types) if t == "full_attention"}
+    if not isinstance(raw, dict):
+        raise BadConfig(f"{cfg.where}: per_layer_config must be an object of layer index -> overrides")
+    try:
+        return {int(k): dict(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise BadConfig(f"{cfg.where}: per_layer_config keys must be layer indices") from None
+
+
+def adapt(cfg: Cfg, model_type: str = "gemma4_text") -> ModelSpec:
+    d = cfg.int("hidden_size", min_value=1)
+    vocab = cfg.int("vocab_size", min_value=1)
+    n = cfg.int("num_hidden_layers", min_value=1)
+    heads = cfg.int("num_attention_heads", min_value=1)
+    tie = common.tie_embeddings(cfg, True)
+    bias = cfg.bool("attention_bias", False)
+    types = layer_types(cfg, n)
+    over = _layer_overrides(cfg, types)
+    shared_kv = cfg.int("num_kv_shared_layers", 0)
+    ffn = cfg.int("intermediate_size", min_value=1)
+    moe = None
+    if cfg.bool("enable_moe_block", False):
+        moe = MoESpec(num_experts=cfg.int("num_experts", min_value=1), top_k=cfg.int("top_k_experts", min_value=1),
+                      expert_ffn=cfg.int("moe_intermediate_size", min_value=1),
+                      activation=cfg.str("hidden_activation", "gelu_pytorch_tanh"),
+                      router=RouterSpec(norm_topk_prob=True))
+    windows = common.layer_windows(cfg, n, "none" if not cfg.has("layer_types") else "all")
+    P = cfg.int("hidden_size_per_layer_input", 0)
+    inv = Inventory()
+    layers = []
+    for i in range(n):
+        o = Cfg(over.get(i, {}), f"{cfg.where}[per_layer_config][{i}]")
+        hd = o.int("head_dim", cfg.int("head_dim", 256, min_value=1), min_value=1)
+        kv = o.int("num_key_value_heads", cfg.int("num_key_value_heads", heads, min_value=1), min_value=1)
+        reuse = shared_kv > 0 and i >= n - shared_kv
+        a = f"layers.{i}.attn"
+        inv.linear(f"{a}.q", "attention", heads * hd, d, i, bias)
+        inv.norm(f"{a}.q_norm", hd, i)
+        if not reuse:
+            inv.linear(f"{a}.k", "attention", kv * hd, d, i, bias)
+            inv.norm(f"{a}.k_norm", hd, i)
+            if not (cfg.bool("attention_k_eq_v", False) and types[i] == "full_attention"):
+                inv.linear(f"{a}.v", "attention", kv * hd, d, i, bias)
+        inv.linear(f"{a}.o", "attention", d, heads * hd, i, bias)
+        wide = 2 if reuse and cfg.bool("use_double_wide_mlp", False) else 1
+        inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, ffn * wide, i)
+        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+            inv.norm(f"layers.{i}.{norm}_norm", d, i)
+        if P:
+            inv.linear(f"layers.{i}.per_layer_input_gate", "dense_mlp", P, d, i)
+            inv.linear(f"layers.{i}.per_layer_projection", "dense_mlp", d, P, i)
+            inv.norm(f"layers.{i}.post_per_layer_input_norm", d, i)
+        if moe is not None:
+            E = moe.num_experts
+            inv.linear(f"layers.{i}.router.proj", "router", E, d, i)
+            inv.add(f"layers.{i}.router.scale", "router", (d,), i)
+            inv.add(f"layers.{i}.router.per_expert_scale", "router", (E,), i)
+            inv.swiglu(f"layers.{i}.experts", "routed_experts", d, moe.expert_ffn, i, copies=E)
+            for norm in ("post_feedforward_1", "post_feedforward_2", "pre_feedforward_2"):
+                inv.norm(f"layers.{i}.{norm}_norm", d, i)
+        layer = common.gqa_layer(i, heads, kv, hd, moe is not None, windows[i])
+        if reuse:  # reads an earlier layer's cache
+            layer = replace(layer, kv_per_token=0)
+        layers.append(layer)
+    if P:
+        inv.add("embed_tokens_per_layer.weight", "embedding", (cfg.int("vocab_size_per_layer_input", vocab, min_value=1), n * P))
+        inv.linear("per_layer_model_projection", "dense_mlp", n * P, d)
+        inv.norm("per_layer_projection_norm", P)
+    common.embed_and_head(inv, cfg, vocab, d, tie)
+    return ModelSpec(model_type=model_type, family="gemma4", hidden_size=d, vocab_size=vocab, num_layers=n,
+                     layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie,
+                     max_position_embeddings=cfg.raw("max_position_embeddings"),
+                     torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))
+
+
+def adapt_multimodal(cfg: Cfg) -> ModelSpec:
+    """gemma4 (Gemma4ForConditionalGeneration): the text model on `text_config`, tied through the
+    top-level `tie_word_embeddings`. Its default config has no vision or audio tower; a config with
+    one is not counted from config.json yet (UnsupportedArchitecture: a checkpoint of it is still
+    counted exactly from its headers by arch/generic.py)."""
+    for tower in ("vision_config", "audio_config"):
+        if cfg.raw(tower) is not None:
+            raise UnsupportedArchitecture(f"{cfg.where}: gemma4 with a {tower.split('_')[0]} tower: its tower is not "
+                                          "counted from config.json yet (a checkpoint is counted from its headers)")
+    text = dict(cfg.sub("text_config").d)
+    text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", True)
+    spec = adapt(Cfg(text, f"{cfg.where}[text_config]"), "gemma4")
+    return replace(spec, torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype") or spec.torch_dtype,
+                   quantization=common.quantization(cfg) or spec.quantization)
+
+
+def register(table: dict) -> None:
+    table["gemma4_text"] = adapt
+    table["gemma4"] = adapt_multimodal

@@ -1,0 +1,80 @@
+"""Config paths of the issue-11 gap families that the census's default and shrunk configs do not
+reach, each checked against transformers' own parameter count (meta device):
+- GLM-5 (glm_moe_dsa) without `indexer_types`: the indexer schedule derived from
+  index_topk_freq / index_skip_topk_offset / index_topk_pattern as GlmMoeDsaConfig derives it;
+- HY-V4 without `indexer_types` (its own default pattern);
+- A.X-K2 without `mlp_layer_types` (first_k_dense_replace and moe_layer_freq);
+- Gemma 4 text with KV-shared layers, K = V full-attention layers, the double-wide MLP and the
+  global head size derived from global_head_dim / num_global_key_value_heads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from census_reference import build, param_count, shrunk_config
+
+import moetool
+
+
+def _count(tmp_path, config: dict) -> int:
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(config))
+    return moetool.count(str(p)).total_params
+
+
+def _base(mt: str, drop: tuple[str, ...] = ()) -> dict:
+    cfg = shrunk_config(mt)
+    for k in drop:
+        cfg.pop(k, None)
+    return cfg
+
+
+VARIANTS = {
+    "glm_moe_dsa-freq": ("glm_moe_dsa", ("indexer_types", "layer_types"), dict(num_hidden_layers=5, index_topk_freq=2,
+                                                                 index_skip_topk_offset=1,
+                                                                 mlp_layer_types=["dense"] + ["sparse"] * 4)),
+    "glm_moe_dsa-pattern": ("glm_moe_dsa", ("indexer_types",), dict(index_topk_pattern="FSF")),
+    "hy_v4-default-indexer": ("hy_v4", ("indexer_types", "layer_types"), dict(num_hidden_layers=6, mlp_layer_types=["dense"] + ["sparse"] * 5)),
+    "axk2-moe-freq": ("axk2", ("mlp_layer_types", "layer_types"), dict(num_hidden_layers=5, first_k_dense_replace=1, moe_layer_freq=2)),
+    "gemma4-kv-shared": ("gemma4_text", (), dict(
+        num_hidden_layers=4, num_kv_shared_layers=2, attention_k_eq_v=True, use_double_wide_mlp=True,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        per_layer_config={"1": {"head_dim": 16, "num_key_value_heads": 1}, "3": {"head_dim": 16, "num_key_value_heads": 1}})),
+    "gemma4-global-dims": ("gemma4_text", ("per_layer_config",), dict(
+        num_hidden_layers=4, num_kv_shared_layers=2, attention_k_eq_v=False, global_head_dim=16,
+        num_global_key_value_heads=1, layer_types=["sliding_attention", "full_attention"] * 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gap_family_variant_count_equals_transformers(name, tmp_path):
+    mt, drop, extra = VARIANTS[name]
+    cfg = {**_base(mt, drop), **extra}
+    assert _count(tmp_path, cfg) == param_count(build(mt, cfg))
+
+
+def test_gemma4_with_a_tower_falls_back_to_the_exact_header_count(tmp_path):
+    """gemma4 counts its text model from config.json; with a vision / audio tower in the config it
+    refuses config-only in one line and still counts a checkpoint exactly from the headers."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = shrunk_config("gemma4")
+    model = build("gemma4", cfg, device="cpu")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["vision_config"] = {"model_type": "gemma4_vision"}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-m", "moetool", "count", str(tmp_path), "--json"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["total_params"] == param_count(model)
+    only = subprocess.run([sys.executable, "-m", "moetool", "count", str(tmp_path / "config.json")], capture_output=True,
+                          text=True, env=env)
+    assert only.returncode == 2 and only.stderr.count("\n") == 1 and "vision tower" in only.stderr
