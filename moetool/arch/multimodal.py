@@ -199,7 +199,6 @@ def _styled(style: llama_like.Style) -> Callable[[Cfg, str], ModelSpec]:
 FAMILIES: dict[str, Family] = {
     # Qwen/Qwen3-VL-30B-A3B: Qwen3-MoE text model + Qwen3-VL vision tower.
     "qwen3_vl_moe": Family(_styled(_QWEN3_VL_TEXT), "qwen3_moe", (("vision_config", qwen3_vl_vision),)),
-    # zai-org/GLM-4.5V: GLM-4.5 (glm4_moe) text model + GLM-4V vision tower.
     # rhymes-ai/Aria: Aria text MoE + Idefics3 vision encoder + cross-attention projector.
     "aria": Family(llama_like.adapt, "aria_text", (("vision_config", aria_vision),)),
     # MiniMax-M3 (vision-language): MiniMax-M3 text MoE + CLIP-style tower + two projectors.
@@ -208,6 +207,7 @@ FAMILIES: dict[str, Family] = {
     # Qwen/Qwen3-Omni-30B-A3B thinker: Qwen3-MoE text + Qwen3-VL-style vision + audio encoder.
     "qwen3_omni_moe_thinker": Family(_styled(_QWEN3_OMNI_TEXT), "qwen3_moe",
                                      (("vision_config", qwen3_vl_vision), ("audio_config", qwen3_omni_audio))),
+    # zai-org/GLM-4.5V: GLM-4.5 (glm4_moe) text model + GLM-4V vision tower.
     "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),), tie_from_text=True),
     # stepfun-ai Step-3.7: Step-3.7 text MoE (llama_like "step3p7_text") + its vision tower and projector.
     "step3p7": Family(llama_like.adapt, "step3p7_text", (("vision_config", step3p7_vision),)),
