@@ -286,6 +286,10 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
         selection_scores={l.key: r.scores for l, r in zip(traced, routes)},
         include_router_logits=router_logits,
     )
+    towers = sorted({p.group for p in spec.params} & {"vision", "audio"})
+    if towers:  # an image-text (or audio) model traced on text: its language model only
+        report.notes.append(f"text-only input: the {' and '.join(towers)} tower{'s are' if len(towers) > 1 else ' is'} "
+                            "not run; the trace is of the language model")
     compute_metrics(report, spec)
     return report
 
@@ -337,10 +341,6 @@ def _trace_encdec(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_t
         include_router_logits=router_logits,
         decoder_tokens=[Token(i, t, text(t), i >= n_given) for i, t in enumerate(dec)],
     )
-    towers = sorted({p.group for p in spec.params} & {"vision", "audio"})
-    if towers:  # an image-text (or audio) model traced on text: its language model only
-        report.notes.append(f"text-only input: the {' and '.join(towers)} tower{'s are' if len(towers) > 1 else ' is'} "
-                            "not run; the trace is of the language model")
     compute_metrics(report, spec)
     return report
 
