@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -233,8 +233,15 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                     layers: Optional[set[int]] = None, experts: Optional[set[int]] = None,
                     calibration: Optional[str] = None, calibration_tokens: int = 512, reservoir: int = 256,
                     weight_only: bool = False, budget_bits: Optional[float] = None, budget_gb: Optional[float] = None,
-                    device: str = "cpu", progress: Optional[Callable[[int, int], None]] = None) -> QuantReport:
-    """Score every expert (and shared expert / dense MLP) projection under every scheme; plan."""
+                    device: str = "cpu", progress: Optional[Callable[[int, int], None]] = None,
+                    corpus: Optional[Sequence] = None, block_tokens: Optional[int] = None) -> QuantReport:
+    """Score every expert (and shared expert / dense MLP) projection under every scheme; plan.
+
+    `corpus` (prompts: strings or profile `Prompt`s) calibrates on many prompts through the
+    layer-major engine of `moetool profile` (blocks of prompts, one weight pass per block): each
+    block's routed tokens are scored in the same pass (a reservoir of at most `reservoir` tokens
+    per expert and block), the activation-space sums added over the blocks; the weight-space
+    numbers are computed once, in the first block. `calibration_tokens` does not cut a corpus."""
     from ..arch import spec_from_config
     from ..forward import pick_device, run_forward
     from ..forward.config import forward_config
@@ -279,7 +286,12 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         loader = Experts(store, names, layer, fc.family, spec.moe.expert_ffn, None, "cpu")
         idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing[0] is not None else (None, None)
         chosen = [e for e in range(spec.moe.num_experts) if experts is None or e in experts]
-        first = dict(zip(("gate", "up", "down"), loader.load(chosen[0])[:3]))  # shapes only (views)
+        if idx is not None and scorer.seen:  # a later block of a corpus: only the experts with new tokens
+            routed = torch.bincount(idx.reshape(-1), minlength=spec.moe.num_experts).tolist()
+            chosen = [e for e in chosen if routed[e] or (layer, e) not in scorer.seen]
+        if not chosen:
+            chosen = None
+        first = dict(zip(("gate", "up", "down"), loader.load(chosen[0] if chosen else 0)[:3]))  # shapes only (views)
         if first["gate"] is None:
             raise MoetoolError(f"quantize-report does not score ungated experts ({spec.model_type}) yet")
         per_expert = sum(t.numel() for t in first.values())
@@ -291,7 +303,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         dtype = dtypes.pop() if scorer.compiled and len(dtypes) == 1 and dtypes <= FLOAT_DTYPES else torch.float32
         bufs = _buffers(buffers, first, per_block, dev, dtype)
         del first
-        for start in range(0, len(chosen), per_block):
+        for start in range(0, len(chosen or ()), per_block):
             block, data = chosen[start:start + per_block], []
             for i, e in enumerate(block):
                 gate, up, down, *_ = loader.load(e)
@@ -309,8 +321,9 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                     else:
                         X, g = _sample(h[tok].float(), w[tok, slot], reservoir, scorer.rng)
                 data.append((X, g, tokens, gsum))
+            fresh = sum((layer, e) not in scorer.seen for e in block)
             scorer.score_block(layer, block, {p: b[:len(block)] for p, b in bufs.items()}, data, act)
-            scorer.done += len(block)
+            scorer.done += fresh
             if progress:
                 progress(scorer.done, total_experts)
         shared = names.find(layer, "mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
@@ -330,6 +343,14 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
             for layer in moe_layers:
                 score_layer(dec, layer, None, (None, None))
         store.close()
+    elif corpus is not None:
+        from ..profile.engine import profile
+
+        if calibration is not None:
+            raise MoetoolError("give calibration text or a corpus, not both")
+        stats = profile(corpus, model=ckpt, device=device, block_tokens=block_tokens,
+                        ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing))
+        n_tokens = stats.tokens
     else:
         tok = load_tokenizer(ckpt)
         if tok is None:
