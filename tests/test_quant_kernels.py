@@ -78,3 +78,31 @@ def test_compiled_kernels_are_bit_identical(scheme):
         assert torch.allclose(err.double().sum(-1), _errors(x, scheme, None, None), rtol=1e-5, atol=0)
         for a, b in zip(_stats(w, compiled=True), _stats(x)):
             assert torch.allclose(a, b, rtol=1e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.slow
+def test_compiled_report_equals_eager(tmp_path, monkeypatch):
+    """A whole calibrated report with the compiled kernels (bf16 block buffers, Q(W) - W for the
+    activation error from the fused kernel) against the eager one: every number to float32 rounding."""
+    import math
+
+    from conftest import ALL_TINY, write_tokenizer
+    from fakes import build_transformers_model
+
+    from moetool.quant.report import quantize_report
+
+    model = build_transformers_model(dict(ALL_TINY["mixtral-tied"], intermediate_size=64, hidden_size=128,
+                                          num_attention_heads=4, head_dim=32), seed=5).eval()
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    kw = dict(schemes=["int8", "nf4", "nvfp4"], device="cpu", calibration_tokens=96)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MOETOOL_QUANT_COMPILE", flag)
+        runs[flag] = quantize_report(str(tmp_path), **kw)
+    assert not K._FAILED
+    for a, b in zip(runs["1"].rows, runs["0"].rows):
+        assert (a.layer, a.expert, a.projection, a.scheme, a.tokens) == (b.layer, b.expert, b.projection, b.scheme, b.tokens)
+        for f in ("rel_error", "output_rel_error", "kurtosis", "outlier_ratio"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None and y is None) or math.isclose(x, y, rel_tol=1e-5), (a, f, x, y)
