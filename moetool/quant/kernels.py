@@ -102,6 +102,9 @@ def compile_wanted(total_weights: int, device: torch.device) -> bool:
 
 
 COMPILE_MIN_WEIGHTS = 2_000_000_000  # weight-scheme evaluations (about 10 s of eager kernels)
+# nf4's table lookups (index_select) compile to a scalar gather loop that ran 5x slower than the
+# eager kernel (benchmarks/quant_bench.py): nf4 stays eager in a compiled report.
+COMPILED_SCHEMES = ("int8", "int4_g128", "fp8_channel", "fp8_block", "mxfp4", "nvfp4")
 
 
 def compiled(name: str) -> Optional[Callable]:

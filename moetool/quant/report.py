@@ -119,7 +119,7 @@ def _errors(w: torch.Tensor, scheme: str, diff: Optional[torch.Tensor], scale: O
     `scale` [B] (powers of two, for matrices with max |W| far from 1): the errors are squared as
     (Q(W) - W) scale, so float32 squares neither overflow nor underflow. Row sums in float32 (one
     fused kernel when `compiled`, else band by band), added in float64."""
-    if compiled:
+    if compiled and scheme in K.COMPILED_SCHEMES:
         sc = (scale if scale is not None else torch.ones(w.shape[0], device=w.device)).view(-1, 1, 1)
         r = K.run_compiled("errors" if diff is None else "errors_diff", w, sc, scheme)
         if r is not None:
