@@ -6,7 +6,9 @@ hook sees each FFN's input; for a MoE layer it keeps a bounded reservoir of the 
 routed to each expert with their gate weights, then scores the layer's experts one at a time
 (weights read from the memory-mapped checkpoint, fused tensors sliced per expert, released after
 each expert) and drops the reservoirs before the next layer. Memory: one layer's reservoirs plus
-one expert, whatever the number of experts.
+one expert, whatever the number of experts. With `corpus=` (many prompts) the text goes through
+`moetool profile`'s layer-major engine instead, the same hook scoring each block's routed tokens
+and adding the activation-space sums over the blocks. The kernels: quant/kernels.py.
 
 Per (layer, expert, projection, scheme):
 - weight space: rel_error = ||W - Q(W)||_F / ||W||_F, sqnr_db = 10 log10(||W||^2 / ||W - Q(W)||^2);
