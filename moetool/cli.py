@@ -486,6 +486,8 @@ def quantize_report_cmd(
     max_output_error: Annotated[Optional[float], typer.Option(help="Gate: output_rel_error of every routed expert "
                                                               "projection under every scheme.")] = None,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Report gate failures without exit code 1.")] = False,
+    corpus: Annotated[Optional[str], typer.Option(help="Calibrate on many prompts (.txt one per line, .jsonl, - for "
+                                                  "stdin) through profile's layer-major engine, all of them.")] = None,
 ) -> None:
     """Per-expert quantization sensitivity on routed tokens, and a mixed-precision plan."""
     from . import render
@@ -501,6 +503,8 @@ def quantize_report_cmd(
                            "drop one of them")
     if weight_only and calibration is not None:
         raise MoetoolError("--weight-only runs no calibration text: drop --calibration or --weight-only")
+    if corpus is not None and (weight_only or calibration is not None):
+        raise MoetoolError("--corpus is the calibration: drop --weight-only / --calibration, or --corpus")
     chosen = parse_schemes(schemes)
     for value, flag in ((budget_bits, "--budget-bits"), (budget_gb, "--budget-gb"),
                         (max_output_error, "--max-output-error")):
@@ -524,11 +528,16 @@ def quantize_report_cmd(
     if model is None:
         _say_default()
     set_threads(threads, ckpt)
+    prompts = None
+    if corpus is not None:
+        from .profile.corpus import read_corpus
+
+        prompts = read_corpus(corpus)
     with _layer_progress(enabled=True, label="experts") as progress:
         report = quantize_report(ckpt, schemes=chosen, layers=parse_layers(layers), experts=parse_layers(experts, "--experts"),
                                  calibration=calibration, calibration_tokens=calibration_tokens,
                                  weight_only=weight_only, budget_bits=budget_bits, budget_gb=budget_gb,
-                                 device=device.value, progress=progress)
+                                 device=device.value, progress=progress, corpus=prompts)
     if check_kl:
         from .quant.check import kl_check
 

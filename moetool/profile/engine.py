@@ -136,9 +136,11 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
             max_memory: Optional[int] = None, block_tokens: Optional[int] = None, dtype: str = "float32",
             router_dtype: str = "float32", device: str = "cpu", resume: bool = False,
             per_token: Optional[str] = None, progress: bool | Progress = False,
-            on_block: Optional[Callable[[int], None]] = None) -> ProfileStats:
+            on_block: Optional[Callable[[int], None]] = None, ffn_hook: Optional[Callable] = None) -> ProfileStats:
     """Profile `prompts` on `model`; returns the statistics. With `out`, completed blocks are kept
-    in OUT/partial/ (for `resume`) and the final profile is written to OUT (atomically)."""
+    in OUT/partial/ (for `resume`) and the final profile is written to OUT (atomically).
+    `ffn_hook(decoder, layer, h [T, D], routing)` sees every FFN input of every block (the
+    Decoder's hook: quantize-report scores experts on their routed tokens of the same pass)."""
     import torch
 
     from ..arch import spec_from_config
@@ -216,6 +218,7 @@ def profile(prompts: Sequence[Prompt | str], *, model=None, out: Optional[str] =
     try:
         with torch.inference_mode():
             dec = Decoder(spec, fc, store, dtype=DTYPES[dtype], device=dev, router_dtype=DTYPES[router_dtype])
+            dec.ffn_hook = ffn_hook
             for b, (i0, i1) in enumerate(pack_blocks(lengths, block_tokens, start)):
                 block = prompts[i0:i1]
                 ids = [enc.ids for enc in tok.encode_batch([p.text for p in block])]

@@ -6,7 +6,9 @@ hook sees each FFN's input; for a MoE layer it keeps a bounded reservoir of the 
 routed to each expert with their gate weights, then scores the layer's experts one at a time
 (weights read from the memory-mapped checkpoint, fused tensors sliced per expert, released after
 each expert) and drops the reservoirs before the next layer. Memory: one layer's reservoirs plus
-one expert, whatever the number of experts.
+one expert, whatever the number of experts. With `corpus=` (many prompts) the text goes through
+`moetool profile`'s layer-major engine instead, the same hook scoring each block's routed tokens
+and adding the activation-space sums over the blocks. The kernels: quant/kernels.py.
 
 Per (layer, expert, projection, scheme):
 - weight space: rel_error = ||W - Q(W)||_F / ||W||_F, sqnr_db = 10 log10(||W||^2 / ||W - Q(W)||^2);
@@ -21,11 +23,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..errors import MoetoolError
+from . import kernels as K
 from . import schemes as S
 
 SCHEMA_VERSION = 1
@@ -96,52 +99,39 @@ class QuantReport:
 BLOCK_ELEMENTS = 1 << 24  # expert weights (all projections, float32) scored together: 64 MB, whatever E
 
 
-def _stats(w: torch.Tensor, chunk: int = S.CHUNK) -> tuple[torch.Tensor, ...]:
-    """Per matrix of W [B, out, in] (float32): ||W||^2, kurtosis (Pearson), max|W| / std(W) and
-    max|W|, as float64 [B] tensors (NaN where std is 0), from float32 arithmetic in cache-sized bands.
-
-    The moments are taken about m, the mean summed in float32, of z = (W - m) 2^k, the power of two
-    k putting max|z| in [1/2, 1) (exact scaling: no overflow of z^4 for huge weights, no underflow
-    for tiny ones); the sums of z, z^2, z^3, z^4 (cascade-summed in float32 per band, added in
-    float64) then give the central moments about the true mean (m need only be near it). Agrees
-    with the float64 computation to float32 rounding (tests/test_quantize_report.py)."""
-    B = w.shape[0]
-    flat = w.reshape(B, -1)
-    n = flat.shape[1]
-    m32 = flat.sum(1) / n  # close to the mean is enough: the moments below are taken about it exactly
-    hi, lo = flat.amax(1), flat.amin(1)
-    absmax = torch.maximum(hi, -lo).double()
-    spread = torch.maximum(hi.double() - m32, m32 - lo.double())  # max |W - m|
-    k = torch.where(spread > 0, -torch.floor(torch.log2(spread)) - 1, torch.zeros_like(spread)).clamp(-126, 126)
-    scale = torch.exp2(k).to(torch.float32)
-    shift = (m32 * scale).unsqueeze(1)
-    scale = scale.unsqueeze(1)
-    acc = torch.zeros(4, B, dtype=torch.float64, device=w.device)
-    step = max(1, chunk // B)
-    for c in range(0, n, step):
-        z = (flat[:, c:c + step] * scale).sub_(shift)  # (W - m) 2^k: both products are exact
-        z2 = z * z
-        acc[0] += z.sum(1)
-        acc[1] += z2.sum(1)
-        acc[2] += z.mul_(z2).sum(1)
-        acc[3] += z2.mul_(z2).sum(1)
-    s1, s2, s3, s4 = acc / n
-    c = s1  # the true mean, in z's units
-    m2 = s2 - c * c
-    m4 = s4 - 4 * c * s3 + 6 * c * c * s2 - 3 * c ** 4
-    scale64 = scale.squeeze(1).double()
-    sd = torch.sqrt(m2.clamp(min=0)) / scale64
-    spread_ok = (m2 > 0) & (hi > lo)  # a constant matrix has std 0 exactly (m2 may round above 0)
-    kurt = torch.where(spread_ok, m4 / (m2 * m2), math.nan)
-    outlier = torch.where(spread_ok, absmax / sd, math.nan)
-    norm2 = n * (s2 / scale64 ** 2 + 2 * m32.double() * s1 / scale64 + m32.double() ** 2)  # sum of W^2
-    return norm2, kurt, outlier, absmax
+def _stats(w: torch.Tensor, chunk: int = S.CHUNK, compiled: bool = False) -> tuple[torch.Tensor, ...]:
+    """Per matrix of W [B, out, in] (any float dtype): ||W||^2, kurtosis (Pearson), max|W| / std(W)
+    and max|W| (float64 [B]). Each row's float32 moments about its own mean (kernels.row_moments:
+    z = (W - m) 2^k exactly scaled, sums of z..z^4; rows band by band, or one compiled kernel for
+    the block), combined per matrix in float64. Agrees with the float64 computation to float32
+    rounding (tests/test_quantize_report.py)."""
+    B, out, inp = w.shape
+    parts = K.run_compiled("moments", w) if compiled else None
+    if parts is None:
+        rows = w.reshape(B * out, inp)
+        step = max(1, chunk // inp)
+        bands = [K.row_moments(rows[r:r + step]) for r in range(0, B * out, step)]
+        parts = tuple(torch.cat(p).view(B, out) for p in zip(*bands))
+    return K.combine_moments(parts, inp)
 
 
-def _errors(w: torch.Tensor, scheme: str, diff: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> torch.Tensor:
+def _errors(w: torch.Tensor, scheme: str, diff: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+            compiled: bool = False) -> torch.Tensor:
     """||Q(W) - W||^2 per matrix of W [B, out, in] (float64 [B]); Q(W) - W into `diff` if given.
     `scale` [B] (powers of two, for matrices with max |W| far from 1): the errors are squared as
-    (Q(W) - W) scale, so float32 squares neither overflow nor underflow."""
+    (Q(W) - W) scale, so float32 squares neither overflow nor underflow. Row sums in float32 (one
+    fused kernel when `compiled`, else band by band), added in float64."""
+    if compiled and scheme in K.COMPILED_SCHEMES:
+        sc = (scale if scale is not None else torch.ones(w.shape[0], device=w.device)).view(-1, 1, 1)
+        r = K.run_compiled("errors" if diff is None else "errors_diff", w, sc, scheme)
+        if r is not None:
+            if diff is not None:
+                r, d = r
+                diff.copy_(d)
+            err = r.double().sum(-1)
+            return err if scale is None else err / scale.double() ** 2
+    if w.dtype != torch.float32:
+        w = w.float()
     err = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for mats, rows, x, q in S.chunks(w, scheme):
         q.sub_(x)
@@ -154,7 +144,11 @@ def _errors(w: torch.Tensor, scheme: str, diff: Optional[torch.Tensor], scale: O
 
 
 class _Scorer:
-    """Collects rows; called from the forward's FFN hook (or directly without calibration)."""
+    """Collects rows; called from the forward's FFN hook (or directly without calibration).
+
+    An expert scored again (the next block of a calibration corpus, `corpus=`) keeps its rows:
+    its weight-space numbers are those of the first time, and the activation-space sums, token
+    counts and gate weights of every block add up (sum_t over all its routed tokens)."""
 
     def __init__(self, schemes: list[str], seed: int = 0):
         self.schemes = schemes
@@ -162,6 +156,9 @@ class _Scorer:
         self.rng = random.Random(seed)
         self.done = 0
         self.calibrated = True
+        self.compiled = False  # the fused compiled kernels (kernels.py) instead of the eager bands
+        # (layer, expert) -> {(projection, scheme): [row, numerator, denominator]}
+        self.seen: dict[tuple, dict[tuple[str, str], list]] = {}
 
     def score(self, layer: int, expert, mats: dict[str, torch.Tensor], X: Optional[torch.Tensor],
               g: Optional[torch.Tensor], tokens: int, gate_sum: float, act: Callable) -> None:
@@ -169,24 +166,28 @@ class _Scorer:
         self.score_block(layer, [expert], {p: W.unsqueeze(0) for p, W in mats.items()}, [(X, g, tokens, gate_sum)], act)
 
     def score_block(self, layer: int, experts: list, mats: dict[str, torch.Tensor], data: list, act: Callable) -> None:
-        """A block of experts at once: mats[p] = [B, out, in] float32 (B = len(experts)); data[i] =
-        (X [n, D] routed inputs or None, g [n] gate weights or None, tokens, gate weight sum).
-        Weight statistics and every scheme's error for the whole block in batched calls; the
-        activation-space error per expert (its own routed tokens) from the block's Q(W) - W."""
+        """A block of experts at once: mats[p] = [B, out, in] (float32, or the stored dtype for the
+        compiled kernels; B = len(experts)); data[i] = (X [n, D] routed inputs or None, g [n] gate
+        weights or None, tokens, gate weight sum). Weight statistics and every scheme's error for
+        the whole block in batched calls; the activation-space error per expert (its own routed
+        tokens) from the block's Q(W) - W."""
         B = len(experts)
         inputs: list[dict] = [{} for _ in range(B)]
         w2: list = [None] * B
         for i, (X, g, _, _) in enumerate(data):
             if X is not None and len(X):
-                gate_out, up_out = X @ mats["gate"][i].T, X @ mats["up"][i].T
+                gate_out, up_out = X @ mats["gate"][i].float().T, X @ mats["up"][i].float().T  # float32 (no-op)
                 h = act(gate_out, up_out)
-                inputs[i] = {"gate": (X, gate_out), "up": (X, up_out), "down": (h, h @ mats["down"][i].T)}
+                inputs[i] = {"gate": (X, gate_out), "up": (X, up_out), "down": (h, h @ mats["down"][i].float().T)}
                 w2[i] = (g.double() ** 2) if g is not None else torch.ones(len(X), dtype=torch.float64, device=X.device)
         calibrated = [i for i in range(B) if inputs[i]]
-        results = {}  # proj -> (stats, {scheme: (err^2 [B], out_rel [B])})
+        new = [i for i, e in enumerate(experts) if (layer, e) not in self.seen]
+        results = {}  # proj -> (stats, {scheme: (err^2 [B], {i: (num, den)})})
         for proj, W in mats.items():
-            diff = torch.empty_like(W) if calibrated else None
-            norm2, kurt, outlier, absmax = _stats(W)
+            diff = torch.empty(W.shape, dtype=torch.float32, device=W.device) if calibrated else None
+            if not new and diff is None:
+                continue
+            norm2, kurt, outlier, absmax = _stats(W, compiled=self.compiled)
             scale = None  # errors squared as they are unless some weights are extreme (one sync per block)
             if bool(((absmax < 2.0 ** -30) | (absmax > 2.0 ** 30)).any()):
                 k = torch.where(absmax > 0, -torch.floor(torch.log2(absmax)) - 1, torch.zeros_like(absmax))
@@ -194,36 +195,55 @@ class _Scorer:
             norm2, kurt, outlier = norm2.tolist(), kurt.tolist(), outlier.tolist()
             per_scheme = {}
             for scheme in self.schemes:
-                err2 = _errors(W, scheme, diff, scale).tolist()
-                out_rel: list = [None] * B
+                err2 = _errors(W, scheme, diff, scale, self.compiled).tolist()
+                sums = {}
                 for i in calibrated:
                     x, y = inputs[i][proj]
-                    e = (x @ diff[i].T).double()
-                    num = (w2[i] * e.pow(2).sum(1)).sum()
-                    den = (w2[i] * y.double().pow(2).sum(1)).sum()
-                    out_rel[i] = float(torch.sqrt(num / den)) if den > 0 else None
-                per_scheme[scheme] = (err2, out_rel)
+                    e = (x @ diff[i].T).double()  # diff: float32, whatever W's dtype
+                    sums[i] = (float((w2[i] * e.pow(2).sum(1)).sum()), float((w2[i] * y.double().pow(2).sum(1)).sum()))
+                per_scheme[scheme] = (err2, sums)
             results[proj] = (norm2, kurt, outlier, per_scheme)
         for i, expert in enumerate(experts):
             tokens, gate_sum = data[i][2], data[i][3]
-            for proj, W in mats.items():
-                norm2, kurt, outlier, per_scheme = results[proj]
-                norm, out, inp = math.sqrt(norm2[i]), W.shape[1], W.shape[2]
-                for scheme in self.schemes:
-                    err = math.sqrt(per_scheme[scheme][0][i])
-                    rel = err / norm if norm > 0 else 0.0
-                    sqnr = 10 * math.log10(norm2[i] / err ** 2) if err > 0 else float("inf")
-                    self.rows.append(ExpertRow(layer, expert, proj, scheme, rel, sqnr, per_scheme[scheme][1][i], tokens,
-                                               gate_sum, kurt[i], outlier[i], out * inp, S.bits(scheme, out, inp),
-                                               self.calibrated and isinstance(expert, int) and tokens < MIN_TOKENS))
+            entry = self.seen.get((layer, expert))
+            if entry is None:
+                entry = self.seen[layer, expert] = {}
+                for proj, W in mats.items():
+                    norm2, kurt, outlier, per_scheme = results[proj]
+                    norm, out, inp = math.sqrt(norm2[i]), W.shape[1], W.shape[2]
+                    for scheme in self.schemes:
+                        err = math.sqrt(per_scheme[scheme][0][i])
+                        rel = err / norm if norm > 0 else 0.0
+                        sqnr = 10 * math.log10(norm2[i] / err ** 2) if err > 0 else float("inf")
+                        row = ExpertRow(layer, expert, proj, scheme, rel, sqnr, None, 0, 0.0, kurt[i], outlier[i],
+                                        out * inp, S.bits(scheme, out, inp), False)
+                        self.rows.append(row)
+                        entry[proj, scheme] = [row, 0.0, 0.0]
+            for (proj, scheme), acc in entry.items():
+                row = acc[0]
+                row.tokens += tokens
+                row.gate_weight_sum += gate_sum
+                row.low_calibration = self.calibrated and isinstance(expert, int) and row.tokens < MIN_TOKENS
+                if i in calibrated:
+                    num, den = results[proj][3][scheme][1][i]
+                    acc[1] += num
+                    acc[2] += den
+                    row.output_rel_error = math.sqrt(acc[1] / acc[2]) if acc[2] > 0 else None
 
 
 def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]] = None,
                     layers: Optional[set[int]] = None, experts: Optional[set[int]] = None,
                     calibration: Optional[str] = None, calibration_tokens: int = 512, reservoir: int = 256,
                     weight_only: bool = False, budget_bits: Optional[float] = None, budget_gb: Optional[float] = None,
-                    device: str = "cpu", progress: Optional[Callable[[int, int], None]] = None) -> QuantReport:
-    """Score every expert (and shared expert / dense MLP) projection under every scheme; plan."""
+                    device: str = "cpu", progress: Optional[Callable[[int, int], None]] = None,
+                    corpus: Optional[Sequence] = None, block_tokens: Optional[int] = None) -> QuantReport:
+    """Score every expert (and shared expert / dense MLP) projection under every scheme; plan.
+
+    `corpus` (prompts: strings or profile `Prompt`s) calibrates on many prompts through the
+    layer-major engine of `moetool profile` (blocks of prompts, one weight pass per block): each
+    block's routed tokens are scored in the same pass (a reservoir of at most `reservoir` tokens
+    per expert and block), the activation-space sums added over the blocks; the weight-space
+    numbers are computed once, in the first block. `calibration_tokens` does not cut a corpus."""
     from ..arch import spec_from_config
     from ..forward import pick_device, run_forward
     from ..forward.config import forward_config
@@ -268,13 +288,24 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         loader = Experts(store, names, layer, fc.family, spec.moe.expert_ffn, None, "cpu")
         idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing[0] is not None else (None, None)
         chosen = [e for e in range(spec.moe.num_experts) if experts is None or e in experts]
-        first = dict(zip(("gate", "up", "down"), loader.load(chosen[0])[:3]))  # shapes only (views)
+        if idx is not None and scorer.seen:  # a later block of a corpus: only the experts with new tokens
+            routed = torch.bincount(idx.reshape(-1), minlength=spec.moe.num_experts).tolist()
+            chosen = [e for e in chosen if routed[e] or (layer, e) not in scorer.seen]
+        if not chosen:
+            chosen = None
+        first = dict(zip(("gate", "up", "down"), loader.load(chosen[0] if chosen else 0)[:3]))  # shapes only (views)
         if first["gate"] is None:
             raise MoetoolError(f"quantize-report does not score ungated experts ({spec.model_type}) yet")
-        per_block = max(1, BLOCK_ELEMENTS // sum(t.numel() for t in first.values()))  # fixed bytes, whatever E
-        bufs = _buffers(buffers, first, per_block, dev)
+        per_expert = sum(t.numel() for t in first.values())
+        per_block = max(1, BLOCK_ELEMENTS // per_expert)  # fixed bytes, whatever E
+        if not buffers:  # first layer: compile the fused kernels if the whole report pays for it
+            scorer.compiled = K.compile_wanted(total_experts * per_expert * len(schemes), dev)
+        # compiled kernels read the stored dtype (the conversion is fused); eager ones float32
+        dtypes = {t.dtype for t in first.values()}
+        dtype = dtypes.pop() if scorer.compiled and len(dtypes) == 1 and dtypes <= FLOAT_DTYPES else torch.float32
+        bufs = _buffers(buffers, first, per_block, dev, dtype)
         del first
-        for start in range(0, len(chosen), per_block):
+        for start in range(0, len(chosen or ()), per_block):
             block, data = chosen[start:start + per_block], []
             for i, e in enumerate(block):
                 gate, up, down, *_ = loader.load(e)
@@ -292,8 +323,9 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                     else:
                         X, g = _sample(h[tok].float(), w[tok, slot], reservoir, scorer.rng)
                 data.append((X, g, tokens, gsum))
+            fresh = sum((layer, e) not in scorer.seen for e in block)
             scorer.score_block(layer, block, {p: b[:len(block)] for p, b in bufs.items()}, data, act)
-            scorer.done += len(block)
+            scorer.done += fresh
             if progress:
                 progress(scorer.done, total_experts)
         shared = names.find(layer, "mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
@@ -313,6 +345,14 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
             for layer in moe_layers:
                 score_layer(dec, layer, None, (None, None))
         store.close()
+    elif corpus is not None:
+        from ..profile.engine import profile
+
+        if calibration is not None:
+            raise MoetoolError("give calibration text or a corpus, not both")
+        stats = profile(corpus, model=ckpt, device=device, block_tokens=block_tokens,
+                        ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing))
+        n_tokens = stats.tokens
     else:
         tok = load_tokenizer(ckpt)
         if tok is None:
@@ -340,12 +380,16 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     return report
 
 
-def _buffers(cache: dict, first: dict[str, torch.Tensor], n: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """float32 buffers [n, out, in] per projection for a block of experts shaped like `first`."""
-    key = (tuple((p, tuple(t.shape)) for p, t in first.items()), n, device)
+FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+
+
+def _buffers(cache: dict, first: dict[str, torch.Tensor], n: int, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Buffers [n, out, in] per projection for a block of experts shaped like `first`."""
+    key = (tuple((p, tuple(t.shape)) for p, t in first.items()), n, device, dtype)
     if key not in cache:
         cache.clear()
-        cache[key] = {p: torch.empty((n, *t.shape), dtype=torch.float32, device=device) for p, t in first.items()}
+        cache[key] = {p: torch.empty((n, *t.shape), dtype=dtype, device=device) for p, t in first.items()}
     return cache[key]
 
 
