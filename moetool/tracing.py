@@ -66,6 +66,7 @@ class TraceReport:
     router_logits: Any = field(default=None, repr=False)  # {layer: tensor [T, E]}
     selection_scores: Any = field(default=None, repr=False)
     include_router_logits: bool = False
+    notes: list = field(default_factory=list)  # how the report was made (e.g. generation with a KV cache)
 
     def _summary(self) -> list[tuple[str, Any]]:
         s = self.summary.get("max_mean_ratio", {})
@@ -92,6 +93,8 @@ class TraceReport:
             "layers": [self._layer_dict(l) for l in self.layers],
             "summary": self.summary,
         })
+        if self.notes:
+            d["notes"] = self.notes
         return d
 
     def _layer_dict(self, l: "LayerTrace") -> dict[str, Any]:
@@ -185,10 +188,12 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
           revision: Optional[str] = None, dtype: str = "float32", router_dtype: str = "float32",
           device: str = "auto", progress: Optional[Callable[[int, int], None]] = None, generate: int = 0,
           capacity_factor: Optional[float] = None, layers: Optional[set[int]] = None,
-          router_logits: bool = False) -> TraceReport:
+          router_logits: bool = False, kv_cache: bool = True) -> TraceReport:
     """Trace `prompt` (or explicit token ids) through `model`; returns a TraceReport with router
     decisions and the routing metrics of every MoE layer. `generate` greedy tokens are appended
-    first (and marked `generated`); `layers` narrows the report to those decoder layers."""
+    first (and marked `generated`), with a KV cache unless `kv_cache` is False (forward/cache.py:
+    then the whole sequence runs again for each new token; same tokens and routing); `layers`
+    narrows the report to those decoder layers."""
     from .forward import pick_device, run_forward
 
     ckpt = model if isinstance(model, Checkpoint) else _resolve_for_forward(model, revision)
@@ -221,13 +226,18 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
                            f"({context} tokens, max_position_embeddings)")
     dev = pick_device(device)
     n_prompt = len(ids)
-    for n in range(max(0, generate)):  # greedy continuation: one full forward per new token
-        step = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, record=False)
-        ids.append(int(step.logits[-1].argmax()))
-        if progress:
-            progress(n + 1, generate)  # tokens generated so far; then the traced forward's layers
-    out = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, progress=progress,
-                      last_layer=max(layers) if layers else None)
+    last_layer = max(layers) if layers else None
+    notes = []
+    if generate > 0:  # greedy continuation (forward/cache.py), then the whole sequence's routing
+        from .forward.cache import generate as greedy
+
+        gen = greedy(ckpt, ids, generate, dtype=dtype, device=dev, router_dtype=router_dtype, progress=progress,
+                     last_layer=last_layer, use_cache=kv_cache)
+        ids, out = gen.ids, gen.result
+        notes.append(gen.note)
+    else:
+        out = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, progress=progress,
+                          last_layer=last_layer)
     texts = [token_text(tok, i) if tok else str(i) for i in ids]
     routes = [r for r in out.routes if layers is None or r.layer in layers]
     if layers is not None and not routes:
@@ -239,7 +249,7 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
         tokens=[Token(i, t, s, i >= n_prompt) for i, (t, s) in enumerate(zip(ids, texts))], layers=traced,
         dtype=dtype, device=dev, text=prompt, capacity_factor=capacity_factor, logits=out.logits,
         router_logits={r.layer: r.logits for r in routes}, selection_scores={r.layer: r.scores for r in routes},
-        include_router_logits=router_logits,
+        include_router_logits=router_logits, notes=notes,
     )
     compute_metrics(report, spec)
     return report
@@ -321,12 +331,12 @@ def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, 
                progress: Optional[Callable[[int, int], None]] = None, dtype: str = "float32",
                router_dtype: str = "float32", device: str = "auto", generate: int = 0,
                capacity_factor: Optional[float] = None, layers: Optional[set[int]] = None,
-               router_logits: bool = False) -> CorpusReport:
+               router_logits: bool = False, kv_cache: bool = True) -> CorpusReport:
     """Trace each prompt (options as for `trace`); aggregate over all of them: corpus-level
     metrics (all tokens pooled) and sequence-level ones (each prompt's, averaged).
     `progress(done, total)` is called after each prompt."""
     kwargs = dict(dtype=dtype, router_dtype=router_dtype, device=device, generate=generate,
-                  capacity_factor=capacity_factor, layers=layers, router_logits=router_logits)
+                  capacity_factor=capacity_factor, layers=layers, router_logits=router_logits, kv_cache=kv_cache)
     import numpy as np
 
     from .metrics import metrics_from_sums, summarise, with_capacity
