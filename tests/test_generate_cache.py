@@ -40,6 +40,15 @@ def _family(config: dict) -> str:
     return forward_config(spec_from_config(config, None), config).family
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread (two spin-wait on a busy 2-core machine: 10-100x the CPU time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def generate_checkpoint(tmp_path_factory):
     """generate_checkpoint(name) -> (directory, prompt ids, transformers model), built once."""
