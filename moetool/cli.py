@@ -294,8 +294,8 @@ def trace(
         with _layer_progress(enabled=not machine or output is not None, label=label) as progress:
             report = do_trace(prompt, model=ckpt, tokens=ids, progress=progress, **options)
         single = report
-    for note in dict.fromkeys(n for r in ([single] if single else report.prompts) for n in r.notes):
-        render.info(note)  # how --generate ran (KV cache or recompute), once per distinct note
+    for note in dict.fromkeys(n for r in ([single] if single else report.prompts) for n in r.notes) if machine else ():
+        render.info(note)  # e.g. how --generate ran (KV cache or recompute); a table shows its notes itself
     if save_logits:
         write_logits(single, save_logits)
         render.info(f"logits [{len(single.tokens)}, {single.logits.shape[-1]}] written to {save_logits}")

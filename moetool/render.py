@@ -428,6 +428,8 @@ def render_trace(t, per_token: bool = True) -> None:
     out.print(f"[bold]{_escape(t.model)}[/bold]  model_type={t.model_type}  {plural(len(t.tokens), 'token')}, "
               f"{plural(len(t.layers), 'MoE layer')}, {plural(t.num_experts, 'expert')}, top-{t.top_k}  "
               f"({t.dtype}, {t.device})")
+    for n in getattr(t, "notes", ()):
+        out.print(f"[yellow]note[/yellow]: {_escape(n)}")
     if per_token:
         generated = any(tok.generated for tok in t.tokens)
         cols = [("#", "right"), ("token", "left")] + [(f"L{l.layer}", "left") for l in t.layers]
