@@ -72,7 +72,12 @@ class Generation:
 
 def no_cache_reason(fc, prompt: int, total: int) -> Optional[str]:
     """Why a KV cache cannot reproduce the recompute path for a sequence growing from `prompt` to
-    `total` tokens, or None: RoPE whose frequencies change with the sequence length in between."""
+    `total` tokens, or None: RoPE whose frequencies change with the sequence length in between;
+    attention this cache does not hold (a block-sparse key indexer, a bidirectional encoder)."""
+    for what, why in (("block_sparse", "the block-sparse attention indexer is not cached"),
+                      ("bidirectional", "an encoder attends both ways")):
+        if getattr(fc, what, None):
+            return why
     a, fa = fc.rope.inv_freq_and_factor(prompt)
     b, fb = fc.rope.inv_freq_and_factor(total)
     if fa != fb or not torch.equal(a, b):
