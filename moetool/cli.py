@@ -303,6 +303,8 @@ def trace(
             report = do_trace(prompt, model=ckpt, tokens=ids, progress=progress, decoder_text=decoder_text,
                               decoder_tokens=dec_ids, **options)
         single = report
+    for note in dict.fromkeys(n for r in ([single] if single else report.prompts) for n in r.notes) if machine else ():
+        render.info(note)  # e.g. how --generate ran (KV cache or recompute); a table shows its notes itself
     if save_logits:
         write_logits(single, save_logits)
         render.info(f"logits [{single.logits.shape[0]}, {single.logits.shape[-1]}] written to {save_logits}")

@@ -77,7 +77,7 @@ class TraceReport:
     selection_scores: Any = field(default=None, repr=False)
     include_router_logits: bool = False
     decoder_tokens: Optional[list[Token]] = None  # encoder-decoder models: the decoder's input (start token first)
-    notes: list = field(default_factory=list)  # what the trace did not run (an image-text model's towers)
+    notes: list = field(default_factory=list)  # how the report was made (a KV cache or not) and what it did not run (towers)
 
     def tokens_for(self, l: "LayerTrace") -> list[Token]:
         """The tokens a layer routed: the decoder's for a decoder layer, else the prompt's."""
@@ -213,10 +213,12 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
           device: str = "auto", progress: Optional[Callable[[int, int], None]] = None, generate: int = 0,
           capacity_factor: Optional[float] = None, layers: Optional[set[int]] = None,
           router_logits: bool = False, decoder_tokens: Optional[list[int]] = None,
-          decoder_text: Optional[str] = None) -> TraceReport:
+          decoder_text: Optional[str] = None, kv_cache: bool = True) -> TraceReport:
     """Trace `prompt` (or explicit token ids) through `model`; returns a TraceReport with router
     decisions and the routing metrics of every MoE layer. `generate` greedy tokens are appended
-    first (and marked `generated`); `layers` narrows the report to those decoder layers.
+    first (and marked `generated`), with a KV cache unless `kv_cache` is False (forward/cache.py:
+    then the whole sequence runs again for each new token; same tokens and routing); `layers`
+    narrows the report to those decoder layers.
     Encoder-decoder models (Switch, NLLB-MoE): the prompt is the encoder's input; the decoder reads
     its start token, then `decoder_tokens` (ids) or `decoder_text` (tokenised without special
     tokens), then `generate` greedy tokens; layers of both stacks are reported."""
@@ -263,13 +265,18 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
                            "tokens): --generate does not apply")
     dev = pick_device(device)
     n_prompt = len(ids)
-    for n in range(max(0, generate)):  # greedy continuation: one full forward per new token
-        step = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, record=False)
-        ids.append(int(step.logits[-1].argmax()))
-        if progress:
-            progress(n + 1, generate)  # tokens generated so far; then the traced forward's layers
-    out = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, progress=progress,
-                      last_layer=max(layers) if layers else None)
+    last_layer = max(layers) if layers else None
+    notes = []
+    if generate > 0:  # greedy continuation (forward/cache.py), then the whole sequence's routing
+        from .forward.cache import generate as greedy
+
+        gen = greedy(ckpt, ids, generate, dtype=dtype, device=dev, router_dtype=router_dtype, progress=progress,
+                     last_layer=last_layer, use_cache=kv_cache)
+        ids, out = gen.ids, gen.result
+        notes.append(gen.note)
+    else:
+        out = run_forward(ckpt, ids, dtype=dtype, device=dev, router_dtype=router_dtype, progress=progress,
+                          last_layer=last_layer)
     texts = [token_text(tok, i) if tok else str(i) for i in ids]
     routes = [r for r in out.routes if layers is None or r.layer in layers]
     if layers is not None and not routes:
@@ -284,7 +291,7 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
         dtype=dtype, device=dev, text=prompt, capacity_factor=capacity_factor, logits=out.logits,
         router_logits={l.key: r.logits for l, r in zip(traced, routes)},
         selection_scores={l.key: r.scores for l, r in zip(traced, routes)},
-        include_router_logits=router_logits,
+        include_router_logits=router_logits, notes=notes,
     )
     towers = sorted({p.group for p in spec.params} & {"vision", "audio"})
     if towers:  # an image-text (or audio) model traced on text: its language model only
@@ -424,12 +431,12 @@ def trace_many(prompts: list[str], *, model: Optional[str | Checkpoint] = None, 
                progress: Optional[Callable[[int, int], None]] = None, dtype: str = "float32",
                router_dtype: str = "float32", device: str = "auto", generate: int = 0,
                capacity_factor: Optional[float] = None, layers: Optional[set[int]] = None,
-               router_logits: bool = False) -> CorpusReport:
+               router_logits: bool = False, kv_cache: bool = True) -> CorpusReport:
     """Trace each prompt (options as for `trace`); aggregate over all of them: corpus-level
     metrics (all tokens pooled) and sequence-level ones (each prompt's, averaged).
     `progress(done, total)` is called after each prompt."""
     kwargs = dict(dtype=dtype, router_dtype=router_dtype, device=device, generate=generate,
-                  capacity_factor=capacity_factor, layers=layers, router_logits=router_logits)
+                  capacity_factor=capacity_factor, layers=layers, router_logits=router_logits, kv_cache=kv_cache)
     import numpy as np
 
     from .metrics import metrics_from_sums, summarise, with_capacity

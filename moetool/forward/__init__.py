@@ -36,29 +36,39 @@ def pick_device(device: str) -> str:
 def run_forward(ckpt: Checkpoint, token_ids: list[int], *, dtype: str = "float32", device: str = "auto",
                 router_dtype: str = "float32", record: bool = True,
                 progress: Optional[Callable[[int, int], None]] = None, ffn_hook: Optional[Callable] = None,
-                streaming: Optional[bool] = None, last_layer: Optional[int] = None) -> ForwardResult:
+                streaming: Optional[bool] = None, last_layer: Optional[int] = None,
+                index_width: Optional[int] = None) -> ForwardResult:
     """Run the prompt through the checkpoint, layer by layer; return logits and router decisions.
     `streaming` forces (True) or forbids (False) dropping pages after each expert and layer; by
     default a checkpoint larger than a quarter of the available memory streams. `last_layer`
-    stops after that decoder layer (no logits then: `logits` is None)."""
+    stops after that decoder layer (no logits then: `logits` is None). `index_width`: see
+    forward/cache.py (DeepSeek-V3.2's indexer ties during generation)."""
+    spec, fc = checked_config(ckpt, len(token_ids), dtype, router_dtype)
+    store = weight_store(ckpt) if streaming is None else new_store(ckpt, streaming)
+    with torch.inference_mode():
+        dec = Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
+                      router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook)
+        dec.index_width = index_width
+        out = dec.run(token_ids, record, last_layer)
+    store.release()  # a streaming store drops its pages; a resident one keeps them for the next forward
+    return out
+
+
+def checked_config(ckpt: Checkpoint, n_tokens: int, dtype: str, router_dtype: str):
+    """(spec, forward config) of a checkpoint about to run `n_tokens` tokens, after the checks
+    every forward makes (weights present, context, dtypes)."""
     if ckpt.tensors is None:
         raise MoetoolError(f"{ckpt.source}: no safetensors weights to run (moetool never loads pickle checkpoints)")
     spec = spec_from_config(ckpt.config, ckpt.config_path)
     fc = forward_config(spec, ckpt.config)
-    if not token_ids:
+    if not n_tokens:
         raise MoetoolError("no tokens to run")
-    if fc.max_positions and len(token_ids) > fc.max_positions:
-        raise MoetoolError(f"prompt has {len(token_ids)} tokens, more than the model's context "
+    if fc.max_positions and n_tokens > fc.max_positions:
+        raise MoetoolError(f"prompt has {n_tokens} tokens, more than the model's context "
                            f"(max_position_embeddings={fc.max_positions})")
     if dtype not in DTYPES or router_dtype not in DTYPES:
         raise MoetoolError(f"--dtype must be one of {', '.join(DTYPES)}")
-    store = weight_store(ckpt) if streaming is None else new_store(ckpt, streaming)
-    with torch.inference_mode():
-        out = Decoder(spec, fc, store, dtype=DTYPES[dtype], device=pick_device(device),
-                      router_dtype=DTYPES[router_dtype], progress=progress, ffn_hook=ffn_hook).run(token_ids, record,
-                                                                                             last_layer)
-    store.release()  # a streaming store drops its pages; a resident one keeps them for the next forward
-    return out
+    return spec, fc
 
 
 def weight_store(ckpt: Checkpoint) -> WeightStore:

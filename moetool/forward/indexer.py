@@ -15,7 +15,7 @@ Shapes: T tokens, Hi indexer heads, Di indexer head dim, Rq q_lora_rank.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F_
@@ -23,10 +23,17 @@ import torch.nn.functional as F_
 
 def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefix: str, h: torch.Tensor,
                           q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: torch.Tensor,
-                          heads: int, dim: int, topk: int, rope_dim: int, apply_rope) -> torch.Tensor:
-    """-> [T, T] bool, True where query s keeps key t (always within `causal`). `get(name, dtype)`
+                          heads: int, dim: int, topk: int, rope_dim: int, apply_rope,
+                          cache: Optional[dict] = None, width: Optional[int] = None) -> torch.Tensor:
+    """-> [T, S] bool, True where query s keeps key t (always within `causal` [T, S]). `get(name, dtype)`
     reads a tensor of the layer's indexer (`prefix` + name); h [T, D] the attention input,
-    q_resid [T, Rq] the normalised query latent."""
+    q_resid [T, Rq] the normalised query latent. With a `cache` (the layer's dict of a KV cache) the
+    indexer keys of the S - T earlier tokens come from it and the new ones are added.
+
+    Ties: scores are often exactly equal (0 after the ReLU in every head), and which tied keys
+    torch.topk keeps depends on the row's length. `width` (the whole traced sequence's length)
+    pads each row with -inf to that length, so a cached step keeps the same keys as the full
+    forward of the whole sequence does (forward/cache.py)."""
     T = h.shape[0]
     dtype = h.dtype
     q = F_.linear(q_resid, get(prefix + "wq_b.weight", dtype)).view(T, heads, dim)
@@ -34,12 +41,19 @@ def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefi
                       get(prefix + "k_norm.bias", dtype), 1e-6)  # [T, Di]
     q = torch.cat((apply_rope(q[..., :rope_dim], cos, sin, "half"), q[..., rope_dim:]), dim=-1)
     k = torch.cat((apply_rope(k[:, None, :rope_dim], cos, sin, "half")[:, 0], k[:, rope_dim:]), dim=-1)
+    if cache is not None:
+        if cache.get("index_k") is not None:
+            k = torch.cat((cache["index_k"], k), dim=0)  # [S, Di]
+        cache["index_k"] = k
+    S = k.shape[0]
     # Same operations, shapes and order as transformers (batch of one), so ties break the same way.
-    scores = torch.matmul(q[None].float(), k[None].transpose(-1, -2).float().unsqueeze(1)) * dim ** -0.5  # [1, T, Hi, T]
+    scores = torch.matmul(q[None].float(), k[None].transpose(-1, -2).float().unsqueeze(1)) * dim ** -0.5  # [1, T, Hi, S]
     scores = F_.relu(scores)
     w = F_.linear(h.float(), get(prefix + "weights_proj.weight", torch.float32)) * heads ** -0.5  # [T, Hi] (fp32 module)
-    index = torch.matmul(w[None].unsqueeze(-2), scores).squeeze(-2)[0]  # [T, T]
+    index = torch.matmul(w[None].unsqueeze(-2), scores).squeeze(-2)[0]  # [T, S]
     index = index.masked_fill(~causal, float("-inf"))
-    chosen = index.topk(min(topk, T), dim=-1).indices  # [T, topk]
-    keep = torch.zeros(T, T, dtype=torch.bool, device=h.device).scatter(-1, chosen, True)
+    if width is not None and width > S:
+        index = F_.pad(index, (0, width - S), value=float("-inf"))
+    chosen = index.topk(min(topk, index.shape[-1]), dim=-1).indices  # [T, topk]
+    keep = torch.zeros(T, index.shape[-1], dtype=torch.bool, device=h.device).scatter(-1, chosen, True)[:, :S]
     return keep & causal

@@ -39,9 +39,11 @@ def moa_attention(dec, i: int, h: torch.Tensor, cos, sin, masks, apply_rope, att
     q = q.view(T, K * Hkv, Dh)
     k, v = k.reshape(T, Hkv, Dh), v.reshape(T, Hkv, Dh)
     q, k = apply_rope(q, cos, sin, fc.rope.layout), apply_rope(k, cos, sin, fc.rope.layout)
+    if dec.cache is not None:  # keys and values of the earlier tokens (a KV cache), after RoPE
+        k, v = dec.cache.extend(i, k=k, v=v)
     k, v = k.repeat(1, K, 1), v.repeat(1, K, 1)  # head j*Hkv + m reads key/value head m
     if (None, None) not in masks:
-        masks[(None, None)] = attention_mask(T, None, None, h.device)
+        masks[(None, None)] = attention_mask(T, None, None, h.device, past=dec.past)
     out = sdpa(q, k, v, masks[(None, None)], fc.attn_scale).reshape(T, K, Hkv * Dh)
     y = torch.zeros_like(h)
     for e in idx.unique().tolist():

@@ -134,10 +134,11 @@ def norm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], fc: Forwar
     return rms_norm(x, w, fc.eps)
 
 
-def rope_tables(fc: ForwardConfig, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, rope_dim / 2] for positions 0..T-1 (cos/sin scaled by the attention factor)."""
-    inv, factor = fc.rope.inv_freq_and_factor(T)
-    pos = torch.arange(T, dtype=torch.float32)
+def rope_tables(fc: ForwardConfig, T: int, device, past: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, rope_dim / 2] for positions past..past+T-1 (cos/sin scaled by the attention
+    factor), frequencies as for a sequence of past + T tokens."""
+    inv, factor = fc.rope.inv_freq_and_factor(past + T)
+    pos = torch.arange(past, past + T, dtype=torch.float32)
     freqs = torch.outer(pos, inv)  # [T, r/2]
     return (freqs.cos() * factor).to(device), (freqs.sin() * factor).to(device)
 
@@ -156,14 +157,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
     return out.to(dtype)
 
 
-def attention_mask(T: int, window: Optional[int], chunk: Optional[int], device,
-                   bidirectional: bool = False) -> torch.Tensor:
-    """[T, T] bool, True where query i may attend to key j: causal, within the window / chunk.
+def attention_mask(T: int, window: Optional[int], chunk: Optional[int], device, bidirectional: bool = False,
+                   past: int = 0) -> torch.Tensor:
+    """[T, past + T] bool, True where query i (position past + i) may attend to key j (position j):
+    causal, within the window / chunk. `past` keys come from a KV cache (forward/cache.py).
     Bidirectional (an encoder: OpenAI's privacy filter): |i - j| <= window, both directions."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
+    i = torch.arange(past, past + T, device=device)[:, None]
+    j = torch.arange(past + T, device=device)[None, :]
     if bidirectional:
-        return (i - j).abs() <= window if window else torch.ones(T, T, dtype=torch.bool, device=device)
+        return (i - j).abs() <= window if window else torch.ones(T, past + T, dtype=torch.bool, device=device)
     allowed = j <= i
     if window:
         allowed &= (i - j) < window
@@ -450,6 +452,13 @@ class Decoder:
         # route_hook(layer, experts [T, K], weights [T, K]) -> (experts, weights): what-if routing
         # (moetool whatif); None in every normal forward.
         self.route_hook: Optional[Callable] = None
+        # A KV cache (forward/cache.py) while `run` continues a sequence: per layer, the keys and
+        # values after RoPE (and the mixers' recurrent state); `past` tokens are already in it.
+        self.cache = None
+        self.past = 0
+        # The length of the whole sequence being generated: DeepSeek-V3.2's indexer breaks top-k ties
+        # over rows of this length in every forward of a generation (forward/indexer.py); None: T.
+        self.index_width: Optional[int] = None
 
     def w(self, name: Optional[str]) -> Optional[torch.Tensor]:
         return self.store.get_optional(name, self.dtype, device=self.device)
@@ -466,11 +475,26 @@ class Decoder:
             x = self.store.get(name, self.dtype, device=self.device)[torch.tensor(ids)]
         return x * self.fc.embedding_multiplier if self.fc.embedding_multiplier != 1.0 else x
 
-    def run(self, ids: list[int], record: bool = True, last_layer: Optional[int] = None) -> ForwardResult:
+    def run(self, ids: list[int], record: bool = True, last_layer: Optional[int] = None,
+            cache=None) -> ForwardResult:
+        """Run `ids` through the layers. With a `cache` (forward/cache.py's KVCache) the tokens
+        continue the sequence the cache holds (positions cache.past ...), and each layer's new keys,
+        values and recurrent state are added to it."""
         fc = self.fc
         T = len(ids)
+        self.cache, self.past = cache, (cache.past if cache is not None else 0)
+        try:
+            out = self._run(ids, T, record, last_layer)
+        finally:
+            self.cache, self.past = None, 0
+        if cache is not None:
+            cache.past += T
+        return out
+
+    def _run(self, ids: list[int], T: int, record: bool, last_layer: Optional[int]) -> ForwardResult:
+        fc = self.fc
         x = self.embed(ids)  # [T, D]
-        cos, sin = rope_tables(fc, T, self.device)
+        cos, sin = rope_tables(fc, T, self.device, self.past)
         routes: list[LayerRoute] = []
         self.attention_routes: Optional[list] = [] if record else None  # moa.py records there
         masks: dict = {}
@@ -567,7 +591,7 @@ class Decoder:
         T = h.shape[0]
         H, Hkv, Dh, Dv = fc.dims_of(i)
         if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
-            return mixers.run(self, i, h)
+            return mixers.run(self, i, h, self.cache.layer(i) if self.cache is not None else None)
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
         if fc.family == "jetmoe":  # mixture of attention heads (forward/moa.py)
@@ -611,7 +635,7 @@ class Decoder:
                 q, k = rms_norm(q, None, fc.eps), rms_norm(k, None, fc.eps)
         elif fc.temperature_tuning:  # Llama 4 NoPE layers: position-dependent query scale
             floor, scale = fc.temperature_tuning
-            pos = torch.arange(T, dtype=torch.float32, device=q.device)
+            pos = torch.arange(self.past, self.past + T, dtype=torch.float32, device=q.device)
             if getattr(self, "positions", None) is not None:  # a block of prompts: per-prompt positions
                 pos = self.positions.to(device=q.device, dtype=torch.float32)
             q = (q * (torch.log1p(torch.floor((pos + 1.0) / floor)) * scale + 1.0)[:, None, None]).to(q.dtype)
@@ -622,7 +646,9 @@ class Decoder:
         chunk = fc.chunk if (fc.chunk and fc.use_rope[i]) else None
         key = (window, chunk)
         if key not in masks:
-            masks[key] = attention_mask(T, window, chunk, q.device, fc.bidirectional)
+            masks[key] = attention_mask(T, window, chunk, q.device, fc.bidirectional, past=self.past)
+        if self.cache is not None:  # keys and values of the earlier tokens, after RoPE
+            k, v = self.cache.extend(i, k=k, v=v)
         # attention sinks [H] (gpt-oss, Flint, GraniteMoE-SWA, MiMo-V2-Flash's sliding layers), under either name
         sinks = self.w(find("self_attn.sinks", "self_attn.softmax_offset", "self_attn.attention_sink_bias",
                             required=False))
@@ -652,7 +678,8 @@ class Decoder:
 
     def _positions(self, T: int, device) -> torch.Tensor:
         pos = getattr(self, "positions", None)  # a block of prompts (profile): per-prompt positions
-        return (torch.arange(T) if pos is None else pos).to(device=device, dtype=torch.float32)
+        past = getattr(self, "past", 0)  # generation with a KV cache: these tokens continue at `past`
+        return (torch.arange(past, past + T) if pos is None else pos).to(device=device, dtype=torch.float32)
 
     def layer_rope(self, i: int, T: int, cos, sin):
         """Layer i's RoPE and its cos / sin: the model's (the tables given), or the layer type's own
@@ -696,16 +723,20 @@ class Decoder:
         k = torch.cat((k_nope, k_rot), dim=-1)
         if fc.q_position_scale:  # Mistral 4 (llama_4_scaling_beta)
             beta, orig = fc.q_position_scale
-            pos = torch.arange(T, dtype=torch.float32, device=q.device)
+            pos = torch.arange(self.past, self.past + T, dtype=torch.float32, device=q.device)
             q = q * (1 + beta * torch.log(1 + torch.floor(pos / orig)))[:, None, None].to(q.dtype)
         if (None, None) not in masks:
-            masks[(None, None)] = attention_mask(T, None, None, q.device)
+            masks[(None, None)] = attention_mask(T, None, None, q.device, past=self.past)
         mask = masks[(None, None)]
+        if self.cache is not None:  # the decompressed per-head keys and values of the earlier tokens
+            k, v = self.cache.extend(i, k=k, v=v)
         if fc.indexer:  # DeepSeek-V3.2: attend only to the keys the sparse-attention indexer keeps
             ix = fc.indexer
             get = lambda name, dtype: self.store.get(self.names.find(i, name), dtype, device=self.device)
             mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
-                                         ix["topk"], r, apply_rope)
+                                         ix["topk"], r, apply_rope,
+                                         cache=self.cache.layer(i) if self.cache is not None else None,
+                                         width=self.index_width)
         out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
         return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 

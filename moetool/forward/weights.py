@@ -48,6 +48,9 @@ class WeightStore:
         self.tensors = tensors
         self.fp8_block = fp8_block
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # file -> (map, data start)
+        # (name, index, rows) -> the zero-copy view `raw` made: generation asks for the same tensors
+        # every token, and building a view costs more than a small matmul. Views hold no pages.
+        self._views: dict[tuple, torch.Tensor] = {}
         self.bytes_read = 0
         # Streaming (drop pages after each expert and layer) when the checkpoint is large next to the
         # memory available; otherwise pages stay mapped and repeated forwards reuse them.
@@ -57,6 +60,7 @@ class WeightStore:
         return name in self.tensors or f"{name}_blocks" in self.tensors
 
     def close(self) -> None:
+        self._views.clear()
         for mm, _ in self._maps.values():
             try:
                 mm.close()
@@ -89,6 +93,10 @@ class WeightStore:
     def raw(self, name: str, index: Optional[int] = None, rows: Optional[int] = None) -> torch.Tensor:
         """The stored tensor (no conversion). `index` selects one slice of the leading dimension;
         with `rows` it selects rows [index*rows, (index+1)*rows) of a 2-D tensor (DBRX's [E*F, D])."""
+        view = self._views.get((name, index, rows))
+        if view is not None:
+            self.bytes_read += view.numel() * view.element_size()
+            return view
         t = self.tensors.get(name)
         if t is None:
             raise BadCheckpoint(f"checkpoint is missing tensor {name!r}")
@@ -107,7 +115,8 @@ class WeightStore:
             shape = ([lead] + shape[1:]) if rows is not None else shape[1:]
         if nbytes == 0:
             return torch.empty(shape, dtype=TORCH_DTYPES[t.dtype])
-        return self._view(t, start, nbytes, TORCH_DTYPES[t.dtype]).reshape(shape)
+        view = self._views[(name, index, rows)] = self._view(t, start, nbytes, TORCH_DTYPES[t.dtype]).reshape(shape)
+        return view
 
     def get(self, name: str, dtype: torch.dtype, index: Optional[int] = None, rows: Optional[int] = None,
             device: Optional[torch.device] = None) -> torch.Tensor:
