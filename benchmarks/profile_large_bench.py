@@ -80,11 +80,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-memory", default="2GB")
     ap.add_argument("--keep", action="store_true", help="keep the sparse checkpoint afterwards")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="build only this many of the 32 decoder layers (same shapes; per-layer costs x 32/N)")
     args = ap.parse_args()
     root = Path(args.dir)
     if not (root / "model.safetensors.index.json").exists():
         t = time.perf_counter()
-        build(root)
+        build(root, shards=max(1, min(19, args.layers or 19)), layers=args.layers)
         print(f"built {root} in {time.perf_counter() - t:.0f} s", flush=True)
     if not (root / "tokenizer.json").exists():
         word_tokenizer(root / "tokenizer.json")
@@ -116,19 +118,22 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    # the arithmetic and an extrapolation from the two measured runs: per-pass cost (reading and
-    # converting the weights) + per-token cost (the matmuls)
-    per_token = max(prof["wall"] - one["wall"], 0.0) / (n - TOKENS)
+    # the arithmetic, and an extrapolation from the two measured runs: per-pass cost (reading and
+    # converting the weights) + per-token cost (the matmuls), in CPU time (the machine may be shared)
+    scale = 32 / args.layers if args.layers else 1.0
+    per_token = max(prof["cpu"] - one["cpu"], 0.0) / (n - TOKENS)
     print(f"expert SwiGLU at 512 tokens x 4096 x 14336, float32, {threads} threads: {rate / 1e9:.0f} GFLOP/s")
     for P in (args.prompts, 256):
         flops = 2 * active * P * TOKENS
-        print(f"{P} prompts x {TOKENS} tokens: {flops:.2e} FLOPs, {flops / rate:.0f} s of matmuls at that rate "
-              f"(target 2x one pass = {2 * one['wall']:.0f} s)")
-    est = one["wall"] + per_token * (256 * TOKENS - TOKENS)
-    print(f"EXTRAPOLATION (not measured) for 256 x {TOKENS}: one pass {one['wall']:.0f} s + "
-          f"{per_token * 1e3:.0f} ms per further token x {256 * TOKENS - TOKENS} = {est:.0f} s "
-          f"({est / one['wall']:.1f}x one pass), if the block holds all tokens (see --max-memory)")
-
+        print(f"{P} prompts x {TOKENS} tokens through all 32 layers: {flops:.2e} FLOPs, {flops / rate:.0f} s of matmuls "
+              f"at that rate")
+    if args.layers:
+        print(f"EXTRAPOLATION to 32 layers (x{scale:g}, not measured): one pass {one['cpu'] * scale:.0f} CPU-s, "
+              f"profile of {n} tokens {prof['cpu'] * scale:.0f} CPU-s")
+    est = (one["cpu"] + per_token * (256 * TOKENS - TOKENS)) * scale
+    print(f"EXTRAPOLATION (not measured) for 256 x {TOKENS} tokens, 32 layers, one block: one pass "
+          f"{one['cpu'] * scale:.0f} CPU-s + {per_token * scale * 1e3:.0f} CPU-ms per further token x "
+          f"{256 * TOKENS - TOKENS} = {est:.0f} CPU-s ({est / (one['cpu'] * scale):.1f}x one pass)")
 
 if __name__ == "__main__":
     main()
