@@ -50,12 +50,15 @@ def bf16_bytes(values: np.ndarray) -> bytes:
     return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
 
 
-def build(root: Path, shards: int = 19) -> None:
+def build(root: Path, shards: int = 19, layers: int = 0) -> None:
+    """The sparse checkpoint; `layers` > 0 keeps only that many decoder layers (same shapes)."""
     from fakes import write_sharded
 
     from moetool.source import resolve
 
     cfg = json.loads((REPO / "sample_configs" / "mixtral-8x7b.json").read_text())
+    if layers:
+        cfg["num_hidden_layers"] = layers
     write_sharded(root, mixtral_tensors(cfg), shards, cfg)
     ckpt = resolve(str(root))
     rng = np.random.default_rng(0)

@@ -73,8 +73,8 @@ def moe(dec, i: int, h: torch.Tensor, routes: list, record: bool) -> torch.Tenso
             continue
         gate, up, down, gb, ub, db = experts.load(e)
         y = swiglu(h[tok], gate, up, down, gb, ub, db, dec.fc.expert_act)
-        if getattr(dec, "expert_hook", None):  # profile: ||expert output|| per routed token (REAP)
-            dec.expert_hook(i, e, tok, y)
+        if getattr(dec, "expert_hook", None):  # profile: ||expert output|| per routed (token, slot) t*K+s (REAP)
+            dec.expert_hook(i, e, tok * idx.shape[1] + slot, y)
         out.index_add_(0, tok, y * w)
         del gate, up, down
         dec.store.release()

@@ -176,16 +176,65 @@ def attention_mask(T: int, window: Optional[int], chunk: Optional[int], device, 
 
 class Segments:
     """A block of many prompts (moetool profile): `parts` [(start, end, mask [L, L])], one per
-    prompt. Attention runs per prompt with that prompt's own mask: no cross-prompt attention."""
+    prompt. Attention runs per prompt with that prompt's own mask: no cross-prompt attention.
 
-    def __init__(self, parts: list):
+    With `key` = (window, chunk), the masks being `attention_mask(L, window, chunk)`, prompts of
+    similar length are batched: padded to the longest of their bucket (at most PAD_WASTE more
+    query rows than real ones) and run as one [B, H, Lmax, D] attention with the mask of Lmax.
+    The mask is causal, so a real query never sees a padded key; padded query rows are dropped."""
+
+    PAD_WASTE = 1.25  # a bucket's padded tokens are at most this times its real tokens
+    MAX_SCORES = 1 << 25  # and its B x H x Lmax x Lmax attention scores at most this many (or one prompt's)
+
+    def __init__(self, parts: list, key: Optional[tuple] = None):
         self.parts = parts
+        self.key = key
+        self._buckets = {}
+
+    def buckets(self, heads: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """[(row index [B, Lmax] into the block (padding repeats the prompt's first row), real [B, Lmax], Lmax)]."""
+        if heads not in self._buckets:
+            order = sorted(range(len(self.parts)), key=lambda p: self.parts[p][1] - self.parts[p][0], reverse=True)
+            groups, cur, real = [], [], 0
+            for p in order:
+                L = self.parts[p][1] - self.parts[p][0]
+                Lmax = L if not cur else self.parts[cur[0]][1] - self.parts[cur[0]][0]
+                if cur and ((len(cur) + 1) * Lmax > self.PAD_WASTE * (real + L)
+                            or (len(cur) + 1) * heads * Lmax * Lmax > max(self.MAX_SCORES, heads * Lmax * Lmax)):
+                    groups.append(cur)
+                    cur, real = [], 0
+                cur.append(p)
+                real += L
+            groups.append(cur)
+            self._buckets[heads] = []
+            for g in groups:
+                Lmax = self.parts[g[0]][1] - self.parts[g[0]][0]
+                pos = torch.arange(Lmax)
+                starts = torch.tensor([self.parts[p][0] for p in g])[:, None]
+                lens = torch.tensor([self.parts[p][1] - self.parts[p][0] for p in g])[:, None]
+                real = pos[None, :] < lens
+                self._buckets[heads].append((torch.where(real, starts + pos, starts), real, Lmax))
+        return self._buckets[heads]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """sdpa of every prompt, bucket by bucket: q [T, H, Dq], k [T, Hkv, Dq], v [T, Hkv, Dv] -> [T, H, Dv]."""
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+        for rows, real, Lmax in self.buckets(q.shape[1]):
+            rows, real = rows.to(q.device), real.to(q.device)
+            qb, kb, vb = (t[rows].transpose(1, 2) for t in (q, k, v))  # [B, H, Lmax, D]
+            mask = attention_mask(Lmax, self.key[0], self.key[1], q.device)
+            o = F_.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale,
+                                                enable_gqa=kb.shape[1] != qb.shape[1])
+            out[rows[real]] = o.transpose(1, 2)[real]
+        return out
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
          sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [T, H, Dq], k [T, Hkv, Dq], v [T, Hkv, Dv] -> [T, H, Dv]. Sinks (gpt-oss): one extra
     logit per head that takes softmax mass and contributes nothing."""
+    if isinstance(mask, Segments) and mask.key is not None and sinks is None and q.shape[1] % k.shape[1] == 0:
+        return mask.attend(q, k, v, scale)
     if isinstance(mask, Segments):
         return torch.cat([sdpa(q[a:b], k[a:b], v[a:b], m, scale, sinks) for a, b, m in mask.parts])
     H, Hkv = q.shape[1], k.shape[1]
@@ -798,8 +847,8 @@ class Decoder:
             else:
                 y = swiglu(h[tok], gate, up, down, gb, ub, db, fc.routed_act or fc.expert_act, fc.swiglu_limit,
                            fc.swiglu_alpha)
-                if getattr(self, "expert_hook", None):  # profile: ||expert output|| per routed token (REAP)
-                    self.expert_hook(i, e, tok, y)
+                if getattr(self, "expert_hook", None):  # profile: ||expert output|| per routed (token, slot) t*K+s (REAP)
+                    self.expert_hook(i, e, order[start - c:start], y)
                 y = y * w_e[:, None].to(y.dtype)
             out.index_add_(0, tok, y)
             del gate, up, down

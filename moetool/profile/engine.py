@@ -260,16 +260,16 @@ def _run_block(dec, spec, fc, stats, block, ids, writer, prog, b, Segments, atte
     sin = torch.cat([tables[L][1] for L in lengths])
     keys = {(fc.windows[i], fc.chunk if (fc.chunk and fc.use_rope[i]) else None) for i in range(fc.layers)}
     keys.add((None, None))
+    # causal masks: prompts of similar length share one padded attention (Segments.attend); an encoder's
+    # bidirectional mask would let real queries see the padding, so it keeps one attention per prompt
     masks = {key: Segments([(int(a), int(a) + L, attention_mask(L, key[0], key[1], dev, fc.bidirectional))
-                            for a, L in zip(starts, lengths)]) for key in keys}
+                            for a, L in zip(starts, lengths)], None if fc.bidirectional else key) for key in keys}
     dec.positions = torch.cat([torch.arange(L) for L in lengths])
     norms: dict[int, torch.Tensor] = {}
     routes: list = []
 
-    def expert_hook(layer, e, tok, y):
-        r = routes[-1]
-        slot = (r.experts[tok.cpu()] == e).to(torch.int64).argmax(dim=1)
-        norms[layer][tok.cpu(), slot] = torch.linalg.vector_norm(y.float(), dim=-1).cpu()
+    def expert_hook(layer, e, pairs, y):  # pairs: the (token, slot) pairs t*K+s that expert e ran on
+        norms[layer].view(-1)[pairs.cpu()] = torch.linalg.vector_norm(y.float(), dim=-1).cpu()
 
     dec.expert_hook = expert_hook
     token_ids = np.array(flat, dtype=np.int64)
