@@ -67,6 +67,7 @@ FAMILY_FORWARD["mimo_v2_flash"] = dict(partial_rotary=0.334, fields=dict(value_s
 FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per layer: forward/longcat.py
 FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
+FORWARD_FAMILIES += ("glm_moe_dsa",)  # GLM-5: DeepSeek-V3.2 with the indexer on "full" layers only (below)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
@@ -363,21 +364,32 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if cfg.bool("attn_temperature_tuning", True):
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
-    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash",
+                    "glm_moe_dsa"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
         # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
-        interleave = family in ("deepseek_v2", "deepseek_v32", "longcat_flash") or cfg.bool("rope_interleave", True)
+        interleave = family in ("deepseek_v2", "deepseek_v32", "longcat_flash", "glm_moe_dsa") \
+            or cfg.bool("rope_interleave", True)
         rope.layout = "interleave" if interleave else "half"
         beta = scaling_dict.get("llama_4_scaling_beta")
         if family == "mistral4" and beta is not None:
             fc.q_position_scale = (float(beta), float(scaling_dict["original_max_position_embeddings"]))
-        if family == "deepseek_v32":
+        if family in ("deepseek_v32", "glm_moe_dsa"):
             if not fc.mla["q_lora"]:
-                raise BadConfig("config.json: deepseek_v32 needs q_lora_rank (its indexer reads the query latent)")
-            fc.indexer = dict(heads=cfg.int("index_n_heads", 64), dim=cfg.int("index_head_dim", 128),
-                              topk=cfg.int("index_topk", 2048))
+                raise BadConfig(f"config.json: {family} needs q_lora_rank (its indexer reads the query latent)")
+            fc.indexer = dict(heads=cfg.int("index_n_heads", 64 if family == "deepseek_v32" else 32),
+                              dim=cfg.int("index_head_dim", 128), topk=cfg.int("index_topk", 2048), layout="half")
+        if family == "glm_moe_dsa":  # GLM-5: interleaved indexer RoPE; "shared" layers reuse the last full layer's keys
+            from ..arch.deepseek import _indexer_types
+
+            types = _indexer_types(cfg, spec.num_layers)
+            if len(types) < spec.num_layers or types[0] != "full":
+                raise BadConfig(f"config.json: indexer_types must give all {spec.num_layers} layers, the first "
+                                "\"full\" (a \"shared\" layer reuses the previous full layer's top-k)")
+            fc.indexer.update(layout="interleave", shared=frozenset(i for i, t in enumerate(types[:spec.num_layers])
+                                                                    if t != "full"))
         fc.attn_scale = (nope + rdim) ** -0.5
         if family == "longcat_flash":  # LoRA scaling of query and KV latent; qk_head_dim may be set apart
             fc.mla.update(q_scale=(d / fc.mla["q_lora"]) ** 0.5, kv_scale=(d / fc.mla["kv_lora"]) ** 0.5)

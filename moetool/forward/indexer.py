@@ -10,6 +10,9 @@ in float32):
     score[s, t] = sum_h  w[s, h] * relu(q[s, h] . k[t] * Di^-0.5),   w = weights_proj(x) * Hi^-0.5
     keep[s] = top-`index_topk` of score[s] over the keys the causal mask allows
 
+GLM-5 (`glm_moe_dsa`) rotates with interleaved pairs and runs an indexer only on its "full" layers;
+a "shared" layer keeps the keys the previous full layer kept (forward/model.py).
+
 Shapes: T tokens, Hi indexer heads, Di indexer head dim, Rq q_lora_rank.
 """
 
@@ -24,7 +27,8 @@ import torch.nn.functional as F_
 def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefix: str, h: torch.Tensor,
                           q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: torch.Tensor,
                           heads: int, dim: int, topk: int, rope_dim: int, apply_rope,
-                          cache: Optional[dict] = None, width: Optional[int] = None) -> torch.Tensor:
+                          cache: Optional[dict] = None, width: Optional[int] = None,
+                          layout: str = "half") -> torch.Tensor:
     """-> [T, S] bool, True where query s keeps key t (always within `causal` [T, S]). `get(name, dtype)`
     reads a tensor of the layer's indexer (`prefix` + name); h [T, D] the attention input,
     q_resid [T, Rq] the normalised query latent. With a `cache` (the layer's dict of a KV cache) the
@@ -33,14 +37,15 @@ def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefi
     Ties: scores are often exactly equal (0 after the ReLU in every head), and which tied keys
     torch.topk keeps depends on the row's length. `width` (the whole traced sequence's length)
     pads each row with -inf to that length, so a cached step keeps the same keys as the full
-    forward of the whole sequence does (forward/cache.py)."""
+    forward of the whole sequence does (forward/cache.py). `layout`: the indexer's RoPE layout
+    ("half" in DeepSeek-V3.2, "interleave" in GLM-5)."""
     T = h.shape[0]
     dtype = h.dtype
     q = F_.linear(q_resid, get(prefix + "wq_b.weight", dtype)).view(T, heads, dim)
     k = F_.layer_norm(F_.linear(h, get(prefix + "wk.weight", dtype)), (dim,), get(prefix + "k_norm.weight", dtype),
                       get(prefix + "k_norm.bias", dtype), 1e-6)  # [T, Di]
-    q = torch.cat((apply_rope(q[..., :rope_dim], cos, sin, "half"), q[..., rope_dim:]), dim=-1)
-    k = torch.cat((apply_rope(k[:, None, :rope_dim], cos, sin, "half")[:, 0], k[:, rope_dim:]), dim=-1)
+    q = torch.cat((apply_rope(q[..., :rope_dim], cos, sin, layout), q[..., rope_dim:]), dim=-1)
+    k = torch.cat((apply_rope(k[:, None, :rope_dim], cos, sin, layout)[:, 0], k[:, rope_dim:]), dim=-1)
     if cache is not None:
         if cache.get("index_k") is not None:
             k = torch.cat((cache["index_k"], k), dim=0)  # [S, Di]

@@ -779,13 +779,16 @@ class Decoder:
         mask = masks[(None, None)]
         if self.cache is not None:  # the decompressed per-head keys and values of the earlier tokens
             k, v = self.cache.extend(i, k=k, v=v)
-        if fc.indexer:  # DeepSeek-V3.2: attend only to the keys the sparse-attention indexer keeps
+        if fc.indexer and i in fc.indexer.get("shared", ()):  # GLM-5: the keys the last full layer kept
+            mask = self._index_keep
+        elif fc.indexer:  # DeepSeek-V3.2: attend only to the keys the sparse-attention indexer keeps
             ix = fc.indexer
             get = lambda name, dtype: self.store.get(self.names.find(i, name), dtype, device=self.device)
             mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
                                          ix["topk"], r, apply_rope,
                                          cache=self.cache.layer(i) if self.cache is not None else None,
-                                         width=self.index_width)
+                                         width=self.index_width, layout=ix["layout"])
+            self._index_keep = mask  # layers run in order within one forward
         out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
         return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 
