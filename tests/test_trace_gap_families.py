@@ -36,6 +36,19 @@ FAMILIES: dict[str, dict] = {
                              routed_scaling_factor=1.5, mlp_layer_types=["sparse", "dense", "sparse", "sparse", "sparse"],
                              index_topk=6, index_head_dim=8, index_n_heads=4, index_topk_freq=2,
                              **_MLA, **{**_C, "num_hidden_layers": 5}),
+    # A.X-K2: DeepSeek-V3.2 without q_b_proj: q_gate_proj on [normed | raw] query latent gives the query
+    # and a sigmoid gate on the attention output; gated RMSNorms (RMSNorm, then times sigmoid of a
+    # rank-`gated_norm_rank` MLP of it) before attention and before every MoE block; indexer on every layer.
+    "axk2": dict(model_type="axk2", intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                 n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                 mlp_layer_types=["dense", "sparse", "sparse", "dense"], index_topk=8, index_head_dim=8,
+                 index_n_heads=2, gated_norm_rank=4, **_MLA, **_C),
+    # ungrouped routing (n_group null), schedule from first_k_dense_replace / moe_layer_freq, attention biases
+    "axk2-nogroup": dict(model_type="axk2", intermediate_size=48, moe_intermediate_size=16, n_routed_experts=6,
+                         n_shared_experts=2, num_experts_per_tok=3, routed_scaling_factor=1.0, first_k_dense_replace=1,
+                         moe_layer_freq=1, index_topk=6, index_head_dim=8, index_n_heads=4, gated_norm_rank=8,
+                         attention_bias=True,
+                         **_MLA, **_C),
 }
 SEEDS = (0, 1)
 T = 40

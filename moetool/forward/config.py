@@ -68,6 +68,7 @@ FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per layer: forward/longcat.py
 FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 FORWARD_FAMILIES += ("glm_moe_dsa",)  # GLM-5: DeepSeek-V3.2 with the indexer on "full" layers only (below)
+FORWARD_FAMILIES += ("axk2",)  # A.X-K2: DeepSeek-V3.2 with a fused query + output-gate projection, gated RMSNorms
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
@@ -233,6 +234,9 @@ class ForwardConfig:
     final_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) when > 0 (Beam)
     bidirectional: bool = False  # an encoder: every token attends both ways within its window (privacy filter)
     moe_out_norm: Optional[tuple[str, ...]] = None  # a norm on the MoE block's output (routed + shared), its names
+    # A.X-K2: a layer norm may be gated, stored as <name>.norm.weight + <name>.mlp.fc1 / fc2:
+    # y = RMSNorm(x), y * sigmoid(fc2(silu(fc1(y))))
+    gated_norms: bool = False
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -365,21 +369,21 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
     elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash",
-                    "glm_moe_dsa"):
+                    "glm_moe_dsa", "axk2"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
         # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
-        interleave = family in ("deepseek_v2", "deepseek_v32", "longcat_flash", "glm_moe_dsa") \
+        interleave = family in ("deepseek_v2", "deepseek_v32", "longcat_flash", "glm_moe_dsa", "axk2") \
             or cfg.bool("rope_interleave", True)
         rope.layout = "interleave" if interleave else "half"
         beta = scaling_dict.get("llama_4_scaling_beta")
         if family == "mistral4" and beta is not None:
             fc.q_position_scale = (float(beta), float(scaling_dict["original_max_position_embeddings"]))
-        if family in ("deepseek_v32", "glm_moe_dsa"):
+        if family in ("deepseek_v32", "glm_moe_dsa", "axk2"):
             if not fc.mla["q_lora"]:
                 raise BadConfig(f"config.json: {family} needs q_lora_rank (its indexer reads the query latent)")
-            fc.indexer = dict(heads=cfg.int("index_n_heads", 64 if family == "deepseek_v32" else 32),
+            fc.indexer = dict(heads=cfg.int("index_n_heads", {"deepseek_v32": 64, "glm_moe_dsa": 32, "axk2": 16}[family]),
                               dim=cfg.int("index_head_dim", 128), topk=cfg.int("index_topk", 2048), layout="half")
         if family == "glm_moe_dsa":  # GLM-5: interleaved indexer RoPE; "shared" layers reuse the last full layer's keys
             from ..arch.deepseek import _indexer_types
@@ -394,6 +398,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if family == "longcat_flash":  # LoRA scaling of query and KV latent; qk_head_dim may be set apart
             fc.mla.update(q_scale=(d / fc.mla["q_lora"]) ** 0.5, kv_scale=(d / fc.mla["kv_lora"]) ** 0.5)
             fc.attn_scale = cfg.int("qk_head_dim", nope + rdim) ** -0.5
+        if family == "axk2":  # A.X-K2: q_gate_proj on [normed | raw] query latent -> query and a sigmoid output gate
+            fc.mla["q_gate"], fc.gated_norms = True, True
         if family == "axk1":  # A.X-K1: an RMSNorm on the MoE block's output (stored at the layer or in the block)
             fc.moe_out_norm = ("mlp.post_mlp_layernorm", "post_mlp_layernorm")
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):

@@ -582,6 +582,15 @@ class Decoder:
             if name is None:
                 return t
             names = (name,) if isinstance(name, str) else name  # alternatives: transformers' and the original name
+            if fc.gated_norms:  # A.X-K2: a gated RMSNorm where <name>.norm.weight is stored
+                gated = find(*(n + ".norm.weight" for n in names), required=False)
+                if gated:
+                    y = norm(t, self.w(gated), None, fc)
+                    # fc1 [rank, D] and fc2 [D, rank]; W_down and W_up in the released checkpoints
+                    fc1 = find(*(n + s for n in names for s in (".mlp.fc1.weight", ".W_down.weight")))
+                    fc2 = find(*(n + s for n in names for s in (".mlp.fc2.weight", ".W_up.weight")))
+                    g = linear(F_.silu(linear(y, self.w(fc1))), self.w(fc2))
+                    return (y * torch.sigmoid(g.float())).to(y.dtype)
             return norm(t, self.w(find(*(n + ".weight" for n in names))),
                         self.w(find(*(n + ".bias" for n in names), required=False)), fc)
 
@@ -750,7 +759,13 @@ class Decoder:
         if m["q_lora"]:
             qa = linear(h, self.w(find(prefix + "q_a_proj.weight")), self.w(find(prefix + "q_a_proj.bias", required=False)))
             q_resid = rms_norm(qa, self.w(find(prefix + "q_a_layernorm.weight")), 1e-6)  # [T, Rq]
-            q = linear(q_resid, self.w(find(prefix + "q_b_proj.weight")))
+            if m.get("q_gate"):  # A.X-K2: query and output gate [T, H, qk + v] from [normed | raw] latent
+                qg = linear(torch.cat((q_resid, qa), dim=-1),  # q_b_proj: the released checkpoints' name
+                            self.w(find(prefix + "q_gate_proj.weight", prefix + "q_b_proj.weight")))
+                q, gate = qg.view(T, H, nope + r + v_dim).split([nope + r, v_dim], dim=-1)
+                q = q.contiguous()
+            else:
+                q = linear(q_resid, self.w(find(prefix + "q_b_proj.weight")))
         else:
             q = linear(h, self.w(find(prefix + "q_proj.weight")))
         q = q.view(T, H, nope + r)  # [T, H, nope + rope]
@@ -790,6 +805,8 @@ class Decoder:
                                          width=self.index_width, layout=ix["layout"])
             self._index_keep = mask  # layers run in order within one forward
         out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
+        if m.get("q_gate"):
+            out = (out * torch.sigmoid(gate.reshape(T, H * v_dim).float())).to(out.dtype)
         return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
