@@ -508,6 +508,8 @@ class Decoder:
         # The length of the whole sequence being generated: DeepSeek-V3.2's indexer breaks top-k ties
         # over rows of this length in every forward of a generation (forward/indexer.py); None: T.
         self.index_width: Optional[int] = None
+        # GLM-5: the keys the last "full" indexer layer kept [T, S]; its "shared" layers reuse them
+        self._index_keep: Optional[torch.Tensor] = None
 
     def w(self, name: Optional[str]) -> Optional[torch.Tensor]:
         return self.store.get_optional(name, self.dtype, device=self.device)
