@@ -123,7 +123,10 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tor
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     x = x.to(dtype)
-    return x if weight is None else weight * x
+    if weight is None:
+        return x
+    # weight * x, in place when that keeps the dtype (x is a fresh tensor here): the same products
+    return x.mul_(weight) if weight.dtype == x.dtype and x.dtype == dtype else weight * x
 
 
 def norm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], fc: ForwardConfig) -> torch.Tensor:
@@ -148,9 +151,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
     dtype = x.dtype
     x = x.float()
     c, s = cos[:, None, :], sin[:, None, :]
-    if layout == "half":
+    if layout == "half":  # (x1 * c - x2 * s, x2 * c + x1 * s), written into one output (no cat)
         x1, x2 = x.chunk(2, dim=-1)
-        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        out = torch.empty_like(x)
+        o1, o2 = out.chunk(2, dim=-1)
+        torch.mul(x1, c, out=o1).sub_(x2 * s)
+        torch.mul(x2, c, out=o2).add_(x1 * s)
     else:
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
@@ -481,7 +487,10 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
 
 
 def swiglu(x, gate, up, down, gb=None, ub=None, db=None, act: str = "silu", limit: float = 7.0, alpha: float = 1.702):
-    h = glu(None if gate is None else linear(x, gate, gb), linear(x, up, ub), act, limit, alpha)  # [n, F]
+    if gate is not None and act in ("silu", "swish"):  # silu(gate) * up in place on the fresh gate output: same values
+        h = F_.silu(linear(x, gate, gb), inplace=True).mul_(linear(x, up, ub))
+    else:
+        h = glu(None if gate is None else linear(x, gate, gb), linear(x, up, ub), act, limit, alpha)  # [n, F]
     return linear(h, down, db)  # [n, D]
 
 
@@ -689,8 +698,11 @@ class Decoder:
         if fc.use_rope[i]:
             rope, cos, sin = self.layer_rope(i, T, cos, sin)
             r = rope.dim
-            q = torch.cat((apply_rope(q[..., :r], cos, sin, rope.layout), q[..., r:]), dim=-1)
-            k = torch.cat((apply_rope(k[..., :r], cos, sin, rope.layout), k[..., r:]), dim=-1)
+            if r == q.shape[-1] and r == k.shape[-1]:  # full rotary: nothing to concatenate
+                q, k = apply_rope(q, cos, sin, rope.layout), apply_rope(k, cos, sin, rope.layout)
+            else:
+                q = torch.cat((apply_rope(q[..., :r], cos, sin, rope.layout), q[..., r:]), dim=-1)
+                k = torch.cat((apply_rope(k[..., :r], cos, sin, rope.layout), k[..., r:]), dim=-1)
             if fc.qk_norm == "l2":  # Llama 4: weightless RMS norm after RoPE, RoPE layers only
                 q, k = rms_norm(q, None, fc.eps), rms_norm(k, None, fc.eps)
         elif fc.temperature_tuning:  # Llama 4 NoPE layers: position-dependent query scale
@@ -867,11 +879,11 @@ class Decoder:
             if fc.family == "llama4":  # the gate scales the expert's input, not its output
                 y = swiglu(h[tok] * w_e[:, None].to(h.dtype), gate, up, down, act=fc.expert_act)
             else:
-                y = swiglu(h[tok], gate, up, down, gb, ub, db, fc.routed_act or fc.expert_act, fc.swiglu_limit,
-                           fc.swiglu_alpha)
+                y = swiglu(h.index_select(0, tok), gate, up, down, gb, ub, db, fc.routed_act or fc.expert_act,
+                           fc.swiglu_limit, fc.swiglu_alpha)
                 if getattr(self, "expert_hook", None):  # profile: ||expert output|| per routed (token, slot) t*K+s (REAP)
                     self.expert_hook(i, e, order[start - c:start], y)
-                y = y * w_e[:, None].to(y.dtype)
+                y.mul_(w_e[:, None].to(y.dtype))  # y is the fresh down-projection output
             out.index_add_(0, tok, y)
             del gate, up, down
             self.store.release()  # this expert's pages leave resident memory before the next one
