@@ -49,7 +49,8 @@ _NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
                          r"|(^|\.)(attn_hc|ffn_hc|hc_head|hc_pre|\w*hyper_connection\w*)\.")
 # Gemma 4's router: a projection plus a scale per channel and per expert
 _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
-                           r"|\.moe\.gate\.weight$")  # Step-3.7's stored router
+                           r"|\.moe\.gate\.weight$"  # Step-3.7's stored router
+                           r"|\.mlp\.gate\.global_scale$")  # Inkling: the router's learned output scale
 # Gemma 3n / 4 per-layer input embeddings (a lookup table like the input embedding)
 _PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
 _PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$")
@@ -63,8 +64,8 @@ _MIXER_ROLES = ((re.compile(r"\.mixer\.[qkvo]_proj\."), "attention"), (re.compil
                 (re.compile(r"\.mixer\.(up_proj|down_proj|fc\d_latent_proj)\."), "dense_mlp"))
 _BACKBONE_EMBED = re.compile(r"^(model|backbone)\.embeddings\.weight$")
 _ATTN = re.compile(r"\.(self_attn|self_attention|attn|attention|cross_attention|encoder_attn|selfattention|encdecattention|"
-                   r"linear_attn|norm_attn_norm|conv)\.", re.I)
-_MLP = re.compile(r"\.(mlp|mlps|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
+                   r"linear_attn|norm_attn_norm|conv|attn_sconv)\.", re.I)  # attn_sconv: Inkling's conv on the attention output
+_MLP = re.compile(r"\.(mlp|mlps|feed_forward|ffn|densereludense|block_sparse_moe|mlp_sconv)\.", re.I)  # mlp_sconv: Inkling
 _PROJ = [
     (re.compile(r"\.(gate_up_proj|input_linear)"), "gate_up"),
     (re.compile(r"\.(w1|gate_proj)[._]|\.(w1|gate_proj)$"), "gate"),

@@ -47,6 +47,15 @@ VARIANTS = {
     "gemma4-global-dims": ("gemma4_text", ("per_layer_config",), dict(
         num_hidden_layers=4, num_kv_shared_layers=2, attention_k_eq_v=False, global_head_dim=16,
         num_global_key_value_heads=1, layer_types=["sliding_attention", "full_attention"] * 2)),
+    # Inkling: the default layer pattern (every 6th layer full, its own heads / head size / relative
+    # extent), dense MLP layers (dense_mlp_idx), and `dense_intermediate_size` (then
+    # intermediate_size is the experts' width)
+    "inkling-default-pattern": ("inkling_text", ("layer_types", "mlp_layer_types"), dict(
+        num_hidden_layers=7, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16,
+        sliding_window_size=32, rel_extent=64, dense_mlp_idx=2, n_shared_experts=2)),
+    "inkling-dense-intermediate": ("inkling_text", ("moe_intermediate_size",), dict(
+        intermediate_size=16, dense_intermediate_size=40, local_layer_ids=[1], swa_num_attention_heads=2,
+        swa_num_key_value_heads=2, swa_head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"], num_mtp_layers=1)),
 }
 
 
