@@ -41,7 +41,7 @@ NOT_MOE_MODULES = {
 # config.json in one line and counts a checkpoint exactly from its headers (arch/generic.py); the
 # census verifies that generic count against transformers where a small model can be built.
 _NO_ADAPTER = "no specific adapter yet: config-only count refused; checkpoints counted from their headers"
-GENERIC_VERIFIED = ("qwen4_exp", "qwen4_exp_text", "glm5_next", "dots3_note_text",
+GENERIC_VERIFIED = ("qwen4_exp", "qwen4_exp_text", "glm5_next",
                     # exact once the original checkpoint names were known to moetool.names (buffers stored
                     # as lerope.alpha / tid2eid / gate.bias; routers, heads, residual mixers by their names)
                     "mistral_large4", "inkling2_text", "inkling2", "deepseek_v4")

@@ -56,6 +56,14 @@ VARIANTS = {
     "inkling-dense-intermediate": ("inkling_text", ("moe_intermediate_size",), dict(
         intermediate_size=16, dense_intermediate_size=40, local_layer_ids=[1], swa_num_attention_heads=2,
         swa_num_key_value_heads=2, swa_head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"], num_mtp_layers=1)),
+    # dots3 from an original config.json: no per_layer_config (the sliding layers' MLA from swa_*),
+    # no layer_types (layers 0, 1, 5 full with the indexer, 2-4 sliding), no mlp_layer_types
+    # (first_k_dense_replace and moe_layer_freq); and use_dsa false (full attention, no indexer)
+    "dots3-swa-fields": ("dots3_note_text", ("per_layer_config", "layer_types", "mlp_layer_types"), dict(
+        num_hidden_layers=6, swa_num_attention_heads=2, swa_num_key_value_heads=2, swa_q_lora_rank=8, swa_kv_lora_rank=12,
+        swa_head_dim=12, swa_qk_nope_head_dim=8, swa_v_head_dim=4, first_k_dense_replace=2, moe_layer_freq=2,
+        moe_shared_expert_intermediate_size=12)),
+    "dots3-no-dsa": ("dots3_note_text", ("per_layer_config", "layer_types"), dict(use_dsa=False, use_sliding_window=False)),
 }
 
 
