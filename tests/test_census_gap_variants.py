@@ -63,6 +63,11 @@ VARIANTS = {
         num_hidden_layers=6, swa_num_attention_heads=2, swa_num_key_value_heads=2, swa_q_lora_rank=8, swa_kv_lora_rank=12,
         swa_head_dim=12, swa_qk_nope_head_dim=8, swa_v_head_dim=4, first_k_dense_replace=2, moe_layer_freq=2,
         moe_shared_expert_intermediate_size=12)),
+    # Inkling 2: the default pattern (layer 5 full: dynamic K / V convolutions, q / k / v input norms,
+    # 3 residual queries) with sliding layers of their own heads / head size / window
+    "inkling2-default-pattern": ("inkling2_text", ("layer_types",), dict(
+        num_hidden_layers=7, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16,
+        sliding_window_size=32, rel_extent=64)),
     "dots3-no-dsa": ("dots3_note_text", ("per_layer_config", "layer_types"), dict(use_dsa=False, use_sliding_window=False)),
 }
 

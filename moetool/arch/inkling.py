@@ -108,5 +108,80 @@ def adapt(cfg: Cfg, model_type: str = "inkling_text") -> ModelSpec:
                      notes=notes)
 
 
+def adapt2(cfg: Cfg, model_type: str = "inkling2_text") -> ModelSpec:
+    """Inkling 2's text model (`inkling2_text`; Inkling2ForCausalLM). Inkling's attention (r_proj,
+    relative table, short convolutions, swa_* sizes on "hybrid_sliding" layers; default: every
+    layer with (i + 1) % 6 != 0) with an output gate [H*Dh, D], per-head sink logits [H, D] and
+    learned L2-clip scales on q [H, Dh] and on the relative states [H, d_rel]; no QK RMSNorm.
+    Full ("hybrid") layers: K / V convolutions whose taps add per-token weights (static [K, Hkv*Dh]
+    + weight_proj [Hkv*K, D]) and RMSNorms of the q, k and v inputs instead of one input norm.
+    Block attention residuals: learned queries mixing the earlier layers' outputs before the
+    attention (layers > 0; 3 queries on full layers), before the MLP and before the head.
+    Every layer MoE (no shared experts): sigmoid router, correction bias for the choice."""
+    d = cfg.int("hidden_size", 4608, min_value=1)
+    vocab = cfg.int("vocab_size", 201024, min_value=1)
+    n_layers = cfg.int("num_hidden_layers", 48, min_value=1)
+    if cfg.raw("layer_types") is not None:
+        types = cfg.str_list("layer_types")
+        if len(types) < n_layers:
+            raise BadConfig(f"{cfg.where}: layer_types has {len(types)} entries for {n_layers} layers")
+    else:
+        types = ["hybrid" if (i + 1) % 6 == 0 else "hybrid_sliding" for i in range(n_layers)]
+    E = cfg.first_int(["n_routed_experts", "num_local_experts"], 384, min_value=1)
+    F = cfg.first_int(["moe_intermediate_size", "intermediate_size"], 2304, min_value=1)
+    K = cfg.first_int(["conv_kernel_size", "sconv_kernel_size"], 4, min_value=1)
+    d_rel = cfg.int("d_rel", 16, min_value=1)
+    window = cfg.first_int(["sliding_window_size", "sliding_window"], 1024, min_value=1)
+    moe = MoESpec(num_experts=E, top_k=cfg.int("num_experts_per_tok", 8, min_value=1), expert_ffn=F,
+                  router=RouterSpec(scoring=cfg.str("scoring_func", "sigmoid"), correction_bias=True,
+                                    routed_scaling_factor=cfg.float("route_scale", cfg.float("routed_scaling_factor", 8.0))))
+    inv = Inventory()
+    layers = []
+    for i in range(n_layers):
+        sliding = types[i] == "hybrid_sliding"
+        pre = "swa_" if sliding else ""
+        heads = cfg.int(f"{pre}num_attention_heads", 48, min_value=1)
+        kv = cfg.int(f"{pre}num_key_value_heads", 8, min_value=1)
+        hd = cfg.int(f"{pre}head_dim", 128, min_value=1)
+        extent = window if sliding else cfg.int("rel_extent", 1024, min_value=1)
+        p = f"layers.{i}.attn"
+        inv.gqa(i, d, heads, kv, hd)
+        inv.linear(f"{p}.r", "attention", heads * d_rel, d, i)
+        inv.add(f"{p}.rel_logits_proj.proj", "attention", (d_rel, extent), i)
+        inv.linear(f"{p}.gate", "attention", heads * hd, d, i)
+        inv.linear(f"{p}.sink", "attention", heads, d, i)
+        inv.add(f"{p}.q_l2_clip.scale", "attention", (heads, hd), i)
+        inv.add(f"{p}.rel_l2_clip.scale", "attention", (heads, d_rel), i)
+        for kv_conv in ("k_sconv", "v_sconv"):
+            if sliding:
+                inv.add(f"{p}.{kv_conv}.weight", "attention", (kv * hd, 1, K), i)
+            else:  # dynamic taps: static weights plus a projection of the token
+                inv.add(f"{p}.{kv_conv}.static_weight", "attention", (K, kv * hd), i)
+                inv.linear(f"{p}.{kv_conv}.weight_proj", "attention", kv * K, d, i)
+        inv.add(f"layers.{i}.attn_sconv.weight", "attention", (d, 1, K), i)
+        inv.add(f"layers.{i}.mlp_sconv.weight", "dense_mlp", (d, 1, K), i)
+        for n in (("input_norm",) if sliding else ("q_input_norm", "k_input_norm", "v_input_norm")) + ("post_attention_norm",):
+            inv.norm(f"layers.{i}.{n}", d, i)
+        if i > 0:  # block attention residual queries (counted with the norms, as the hyper-connections)
+            inv.add(f"layers.{i}.attention_input.query", "norms", (d,) if sliding else (3, d), i)
+        inv.add(f"layers.{i}.mlp_input.query", "norms", (d,), i)
+        inv.linear(f"layers.{i}.router", "router", E, d, i)
+        inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E)
+        layer = common.gqa_layer(i, heads, kv, hd, True, window=window if sliding else None)
+        layers.append(LayerSpec(index=i, mixer="attention", moe=True, kv_per_token=layer.kv_per_token,
+                                window=layer.window, attn_flops_per_ctx=layer.attn_flops_per_ctx,
+                                state_elems=(K - 1) * (2 * kv * hd + 2 * d)))
+    inv.add("embed.weight", "embedding", (vocab, d))
+    inv.norm("embed.embed_norm", d)
+    inv.norm("final_norm", d)
+    inv.add("final_input.query", "norms", (d,))
+    inv.linear("lm_head", "lm_head", vocab, d)  # never tied
+    return ModelSpec(model_type=model_type, family="inkling2", hidden_size=d, vocab_size=vocab, num_layers=n_layers,
+                     layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=False,
+                     max_position_embeddings=cfg.raw("max_position_embeddings"),
+                     torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))
+
+
 def register(table: dict) -> None:
     table["inkling_text"] = adapt
+    table["inkling2_text"] = adapt2
