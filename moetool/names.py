@@ -42,7 +42,7 @@ _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
-                     r"|patch_merger|vision_language_adapter"  # Mistral-Large-4's original names
+                     r"|patch_merger|vision_language_adapter|pre_mm_projector_norm"  # Mistral-Large-4's original names
                      r"|patch_merge_mlp)\.")
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"

@@ -44,7 +44,7 @@ _NO_ADAPTER = "no specific adapter yet: config-only count refused; checkpoints c
 GENERIC_VERIFIED = ("qwen4_exp", "qwen4_exp_text", "glm5_next",
                     # exact once the original checkpoint names were known to moetool.names (buffers stored
                     # as lerope.alpha / tid2eid / gate.bias; routers, heads, residual mixers by their names)
-                    "mistral_large4", "deepseek_v4")
+                    "deepseek_v4")
 _OFF = _NO_ADAPTER + "; the generic header count is off from transformers' by {} on the census's tiny checkpoint"
 _SHRINK = (_NO_ADAPTER + "; transformers builds the default config, but the census shrink still leaves {} parameters "
            "(SHRINK_EXTRA needed), so the header count is not verified")

@@ -100,3 +100,16 @@ def test_gemma4_with_a_tower_falls_back_to_the_exact_header_count(tmp_path):
     only = subprocess.run([sys.executable, "-m", "moetool", "count", str(tmp_path / "config.json")], capture_output=True,
                           text=True, env=env)
     assert only.returncode == 2 and only.stderr.count("\n") == 1 and "vision tower" in only.stderr
+
+
+def test_mistral_large4_sharing_nope_and_shared_indexer_count_equals_transformers(tmp_path):
+    """Mistral-Large-4 paths the census configs do not reach: KV-sharing layers (no kv_a), the
+    default NoPE schedule (every 4th layer), "shared" indexer layers, the dense prefix from
+    first_k_dense_replace, and a projector over two vision feature layers."""
+    cfg = shrunk_config("mistral_large4")
+    text = dict(cfg["text_config"])
+    for k in ("no_rope_layers", "mlp_layer_types", "layer_types", "indexer_types"):
+        text.pop(k, None)
+    text.update(num_hidden_layers=5, kv_source_layers=[0, 0, 2, 2, 4], index_topk_pattern="FSFSS", first_k_dense_replace=2)
+    cfg = {**cfg, "text_config": text, "vision_feature_layer": [-1, -2]}
+    assert _count(tmp_path, cfg) == param_count(build("mistral_large4", cfg))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
-from . import common, deepseek, inkling, llama_like
+from . import common, deepseek, inkling, llama_like, mistral_large4
 
 
 def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True,
@@ -199,6 +199,30 @@ def inkling2_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     _lin(inv, "vision_tower.merger.linear_2", v.int("text_hidden_size", text_d, min_value=1), P, bias)
 
 
+def pixtral_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Pixtral vision tower (Mistral-Large-4): Conv2d patches without bias, an RMSNorm before the
+    blocks, RMSNorm blocks with bias-free q/k/v/o [h, h] and a SwiGLU of intermediate_size; then
+    Mistral-3's projector: RMSNorm [h], the patch merger [h, h * merge^2] and two linears
+    [D, h * feature layers], [D, D] (biases with `multimodal_projector_bias`)."""
+    h, f = v.int("hidden_size", 1024, min_value=1), v.int("intermediate_size", 4096, min_value=1)
+    p = v.int("patch_size", 16, min_value=1)
+    _conv(inv, "vision_tower.patch_conv", h, v.int("num_channels", 3, min_value=1), (p, p), bias=False)
+    _norm(inv, "vision_tower.ln_pre", h, bias=False)
+    for i in range(v.int("num_hidden_layers", 24, min_value=0)):
+        b = f"vision_tower.layers.{i}"
+        _norm(inv, f"{b}.attention_norm", h, bias=False), _norm(inv, f"{b}.ffn_norm", h, bias=False)
+        for proj in ("q", "k", "v", "o"):
+            _lin(inv, f"{b}.attention.{proj}", h, h, bias=False)
+        for proj, out, inp in (("gate", f, h), ("up", f, h), ("down", h, f)):
+            _lin(inv, f"{b}.feed_forward.{proj}", out, inp, bias=False)
+    layers = top.raw("vision_feature_layer", -1)
+    bias = top.bool("multimodal_projector_bias", False)
+    _norm(inv, "multi_modal_projector.norm", h, bias=False)
+    _lin(inv, "multi_modal_projector.patch_merger", h, h * top.int("spatial_merge_size", 2, min_value=1) ** 2, bias=False)
+    _lin(inv, "multi_modal_projector.linear_1", text_d, h * (len(layers) if isinstance(layers, list) else 1), bias)
+    _lin(inv, "multi_modal_projector.linear_2", text_d, text_d, bias)
+
+
 Tower = Callable[[Inventory, Cfg, int, Cfg], None]  # (inventory, tower config, text hidden size, top config)
 
 
@@ -238,6 +262,8 @@ FAMILIES: dict[str, Family] = {
     "step3p7": Family(llama_like.adapt, "step3p7_text", (("vision_config", step3p7_vision),)),
     # thinkingmachines Inkling 2: its text MoE (arch/inkling.py) + the Inkling 2 vision tower and merger.
     "inkling2": Family(inkling.adapt2, "inkling2_text", (("vision_config", inkling2_vision),)),
+    # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
+    "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
 }
 
 
