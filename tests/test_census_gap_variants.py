@@ -68,6 +68,10 @@ VARIANTS = {
     "inkling2-default-pattern": ("inkling2_text", ("layer_types",), dict(
         num_hidden_layers=7, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16,
         sliding_window_size=32, rel_extent=64)),
+    # DeepSeek-V4 from legacy fields: default attention pattern, num_hash_layers, compress_rate_csa / _hca
+    "deepseek_v4-legacy": ("deepseek_v4", ("layer_types", "mlp_layer_types", "compress_rates"), dict(
+        num_hidden_layers=5, num_hash_layers=1, compress_rate_csa=8, compress_rate_hca=16, index_n_heads=4,
+        index_head_dim=16)),
     "dots3-no-dsa": ("dots3_note_text", ("per_layer_config", "layer_types"), dict(use_dsa=False, use_sliding_window=False)),
 }
 
@@ -113,3 +117,39 @@ def test_mistral_large4_sharing_nope_and_shared_indexer_count_equals_transformer
     text.update(num_hidden_layers=5, kv_source_layers=[0, 0, 2, 2, 4], index_topk_pattern="FSFSS", first_k_dense_replace=2)
     cfg = {**cfg, "text_config": text, "vision_feature_layer": [-1, -2]}
     assert _count(tmp_path, cfg) == param_count(build("mistral_large4", cfg))
+
+
+def test_deepseek_v4_header_count_with_topk_routers_and_compressors(tmp_path):
+    """DeepSeek-V4 checkpoint (original tensor names after save_pretrained) with a hash layer, top-k
+    routed layers (their correction bias is stored as `ffn.gate.bias`: a buffer, not counted), and
+    one attention layer of each kind: header count == transformers' and == the config count."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = {**shrunk_config("deepseek_v4"), "num_hidden_layers": 3, "mlp_layer_types": ["hash_moe", "moe", "moe"],
+           "layer_types": ["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"],
+           "index_n_heads": 4, "index_head_dim": 16}
+    model = build("deepseek_v4", cfg, device="cpu")
+    model.save_pretrained(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-m", "moetool", "count", str(tmp_path), "--json"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    only = tmp_path / "only"
+    only.mkdir()
+    assert r["total_params"] == param_count(model) == _count(only, cfg)
+    assert any(n.endswith("ffn.gate.bias") for n in _stored_names(tmp_path))  # the buffer is there, and not counted
+    assert r["cross_check"]["match"], r["cross_check"]["differences"]
+    assert "other" not in r["breakdown"]
+
+
+def _stored_names(d: Path) -> list[str]:
+    from safetensors import safe_open
+
+    names = []
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "np") as fh:
+            names += list(fh.keys())
+    return names
