@@ -34,22 +34,34 @@ _QUANT_META = re.compile(
     r"|\.nested_quant_map|\.quant_state\.[\w.]+|\.SCB|\.weight_format)$"
 )
 _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias|\.slope_rate|\.query_decay|\.key_decay|"
-                      r"\.diagonal_decay|\.layer_scalar|\.moe\.router_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias)$")
+                      r"\.diagonal_decay|\.layer_scalar|\.moe\.router_bias|\.inv_freq|\.original_inv_freq|\.masked_bias|\.attn\.bias"
+                      # Mistral-Large-4's LeRoPE scales; DeepSeek-V4's hash-routing table (token -> expert ids);
+                      # the correction bias stored as `gate.bias` (DeepSeek-V4 `ffn.gate.bias`, Inkling 2
+                      # `llm.layers.N.mlp.gate.bias`: transformers renames both to e_score_correction_bias)
+                      r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
+                     r"|patch_merger|vision_language_adapter|pre_mm_projector_norm"  # Mistral-Large-4's original names
                      r"|patch_merge_mlp)\.")
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
-_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$")
-_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$")
+_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
+                    r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$"
+                   r"|^head\.weight$|(^|\.)llm\.unembed\.weight$")  # DeepSeek-V4's and Inkling 2's original names
 # Norm-like parameters outside a norm's own name: A.X-K2's gated RMSNorm (its low-rank gate MLP, mlp.fc1 / fc2
 # in transformers, W_down / W_up on disk)
 _NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
                          # hyper-connections (HY-V4, DeepSeek-V4, Qwen4-Exp): mixers of the residual streams
-                         r"|(^|\.)(attn_hc|ffn_hc|hc_head|hc_pre|\w*hyper_connection\w*)\.")
+                         r"|(^|\.)(attn_hc|ffn_hc|hc_head|hc_pre|\w*hyper_connection\w*)\."
+                         r"|\.hc_(attn|ffn)_(base|fn|scale)$"  # DeepSeek-V4's original names
+                         # Inkling 2's attention residuals: learned queries mixing the earlier layers' outputs
+                         r"|(^|\.)attn_res\.")
 # Gemma 4's router: a projection plus a scale per channel and per expert
 _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
-                           r"|\.moe\.gate\.weight$")  # Step-3.7's stored router
+                           r"|\.moe\.gate\.weight$"  # Step-3.7's stored router
+                           r"|\.mlp\.gate\.global_scale$"  # Inkling: the router's learned output scale
+                           r"|^layers\.\d+\.gate\.weight$")  # Mistral-Large-4's original (consolidated) names
 # Gemma 3n / 4 per-layer input embeddings (a lookup table like the input embedding)
 _PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
 _PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$")
@@ -63,8 +75,8 @@ _MIXER_ROLES = ((re.compile(r"\.mixer\.[qkvo]_proj\."), "attention"), (re.compil
                 (re.compile(r"\.mixer\.(up_proj|down_proj|fc\d_latent_proj)\."), "dense_mlp"))
 _BACKBONE_EMBED = re.compile(r"^(model|backbone)\.embeddings\.weight$")
 _ATTN = re.compile(r"\.(self_attn|self_attention|attn|attention|cross_attention|encoder_attn|selfattention|encdecattention|"
-                   r"linear_attn|norm_attn_norm|conv)\.", re.I)
-_MLP = re.compile(r"\.(mlp|mlps|feed_forward|ffn|densereludense|block_sparse_moe)\.", re.I)
+                   r"linear_attn|norm_attn_norm|conv|attn_sconv)\.", re.I)  # attn_sconv: Inkling's conv on the attention output
+_MLP = re.compile(r"\.(mlp|mlps|feed_forward|ffn|densereludense|block_sparse_moe|mlp_sconv)\.", re.I)  # mlp_sconv: Inkling
 _PROJ = [
     (re.compile(r"\.(gate_up_proj|input_linear)"), "gate_up"),
     (re.compile(r"\.(w1|gate_proj)[._]|\.(w1|gate_proj)$"), "gate"),

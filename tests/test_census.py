@@ -86,6 +86,7 @@ def test_known_gap_generic_header_count_equals_transformers(model_type, census_c
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["total_params"] == expected and r["num_experts"] and r["top_k"]
+    assert "other" not in r["breakdown"], r["breakdown"]  # every stored tensor placed in a group by its name
     assert any("not specifically known" in n or "no adapter" in n for n in r.get("notes", [])), r.get("notes")
 
 

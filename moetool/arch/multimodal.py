@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
-from . import common, deepseek, llama_like
+from . import common, deepseek, inkling, llama_like, mistral_large4
 
 
 def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True,
@@ -174,6 +174,55 @@ def step3p7_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     _lin(inv, "multi_modal_projector", text_d, 4 * h, top.bool("projector_bias", False))
 
 
+def inkling2_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Inkling 2 vision tower: a linear patch embedding (no bias) of C x p x p pixels, learned grid
+    positions [posemb_grid_size^2, h], a class embedding and its position [h], a pre-LayerNorm,
+    blocks like Step-3.7's (LayerNorms, biased q/k/v/out, MLP of intermediate_size, else
+    int(h * mlp_ratio), layer scales lambda_1 / lambda_2), and the merger: [P, h * merge^2] then
+    [text D, P] (biases with `projector_bias`)."""
+    h, p = v.int("hidden_size", 1024, min_value=1), v.int("patch_size", 20, min_value=1)
+    f = v.int("intermediate_size") if v.has("intermediate_size") else int(h * v.float("mlp_ratio", 4.0))
+    _lin(inv, "vision_tower.embeddings.patch_embedding", h, v.int("num_channels", 3, min_value=1) * p * p, bias=False)
+    inv.add("vision_tower.embeddings.position_embedding.weight", "vision", (v.int("posemb_grid_size", 32) ** 2, h))
+    inv.add("vision_tower.embeddings.class_embedding", "vision", (h,))
+    inv.add("vision_tower.embeddings.cls_position_embedding", "vision", (h,))
+    _norm(inv, "vision_tower.pre_layernorm", h)
+    for i in range(v.int("num_hidden_layers", 23, min_value=0)):
+        b = f"vision_tower.layers.{i}"
+        inv.add(f"{b}.lambda_1", "vision", (h,)), inv.add(f"{b}.lambda_2", "vision", (h,))
+        for proj in ("q", "k", "v", "out"):
+            _lin(inv, f"{b}.attn.{proj}", h, h)
+        _lin(inv, f"{b}.fc1", f, h), _lin(inv, f"{b}.fc2", h, f)
+        _norm(inv, f"{b}.layernorm_before", h), _norm(inv, f"{b}.layernorm_after", h)
+    P, bias = v.int("projection_hidden_dim", 4096, min_value=1), v.bool("projector_bias", False)
+    _lin(inv, "vision_tower.merger.linear_1", P, h * v.int("spatial_merge_size", 2, min_value=1) ** 2, bias)
+    _lin(inv, "vision_tower.merger.linear_2", v.int("text_hidden_size", text_d, min_value=1), P, bias)
+
+
+def pixtral_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Pixtral vision tower (Mistral-Large-4): Conv2d patches without bias, an RMSNorm before the
+    blocks, RMSNorm blocks with bias-free q/k/v/o [h, h] and a SwiGLU of intermediate_size; then
+    Mistral-3's projector: RMSNorm [h], the patch merger [h, h * merge^2] and two linears
+    [D, h * feature layers], [D, D] (biases with `multimodal_projector_bias`)."""
+    h, f = v.int("hidden_size", 1024, min_value=1), v.int("intermediate_size", 4096, min_value=1)
+    p = v.int("patch_size", 16, min_value=1)
+    _conv(inv, "vision_tower.patch_conv", h, v.int("num_channels", 3, min_value=1), (p, p), bias=False)
+    _norm(inv, "vision_tower.ln_pre", h, bias=False)
+    for i in range(v.int("num_hidden_layers", 24, min_value=0)):
+        b = f"vision_tower.layers.{i}"
+        _norm(inv, f"{b}.attention_norm", h, bias=False), _norm(inv, f"{b}.ffn_norm", h, bias=False)
+        for proj in ("q", "k", "v", "o"):
+            _lin(inv, f"{b}.attention.{proj}", h, h, bias=False)
+        for proj, out, inp in (("gate", f, h), ("up", f, h), ("down", h, f)):
+            _lin(inv, f"{b}.feed_forward.{proj}", out, inp, bias=False)
+    layers = top.raw("vision_feature_layer", -1)
+    bias = top.bool("multimodal_projector_bias", False)
+    _norm(inv, "multi_modal_projector.norm", h, bias=False)
+    _lin(inv, "multi_modal_projector.patch_merger", h, h * top.int("spatial_merge_size", 2, min_value=1) ** 2, bias=False)
+    _lin(inv, "multi_modal_projector.linear_1", text_d, h * (len(layers) if isinstance(layers, list) else 1), bias)
+    _lin(inv, "multi_modal_projector.linear_2", text_d, text_d, bias)
+
+
 Tower = Callable[[Inventory, Cfg, int, Cfg], None]  # (inventory, tower config, text hidden size, top config)
 
 
@@ -211,6 +260,10 @@ FAMILIES: dict[str, Family] = {
     "glm4v_moe": Family(deepseek.adapt, "glm4_moe", (("vision_config", glm4v_vision),), tie_from_text=True),
     # stepfun-ai Step-3.7: Step-3.7 text MoE (llama_like "step3p7_text") + its vision tower and projector.
     "step3p7": Family(llama_like.adapt, "step3p7_text", (("vision_config", step3p7_vision),)),
+    # thinkingmachines Inkling 2: its text MoE (arch/inkling.py) + the Inkling 2 vision tower and merger.
+    "inkling2": Family(inkling.adapt2, "inkling2_text", (("vision_config", inkling2_vision),)),
+    # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
+    "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
 }
 
 
