@@ -281,3 +281,30 @@ def transformers_routes(model, ids) -> tuple:
     for h in hooks:
         h.remove()
     return logits, captured
+
+
+def assert_matches_transformers(out, ref_logits, ref_routes, *, scale: float = 1.0, tol: float = 1e-4,
+                                nonzero: bool = False, varied: str | None = None) -> None:
+    """moetool's forward result `out` against transformers' logits and routing ({layer: (experts,
+    weights)} read from its router or experts modules): logits within `tol`; in every MoE layer the
+    same expert set for every token and gate weights within 1e-5 (transformers' weights times `scale`
+    where it applies a factor after its experts module). `nonzero`: the logits are not two near-zero
+    tensors; `varied` "any" / "every": routing depends on the token in some / every MoE layer, without
+    which the expert-set check proves little."""
+    if nonzero:
+        assert ref_logits.abs().max() > 0.1, "the reference logits are near zero: nothing is compared"
+    diff = (out.logits - ref_logits).abs().max().item()
+    assert diff < tol, f"logits differ by {diff}"
+    assert ref_routes and sorted(ref_routes) == [r.layer for r in out.routes]
+    for r in out.routes:
+        T = r.experts.shape[0]
+        ref_idx, ref_w = (x.reshape(T, -1) for x in ref_routes[r.layer])
+        for t in range(T):
+            ours = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
+            theirs = dict(zip(ref_idx[t].tolist(), (ref_w[t].float() * scale).tolist()))
+            assert set(ours) == set(theirs), f"layer {r.layer} token {t}: {sorted(ours)} vs {sorted(theirs)}"
+            for e, w in ours.items():
+                assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
+    if varied:
+        per_layer = [len({tuple(sorted(e)) for e in r.experts.tolist()}) > 1 for r in out.routes]
+        assert (all if varied == "every" else any)(per_layer), f"routing does not vary by token: {per_layer}"

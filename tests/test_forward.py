@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fakes import FORWARD_FAMILY_CONFIGS, build_transformers_model, randomize_biases, transformers_routes
+from fakes import (FORWARD_FAMILY_CONFIGS, assert_matches_transformers, build_transformers_model, randomize_biases,
+                   transformers_routes)
 from moetool.forward import run_forward
 from moetool.source import resolve
 
@@ -27,16 +28,7 @@ def test_forward_matches_transformers(name, seed, tmp_path):
 
     out = run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device="cpu")
 
-    assert (out.logits - ref_logits).abs().max().item() < 1e-4
-    assert sorted(ref_routes) == [r.layer for r in out.routes]
-    for r in out.routes:
-        ref_idx, ref_w = ref_routes[r.layer]
-        for t in range(T):
-            ours = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
-            theirs = dict(zip(ref_idx[t].tolist(), ref_w[t].float().tolist()))
-            assert set(ours) == set(theirs), f"layer {r.layer} token {t}: {sorted(ours)} vs {sorted(theirs)}"
-            for e, w in ours.items():
-                assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
+    assert_matches_transformers(out, ref_logits, ref_routes)
 
 
 def test_selection_order_is_best_first(tmp_path):

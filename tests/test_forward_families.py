@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import moetool
-from fakes import build_transformers_model
+from fakes import assert_matches_transformers, build_transformers_model
 from moetool.forward import run_forward
 from moetool.source import resolve
 
@@ -161,18 +161,7 @@ CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 def test_trace_matches_transformers(name, seed, family_checkpoint):
     d, ids, ref_logits, ref_routes, _ = family_checkpoint(name, seed)
     out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
-    diff = (out.logits - ref_logits).abs().max().item()
-    assert diff < 1e-4, f"logits differ by {diff}"
-    assert sorted(ref_routes) == [r.layer for r in out.routes]
-    for r in out.routes:
-        ref_idx, ref_w = ref_routes[r.layer]
-        ref_idx, ref_w = ref_idx.reshape(len(ids), -1), ref_w.reshape(len(ids), -1)
-        for t in range(len(ids)):
-            ours = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
-            theirs = dict(zip(ref_idx[t].tolist(), ref_w[t].tolist()))
-            assert set(ours) == set(theirs), f"layer {r.layer} token {t}: {sorted(ours)} vs {sorted(theirs)}"
-            for e, w in ours.items():
-                assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
+    assert_matches_transformers(out, ref_logits, ref_routes)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fakes import LLAMA4_MULTIMODAL, TINY_CONFIGS, build_transformers_model, randomize_biases, transformers_routes
+from fakes import (LLAMA4_MULTIMODAL, TINY_CONFIGS, assert_matches_transformers, build_transformers_model,
+                   randomize_biases, transformers_routes)
 from moetool.errors import MoetoolError
 from moetool.forward import run_forward
 from moetool.source import resolve
@@ -43,17 +44,7 @@ def _edit_config(directory, edit) -> None:
 
 
 def assert_matches(out, ref_logits, ref_routes, tol: float = 1e-4) -> None:
-    diff = (out.logits - ref_logits).abs().max().item()
-    assert diff < tol, f"logits differ by {diff}"
-    assert sorted(ref_routes) == [r.layer for r in out.routes]
-    for r in out.routes:
-        ref_idx, ref_w = ref_routes[r.layer]
-        for t in range(r.experts.shape[0]):
-            ours = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
-            theirs = dict(zip(ref_idx[t].tolist(), ref_w[t].float().tolist()))
-            assert set(ours) == set(theirs), f"layer {r.layer} token {t}: {sorted(ours)} vs {sorted(theirs)}"
-            for e, w in ours.items():
-                assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
+    assert_matches_transformers(out, ref_logits, ref_routes, tol=tol)
 
 
 def check(config: dict, directory, seed: int = 0, edit=None):

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import moetool
-from fakes import build_transformers_model, randomize_biases, transformers_param_count, transformers_routes
+from fakes import (assert_matches_transformers, build_transformers_model, randomize_biases, transformers_param_count,
+                   transformers_routes)
 from moetool.forward import run_forward
 from moetool.source import resolve
 
@@ -158,17 +159,7 @@ def test_trace_of_runtime_layout(name, hybrid_checkpoint):
 
 
 def _assert_same(out, ref_logits, ref_routes):
-    assert ref_logits.abs().max() > 0.1  # the comparison is not between two near-zero tensors
-    assert (out.logits - ref_logits).abs().max().item() < 1e-4
-    assert sorted(ref_routes) == [r.layer for r in out.routes] and ref_routes
-    for r in out.routes:
-        ref_idx, ref_w = ref_routes[r.layer]
-        for t in range(T):
-            ours = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
-            theirs = dict(zip(ref_idx[t].tolist(), ref_w[t].float().tolist()))
-            assert set(ours) == set(theirs), f"layer {r.layer} token {t}: {sorted(ours)} vs {sorted(theirs)}"
-            for e, w in ours.items():
-                assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
+    assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True)
 
 
 @pytest.mark.parametrize("name", sorted(HYBRID_CONFIGS))

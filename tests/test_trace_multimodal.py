@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import moetool
 from census_reference import _merge, shrunk_config
-from fakes import randomize_biases
+from fakes import assert_matches_transformers, randomize_biases
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -133,18 +133,7 @@ def mm_checkpoint(tmp_path_factory):
 
 
 def _assert_same(out, ref_logits, ref_routes, scale: float = 1.0) -> None:
-    assert ref_logits.abs().max() > 0.1  # not a comparison of two near-zero tensors
-    diff = (out.logits - ref_logits).abs().max().item()
-    assert diff < 1e-4, f"logits differ by {diff}"
-    assert ref_routes and sorted(ref_routes) == [r.layer for r in out.routes]
-    for r in out.routes:
-        ref_idx, ref_w = (t.reshape(T, -1) for t in ref_routes[r.layer])
-        for t in range(T):
-            ours = dict(zip(r.experts[t].tolist(), r.weights[t].tolist()))
-            theirs = dict(zip(ref_idx[t].tolist(), (ref_w[t] * scale).tolist()))
-            assert set(ours) == set(theirs), f"layer {r.layer} token {t}: {sorted(ours)} vs {sorted(theirs)}"
-            for e, w in ours.items():
-                assert abs(w - theirs[e]) < 1e-5, (r.layer, t, e, w, theirs[e])
+    assert_matches_transformers(out, ref_logits, ref_routes, scale=scale, nonzero=True)
 
 
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
