@@ -11,13 +11,12 @@ weights (1e-5) for every token, read by a pre-hook on transformers' experts modu
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fakes import assert_matches_transformers
 from moetool.errors import BadConfig
 from moetool.forward import run_forward
 from moetool.source import resolve
-from test_trace_text_families import _build, randomize, routes_and_logits
+from test_trace_text_families import build_case
 
 _C = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=128, num_hidden_layers=4,
           max_position_embeddings=256, initializer_range=0.2)
@@ -52,7 +51,6 @@ FAMILIES: dict[str, dict] = {
                          **_MLA, **_C),
 }
 SEEDS = (0, 1)
-T = 40
 
 
 @pytest.fixture(scope="session")
@@ -62,13 +60,7 @@ def gap_family(tmp_path_factory):
 
     def get(name: str, seed: int):
         if (name, seed) not in cache:
-            model = _build(FAMILIES[name], seed).eval()
-            randomize(model, seed)
-            d = tmp_path_factory.mktemp(f"{name}-{seed}")
-            model.save_pretrained(d)
-            ids = torch.randint(0, FAMILIES[name]["vocab_size"], (1, T), generator=torch.Generator().manual_seed(seed))
-            logits, routes = routes_and_logits(model, ids)
-            cache[name, seed] = (d, ids[0].tolist(), logits, routes, model)
+            cache[name, seed] = build_case(tmp_path_factory, FAMILIES[name], name, seed)
         return cache[name, seed]
 
     return get

@@ -165,6 +165,18 @@ def randomize(model, seed: int) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
+def build_case(tmp_path_factory, config: dict, name: str, seed: int) -> tuple:
+    """transformers' model of `config` (seeded, randomised), saved: (directory, T token ids, reference
+    logits, reference routes, the model). Also used by tests/test_trace_gap_families.py."""
+    model = _build(config, seed).eval()
+    randomize(model, seed)
+    d = tmp_path_factory.mktemp(f"{name}-{seed}")
+    model.save_pretrained(d)
+    ids = torch.randint(0, config["vocab_size"], (1, T), generator=torch.Generator().manual_seed(seed))
+    logits, routes = routes_and_logits(model, ids)
+    return d, ids[0].tolist(), logits, routes, model
+
+
 @pytest.fixture(scope="session")
 def text_family(tmp_path_factory):
     """text_family(name, seed) -> (directory, ids, reference logits, reference routes), built once."""
@@ -172,13 +184,7 @@ def text_family(tmp_path_factory):
 
     def get(name: str, seed: int):
         if (name, seed) not in cache:
-            model = _build(FAMILIES[name], seed).eval()
-            randomize(model, seed)
-            d = tmp_path_factory.mktemp(f"{name}-{seed}")
-            model.save_pretrained(d)
-            ids = torch.randint(0, FAMILIES[name]["vocab_size"], (1, T), generator=torch.Generator().manual_seed(seed))
-            logits, routes = routes_and_logits(model, ids)
-            cache[name, seed] = (d, ids[0].tolist(), logits, routes)
+            cache[name, seed] = build_case(tmp_path_factory, FAMILIES[name], name, seed)[:4]
         return cache[name, seed]
 
     return get

@@ -70,13 +70,7 @@ def adapt(cfg: Cfg, model_type: str = "bailing_hybrid") -> ModelSpec:
             layer = LayerSpec(index=i, mixer="kda", moe=is_moe, state_elems=(K - 1) * 3 * q + lin_heads * hd * hd)
         inv.norm(f"layers.{i}.input_norm", d, i)
         inv.norm(f"layers.{i}.post_attention_norm", d, i)
-        if is_moe:
-            inv.linear(f"layers.{i}.router", "router", E, d, i)
-            inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E)
-            if shared:
-                inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, F * shared, i)
-        else:
-            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i)
+        common.ffn(inv, cfg, i, d, is_moe, E, F, F * shared)
         layers.append(layer)
     common.embed_and_head(inv, cfg, vocab, d, tie)
     return ModelSpec(model_type=model_type, family="bailing_hybrid", hidden_size=d, vocab_size=vocab, num_layers=n_layers,

@@ -43,6 +43,18 @@ def embed_and_head(inv: Inventory, cfg: Cfg, vocab: int, d: int, tie: bool, *, h
         inv.add("lm_head.bias", "lm_head", (vocab,))
 
 
+def ffn(inv: Inventory, cfg: Cfg, i: int, d: int, moe: bool, E: int, F: int, shared_f: int = 0) -> None:
+    """Layer i's FFN under canonical names: a router, E gated experts of width F and, when `shared_f`,
+    one gated shared expert of that width, if `moe`; else a dense gated MLP of `intermediate_size`."""
+    if moe:
+        inv.linear(f"layers.{i}.router", "router", E, d, i)
+        inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E)
+        if shared_f:
+            inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, shared_f, i)
+    else:
+        inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i)
+
+
 def tie_embeddings(cfg: Cfg, default: bool = False) -> bool:
     return cfg.bool("tie_word_embeddings", default)
 

@@ -99,9 +99,7 @@ def adapt(cfg: Cfg, model_type: str = "deepseek_v4") -> ModelSpec:
                 compressed += ihd // rate
         inv.norm(f"layers.{i}.input_norm", d, i)
         inv.norm(f"layers.{i}.post_attention_norm", d, i)
-        inv.linear(f"layers.{i}.router", "router", E, d, i)
-        inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E)
-        inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, F, i)
+        common.ffn(inv, cfg, i, d, True, E, F, F)
         for mixer in ("attn_hc", "ffn_hc"):
             inv.add(f"layers.{i}.{mixer}.fn", "norms", ((2 + hc) * hc, hc * d), i, matmul=True)
             inv.add(f"layers.{i}.{mixer}.base", "norms", ((2 + hc) * hc,), i)

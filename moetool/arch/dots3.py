@@ -112,12 +112,7 @@ def adapt(cfg: Cfg, model_type: str = "dots3_note_text") -> ModelSpec:
         inv.norm(f"layers.{i}.input_norm", d, i)
         inv.norm(f"layers.{i}.post_attention_norm", d, i)
         is_moe = mlp_types[i] == "sparse"
-        if is_moe:
-            inv.linear(f"layers.{i}.router", "router", E, d, i)
-            inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E)
-            inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, shared_f, i)
-        else:
-            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i)  # no bias
+        common.ffn(inv, cfg, i, d, is_moe, E, F, shared_f)  # no biases
         layers.append(replace(layer, moe=is_moe, window=window if types[i] == "sliding_attention" else None))
     common.embed_and_head(inv, cfg, vocab, d, tie)
     return ModelSpec(model_type=model_type, family="dots3", hidden_size=d, vocab_size=vocab, num_layers=n_layers,

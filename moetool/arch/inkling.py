@@ -165,8 +165,7 @@ def adapt2(cfg: Cfg, model_type: str = "inkling2_text") -> ModelSpec:
         if i > 0:  # block attention residual queries (counted with the norms, as the hyper-connections)
             inv.add(f"layers.{i}.attention_input.query", "norms", (d,) if sliding else (3, d), i)
         inv.add(f"layers.{i}.mlp_input.query", "norms", (d,), i)
-        inv.linear(f"layers.{i}.router", "router", E, d, i)
-        inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E)
+        common.ffn(inv, cfg, i, d, True, E, F)
         layer = common.gqa_layer(i, heads, kv, hd, True, window=window if sliding else None)
         layers.append(LayerSpec(index=i, mixer="attention", moe=True, kv_per_token=layer.kv_per_token,
                                 window=layer.window, attn_flops_per_ctx=layer.attn_flops_per_ctx,

@@ -79,13 +79,7 @@ def adapt(cfg: Cfg, model_type: str = "mistral_large4_text") -> ModelSpec:
         inv.norm(f"layers.{i}.input_norm", d, i)
         inv.norm(f"layers.{i}.post_attention_norm", d, i)
         is_moe = mlp_types[i] == "sparse"
-        if is_moe:
-            inv.linear(f"layers.{i}.router", "router", E, d, i)
-            inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E)
-            if shared:
-                inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, F * shared, i)
-        else:
-            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i)
+        common.ffn(inv, cfg, i, d, is_moe, E, F, F * shared)
         # the latent cache (owned layers only) as DeepSeek's MLA; per-head K and V decompressed
         own = sources[i] == i
         layers.append(LayerSpec(index=i, mixer="mla", moe=is_moe, kv_per_token=kv_lora + r if own else 0,
