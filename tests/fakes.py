@@ -11,6 +11,10 @@ from pathlib import Path
 
 from moetool.header import DTYPE_BITS
 
+# The device moetool's forward runs on in the tests: `MOETOOL_TEST_DEVICE=cuda pytest ...` runs the
+# forward, trace, profile and quantize-report tests on a GPU (transformers, the reference, stays on CPU).
+DEVICE = os.environ.get("MOETOOL_TEST_DEVICE", "cpu")
+
 _C = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_hidden_layers=2,
           max_position_embeddings=256)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_tokenizer
-from fakes import build_transformers_model
+from fakes import DEVICE, build_transformers_model
 from test_bad_input import run_cli
 
 ROOT = Path(__file__).parents[1]
@@ -149,9 +149,9 @@ def test_layers_stop_the_forward():
     import moetool
 
     seen = []
-    t = moetool.trace(tokens=[1, 2, 3], layers={1}, device="cpu", progress=lambda d, n: seen.append((d, n)))
+    t = moetool.trace(tokens=[1, 2, 3], layers={1}, device=DEVICE, progress=lambda d, n: seen.append((d, n)))
     assert [l.layer for l in t.layers] == [1] and seen[-1] == (2, 2)  # layers 0 and 1 of 4, then stop
-    full = moetool.trace(tokens=[1, 2, 3], device="cpu")
+    full = moetool.trace(tokens=[1, 2, 3], device=DEVICE)
     assert t.layers[0].experts == full.layers[1].experts
 
 
@@ -361,9 +361,9 @@ def test_python_api():
             obj = getattr(obj, attr)
     r = moetool.count("deepseek-v3")
     assert len(repr(r)) < 300 and "671" in repr(r) and "<table>" in r._repr_html_()
-    t = moetool.trace(tokens=list(range(1, 200)), device="cpu")
+    t = moetool.trace(tokens=list(range(1, 200)), device=DEVICE)
     assert len(repr(t)) < 300 and len(repr(t.layers[0])) < 100 and "TraceReport" in t._repr_html_()
-    c = moetool.trace_many(["def add", "import os"], device="cpu")
+    c = moetool.trace_many(["def add", "import os"], device=DEVICE)
     assert len(repr(c)) < 300 and "prompts=2" in repr(c)
 
 
@@ -376,21 +376,21 @@ def test_plot_readable_at_many_experts_and_long_prompts(wide_ckpt, tmp_path):
     import moetool
     from moetool.plot import plot_trace
 
-    long = moetool.trace(model=str(wide_ckpt), tokens=[i % 120 + 1 for i in range(200)], device="cpu")
+    long = moetool.trace(model=str(wide_ckpt), tokens=[i % 120 + 1 for i in range(200)], device=DEVICE)
     png = tmp_path / "long.png"
     plot_trace(long, str(png))
     w, h = Image.open(png).size
     assert w <= 1920 and h <= 1440  # before: 0.35 in per expert, 0.22 in per token, at 150 dpi
     with matplotlib.rc_context({"svg.fonttype": "none"}):  # keep text as text to read it back
         svg = tmp_path / "short.svg"
-        plot_trace(moetool.trace(model=str(wide_ckpt), tokens=[5, 6, 7], device="cpu"), str(svg))
+        plot_trace(moetool.trace(model=str(wide_ckpt), tokens=[5, 6, 7], device=DEVICE), str(svg))
         text = svg.read_text()
         assert str(wide_ckpt) in text and "top-8 of 128 experts" in text
         assert "gate weight" in text and "first-choice expert" not in text  # no 128 categorical colours
-        few = moetool.trace(tokens=[1, 2, 3], device="cpu")  # 8 experts: one colour each
+        few = moetool.trace(tokens=[1, 2, 3], device=DEVICE)  # 8 experts: one colour each
         plot_trace(few, str(svg))
         assert "first-choice expert" in svg.read_text() and "moetool-default" in svg.read_text()
-        corpus = moetool.trace_many(["def add", "import os", "The fox"], model=str(wide_ckpt), device="cpu")
+        corpus = moetool.trace_many(["def add", "import os", "The fox"], model=str(wide_ckpt), device=DEVICE)
         plot_trace(corpus, str(svg))
         text = svg.read_text()
         assert "3 prompts pooled" in text and "experts sorted by load" in text
@@ -419,7 +419,7 @@ def test_generate_reports_progress():
     import moetool
 
     calls = []
-    moetool.trace(tokens=[5, 6], generate=2, device="cpu", progress=lambda d, n: calls.append((d, n)))
+    moetool.trace(tokens=[5, 6], generate=2, device=DEVICE, progress=lambda d, n: calls.append((d, n)))
     assert calls[:2] == [(1, 2), (2, 2)] and calls[-1] == (4, 4) and all(n for _, n in calls)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from moetool.source import default_model_dir
 from test_bad_input import run_cli
+from fakes import DEVICE
 
 PROBE = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"
 
@@ -35,7 +36,7 @@ def test_same_logits_as_transformers():
     ids = Tokenizer.from_file(str(d / "tokenizer.json")).encode(PROBE).ids
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
-    ours = run_forward(resolve(None), ids, device="cpu")
+    ours = run_forward(resolve(None), ids, device=DEVICE)
     assert (ours.logits - ref).abs().max().item() < 1e-4
     assert int(ours.logits[-1].argmax()) == int(ref[-1].argmax())
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import moetool
-from fakes import assert_matches_transformers, build_transformers_model
+from fakes import DEVICE, assert_matches_transformers, build_transformers_model
 from moetool.forward import run_forward
 from moetool.source import resolve
 
@@ -160,7 +160,7 @@ CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, family_checkpoint):
     d, ids, ref_logits, ref_routes, _ = family_checkpoint(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fakes import (LLAMA4_MULTIMODAL, TINY_CONFIGS, assert_matches_transformers, build_transformers_model,
+from fakes import (DEVICE, LLAMA4_MULTIMODAL, TINY_CONFIGS, assert_matches_transformers, build_transformers_model,
                    randomize_biases, transformers_routes)
 from moetool.errors import MoetoolError
 from moetool.forward import run_forward
@@ -53,7 +53,7 @@ def check(config: dict, directory, seed: int = 0, edit=None):
         _edit_config(directory, edit)
     ids = _tokens(model, seed)
     ref_logits, ref_routes = transformers_routes(model, ids)
-    out = run_forward(resolve(str(directory)), ids[0].tolist(), dtype="float32", device="cpu")
+    out = run_forward(resolve(str(directory)), ids[0].tolist(), dtype="float32", device=DEVICE)
     assert_matches(out, ref_logits, ref_routes)
     return out
 
@@ -70,7 +70,7 @@ def test_missing_lm_head_is_an_error_unless_tied(tmp_path):
     del weights["lm_head.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MoetoolError, match="lm_head"):
-        run_forward(resolve(str(tmp_path)), [1, 2, 3], device="cpu")
+        run_forward(resolve(str(tmp_path)), [1, 2, 3], device=DEVICE)
 
 
 # 2. fp8 block dequantisation reads `weight_block_size`, as transformers' finegrained-fp8 code does.
@@ -120,7 +120,7 @@ def test_fp8_block_size_from_quantization_config(tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
     ids = _tokens(reference)
     ref_logits, ref_routes = transformers_routes(reference, ids)
-    out = run_forward(resolve(str(fp8_dir)), ids[0].tolist(), dtype="float32", device="cpu")
+    out = run_forward(resolve(str(fp8_dir)), ids[0].tolist(), dtype="float32", device=DEVICE)
     assert_matches(out, ref_logits, ref_routes)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fakes import FORWARD_FAMILY_CONFIGS, build_transformers_model, randomize_biases
+from fakes import DEVICE, FORWARD_FAMILY_CONFIGS, build_transformers_model, randomize_biases
 from moetool.forward import FORWARD_FAMILIES
 from moetool.arch import spec_from_config
 from moetool.forward.cache import generate, no_cache_reason
@@ -96,8 +96,8 @@ def test_every_forward_family_is_covered():
 def test_cached_generation_equals_recompute(name, generate_checkpoint):
     d, ids, _ = generate_checkpoint(name)
     ckpt = resolve(str(d))
-    cached = generate(ckpt, ids, NEW, device="cpu")
-    full = generate(ckpt, ids, NEW, device="cpu", use_cache=False)
+    cached = generate(ckpt, ids, NEW, device=DEVICE)
+    full = generate(ckpt, ids, NEW, device=DEVICE, use_cache=False)
     fc = forward_config(spec_from_config(ckpt.config, ckpt.config_path), ckpt.config)
     reason = no_cache_reason(fc, PROMPT, PROMPT + NEW)  # attention the cache does not hold: recompute, said so
     assert cached.cached == (reason is None) and not full.cached
@@ -124,7 +124,7 @@ def test_generated_ids_equal_transformers_generate(name, generate_checkpoint):
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, use_cache=True,
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
-    ours = generate(resolve(str(d)), ids, NEW, device="cpu")
+    ours = generate(resolve(str(d)), ids, NEW, device=DEVICE)
     assert ours.cached
     assert ours.ids == ref[0].tolist()
 
@@ -134,9 +134,9 @@ def test_longrope_past_its_original_context_recomputes(generate_checkpoint):
     earlier key changes, so generation across that length recomputes and says so."""
     d, _, _ = generate_checkpoint("phimoe-longrope")
     ids = list(range(1, 62))
-    gen = generate(resolve(str(d)), ids, 4, device="cpu")
+    gen = generate(resolve(str(d)), ids, 4, device=DEVICE)
     assert not gen.cached and "longrope RoPE frequencies change between 61 and 65 tokens" in gen.note
-    short = generate(resolve(str(d)), ids[:20], 4, device="cpu")
+    short = generate(resolve(str(d)), ids[:20], 4, device=DEVICE)
     assert short.cached
 
 
@@ -144,11 +144,11 @@ def test_trace_reports_which_path_ran(generate_checkpoint):
     import moetool
 
     d, ids, _ = generate_checkpoint("qwen3_moe")
-    cached = moetool.trace(tokens=ids, model=str(d), generate=3, device="cpu")
-    full = moetool.trace(tokens=ids, model=str(d), generate=3, device="cpu", kv_cache=False)
+    cached = moetool.trace(tokens=ids, model=str(d), generate=3, device=DEVICE)
+    full = moetool.trace(tokens=ids, model=str(d), generate=3, device=DEVICE, kv_cache=False)
     assert cached.notes[0].startswith("generated 3 tokens with a KV cache")
     assert full.notes[0].startswith("generated 3 tokens by recomputing")
     assert cached.to_dict()["notes"] == cached.notes
     assert [t.id for t in cached.tokens] == [t.id for t in full.tokens]
     assert [l.experts for l in cached.layers] == [l.experts for l in full.layers]
-    assert "notes" not in moetool.trace(tokens=ids, model=str(d), device="cpu").to_dict()
+    assert "notes" not in moetool.trace(tokens=ids, model=str(d), device=DEVICE).to_dict()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from fakes import TINY_CONFIGS, build_transformers_model, randomize_biases, transformers_routes
+from fakes import DEVICE, TINY_CONFIGS, build_transformers_model, randomize_biases, transformers_routes
 from gguf_convert import dequantized_model, write_gguf
 from moetool.forward import run_forward
 from moetool.source import resolve
@@ -43,8 +43,8 @@ def _same_routes(a, b, weights_tol=1e-5):
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe-bias", "deepseek_v2", "deepseek_v3", "gpt_oss"])
 def test_f32_gguf_traces_like_safetensors(tmp_path, name):
     _, _, st, path = _convert(tmp_path, name)
-    a = run_forward(resolve(str(st)), IDS, device="cpu")
-    b = run_forward(resolve(str(path)), IDS, device="cpu")
+    a = run_forward(resolve(str(st)), IDS, device=DEVICE)
+    b = run_forward(resolve(str(path)), IDS, device=DEVICE)
     _same_routes(a, b)
     assert (a.logits - b.logits).abs().max().item() < 1e-4
 
@@ -60,7 +60,7 @@ def test_per_expert_tensors_of_old_mixtral_files(tmp_path):
     r = moetool.count(str(path))
     assert r.total_params == transformers_param_count(model) and r.cross_check["match"]
     stacked = write_gguf(tmp_path / "stacked.gguf", model, CONFIGS["mixtral"], Q.Q8_0)[0]
-    a, b = run_forward(resolve(str(stacked)), IDS, device="cpu"), run_forward(resolve(str(path)), IDS, device="cpu")
+    a, b = run_forward(resolve(str(stacked)), IDS, device=DEVICE), run_forward(resolve(str(path)), IDS, device=DEVICE)
     _same_routes(a, b)
     assert torch.equal(a.logits, b.logits)
 
@@ -73,8 +73,8 @@ def test_deepseek_yarn(tmp_path):
     _, _, st, path = _convert(tmp_path, "deepseek_v3", cfg=cfg)
     rs = resolve(str(path)).config["rope_scaling"]
     assert (rs["rope_type"], rs["factor"], rs["mscale_all_dim"]) == ("yarn", 4.0, 1.0)
-    a = run_forward(resolve(str(st)), IDS, device="cpu")
-    b = run_forward(resolve(str(path)), IDS, device="cpu")
+    a = run_forward(resolve(str(st)), IDS, device=DEVICE)
+    b = run_forward(resolve(str(path)), IDS, device=DEVICE)
     _same_routes(a, b)
     assert (a.logits - b.logits).abs().max().item() < 1e-4
 
@@ -91,8 +91,8 @@ def test_mla_split_into_k_b_and_v_b(tmp_path, name):
     assert any(n.endswith("k_b_proj.weight") for n in ckpt.tensors) and not any("kv_b" in n for n in ckpt.tensors)
     r = moetool.count(str(path))
     assert r.total_params == transformers_param_count(model) and r.cross_check["match"]
-    a = run_forward(resolve(str(st)), IDS, device="cpu")
-    b = run_forward(ckpt, IDS, device="cpu")
+    a = run_forward(resolve(str(st)), IDS, device=DEVICE)
+    b = run_forward(ckpt, IDS, device=DEVICE)
     _same_routes(a, b)
     assert (a.logits - b.logits).abs().max().item() < 1e-4
 
@@ -102,8 +102,8 @@ def test_qwen3_moe_renormalises_like_llama_cpp(tmp_path):
     same experts, weights divided by their sum."""
     _, cfg, st, path = _convert(tmp_path, "qwen3_moe")
     assert not cfg.get("norm_topk_prob")
-    a = run_forward(resolve(str(st)), IDS, device="cpu")
-    b = run_forward(resolve(str(path)), IDS, device="cpu")
+    a = run_forward(resolve(str(st)), IDS, device=DEVICE)
+    b = run_forward(resolve(str(path)), IDS, device=DEVICE)
     x, y = a.routes[0], b.routes[0]  # (later layers see the first one's different output)
     assert torch.equal(x.experts, y.experts)
     assert torch.allclose(x.weights / x.weights.sum(-1, keepdim=True), y.weights, atol=1e-6)
@@ -129,7 +129,7 @@ def test_quantized_gguf_traces_like_its_dequantized_weights(tmp_path, name, qtyp
     ref_logits, ref_routes = transformers_routes(ref, torch.tensor([IDS]))
     ckpt = resolve(str(path))
     assert set(ckpt.stats.bytes_by_dtype()) >= {qtype.name} | ({expert_q.name} if expert_q else set())
-    out = run_forward(ckpt, IDS, device="cpu")
+    out = run_forward(ckpt, IDS, device=DEVICE)
     assert (out.logits - ref_logits).abs().max().item() < 1e-4
     for r in out.routes:
         idx, w = ref_routes[r.layer]
@@ -145,7 +145,7 @@ def test_quantized_gguf_traces_like_its_dequantized_weights(tmp_path, name, qtyp
 def test_only_the_chosen_experts_are_read(tmp_path):
     _, cfg, _, path = _convert(tmp_path, "mixtral-tied", Q.Q8_0, cfg=CONFIGS["mixtral-tied"])
     ckpt = resolve(str(path))
-    out = run_forward(ckpt, IDS[:1], device="cpu")  # one token: k of E experts per layer
+    out = run_forward(ckpt, IDS[:1], device=DEVICE)  # one token: k of E experts per layer
     experts = {n: t for n, t in ckpt.tensors.items() if ".mlp.experts." in n}
     total = sum(t.end - t.begin for t in ckpt.tensors.values())
     E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from fakes import DEVICE
 
 REPO = Path(__file__).parents[1]
 
@@ -442,7 +443,7 @@ def _trace_error(d: Path) -> str:
     from moetool.errors import MoetoolError
 
     with pytest.raises(MoetoolError) as e:
-        trace(tokens=[1, 2, 3, 4], model=str(d), device="cpu")
+        trace(tokens=[1, 2, 3, 4], model=str(d), device=DEVICE)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -512,7 +513,7 @@ def test_lm_head_is_streamed_in_row_blocks(monkeypatch):
     from moetool.source import resolve
 
     ids = [5, 17, 300, 2000, 9]
-    whole = run_forward(resolve(None), ids, device="cpu").logits
+    whole = run_forward(resolve(None), ids, device=DEVICE).logits
     monkeypatch.setattr(fm, "HEAD_BLOCK_BYTES", 100 * 128 * 4)  # blocks of 100 rows of the 2048
     converted = []
     real_linear = fm.linear
@@ -522,7 +523,7 @@ def test_lm_head_is_streamed_in_row_blocks(monkeypatch):
         return real_linear(x, w, b)
 
     monkeypatch.setattr(fm, "linear", spy)
-    blocked = run_forward(resolve(None), ids, device="cpu").logits
+    blocked = run_forward(resolve(None), ids, device=DEVICE).logits
     assert max(converted) <= 256  # experts (256 rows) and blocks of 100: never the 2048-row head
     assert torch_equal(whole, blocked)
 
@@ -540,7 +541,7 @@ def test_logits_too_large_for_memory_are_refused(monkeypatch):
     monkeypatch.setattr(fm, "HEAD_BLOCK_BYTES", 1024)
     monkeypatch.setattr(weights, "available_memory", lambda: 10_000)
     with pytest.raises(MoetoolError, match="more than the memory available"):
-        run_forward(resolve(None), [1, 2, 3], device="cpu", streaming=False)
+        run_forward(resolve(None), [1, 2, 3], device=DEVICE, streaming=False)
 
 
 def test_generate_checked_against_the_context_before_starting(tmp_path, monkeypatch):
@@ -550,7 +551,7 @@ def test_generate_checked_against_the_context_before_starting(tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(forward, "run_forward", lambda *a, **k: calls.append(1))
     with pytest.raises(MoetoolError, match="--generate 2000 makes 2003, more than the model's context"):
-        trace(tokens=[1, 2, 3], generate=2000, device="cpu")
+        trace(tokens=[1, 2, 3], generate=2000, device=DEVICE)
     assert not calls
 
 

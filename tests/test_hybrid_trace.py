@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import moetool
-from fakes import (assert_matches_transformers, build_transformers_model, randomize_biases, transformers_param_count,
+from fakes import (DEVICE, assert_matches_transformers, build_transformers_model, randomize_biases, transformers_param_count,
                    transformers_routes)
 from moetool.forward import run_forward
 from moetool.source import resolve
@@ -147,7 +147,7 @@ def hybrid_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, hybrid_checkpoint):
     d, ids, ref_logits, ref_routes, _, _ = hybrid_checkpoint(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu", streaming=True)
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE, streaming=True)
     _assert_same(out, ref_logits, ref_routes)
 
 
@@ -155,7 +155,7 @@ def test_trace_matches_transformers(name, seed, hybrid_checkpoint):
 def test_trace_of_runtime_layout(name, hybrid_checkpoint):
     """The same weights stored under transformers' in-memory names (state_dict) trace the same."""
     _, ids, ref_logits, ref_routes, _, runtime = hybrid_checkpoint(name, 0)
-    _assert_same(run_forward(resolve(str(runtime)), ids, dtype="float32", device="cpu"), ref_logits, ref_routes)
+    _assert_same(run_forward(resolve(str(runtime)), ids, dtype="float32", device=DEVICE), ref_logits, ref_routes)
 
 
 def _assert_same(out, ref_logits, ref_routes):

@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from moetool.metrics import binom_cdf, capacity_drops, layer_metrics, nmi
+from fakes import DEVICE
 
 
 def ref_balance(experts, E):
@@ -150,7 +151,7 @@ def test_trace_metrics_on_a_transformers_checkpoint(tiny_checkpoint):
     import moetool
 
     path, _ = tiny_checkpoint("deepseek_v3")
-    t = moetool.trace(model=str(path), tokens=list(range(2, 60)), device="cpu", capacity_factor=1.0)
+    t = moetool.trace(model=str(path), tokens=list(range(2, 60)), device=DEVICE, capacity_factor=1.0)
     prev = None
     for l in t.layers:
         m = l.metrics

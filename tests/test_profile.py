@@ -14,6 +14,7 @@ import pytest
 from moetool.errors import MoetoolError
 from moetool.metrics import layer_metrics
 from moetool.profile.stats import LayerSums, ProfileStats
+from fakes import DEVICE
 
 PROMPTS = [
     "def add(a, b): return a + b",
@@ -200,15 +201,15 @@ def test_profile_equals_independent_traces(name, tok_checkpoint, tmp_path):
 
     d = str(tok_checkpoint(name))
     pt = tmp_path / "tokens.parquet"
-    stats = profile(PROMPTS, model=d, block_tokens=40, device="cpu", per_token=str(pt))
+    stats = profile(PROMPTS, model=d, block_tokens=40, device=DEVICE, per_token=str(pt))
     rows = pq.read_table(pt).to_pandas()
     for i, text in enumerate(PROMPTS):
-        t = trace(text, model=d, device="cpu")
+        t = trace(text, model=d, device=DEVICE)
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
             assert np.allclose(got.weight.to_numpy().reshape(len(t.tokens), -1), l.weights, atol=1e-5)
-    corpus = trace_many(PROMPTS, model=d, device="cpu")
+    corpus = trace_many(PROMPTS, model=d, device=DEVICE)
     for l in corpus.layers:
         mine, ref = stats.layer_metrics(l["layer"]), l["metrics"]
         assert mine.keys() == ref.keys()
@@ -230,7 +231,7 @@ def test_profile_loads_equal_transformers_router(tok_checkpoint):
     from moetool.profile.engine import profile
 
     d = tok_checkpoint("qwen3_moe")
-    stats = profile(PROMPTS, model=str(d), block_tokens=64, device="cpu")
+    stats = profile(PROMPTS, model=str(d), block_tokens=64, device=DEVICE)
     model = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     loads = None
@@ -248,18 +249,18 @@ def test_resume_after_interruption_equals_uninterrupted(tok_checkpoint, tmp_path
     from moetool.profile.engine import profile
 
     d = str(tok_checkpoint("qwen3_moe"))
-    full = profile(PROMPTS, model=d, block_tokens=30, device="cpu", out=str(tmp_path / "full"))
+    full = profile(PROMPTS, model=d, block_tokens=30, device=DEVICE, out=str(tmp_path / "full"))
 
     def stop(block):
         if block == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        profile(PROMPTS, model=d, block_tokens=30, device="cpu", out=str(tmp_path / "run"), on_block=stop)
+        profile(PROMPTS, model=d, block_tokens=30, device=DEVICE, out=str(tmp_path / "run"), on_block=stop)
     state = json.loads((tmp_path / "run" / "partial" / "profile.json").read_text())["resume"]
     assert 0 < state["prompts_done"] < len(PROMPTS)
     assert not (tmp_path / "run" / "profile.json").exists()
-    resumed = profile(PROMPTS, model=d, block_tokens=30, device="cpu", out=str(tmp_path / "run"), resume=True)
+    resumed = profile(PROMPTS, model=d, block_tokens=30, device=DEVICE, out=str(tmp_path / "run"), resume=True)
     assert (tmp_path / "run" / "stats.safetensors").read_bytes() == (tmp_path / "full" / "stats.safetensors").read_bytes()
     assert resumed.meta == full.meta and not (tmp_path / "run" / "partial").exists()
 
@@ -284,7 +285,7 @@ def test_cli_profile_merge_show_plot(tok_checkpoint, tmp_path):
     assert json.loads(r.stdout) == json.loads((tmp_path / "a" / "profile.json").read_text())
     for part in ("all", "b"):
         profile(read_corpus(str(tmp_path / f"{part}.jsonl")), model=d, out=str(tmp_path / part), block_tokens=1000,
-                device="cpu")
+                device=DEVICE)
     whole = json.loads((tmp_path / "all" / "profile.json").read_text())
     assert whole["command"] == "profile" and whole["schema_version"] == 1 and whole["tokens"] > 0
     assert set(whole["domains"]) == {"code", "prose", ""}
@@ -304,7 +305,7 @@ def test_cli_profile_merge_show_plot(tok_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Hottest" in r.stdout and png.read_bytes()[:4] == b"\x89PNG"
     other = tok_checkpoint("gpt_oss")
-    profile(read_corpus(str(tmp_path / "a.jsonl")), model=str(other), out=str(tmp_path / "o"), device="cpu")
+    profile(read_corpus(str(tmp_path / "a.jsonl")), model=str(other), out=str(tmp_path / "o"), device=DEVICE)
     r = run_cli("merge", str(tmp_path / "a"), str(tmp_path / "o"), "-o", str(tmp_path / "bad"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "different models" in r.stderr
     assert not (tmp_path / "bad").exists()

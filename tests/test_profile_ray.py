@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes import DEVICE
 
 ray = pytest.importorskip("ray")
 
@@ -24,10 +25,10 @@ def test_ray_local_mode_equals_single_process(tiny_checkpoint, tmp_path):
     shutil.copytree(src, d)
     write_tokenizer(d)
     prompts = [Prompt(i, t, g) for i, (t, g) in enumerate(zip(PROMPTS, DOMAINS))]
-    single = profile(prompts, model=str(d), device="cpu", block_tokens=1000)
+    single = profile(prompts, model=str(d), device=DEVICE, block_tokens=1000)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        sharded = profile_on_ray(prompts, address="local", workers=2, model=str(d), device="cpu",
+        sharded = profile_on_ray(prompts, address="local", workers=2, model=str(d), device=DEVICE,
                                  block_tokens=1000, out=str(tmp_path / "out"))
     finally:
         ray.shutdown()

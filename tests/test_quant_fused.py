@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from test_bad_input import run_cli
+from fakes import DEVICE
 
 PROMPTS = ["def add(a, b): return a + b  # the quick brown fox", "import os, sys\nThe lazy dog.",
            "The quick brown fox jumps over the lazy dog. def f(x): return x * 2"]
@@ -40,7 +41,7 @@ def test_one_prompt_equals_the_calibration_path(tiny, tmp_path):
     from moetool.quant.report import quantize_report
 
     (tmp_path / "p.txt").write_text(PROMPTS[2])
-    kw = dict(schemes=["int8", "int4_g128", "nvfp4"], device="cpu")
+    kw = dict(schemes=["int8", "int4_g128", "nvfp4"], device=DEVICE)
     today = quantize_report(str(tiny), calibration=str(tmp_path / "p.txt"), calibration_tokens=10**6, **kw)
     fused = quantize_report(str(tiny), corpus=[PROMPTS[2]], **kw)
     assert today.calibration_tokens == fused.calibration_tokens > 16
@@ -93,7 +94,7 @@ def test_many_prompts_against_transformers(tiny, block_tokens):
     recomputed from transformers' forward and weights."""
     from moetool.quant.report import quantize_report
 
-    r = quantize_report(str(tiny), corpus=PROMPTS, schemes=["int4_g128"], layers={1}, device="cpu",
+    r = quantize_report(str(tiny), corpus=PROMPTS, schemes=["int4_g128"], layers={1}, device=DEVICE,
                         reservoir=10**6, block_tokens=block_tokens)
     checked = 0
     for e in range(8):

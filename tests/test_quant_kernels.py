@@ -10,6 +10,7 @@ import torch
 from moetool.quant import kernels as K
 from moetool.quant import schemes
 from moetool.quant.report import _errors, _stats
+from fakes import DEVICE
 
 
 def _blocks():
@@ -97,7 +98,7 @@ def test_compiled_report_equals_eager(tmp_path, monkeypatch):
                                           num_attention_heads=4, head_dim=32), seed=5).eval()
     model.to(torch.bfloat16).save_pretrained(tmp_path)
     write_tokenizer(tmp_path)
-    kw = dict(schemes=["int8", "nf4", "nvfp4"], device="cpu", calibration_tokens=96)
+    kw = dict(schemes=["int8", "nf4", "nvfp4"], device=DEVICE, calibration_tokens=96)
     runs = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("MOETOOL_QUANT_COMPILE", flag)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from test_bad_input import run_cli
+from fakes import DEVICE
 
 
 PLANT_LAYER = 1
@@ -34,7 +35,7 @@ def planted(tmp_path_factory):
     from tokenizers import Tokenizer
 
     ids = Tokenizer.from_file(str(d / "tokenizer.json")).encode(default_calibration_text()).ids[:256]
-    t = moetool.trace(model=str(d), tokens=ids, device="cpu")  # the tokens the report calibrates on
+    t = moetool.trace(model=str(d), tokens=ids, device=DEVICE)  # the tokens the report calibrates on
     busiest = max(range(8), key=lambda e: t.layers[PLANT_LAYER].metrics["load"][e])
     torch.manual_seed(7)
     with torch.no_grad():
@@ -51,7 +52,7 @@ def test_planted_expert_is_most_sensitive_and_gets_more_bits(planted):
 
     d, e = planted
     for weight_only in (False, True):
-        r = quantize_report(str(d), schemes=["int8", "int4_g128", "nf4"], budget_bits=5.0, device="cpu",
+        r = quantize_report(str(d), schemes=["int8", "int4_g128", "nf4"], budget_bits=5.0, device=DEVICE,
                             weight_only=weight_only)
         worst = r.worst("int4_g128", 3)
         assert (worst[0].layer, worst[0].expert) == (PLANT_LAYER, e), [(w.layer, w.expert) for w in worst]
@@ -76,7 +77,7 @@ def test_activation_error_recomputed(planted):
     from moetool.quant.report import quantize_report
 
     planted = planted[0]
-    r = quantize_report(str(planted), schemes=["int4_g128"], layers={0}, experts={2}, device="cpu",
+    r = quantize_report(str(planted), schemes=["int4_g128"], layers={0}, experts={2}, device=DEVICE,
                         calibration_tokens=200)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(planted), dtype=torch.float32).eval()
     ids = Tokenizer.from_file(str(planted / "tokenizer.json")).encode(default_calibration_text()).ids[:200]
@@ -235,7 +236,7 @@ def test_report_digits_unchanged(planted, monkeypatch, capsys):
     from moetool.quant import report as R
     from moetool.render import render_quant
 
-    kw = dict(schemes=["int8", "nf4", "mxfp4", "nvfp4"], layers={1}, device="cpu", calibration_tokens=128)
+    kw = dict(schemes=["int8", "nf4", "mxfp4", "nvfp4"], layers={1}, device=DEVICE, calibration_tokens=128)
     new = R.quantize_report(str(planted[0]), **kw)
     render_quant(new)
     new_text = capsys.readouterr().out

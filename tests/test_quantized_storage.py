@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import moetool
-from fakes import build_transformers_model, randomize_biases, transformers_routes, write_header_only
+from fakes import DEVICE, build_transformers_model, randomize_biases, transformers_routes, write_header_only
 from moetool.quant.schemes import E2M1_GRID, mxfp4
 
 REPO = Path(__file__).parents[1]
@@ -87,7 +87,7 @@ def test_mxfp4_forward_matches_dequantised_transformers(gpt_oss_mxfp4):
                 getattr(layer.mlp.experts, proj).copy_(deq)
     ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(1))
     ref_logits, ref_routes = transformers_routes(model, ids)
-    out = run_forward(resolve(str(d)), ids[0].tolist(), device="cpu")
+    out = run_forward(resolve(str(d)), ids[0].tolist(), device=DEVICE)
     assert (out.logits - ref_logits).abs().max().item() < 1e-4
     for r in out.routes:
         assert torch.equal(r.experts.sort(-1).values, ref_routes[r.layer][0].sort(-1).values)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import write_tokenizer
-from fakes import build_transformers_model, randomize_biases, transformers_routes
+from fakes import DEVICE, build_transformers_model, randomize_biases, transformers_routes
 from test_bad_input import run_cli
 
 
@@ -62,7 +62,7 @@ def test_trace_dataframe(qwen_ckpt):
     import moetool
 
     d, _ = qwen_ckpt
-    t = moetool.trace(model=str(d), tokens=[1, 2, 3, 4], device="cpu")
+    t = moetool.trace(model=str(d), tokens=[1, 2, 3, 4], device=DEVICE)
     df = t.to_dataframe()
     assert list(df.columns) == ["prompt_index", "layer", "token_index", "token_id", "token", "generated", "slot",
                                 "expert", "weight"]

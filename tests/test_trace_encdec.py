@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import moetool
-from fakes import randomize_biases
+from fakes import DEVICE, randomize_biases
 from moetool.forward.encdec import run_encdec
 from moetool.source import resolve
 
@@ -141,7 +141,7 @@ def encdec_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_encdec_forward_matches_transformers(name, seed, encdec_checkpoint):
     d, enc, dec, ref_logits, ref_routes = encdec_checkpoint(name, seed)
-    out = run_encdec(resolve(str(d)), enc, dec, device="cpu", streaming=True)
+    out = run_encdec(resolve(str(d)), enc, dec, device=DEVICE, streaming=True)
     assert ref_logits.abs().max() > 0.1
     assert (out.logits - ref_logits).abs().max().item() < 1e-4
     n_enc = CONFIGS[name].get("num_layers", CONFIGS[name].get("encoder_layers"))
@@ -164,7 +164,7 @@ def test_capacity_drops_tokens_as_transformers_does(encdec_checkpoint):
     for seed in (0, 1):
         d, enc, dec, _, ref_routes = encdec_checkpoint("switch-capacity", seed)
         assert any(not s for sets, _ in ref_routes.values() for s in sets)  # transformers dropped some
-        out = run_encdec(resolve(str(d)), enc, dec, device="cpu")
+        out = run_encdec(resolve(str(d)), enc, dec, device=DEVICE)
         assert sum(len(r.dropped) for r in out.routes) == sum(not s for sets, _ in ref_routes.values() for s in sets)
 
 
@@ -173,7 +173,7 @@ def test_nllb_second_choices_dropped(encdec_checkpoint):
     dropped = 0
     for seed in (0, 1):
         d, enc, dec, _, _ = encdec_checkpoint("nllb-options", seed)
-        dropped += sum(len(r.dropped) for r in run_encdec(resolve(str(d)), enc, dec, device="cpu").routes)
+        dropped += sum(len(r.dropped) for r in run_encdec(resolve(str(d)), enc, dec, device=DEVICE).routes)
     assert dropped > 0
 
 
@@ -193,7 +193,7 @@ def test_transformers_nllb_experts_ignore_the_router():
 
 def test_trace_reports_both_stacks(encdec_checkpoint):
     d, enc, dec, ref_logits, _ = encdec_checkpoint("switch-capacity", 0)
-    rep = moetool.trace(model=str(d), tokens=enc, decoder_tokens=dec[1:], device="cpu")
+    rep = moetool.trace(model=str(d), tokens=enc, decoder_tokens=dec[1:], device=DEVICE)
     assert [t.id for t in rep.tokens] == enc and [t.id for t in rep.decoder_tokens] == dec
     assert (rep.logits - ref_logits).abs().max().item() < 1e-4
     stacks = {l.stack for l in rep.layers}
@@ -209,7 +209,7 @@ def test_trace_reports_both_stacks(encdec_checkpoint):
 
 def test_trace_generates_decoder_tokens_greedily(encdec_checkpoint):
     d, enc, dec, _, _ = encdec_checkpoint("nllb", 1)
-    rep = moetool.trace(model=str(d), tokens=enc, generate=3, device="cpu")
+    rep = moetool.trace(model=str(d), tokens=enc, generate=3, device=DEVICE)
     model = _build("nllb", 1)
     ids = [dec[0]]
     for _ in range(3):
@@ -285,7 +285,7 @@ def jetmoe_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("seed", (0, 1))
 def test_jetmoe_attention_router_matches_transformers(seed, jetmoe_checkpoint):
     d, ids, ref_logits, ref = jetmoe_checkpoint(seed)
-    rep = moetool.trace(model=str(d), tokens=ids, device="cpu")
+    rep = moetool.trace(model=str(d), tokens=ids, device=DEVICE)
     assert (rep.logits - ref_logits).abs().max().item() < 1e-4
     attn = [l for l in rep.layers if l.kind == "attention"]
     assert [l.layer for l in attn] == sorted(ref) == [0, 1, 2]
@@ -305,7 +305,7 @@ def test_jetmoe_attention_router_matches_transformers(seed, jetmoe_checkpoint):
     assert all(r["layer"] in (0, 1, 2) for r in rep.rows()) and len(list(rep.rows())) == 3 * len(ids) * 2
     # the summary is the FFN routers' (as before); the attention routers have their own metrics
     assert rep.summary["max_mean_ratio"]["worst_layer"] in (0, 1, 2)
-    logits_js = moetool.trace(model=str(d), tokens=ids, device="cpu", router_logits=True).to_dict()
+    logits_js = moetool.trace(model=str(d), tokens=ids, device=DEVICE, router_logits=True).to_dict()
     assert all(len(l["router_logits"]) == len(ids) for l in logits_js["layers"])
 
 
@@ -315,7 +315,7 @@ def test_diff_keeps_routers_and_stacks_apart(encdec_checkpoint, jetmoe_checkpoin
     from moetool.diff import diff_traces
 
     d, ids, _, _ = jetmoe_checkpoint(0)
-    a = moetool.trace(model=str(d), tokens=ids, device="cpu").to_dict()
+    a = moetool.trace(model=str(d), tokens=ids, device=DEVICE).to_dict()
     b = json.loads(json.dumps(a))
     attn1 = next(l for l in b["layers"] if l.get("kind") == "attention" and l["layer"] == 1)
     attn1["experts"][0] = [e for e in range(4) if e not in attn1["experts"][0]][:2]
@@ -325,9 +325,9 @@ def test_diff_keeps_routers_and_stacks_apart(encdec_checkpoint, jetmoe_checkpoin
     assert all(not v for k, v in changed.items() if k != (1, "attention"))
 
     d, enc, dec, _, _ = encdec_checkpoint("nllb", 0)
-    a = moetool.trace(model=str(d), tokens=enc, decoder_tokens=dec[1:], device="cpu").to_dict()
+    a = moetool.trace(model=str(d), tokens=enc, decoder_tokens=dec[1:], device=DEVICE).to_dict()
     rep = diff_traces(a, json.loads(json.dumps(a)))
     assert {l["stack"] for l in rep.layers} == {"encoder", "decoder"} and rep.summary["changed_assignments"] == 0
-    other = moetool.trace(model=str(d), tokens=enc, decoder_tokens=dec[2:], device="cpu").to_dict()
+    other = moetool.trace(model=str(d), tokens=enc, decoder_tokens=dec[2:], device=DEVICE).to_dict()
     with pytest.raises(moetool.errors.MoetoolError, match="decoder tokens"):
         diff_traces(a, other)

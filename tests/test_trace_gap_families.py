@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from fakes import assert_matches_transformers
+from fakes import DEVICE, assert_matches_transformers
 from moetool.errors import BadConfig
 from moetool.forward import run_forward
 from moetool.source import resolve
@@ -72,7 +72,7 @@ CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, gap_family):
     d, ids, ref_logits, ref_routes, _ = gap_family(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, varied="every")
 
 
@@ -91,7 +91,7 @@ def test_glm_moe_dsa_shared_layers_reuse_the_full_layers_keys(gap_family):
 
     model_mod.sparse_attention_keep = half_layout
     try:
-        wrong = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu").logits
+        wrong = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE).logits
     finally:
         model_mod.sparse_attention_keep = real
     assert (wrong - ref_logits).abs().max().item() > 1e-3

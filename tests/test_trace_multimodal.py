@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import moetool
 from census_reference import _merge, shrunk_config
-from fakes import assert_matches_transformers, randomize_biases
+from fakes import DEVICE, assert_matches_transformers, randomize_biases
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -139,14 +139,14 @@ def _assert_same(out, ref_logits, ref_routes, scale: float = 1.0) -> None:
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, mm_checkpoint):
     d, _, ids, logits, routes, _, scale = mm_checkpoint(name, seed)
-    _assert_same(run_forward(resolve(str(d)), ids, dtype="float32", device="cpu", streaming=True), logits, routes, scale)
+    _assert_same(run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE, streaming=True), logits, routes, scale)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_trace_of_runtime_layout(name, mm_checkpoint):
     """The same weights under transformers' in-memory names (model.language_model.*, fused experts)."""
     _, runtime, ids, logits, routes, _, scale = mm_checkpoint(name, 0)
-    _assert_same(run_forward(resolve(str(runtime)), ids, dtype="float32", device="cpu"), logits, routes, scale)
+    _assert_same(run_forward(resolve(str(runtime)), ids, dtype="float32", device=DEVICE), logits, routes, scale)
 
 
 def test_qwen3_vl_experts_in_either_orientation(mm_checkpoint, tmp_path):
@@ -159,7 +159,7 @@ def test_qwen3_vl_experts_in_either_orientation(mm_checkpoint, tmp_path):
     save_file({k: (v.transpose(1, 2).contiguous() if k in fused else v) for k, v in tensors.items()},
               str(tmp_path / "model.safetensors"))
     shutil.copy(d / "config.json", tmp_path / "config.json")
-    _assert_same(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu"), logits, routes)
+    _assert_same(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device=DEVICE), logits, routes)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -192,7 +192,7 @@ def test_minimax_m3_legacy_config_keys(mm_checkpoint, tmp_path):
     theirs = transformers.AutoConfig.from_pretrained(tmp_path)
     assert theirs.layer_types == config["layer_types"] and theirs.mlp_layer_types == config["mlp_layer_types"]
     assert moetool.count(str(tmp_path), use_headers=False).total_params == tf_count
-    _assert_same(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu"), logits, routes, scale)
+    _assert_same(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device=DEVICE), logits, routes, scale)
 
 
 @pytest.mark.parametrize("name,towers", [("qwen3_omni_moe_thinker", "audio and vision towers are"),
@@ -238,7 +238,7 @@ def test_tied_head_from_text_config(name, tmp_path):
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(0))
     logits, routes = reference_routes(model, ids)
     scale = 2.0 if name == "minimax_m3_vl" else 1.0
-    _assert_same(run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device="cpu"), logits, routes, scale)
+    _assert_same(run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device=DEVICE), logits, routes, scale)
     assert moetool.count(str(tmp_path)).total_params == sum(p.numel() for p in model.parameters())
 
 
@@ -255,10 +255,10 @@ def test_profile_blocks_route_as_traces_with_block_sparse_attention(mm_checkpoin
     shutil.copytree(mm_checkpoint("minimax_m3_vl_text", 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
-    profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
+    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
     rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
     for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device="cpu")
+        t = trace(text, model=str(d), device=DEVICE)
         assert len(t.tokens) > 8  # longer than two key blocks: the indexer drops blocks
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fakes import assert_matches_transformers, build_transformers_model, randomize_biases
+from fakes import DEVICE, assert_matches_transformers, build_transformers_model, randomize_biases
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_bad_input import run_cli
@@ -196,7 +196,7 @@ CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, text_family):
     d, ids, ref_logits, ref_routes = text_family(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, varied="any")
 
 
