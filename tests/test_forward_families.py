@@ -89,9 +89,19 @@ def randomize_biases(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "correction" in name else 0.5))
 
 
+# DeepSeek Sparse Attention keeps the indexer's top keys, and its scores tie exactly (0 after the
+# ReLU in every head). CPU and CUDA torch.topk break such ties differently, so where moetool runs on
+# a GPU (MOETOOL_TEST_DEVICE=cuda) transformers' reference for these families runs on it too.
+TIES_ON_DEVICE = {"deepseek_v32", "glm_moe_dsa", "axk2"}
+
+
 def reference_routes(model, ids) -> tuple[torch.Tensor, dict]:
     """transformers' logits [T, V] and {layer: (experts [T, K], weights [T, K])} as its experts
-    modules receive them."""
+    modules receive them (on the CPU; on DEVICE for the TIES_ON_DEVICE families)."""
+    if DEVICE != "cpu" and ids.device.type == "cpu" and model.config.model_type in TIES_ON_DEVICE:
+        logits, routes = reference_routes(model.to(DEVICE), ids.to(DEVICE))
+        model.to("cpu")
+        return logits.cpu(), {i: (a.cpu(), b.cpu()) for i, (a, b) in routes.items()}
     captured: dict[int, tuple] = {}
     hooks = []
     for name, module in model.named_modules():

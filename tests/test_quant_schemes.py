@@ -209,7 +209,8 @@ OLD = {"int8": old_int8, "int4_g128": old_int4_g128, "nf4": old_nf4, "fp8_channe
 
 
 def old_fake_quantize(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    return OLD[scheme](w.to(torch.float32))
+    """The kernels before, on the CPU whatever w's device (their CPU constants; the CPU's true division)."""
+    return OLD[scheme](w.to(torch.float32).cpu()).to(w.device)
 
 
 # --- the batched kernels against the kernels before (bit for bit, the sign of zero included) ---

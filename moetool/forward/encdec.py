@@ -389,7 +389,7 @@ class EncoderDecoder:
         if head is None and not self.c.tie:
             raise BadCheckpoint(f"checkpoint has no LM head {self.style.head!r} and tie_word_embeddings is false")
         logits = linear(x, self.w(head or self.style.embed)).float()
-        return EncDecResult(logits, routes, self.store.bytes_read)
+        return EncDecResult(logits.cpu(), routes, self.store.bytes_read)  # on the host, like routes
 
 
 def run_encdec(ckpt, encoder_ids: list[int], decoder_ids: list[int], *, dtype: str = "float32", device: str = "cpu",

@@ -47,7 +47,7 @@ class LayerRoute:
 
 @dataclass
 class ForwardResult:
-    logits: torch.Tensor  # [T, V] float32
+    logits: torch.Tensor  # [T, V] float32, on the CPU
     routes: list[LayerRoute] = field(default_factory=list)
     bytes_read: int = 0
     attention_routes: list[LayerRoute] = field(default_factory=list)  # JetMoE: the attention experts' router
@@ -573,7 +573,7 @@ class Decoder:
         if n < fc.layers:  # stopped early: no logits
             return ForwardResult(logits=None, routes=routes, bytes_read=self.store.bytes_read,
                                  attention_routes=self.attention_routes or [])
-        x = self._final(x)
+        x = self._final(x).cpu()  # the result lives on the host, whatever the device (routes too)
         return ForwardResult(logits=x, routes=routes, bytes_read=self.store.bytes_read,
                              attention_routes=self.attention_routes or [])
 

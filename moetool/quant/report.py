@@ -319,9 +319,9 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                     tok, slot = torch.where(idx == e)
                     tokens, gsum = len(tok), float(w[tok, slot].sum())
                     if fc.family == "llama4":  # the gate scales the input; the expert itself sees x * gate
-                        X, g = _sample(h[tok].float() * w[tok, slot, None], None, reservoir, scorer.rng)
+                        X, g = _sample(h[tok].float() * w[tok, slot, None].to(h.device), None, reservoir, scorer.rng)
                     else:
-                        X, g = _sample(h[tok].float(), w[tok, slot], reservoir, scorer.rng)
+                        X, g = _sample(h[tok].float(), w[tok, slot].to(h.device), reservoir, scorer.rng)
                 data.append((X, g, tokens, gsum))
             fresh = sum((layer, e) not in scorer.seen for e in block)
             scorer.score_block(layer, block, {p: b[:len(block)] for p, b in bufs.items()}, data, act)

@@ -69,6 +69,13 @@ def _absmax(x: torch.Tensor, dim) -> torch.Tensor:
     return torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg_()).abs_()
 
 
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x / c correctly rounded on every device. CUDA divides by a Python scalar as x * (1 / c), which
+    differs from a true division (the CPU's, and the references') in the last bit of a few percent of
+    values; a 0-dim tensor on x's device keeps the true division there (tests/test_cuda.py)."""
+    return x / torch.full((), c, dtype=x.dtype, device=x.device)
+
+
 def _nonzero(s: torch.Tensor) -> torch.Tensor:
     return s.masked_fill(s == 0, 1.0)
 
@@ -101,7 +108,7 @@ def e4m3(x: torch.Tensor) -> torch.Tensor:
 # --- the schemes: W [..., out, in] float32 -> Q(W), each matrix on its own ---------------------------
 
 def int8(w: torch.Tensor) -> torch.Tensor:
-    s = _nonzero(_absmax(w, -1) / 127.0)
+    s = _nonzero(_div(_absmax(w, -1), 127.0))
     q = w / s
     return q.round_().clamp_(-127, 127).mul_(s)
 
@@ -114,7 +121,7 @@ def int4_g128(w: torch.Tensor, group: int = 128) -> torch.Tensor:
     xmax = torch.maximum(x.amax(dim=-1, keepdim=True), zero0)
     both0 = (xmin == 0) & (xmax == 0)
     xmin, xmax = xmin.masked_fill(both0, -1.0), xmax.masked_fill(both0, 1.0)
-    scale = (xmax - xmin) / 15
+    scale = _div(xmax - xmin, 15.0)
     zero = torch.round(-xmin / scale)
     q = x / scale
     q.round_().add_(zero).clamp_(0, 15).sub_(zero).mul_(scale)
@@ -141,7 +148,7 @@ def nf4(w: torch.Tensor, block: int = 64) -> torch.Tensor:
 
 
 def fp8_channel(w: torch.Tensor) -> torch.Tensor:
-    s = _nonzero(_absmax(w, -1) / E4M3_MAX)
+    s = _nonzero(_div(_absmax(w, -1), E4M3_MAX))
     return e4m3(w / s).mul_(s)
 
 
@@ -150,7 +157,7 @@ def fp8_block(w: torch.Tensor, block: int = 128) -> torch.Tensor:
     po, pi = (-out) % block, (-inp) % block
     x = torch.nn.functional.pad(w, (0, pi, 0, po)) if po or pi else w
     x = x.reshape(*lead, (out + po) // block, block, (inp + pi) // block, block)
-    s = _nonzero(_absmax(x, (-3, -1)) / E4M3_MAX)
+    s = _nonzero(_div(_absmax(x, (-3, -1)), E4M3_MAX))
     q = e4m3(x / s).mul_(s).reshape(*lead, out + po, inp + pi)
     return q if not (po or pi) else q[..., :out, :inp]
 
@@ -172,8 +179,8 @@ def nvfp4(w: torch.Tensor, block: int = 16, amax_t: Optional[torch.Tensor] = Non
     *lead, out, inp = w.shape
     x = _pad_last(w, block).reshape(*lead, out, -1, block)
     amax_t = (_absmax(w, (-2, -1)) if amax_t is None else amax_t).unsqueeze(-1)  # per matrix, [..., 1, 1, 1]
-    tensor_scale = torch.where(amax_t > 0, amax_t / (E4M3_MAX * E2M1_MAX), 1.0)
-    block_scale = _absmax(x, -1) / E2M1_MAX
+    tensor_scale = torch.where(amax_t > 0, _div(amax_t, E4M3_MAX * E2M1_MAX), 1.0)
+    block_scale = _div(_absmax(x, -1), E2M1_MAX)
     tiny = torch.finfo(torch.float8_e4m3fn).tiny
     s8 = (block_scale / tensor_scale).clamp(min=tiny, max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
     factor = (1.0 / tensor_scale) / s8

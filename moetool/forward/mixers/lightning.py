@@ -54,7 +54,7 @@ def forward(w: dict, x: torch.Tensor, c: LightningConfig, state: Optional[dict] 
     H, Dh = c.heads, c.head_dim
     qkv = act(F_.linear(x, w["qkv_proj.weight"]), c.activation).to(ct).view(T, H, 3 * Dh)
     q, k, v = qkv.split(Dh, dim=-1)  # [T, H, Dh]
-    decay = torch.exp(-slopes(c).to(ct))[:, None, None]  # [H, 1, 1]
+    decay = torch.exp(-slopes(c).to(device=x.device, dtype=ct))[:, None, None]  # [H, 1, 1]
     S = state.get("kv") if state is not None else None
     S = torch.zeros(H, Dh, Dh, dtype=ct, device=x.device) if S is None else S.to(ct)
     out = []
