@@ -99,7 +99,7 @@ class QuantReport:
 BLOCK_ELEMENTS = 1 << 24  # expert weights (all projections, float32) scored together: 64 MB, whatever E
 
 
-def _stats(w: torch.Tensor, chunk: int = S.CHUNK, compiled: bool = False) -> tuple[torch.Tensor, ...]:
+def _stats(w: torch.Tensor, chunk: Optional[int] = None, compiled: bool = False) -> tuple[torch.Tensor, ...]:
     """Per matrix of W [B, out, in] (any float dtype): ||W||^2, kurtosis (Pearson), max|W| / std(W)
     and max|W| (float64 [B]). Each row's float32 moments about its own mean (kernels.row_moments:
     z = (W - m) 2^k exactly scaled, sums of z..z^4; rows band by band, or one compiled kernel for
@@ -109,7 +109,7 @@ def _stats(w: torch.Tensor, chunk: int = S.CHUNK, compiled: bool = False) -> tup
     parts = K.run_compiled("moments", w) if compiled else None
     if parts is None:
         rows = w.reshape(B * out, inp)
-        step = max(1, chunk // inp)
+        step = max(1, (chunk or S.band_elements(w.device)) // inp)
         bands = [K.row_moments(rows[r:r + step]) for r in range(0, B * out, step)]
         parts = tuple(torch.cat(p).view(B, out) for p in zip(*bands))
     return K.combine_moments(parts, inp)

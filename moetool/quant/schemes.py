@@ -202,9 +202,16 @@ FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # and the allocator recycles them; whole tensors' temporaries are fresh pages each time (page faults
 # cost more than the arithmetic). On a GPU the bands are simply large launches.
 CHUNK = 1 << 18
+GPU_CHUNK = 1 << 26  # on a GPU a band is one large launch (256 MB per float32 temporary)
 
 
-def chunks(w: torch.Tensor, scheme: str, chunk: int = CHUNK) -> Iterator[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
+def band_elements(device: torch.device) -> int:
+    """Elements per band on `device`: small on a CPU (cache), large on a GPU (launch overhead: with
+    CPU-sized bands an H100 scored 0.6-0.8 GB/s, Python issuing kernels; benchmarks/quant_gpu_bench.py)."""
+    return CHUNK if device.type in ("cpu", "meta") else GPU_CHUNK
+
+
+def chunks(w: torch.Tensor, scheme: str, chunk: Optional[int] = None) -> Iterator[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
     """Quantize W [B, out, in] (float32) band by band: yields (matrices, rows, W band, Q(W) band),
     W[matrices, rows] -> its fake-quantized values, each band's result exactly what the scheme gives
     on the whole matrix (bands of whole matrices when they are small, else of rows aligned to the
@@ -212,6 +219,7 @@ def chunks(w: torch.Tensor, scheme: str, chunk: int = CHUNK) -> Iterator[tuple[s
     absmax for its tensor scale)."""
     fn = FUNCTIONS[scheme]
     B, out, inp = w.shape
+    chunk = chunk or band_elements(w.device)
     if out * inp <= chunk:
         kb = max(1, chunk // (out * inp))
         for b in range(0, B, kb):
