@@ -394,8 +394,14 @@ def test_crafted_trace_structure_for_diff(tmp_path, saved_trace):
 def test_dev_zero_inputs_are_bounded(args):
     import resource
 
-    def limit():  # 1.5 GB of address space: an unbounded read fails the test instead of the machine
-        resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))
+    # 1.5 GB of address space beyond what this process maps (torch's libraries: a CUDA build maps
+    # several GB before reading anything): an unbounded read fails the test instead of the machine
+    with open("/proc/self/status") as f:
+        mapped = next(int(l.split()[1]) << 10 for l in f if l.startswith("VmSize:"))
+    cap = max(3 << 29, mapped + (3 << 29))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     r = subprocess.run([PY, "-m", "moetool", *args], capture_output=True, text=True, timeout=120,
                        preexec_fn=limit)
