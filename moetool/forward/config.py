@@ -93,6 +93,7 @@ FAMILY_FORWARD["step3p7_text"] = dict(qk_norm="head", out_gate=dict(proj=("self_
                                       fields=dict(routed_scale=("moe_router_scaling_factor", 1.0)))
 MULTIMODAL_FORWARD["step3p7"] = "step3p7_text"
 FORWARD_FAMILIES += ("step3p7",)
+FORWARD_FAMILIES += ("zaya",)  # ZAYA1: CCA attention, a router MLP with a state across layers, residual scalings (forward/zaya.py)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -228,6 +229,7 @@ class ForwardConfig:
     # RoPE per layer where rope_parameters is keyed by layer type (Mellum, Laguna, MiMo-V2-Flash); empty: `rope`
     layer_rope: list[Rope] = field(default_factory=list)
 
+    cca: Optional[tuple[int, int]] = None  # ZAYA1's CCA convolution kernels (cca_time0, cca_time1): forward/zaya.py
     # Step-3.7: (routed, shared / dense) SwiGLU clamp bound of each layer (inf: none); empty: swiglu_limit
     layer_limits: list[tuple[float, float]] = field(default_factory=list)
     # per-layer (heads, kv heads, q/k head dim, v head dim) where they differ by layer (Laguna, MiMo-V2-Flash)
@@ -636,6 +638,19 @@ def _step3p7(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
 
 
 HYBRID["step3p7_text"] = _step3p7
+
+
+def _zaya(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """ZAYA1 (forward/zaya.py): CCA kernels; RoPE per layer type, ZayaConfig's when the config gives none."""
+    fc.cca = (cfg.int("cca_time0", 2, min_value=1), cfg.int("cca_time1", 2, min_value=1))
+    fc.eps = cfg.float("rms_norm_eps", 1e-5)
+    if not fc.layer_rope:
+        default = {"hybrid": Rope(theta=5e6, dim=fc.head_dim // 2), "hybrid_sliding": Rope(theta=1e4, dim=fc.head_dim // 2)}
+        types = cfg.str_list("layer_types", ["hybrid"] * spec.num_layers)
+        fc.layer_rope = [default.get(t, default["hybrid"]) for t in types[:spec.num_layers]]
+
+
+HYBRID["zaya"] = _zaya
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

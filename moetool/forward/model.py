@@ -592,6 +592,10 @@ class Decoder:
             from .longcat import longcat_layer
 
             return longcat_layer(self, i, x, cos, sin, masks, routes, record)
+        if fc.family == "zaya":  # CCA attention, a router MLP with a state across layers (forward/zaya.py)
+            from .zaya import zaya_layer
+
+            return zaya_layer(self, i, x, cos, sin, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
