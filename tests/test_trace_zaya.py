@@ -169,3 +169,39 @@ def test_profile_restarts_the_convolution_at_each_prompt(zaya_checkpoint, tmp_pa
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+
+
+def test_checkpoint_without_balancing_biases(zaya_checkpoint, tmp_path):
+    """balancing_biases is a buffer: a checkpoint may lack it; transformers then starts from its
+    initial value (0, and -1 for the skip expert), and so does moetool."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    d, ids, _, _, _ = zaya_checkpoint("zaya-tied", 1)
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.endswith("balancing_biases")}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    model = transformers.ZayaForCausalLM.from_pretrained(tmp_path).eval()
+    assert model.model.layers[0].mlp.gate.balancing_biases[-1] == -1.0
+    logits, routes = reference_routes(model, torch.tensor([ids]))
+    E = CONFIGS["zaya-tied"]["num_experts"]
+    routes = {l: (torch.where(w == 0, torch.full_like(i, E), i), w) for l, (i, w) in routes.items()}
+    assert_matches_transformers(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu"), logits, routes)
+
+
+def test_router_of_other_width_refused(zaya_checkpoint, tmp_path):
+    """A router scoring E classes instead of E + 1 (no skip expert): one line, exit 2."""
+    from safetensors.torch import load_file, save_file
+
+    from test_bad_input import run_cli
+
+    d, _, _, _, _ = zaya_checkpoint("zaya", 0)
+    tensors = load_file(str(d / "model.safetensors"))
+    name = "model.layers.0.mlp.gate.router_mlp.out_proj.weight"
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    r = run_cli("trace", "--model", str(tmp_path), "--tokens", "1,2,3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert "skip expert" in r.stderr

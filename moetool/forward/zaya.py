@@ -139,7 +139,10 @@ def moe(dec, i: int, h, routes: list, record: bool) -> torch.Tensor:
         raise BadCheckpoint(non_finite_router(i, h, find("mlp.gate.router_mlp.out_proj.weight"), out_w, None))
     probs = torch.softmax(logits, dim=-1)
     bias = dec.store.get_optional(find("mlp.gate.balancing_biases", required=False), torch.float32, device=dec.device)
-    choice = probs + bias if bias is not None else probs
+    if bias is None:  # not stored: transformers' initial value, the skip expert's selection lowered by 1
+        bias = torch.zeros(E + 1, device=probs.device)
+        bias[E] = -1.0
+    choice = probs + bias
     idx = torch.topk(choice, spec.top_k, dim=-1).indices  # [T, K]
     weights = probs.gather(1, idx).masked_fill(idx == E, 0.0)
     if dec.route_hook is not None:
