@@ -38,7 +38,8 @@ _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias
                       # Mistral-Large-4's LeRoPE scales; DeepSeek-V4's hash-routing table (token -> expert ids);
                       # the correction bias stored as `gate.bias` (DeepSeek-V4 `ffn.gate.bias`, Inkling 2
                       # `llm.layers.N.mlp.gate.bias`: transformers renames both to e_score_correction_bias)
-                      r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias)$")
+                      r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias"
+                      r"|\.mlp\.gate\.balancing_biases)$")  # ZAYA's selection biases (the skip expert's -1)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
@@ -56,12 +57,16 @@ _NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
                          r"|(^|\.)(attn_hc|ffn_hc|hc_head|hc_pre|\w*hyper_connection\w*)\."
                          r"|\.hc_(attn|ffn)_(base|fn|scale)$"  # DeepSeek-V4's original names
                          # Inkling 2's attention residuals: learned queries mixing the earlier layers' outputs
-                         r"|(^|\.)attn_res\.")
+                         r"|(^|\.)attn_res\."
+                         # ZAYA's affine scalings of the embeddings and of both sides of each residual add
+                         r"|(^|\.)input_hidden_states_(scale|bias)$|_residual_scale\.(hidden_states|residual)_(scale|bias)$")
 # Gemma 4's router: a projection plus a scale per channel and per expert
 _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
                            r"|\.moe\.gate\.weight$"  # Step-3.7's stored router
                            r"|\.mlp\.gate\.global_scale$"  # Inkling: the router's learned output scale
-                           r"|^layers\.\d+\.gate\.weight$")  # Mistral-Large-4's original (consolidated) names
+                           r"|^layers\.\d+\.gate\.weight$"
+                           # ZAYA's router: a down projection, the previous layer's state scale, an MLP
+                           r"|\.mlp\.gate\.(down_proj\.(weight|bias)|router_states_scale|router_mlp\.\w+\.(weight|bias))$")  # Mistral-Large-4's original (consolidated) names
 # Gemma 3n / 4 per-layer input embeddings (a lookup table like the input embedding)
 _PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
 _PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$")

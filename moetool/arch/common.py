@@ -84,6 +84,7 @@ def first_k_dense_schedule(cfg: Cfg, layers: int, has_experts: bool, first_k_def
 #   alternate:  layers with (i + 1) odd (gpt-oss)
 #   pattern:    layers with (i + 1) % `sliding_window_pattern` != 0 (EXAONE)
 #   none:       no sliding window whatever the config says (Llama, OLMoE, GraniteMoE)
+#   layer_types: windows from `layer_types` only; without it none (Step-3.7)
 WindowRule = str
 
 
@@ -103,6 +104,8 @@ def layer_windows(cfg: Cfg, layers: int, rule: WindowRule = "all") -> list[Optio
         if len(types) < layers:
             raise BadConfig(f"{cfg.where}: layer_types has {len(types)} entries for {layers} layers")
         return [window if t == "sliding_attention" else None for t in types[:layers]]
+    if rule == "layer_types":  # no layer_types: every layer full attention (Step-3.7)
+        return [None] * layers
     if rule == "qwen2_moe":
         below = cfg.int("max_window_layers", 28)
         return [window if (i + 1) % 2 and i < below else None for i in range(layers)]

@@ -177,9 +177,9 @@ STYLES: dict[str, Style] = {
                           expert_ffn_key="moe_intermediate_size", bias=_attention_bias("attention_bias", False, "all"),
                           qk_norm="head", attn_gate=lambda c: "per_head" if c.raw("gating", True) in (True, "per-head") else "full",
                           dims=lambda c, i, d: _step3p7_dims(c, i, d), moe_schedule=lambda c, n: _step3p7_schedule(c, n),
-                          shared_ffn=lambda c: c.int("share_expert_dim", 1280), windows="none",
-                          router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True,
-                                                      routed_scaling_factor=c.float("moe_router_scaling_factor", 1.0))),
+                          shared_ffn=lambda c: c.int("share_expert_dim", 1280), windows="layer_types",
+                          # moe_router_scaling_factor scales the routed sum after the experts (forward/step3p7.py)
+                          router=lambda c: RouterSpec(scoring="sigmoid", correction_bias=True)),
     "llama": Style("llama", dense=True, windows="none", bias=_attention_bias("attention_bias", False, "all")),
     "mistral": Style("mistral", dense=True),
     "qwen2": Style("qwen2", dense=True, windows="qwen2", bias="qkv"),

@@ -87,6 +87,13 @@ FAMILY_FORWARD.update({"aria_text": dict(routed_act="silu"), "minimax_m3_vl_text
 MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_vl_moe_text",
                       "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text"}
 FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
+# StepFun Step-3.7's language model: Laguna's attention with a sigmoid gate, (1 + w) norms, clamped SwiGLU
+# per layer, the routed sum scaled after the experts (forward/step3p7.py; fields from text_config).
+FAMILY_FORWARD["step3p7_text"] = dict(qk_norm="head", out_gate=dict(proj=("self_attn.g_proj.weight",), act="sigmoid"),
+                                      fields=dict(routed_scale=("moe_router_scaling_factor", 1.0)))
+MULTIMODAL_FORWARD["step3p7"] = "step3p7_text"
+FORWARD_FAMILIES += ("step3p7",)
+FORWARD_FAMILIES += ("zaya",)  # ZAYA1: CCA attention, a router MLP with a state across layers, residual scalings (forward/zaya.py)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -222,6 +229,9 @@ class ForwardConfig:
     # RoPE per layer where rope_parameters is keyed by layer type (Mellum, Laguna, MiMo-V2-Flash); empty: `rope`
     layer_rope: list[Rope] = field(default_factory=list)
 
+    cca: Optional[tuple[int, int]] = None  # ZAYA1's CCA convolution kernels (cca_time0, cca_time1): forward/zaya.py
+    # Step-3.7: (routed, shared / dense) SwiGLU clamp bound of each layer (inf: none); empty: swiglu_limit
+    layer_limits: list[tuple[float, float]] = field(default_factory=list)
     # per-layer (heads, kv heads, q/k head dim, v head dim) where they differ by layer (Laguna, MiMo-V2-Flash)
     layer_dims: list[tuple[int, int, int, int]] = field(default_factory=list)
     # attention output gate from its own projection: {"proj": names, "act": sigmoid | softplus, "bias": name}
@@ -240,6 +250,10 @@ class ForwardConfig:
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
+
+    def limit_of(self, i: int, which: int) -> float:
+        """Layer i's SwiGLU clamp bound: which 0 for the routed experts, 1 for the shared expert / dense MLP."""
+        return self.layer_limits[i][which] if self.layer_limits else self.swiglu_limit
 
     def rope_of(self, i: int) -> Rope:
         return self.layer_rope[i] if self.layer_rope else self.rope
@@ -260,6 +274,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         cfg = cfg.sub("text_config")
     if family in MULTIMODAL_FORWARD:  # image-text models: the language model, as its text family
         cfg, family = cfg.sub("text_config"), MULTIMODAL_FORWARD[family]
+    if family == "step3p7_text":  # legacy per-layer RoPE lists -> rope_parameters per layer type
+        from .step3p7 import normalise
+
+        cfg = normalise(cfg)
     if family == "dbrx":
         return _dbrx(spec, cfg)
     if family == "jetmoe":
@@ -611,6 +629,28 @@ def _minimax_m3(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> Non
 
 
 HYBRID["minimax_m3_vl_text"] = _minimax_m3
+
+
+def _step3p7(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    from .step3p7 import configure
+
+    configure(fc, spec, cfg, rope)
+
+
+HYBRID["step3p7_text"] = _step3p7
+
+
+def _zaya(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """ZAYA1 (forward/zaya.py): CCA kernels; RoPE per layer type, ZayaConfig's when the config gives none."""
+    fc.cca = (cfg.int("cca_time0", 2, min_value=1), cfg.int("cca_time1", 2, min_value=1))
+    fc.eps = cfg.float("rms_norm_eps", 1e-5)
+    if not fc.layer_rope:
+        default = {"hybrid": Rope(theta=5e6, dim=fc.head_dim // 2), "hybrid_sliding": Rope(theta=1e4, dim=fc.head_dim // 2)}
+        types = cfg.str_list("layer_types", ["hybrid"] * spec.num_layers)
+        fc.layer_rope = [default.get(t, default["hybrid"]) for t in types[:spec.num_layers]]
+
+
+HYBRID["zaya"] = _zaya
 
 
 def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:

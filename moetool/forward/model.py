@@ -402,13 +402,15 @@ class Experts:
                          "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight",
                          "mlp.output_linear.weight", "mlp.experts.fc2.weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
+        # Step-3.7 as published: one stacked tensor per projection, [E, F, D] / [E, F, D] / [E, D, F]
+        self.stacked = {p: find(f"moe.{p}_proj.weight") for p in ("gate", "up", "down")}
         self.up_only = find("mixer.experts.up_proj")  # Nemotron-H: ungated [E, F, D] (with down_proj)
         if self.up_only:
             self.down = find("mixer.experts.down_proj")
         self.gate_up_bias = find("mlp.experts.gate_up_proj_bias")
         self.down_bias = find("mlp.experts.down_proj_bias")
         if not (len(self.per_expert) == 3 or (self.gate_up and self.down) or all(self.dbrx.values())
-                or (self.up_only and self.down) or set(self.per_expert) == {"up", "down"}):
+                or (self.up_only and self.down) or set(self.per_expert) == {"up", "down"} or all(self.stacked.values())):
             raise BadCheckpoint(f"layer {layer}: cannot find the routed experts' weights")
 
     def load(self, e: int):
@@ -416,6 +418,8 @@ class Experts:
         gb = ub = db = None
         if len(self.per_expert) == 3:
             gate, up, down = (g(self.per_expert[p].format(e=e)) for p in ("gate", "up", "down"))
+        elif all(self.stacked.values()):
+            gate, up, down = (g(self.stacked[p], index=e) for p in ("gate", "up", "down"))
         elif self.up_only or set(self.per_expert) == {"up", "down"}:  # ungated: down(act(up x))
             gate = None
             up, down = ((g(self.up_only, index=e), g(self.down, index=e)) if self.up_only else
@@ -483,6 +487,8 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
         return (u + 1) * (g * torch.sigmoid(g * alpha))
+    if act == "clamped_silu":  # Step-3.7: silu(gate) clamped above, up clamped both ways
+        return F_.silu(g).clamp(max=limit) * u.clamp(min=-limit, max=limit)
     return ACTIVATIONS[act](g) * u
 
 
@@ -586,6 +592,10 @@ class Decoder:
             from .longcat import longcat_layer
 
             return longcat_layer(self, i, x, cos, sin, masks, routes, record)
+        if fc.family == "zaya":  # CCA attention, a router MLP with a state across layers (forward/zaya.py)
+            from .zaya import zaya_layer
+
+            return zaya_layer(self, i, x, cos, sin, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
@@ -630,7 +640,7 @@ class Decoder:
             else:  # mlp / feed_forward; Kimi Linear's dense layers as saved: block_sparse_moe
                 base = find("mlp.gate_proj.weight", "feed_forward.gate_proj.weight",
                             "block_sparse_moe.gate_proj.weight", "mlp.gate_up_proj.weight").rsplit(".", 2)[0] + "."
-                f = self.gated_mlp(base, h)
+                f = self.gated_mlp(base, h, fc.limit_of(i, 1))
         f = nrm(post_f, f)
         if fc.normed_residual:
             alpha, beta = fc.normed_residual["ffn"]
@@ -830,7 +840,7 @@ class Decoder:
                   "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
                   "mlp.router.layer.weight", "block_sparse_moe.router.weight", "feed_forward.gate.weight",
-                  "mixer.gate.weight")
+                  "mixer.gate.weight", "moe.gate.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -845,7 +855,7 @@ class Decoder:
                                             "feed_forward.expert_bias", "mixer.gate.e_score_correction_bias",
                                             "block_sparse_moe.gate.e_score_correction_bias",
                                             "moe.router.expert_bias", "mlp.experts.e_score_correction_bias",
-                                            "mlp.expert_bias",
+                                            "mlp.expert_bias", "moe.router_bias",
                                             required=False),
                                        torch.float32, device=self.device)
         if corr is None and moe.router.correction_bias:
@@ -880,7 +890,7 @@ class Decoder:
                 y = swiglu(h[tok] * w_e[:, None].to(h.dtype), gate, up, down, act=fc.expert_act)
             else:
                 y = swiglu(h.index_select(0, tok), gate, up, down, gb, ub, db, fc.routed_act or fc.expert_act,
-                           fc.swiglu_limit, fc.swiglu_alpha)
+                           fc.limit_of(i, 0), fc.swiglu_alpha)
                 if getattr(self, "expert_hook", None):  # profile: ||expert output|| per routed (token, slot) t*K+s (REAP)
                     self.expert_hook(i, e, order[start - c:start], y)
                 y.mul_(w_e[:, None].to(y.dtype))  # y is the fresh down-projection output
@@ -902,10 +912,11 @@ class Decoder:
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
                       "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight",
                       "block_sparse_moe.shared_experts.gate_proj.weight",
-                      "mlp.shared_experts.gate_up_proj.weight", required=False)  # MiniMax-M3: gate and up fused
+                      "mlp.shared_experts.gate_up_proj.weight", "share_expert.gate_proj.weight",
+                      required=False)  # MiniMax-M3: gate and up fused
         if shared:
             base = shared.rsplit(".", 2)[0] + "."
-            s = self.gated_mlp(base, h)
+            s = self.gated_mlp(base, h, fc.limit_of(i, 1))
             sg = find("mlp.shared_expert_gate.weight", required=False)
             if sg:  # Qwen2-MoE: sigmoid-gated shared expert
                 s = torch.sigmoid(linear(h, self.w(sg))) * s
@@ -924,16 +935,17 @@ class Decoder:
         gate, up = self.w(self.names.find(i, "shared_mlp.input_linear.weight")).chunk(2, dim=0)
         return swiglu(h, gate, up, self.w(self.names.find(i, "shared_mlp.output_linear.weight")), act=self.fc.expert_act)
 
-    def gated_mlp(self, base: str, h: torch.Tensor) -> torch.Tensor:
+    def gated_mlp(self, base: str, h: torch.Tensor, limit: Optional[float] = None) -> torch.Tensor:
         """A dense MLP or shared expert `base`{gate,up,down}_proj (biases where stored), or with gate
-        and up fused as `base`gate_up_proj [2F, D] (MiniMax-M3)."""
+        and up fused as `base`gate_up_proj [2F, D] (MiniMax-M3); `limit`: its clamp (default swiglu_limit)."""
         fc = self.fc
+        limit = fc.swiglu_limit if limit is None else limit
         w = lambda p: self.w(base + p + "_proj.weight")
         b = lambda p: self.w(base + p + "_proj.bias") if (base + p + "_proj.bias") in self.store else None
         if base + "gate_up_proj.weight" in self.store:
             gate, up = w("gate_up").chunk(2, dim=0)
-            return swiglu(h, gate, up, w("down"), None, None, b("down"), fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
-        return swiglu(h, w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"), fc.expert_act, fc.swiglu_limit,
+            return swiglu(h, gate, up, w("down"), None, None, b("down"), fc.expert_act, limit, fc.swiglu_alpha)
+        return swiglu(h, w("gate"), w("up"), w("down"), b("gate"), b("up"), b("down"), fc.expert_act, limit,
                       fc.swiglu_alpha)
 
     def _final(self, x) -> torch.Tensor:
