@@ -31,7 +31,14 @@ def layer_types(cfg: Cfg, n: int) -> list[str]:
     return types[:n - 1] + ["full_attention"]  # Gemma4TextConfig forces the last layer to full attention
 
 
-def _layer_overrides(cfg: Cfg, types: list[str]) -> dict[int, dict]:
+def layer_windows(cfg: Cfg, types: list[str]) -> list:
+    """sliding_window on the sliding-attention layers (as transformers' masks; also without layer_types,
+    whose default pattern layer_types() gives)."""
+    window = cfg.int("sliding_window", 512, min_value=0) or None
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def layer_overrides(cfg: Cfg, types: list[str]) -> dict[int, dict]:
     raw = cfg.raw("per_layer_config")
     if raw is None:  # Gemma4TextConfig's default: full-attention layers get the global head size
         over = {"head_dim": cfg.int("global_head_dim", 512, min_value=1)}
@@ -54,7 +61,7 @@ def adapt(cfg: Cfg, model_type: str = "gemma4_text") -> ModelSpec:
     tie = common.tie_embeddings(cfg, True)
     bias = cfg.bool("attention_bias", False)
     types = layer_types(cfg, n)
-    over = _layer_overrides(cfg, types)
+    over = layer_overrides(cfg, types)
     shared_kv = cfg.int("num_kv_shared_layers", 0)
     ffn = cfg.int("intermediate_size", min_value=1)
     moe = None
@@ -63,7 +70,7 @@ def adapt(cfg: Cfg, model_type: str = "gemma4_text") -> ModelSpec:
                       expert_ffn=cfg.int("moe_intermediate_size", min_value=1),
                       activation=cfg.str("hidden_activation", "gelu_pytorch_tanh"),
                       router=RouterSpec(norm_topk_prob=True))
-    windows = common.layer_windows(cfg, n, "none" if not cfg.has("layer_types") else "all")
+    windows = layer_windows(cfg, types)
     P = cfg.int("hidden_size_per_layer_input", 0)
     inv = Inventory()
     layers = []
@@ -106,7 +113,7 @@ def adapt(cfg: Cfg, model_type: str = "gemma4_text") -> ModelSpec:
         inv.linear("per_layer_model_projection", "dense_mlp", n * P, d)
         inv.norm("per_layer_projection_norm", P)
     common.embed_and_head(inv, cfg, vocab, d, tie)
-    return ModelSpec(model_type=model_type, family="gemma4", hidden_size=d, vocab_size=vocab, num_layers=n,
+    return ModelSpec(model_type=model_type, family=model_type, hidden_size=d, vocab_size=vocab, num_layers=n,
                      layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie,
                      max_position_embeddings=cfg.raw("max_position_embeddings"),
                      torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))

@@ -1,0 +1,114 @@
+"""trace of Gemma 4 (gemma4_text: Gemma4ForCausalLM; gemma4: Gemma4ForConditionalGeneration on text-only
+input) against transformers 5.23: tiny random checkpoints written by `save_pretrained`, two seeds each.
+
+Randomised beyond the weights: every bias and norm weight (test_trace_text_families.randomize), the
+router's `scale` and `per_expert_scale`, and each layer's `layer_scalar` buffer, so a dropped factor shows.
+The configs reach every structural path of forward/gemma4.py: per-layer input embeddings, KV sharing
+(the last layers read the K/V of the last earlier layer of their type, sliding and full), full layers of
+another head size and KV heads (per_layer_config, global_head_dim / num_global_key_value_heads), V = K
+(attention_k_eq_v), the double-wide MLP of shared layers, proportional RoPE (partial, and with a
+factor), sliding windows shorter than the prompt, final logit soft-capping; and the plain model
+(no per-layer inputs, no sharing, default layer types).
+
+Logits within 1e-4 (float32); in every MoE layer the same expert set for every token and gate weights
+within 1e-5 (per_expert_scale included), read from the `top_k_index` / `top_k_weights` that
+transformers' Gemma4TextExperts modules receive (test_forward_families.reference_routes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from census_reference import shrunk_config
+from fakes import assert_matches_transformers
+from moetool.forward import run_forward
+from moetool.source import resolve
+from test_bad_input import run_cli
+from test_trace_text_families import randomize, routes_and_logits
+
+T = 40
+_SFSSF = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+# per-layer inputs, KV sharing over both layer types, V = K on full layers of their own head size and
+# KV heads, double-wide MLP, partial proportional RoPE, soft-capped logits
+_SHARED = dict(model_type="gemma4_text", vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=5,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+               initializer_range=0.2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+               enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=12,
+               num_kv_shared_layers=2, attention_k_eq_v=True, use_double_wide_mlp=True, layer_types=_SFSSF,
+               per_layer_config={"1": {"head_dim": 16, "num_key_value_heads": 1},
+                                 "4": {"head_dim": 16, "num_key_value_heads": 1}},
+               sliding_window=4, attention_bias=True, final_logit_softcapping=5.0,
+               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                                   "rope_theta": 1000.0}})
+CONFIGS = {
+    "gemma4_text": _SHARED,
+    # no per-layer inputs, no sharing, the default layer types (last layer forced full) and full-layer
+    # dims from global_head_dim / num_global_key_value_heads, proportional RoPE with a factor, top-3
+    "gemma4_text-plain": dict(model_type="gemma4_text", vocab_size=128, hidden_size=32, intermediate_size=16,
+                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True,
+                              max_position_embeddings=256, initializer_range=0.2, hidden_size_per_layer_input=0,
+                              enable_moe_block=True, num_experts=6, top_k_experts=3, moe_intermediate_size=16,
+                              sliding_window=5,
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+                                               "full_attention": {"rope_type": "proportional", "factor": 2.0,
+                                                                  "partial_rotary_factor": 0.25,
+                                                                  "rope_theta": 10000.0}}),
+    # the census' tiny Gemma4Config (no towers) with this text model
+    "gemma4": lambda: {**shrunk_config("gemma4"), "text_config": copy.deepcopy(_SHARED), "initializer_range": 0.2},
+}
+SEEDS = (0, 1)
+CASES = [(n, s) for n in CONFIGS for s in SEEDS]
+
+
+def _build(config: dict, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    if config["model_type"] == "gemma4":
+        cfg = transformers.Gemma4Config(**{k: v for k, v in config.items() if k != "model_type"})
+        return transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    return transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
+        **{k: v for k, v in config.items() if k != "model_type"})).eval()
+
+
+def _randomize(model, seed: int) -> None:
+    """randomize (biases, norms), then the router scales and the layer scalars."""
+    randomize(model, seed)
+    g = torch.Generator().manual_seed(seed + 4000)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("router.scale", "router.per_expert_scale", "layer_scalar")):
+                p.copy_(1.0 + 0.4 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def gemma4_case(tmp_path_factory):
+    """gemma4_case(name, seed) -> (directory, ids, reference logits, reference routes), built once."""
+    cache: dict = {}
+
+    def get(name: str, seed: int):
+        if (name, seed) not in cache:
+            config = CONFIGS[name]() if callable(CONFIGS[name]) else CONFIGS[name]
+            model = _build(config, seed)
+            _randomize(model, seed)
+            d = tmp_path_factory.mktemp(f"{name}-{seed}")
+            model.save_pretrained(d)
+            ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(seed))
+            logits, routes = routes_and_logits(model, ids)
+            cache[name, seed] = (d, ids[0].tolist(), logits, routes)
+        return cache[name, seed]
+
+    return get
+
+
+@pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
+def test_trace_matches_transformers(name, seed, gemma4_case):
+    d, ids, ref_logits, ref_routes = gemma4_case(name, seed)
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
