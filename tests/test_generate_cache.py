@@ -42,10 +42,13 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
            **{n: (c() if callable(c) else c, multimodal._build, multimodal._randomize)
               for n, c in multimodal.CONFIGS.items()},
            **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()}}
+import test_trace_gemma4 as gemma4  # noqa: E402
+
+CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize) for n, c in gemma4.CONFIGS.items()})
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
-TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba"]
+TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "gemma4_text", "gemma4"]
 
 
 def _family(config: dict) -> set[str]:

@@ -112,3 +112,33 @@ def test_trace_matches_transformers(name, seed, gemma4_case):
     d, ids, ref_logits, ref_routes = gemma4_case(name, seed)
     out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
+
+
+def test_profile_blocks_route_as_traces(gemma4_case, tmp_path):
+    """`moetool profile` runs several prompts per block (their own masks and positions, per-layer inputs
+    and shared K/V per token): each prompt routes as its own trace; the CLI writes the profile."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from conftest import write_tokenizer
+    from moetool.profile.engine import profile
+    from moetool.tracing import trace
+
+    d = tmp_path / "g4"
+    shutil.copytree(gemma4_case("gemma4_text", 1)[0], d)
+    write_tokenizer(d)
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 2, "def add(a, b): return a + b", "import os, sys " * 3]
+    profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
+    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
+    for i, text in enumerate(prompts):
+        t = trace(text, model=str(d), device="cpu")
+        assert len(t.tokens) > 5  # longer than the sliding window (4)
+        for l in t.layers:
+            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
+            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    (tmp_path / "corpus.txt").write_text("\n".join(prompts) + "\n")
+    out = run_cli("profile", str(tmp_path / "corpus.txt"), "--model", str(d), "-o", str(tmp_path / "prof"))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert summary["command"] == "profile" and [l["layer"] for l in summary["layers"]] == list(range(5))
