@@ -38,13 +38,15 @@ _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias
                       # Mistral-Large-4's LeRoPE scales; DeepSeek-V4's hash-routing table (token -> expert ids);
                       # the correction bias stored as `gate.bias` (DeepSeek-V4 `ffn.gate.bias`, Inkling 2
                       # `llm.layers.N.mlp.gate.bias`: transformers renames both to e_score_correction_bias)
-                      r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias)$")
+                      r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias"
+                      # Gemma 4's towers: clipping bounds of its clippable linears, the vision tower's standardisation
+                      r"|\.(input|output)_(min|max)|(^|\.)vision_tower\.std_(bias|scale))$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
                      r"|patch_merger|vision_language_adapter|pre_mm_projector_norm"  # Mistral-Large-4's original names
-                     r"|patch_merge_mlp)\.")
-_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
+                     r"|patch_merge_mlp|embed_vision)\.")
+_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector|embed_audio)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
                     r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$"

@@ -142,3 +142,46 @@ def test_profile_blocks_route_as_traces(gemma4_case, tmp_path):
     assert out.returncode == 0, out.stderr
     summary = json.loads((tmp_path / "prof" / "profile.json").read_text())
     assert summary["command"] == "profile" and [l["layer"] for l in summary["layers"]] == list(range(5))
+
+
+_VISION = dict(model_type="gemma4_vision", hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=2, head_dim=12, patch_size=4, position_embedding_size=32)
+
+
+@pytest.mark.parametrize("vision", [_VISION, dict(_VISION, use_clipped_linears=True, standardize=True,
+                                                  num_key_value_heads=1, head_dim=16)], ids=["plain", "clipped"])
+def test_vision_tower_count_equals_transformers(vision, tmp_path):
+    """Gemma4ForConditionalGeneration with a vision tower: config-only and header totals equal
+    transformers' parameter count, the `vision` group its vision tower + embed_vision; the clipping
+    bounds and standardisation buffers are stored, not counted."""
+    import moetool
+
+    config = {**shrunk_config("gemma4"), "vision_config": vision}
+    model = _build(config, 0)
+    model.save_pretrained(tmp_path)
+    total = sum(p.numel() for p in model.parameters())
+    vision_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.vision_tower.",
+                                                                                         "model.embed_vision.")))
+    headers, config_only = moetool.count(str(tmp_path)), moetool.count(str(tmp_path / "config.json"))
+    assert headers.total_params == config_only.total_params == total
+    d = headers.to_dict()
+    assert d["breakdown"]["vision"] == vision_params and not d["breakdown"].get("other")
+    assert d["cross_check"]["match"], d["cross_check"]
+
+
+def test_trace_with_a_vision_tower_runs_the_language_model(tmp_path):
+    """A Gemma 4 checkpoint with a vision tower traces text-only prompts (the tower not run, said in
+    notes) as transformers' Gemma4ForConditionalGeneration called with input_ids only."""
+    from moetool.tracing import trace
+
+    config = {**shrunk_config("gemma4"), "text_config": copy.deepcopy(_SHARED), "vision_config": _VISION,
+              "initializer_range": 0.2}
+    model = _build(config, 1)
+    _randomize(model, 1)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(5))
+    logits, routes = routes_and_logits(model, ids)
+    assert_matches_transformers(run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device="cpu"),
+                                logits, routes, nonzero=True, varied="every")
+    report = trace(tokens=ids[0].tolist()[:8], model=str(tmp_path), device="cpu")
+    assert any("vision tower is not run" in n for n in report.notes), report.notes
