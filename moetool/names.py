@@ -66,7 +66,8 @@ _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
                            r"|^layers\.\d+\.gate\.weight$")  # Mistral-Large-4's original (consolidated) names
 # Gemma 3n / 4 per-layer input embeddings (a lookup table like the input embedding)
 _PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
-_PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$")
+_PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$"
+                            r"|(^|\.)self_conditioning\.(gate|up|down)_proj\.weight$")  # DiffusionGemma's decoder
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp|share_expert)(\.|_gate\.)")
 _ROUTED = re.compile(r"\.experts\.|\.moe\.(gate_proj|up_proj|down_proj)\.weight$|\.(block_sparse_moe|mlp)\.(input_linear|output_linear)\.")
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")
@@ -132,6 +133,8 @@ def classify_tuple(name: str, dtype: str, num_layers: Optional[int], encoder_lay
             layer += encoder_layers
     mtp = layer is not None and num_layers is not None and layer >= num_layers
     group, kind, multiplier = _role(template, dtype, mtp, tied, quant_bits, bnb_4bit)
+    if kind == "tied_copy" and group == "embedding" and not encoder_layers and not mtp:
+        kind = "param"  # a decoder-only model's `decoder.embed_tokens` (DiffusionGemma) is its one embedding
     if group in ("vision", "audio"):
         layer = None
     expert = None

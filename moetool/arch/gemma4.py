@@ -42,7 +42,7 @@ def layer_overrides(cfg: Cfg, types: list[str]) -> dict[int, dict]:
     raw = cfg.raw("per_layer_config")
     if raw is None:  # Gemma4TextConfig's default: full-attention layers get the global head size
         over = {"head_dim": cfg.int("global_head_dim", 512, min_value=1)}
-        if cfg.raw("num_global_key_value_heads") is not None and cfg.bool("attention_k_eq_v", True):
+        if cfg.raw("num_global_key_value_heads") is not None and cfg.bool("attention_k_eq_v", False):
             over["num_key_value_heads"] = cfg.int("num_global_key_value_heads", min_value=1)
         return {i: over for i, t in enumerate(types) if t == "full_attention"}
     if not isinstance(raw, dict):
