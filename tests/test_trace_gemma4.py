@@ -185,3 +185,21 @@ def test_trace_with_a_vision_tower_runs_the_language_model(tmp_path):
                                 logits, routes, nonzero=True, varied="every")
     report = trace(tokens=ids[0].tolist()[:8], model=str(tmp_path), device="cpu")
     assert any("vision tower is not run" in n for n in report.notes), report.notes
+
+
+def test_quantize_report_scores_the_experts(gemma4_case, tmp_path):
+    """quantize-report runs on the same decoder: every layer's routed experts (the fused
+    `experts.gate_up_proj` / `down_proj`) and the dense MLP beside them are scored."""
+    import shutil
+
+    from conftest import write_tokenizer
+    from moetool import quantize_report
+
+    d = tmp_path / "g4"
+    shutil.copytree(gemma4_case("gemma4_text", 0)[0], d)
+    write_tokenizer(d)
+    rows = quantize_report(str(d), schemes=["int8"], calibration_tokens=48, device="cpu").to_dict()["experts"]
+    routed = {(r["layer"], r["expert"]) for r in rows if r["expert"] is not None}
+    assert {layer for layer, _ in routed} == set(range(5)) and len(routed) > 10
+    assert {r["layer"] for r in rows if r["expert"] is None} == set(range(5))  # the dense MLPs
+    assert all(r["rel_error"] > 0 for r in rows)
