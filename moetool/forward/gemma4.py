@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import BadCheckpoint, BadConfig, UnsupportedArchitecture
+from ..errors import BadCheckpoint, BadConfig, MoetoolError, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 from .model import (Experts, LayerRoute, apply_rope, attention_mask, check_shape, linear, non_finite_router, norm,
                     rms_norm, sdpa, swiglu)
@@ -138,6 +138,9 @@ def embed(dec, ids: list[int]) -> torch.Tensor:
         if name not in dec.store:
             raise BadCheckpoint(f"checkpoint has no {name!r} (hidden_size_per_layer_input is {g.per_layer})")
         L, P, T = dec.fc.layers, g.per_layer, len(ids)
+        rows_stored = dec.store.tensors[name].shape[0]
+        if any(not 0 <= i < rows_stored for i in ids):
+            raise MoetoolError(f"token id out of range for the per-layer input embedding ({rows_stored} rows)")
         rows = {i: dec.store.get(name, dec.dtype, index=i, device=dec.device) for i in sorted(set(ids))}
         tokens = torch.stack([rows[i] for i in ids]) * torch.tensor(P ** 0.5, dtype=dec.dtype)
         check_shape(name, tokens, (T, L * P), "[vocab_size_per_layer_input, num_hidden_layers * "
