@@ -39,13 +39,15 @@ _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias
                       # the correction bias stored as `gate.bias` (DeepSeek-V4 `ffn.gate.bias`, Inkling 2
                       # `llm.layers.N.mlp.gate.bias`: transformers renames both to e_score_correction_bias)
                       r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias"
-                      r"|\.mlp\.gate\.balancing_biases)$")  # ZAYA's selection biases (the skip expert's -1)
+                      r"|\.mlp\.gate\.balancing_biases"  # ZAYA's selection biases (the skip expert's -1)
+                      # Gemma 4's towers: clipping bounds of its clippable linears, the vision tower's standardisation
+                      r"|\.(input|output)_(min|max)|(^|\.)vision_tower\.std_(bias|scale))$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
                      r"|patch_merger|vision_language_adapter|pre_mm_projector_norm"  # Mistral-Large-4's original names
-                     r"|patch_merge_mlp)\.")
-_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
+                     r"|patch_merge_mlp|embed_vision)\.")
+_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector|embed_audio)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
                     r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$"
@@ -64,12 +66,13 @@ _NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
 _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
                            r"|\.moe\.gate\.weight$"  # Step-3.7's stored router
                            r"|\.mlp\.gate\.global_scale$"  # Inkling: the router's learned output scale
-                           r"|^layers\.\d+\.gate\.weight$"
+                           r"|^layers\.\d+\.gate\.weight$"  # Mistral-Large-4's original (consolidated) names
                            # ZAYA's router: a down projection, the previous layer's state scale, an MLP
-                           r"|\.mlp\.gate\.(down_proj\.(weight|bias)|router_states_scale|router_mlp\.\w+\.(weight|bias))$")  # Mistral-Large-4's original (consolidated) names
+                           r"|\.mlp\.gate\.(down_proj\.(weight|bias)|router_states_scale|router_mlp\.\w+\.(weight|bias))$")
 # Gemma 3n / 4 per-layer input embeddings (a lookup table like the input embedding)
 _PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
-_PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$")
+_PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$"
+                            r"|(^|\.)self_conditioning\.(gate|up|down)_proj\.weight$")  # DiffusionGemma's decoder
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp|share_expert)(\.|_gate\.)")
 _ROUTED = re.compile(r"\.experts\.|\.moe\.(gate_proj|up_proj|down_proj)\.weight$|\.(block_sparse_moe|mlp)\.(input_linear|output_linear)\.")
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")
@@ -135,6 +138,8 @@ def classify_tuple(name: str, dtype: str, num_layers: Optional[int], encoder_lay
             layer += encoder_layers
     mtp = layer is not None and num_layers is not None and layer >= num_layers
     group, kind, multiplier = _role(template, dtype, mtp, tied, quant_bits, bnb_4bit)
+    if kind == "tied_copy" and group == "embedding" and not encoder_layers and not mtp:
+        kind = "param"  # a decoder-only model's `decoder.embed_tokens` (DiffusionGemma) is its one embedding
     if group in ("vision", "audio"):
         layer = None
     expert = None

@@ -87,6 +87,9 @@ DEFAULT_FIXUPS: dict[str, dict] = {
                   first_k_dense_replace=1),  # rednote-hilab/dots.llm1.base; the default has no experts
     "hunyuan_v1_moe": dict(head_dim=128),  # default None (4096 / 32 heads); the attention needs it
     "lfm2_moe": dict(layer_types=(["conv", "conv", "full_attention"] * 11)[:32]),  # default None; 32 layers
+    # DiffusionGemmaTextConfig leaves num_experts / top_k_experts / moe_intermediate_size None but always builds
+    # the MoE block: values of the census' choosing (not checked against a published config)
+    "diffusion_gemma": dict(text_config=dict(num_experts=128, top_k_experts=8, moe_intermediate_size=704)),
 }
 
 

@@ -84,8 +84,8 @@ def test_gap_family_variant_count_equals_transformers(name, tmp_path):
 
 
 def test_gemma4_with_a_tower_falls_back_to_the_exact_header_count(tmp_path):
-    """gemma4 counts its text model from config.json; with a vision / audio tower in the config it
-    refuses config-only in one line and still counts a checkpoint exactly from the headers."""
+    """gemma4 counts its text model and vision tower from config.json; with an audio tower in the config
+    it refuses config-only in one line and still counts a checkpoint exactly from the headers."""
     import os
     import subprocess
     import sys
@@ -94,7 +94,7 @@ def test_gemma4_with_a_tower_falls_back_to_the_exact_header_count(tmp_path):
     model = build("gemma4", cfg, device="cpu")
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    saved["vision_config"] = {"model_type": "gemma4_vision"}
+    saved["audio_config"] = {"model_type": "gemma4_audio"}
     (tmp_path / "config.json").write_text(json.dumps(saved))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-m", "moetool", "count", str(tmp_path), "--json"], capture_output=True,
@@ -103,7 +103,7 @@ def test_gemma4_with_a_tower_falls_back_to_the_exact_header_count(tmp_path):
     assert json.loads(out.stdout)["total_params"] == param_count(model)
     only = subprocess.run([sys.executable, "-m", "moetool", "count", str(tmp_path / "config.json")], capture_output=True,
                           text=True, env=env)
-    assert only.returncode == 2 and only.stderr.count("\n") == 1 and "vision tower" in only.stderr
+    assert only.returncode == 2 and only.stderr.count("\n") == 1 and "audio tower" in only.stderr
 
 
 def test_mistral_large4_sharing_nope_and_shared_indexer_count_equals_transformers(tmp_path):

@@ -46,10 +46,14 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
            **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()},
            **{n: (step3p7.full_config(n), step3p7._build, step3p7.randomize) for n in step3p7.CONFIGS},
            **{n: (c, zaya._build, zaya.randomize) for n, c in zaya.CONFIGS.items()}}
+import test_trace_gemma4 as gemma4  # noqa: E402
+
+CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize) for n, c in gemma4.CONFIGS.items()})
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
-TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "step3p7", "zaya"]
+TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "step3p7", "zaya",
+                         "gemma4_text", "gemma4"]
 
 
 def _family(config: dict) -> set[str]:

@@ -31,11 +31,18 @@ def layer_types(cfg: Cfg, n: int) -> list[str]:
     return types[:n - 1] + ["full_attention"]  # Gemma4TextConfig forces the last layer to full attention
 
 
-def _layer_overrides(cfg: Cfg, types: list[str]) -> dict[int, dict]:
+def layer_windows(cfg: Cfg, types: list[str]) -> list:
+    """sliding_window on the sliding-attention layers (as transformers' masks; also without layer_types,
+    whose default pattern layer_types() gives)."""
+    window = cfg.int("sliding_window", 512, min_value=0) or None
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def layer_overrides(cfg: Cfg, types: list[str]) -> dict[int, dict]:
     raw = cfg.raw("per_layer_config")
     if raw is None:  # Gemma4TextConfig's default: full-attention layers get the global head size
         over = {"head_dim": cfg.int("global_head_dim", 512, min_value=1)}
-        if cfg.raw("num_global_key_value_heads") is not None and cfg.bool("attention_k_eq_v", True):
+        if cfg.raw("num_global_key_value_heads") is not None and cfg.bool("attention_k_eq_v", False):
             over["num_key_value_heads"] = cfg.int("num_global_key_value_heads", min_value=1)
         return {i: over for i, t in enumerate(types) if t == "full_attention"}
     if not isinstance(raw, dict):
@@ -54,7 +61,7 @@ def adapt(cfg: Cfg, model_type: str = "gemma4_text") -> ModelSpec:
     tie = common.tie_embeddings(cfg, True)
     bias = cfg.bool("attention_bias", False)
     types = layer_types(cfg, n)
-    over = _layer_overrides(cfg, types)
+    over = layer_overrides(cfg, types)
     shared_kv = cfg.int("num_kv_shared_layers", 0)
     ffn = cfg.int("intermediate_size", min_value=1)
     moe = None
@@ -63,7 +70,7 @@ def adapt(cfg: Cfg, model_type: str = "gemma4_text") -> ModelSpec:
                       expert_ffn=cfg.int("moe_intermediate_size", min_value=1),
                       activation=cfg.str("hidden_activation", "gelu_pytorch_tanh"),
                       router=RouterSpec(norm_topk_prob=True))
-    windows = common.layer_windows(cfg, n, "none" if not cfg.has("layer_types") else "all")
+    windows = layer_windows(cfg, types)
     P = cfg.int("hidden_size_per_layer_input", 0)
     inv = Inventory()
     layers = []
@@ -106,25 +113,53 @@ def adapt(cfg: Cfg, model_type: str = "gemma4_text") -> ModelSpec:
         inv.linear("per_layer_model_projection", "dense_mlp", n * P, d)
         inv.norm("per_layer_projection_norm", P)
     common.embed_and_head(inv, cfg, vocab, d, tie)
-    return ModelSpec(model_type=model_type, family="gemma4", hidden_size=d, vocab_size=vocab, num_layers=n,
+    return ModelSpec(model_type=model_type, family=model_type, hidden_size=d, vocab_size=vocab, num_layers=n,
                      layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie,
                      max_position_embeddings=cfg.raw("max_position_embeddings"),
                      torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))
 
 
+def vision_tower(inv: Inventory, v: Cfg, text_d: int) -> None:
+    """Gemma4VisionModel + the embedder into the text model (Gemma4MultimodalEmbedder `embed_vision`):
+    patch projection [H, 3 p^2] and 2-D position table [2, position_embedding_size, H]; per layer q/k/v/o
+    (no biases), q_norm / k_norm [head_dim], a gated MLP and four norms; then a projection [D, H]. The
+    clipping bounds (use_clipped_linears) and standardisation (standardize) are buffers, not parameters."""
+    h, f = v.int("hidden_size", 768, min_value=1), v.int("intermediate_size", 3072, min_value=1)
+    heads = v.int("num_attention_heads", 12, min_value=1)
+    kv, hd = v.int("num_key_value_heads", 12, min_value=1), v.int("head_dim", 64, min_value=1)
+    p = v.int("patch_size", 16, min_value=1)
+    inv.add("vision_tower.patch_embedder.input_proj.weight", "vision", (h, 3 * p * p), matmul=True)
+    inv.add("vision_tower.patch_embedder.position_embedding_table", "vision",
+            (2, v.int("position_embedding_size", 10240, min_value=1), h))
+    for i in range(v.int("num_hidden_layers", 16, min_value=0)):
+        b = f"vision_tower.encoder.layers.{i}"
+        for name, out, inp in (("self_attn.q_proj", heads * hd, h), ("self_attn.k_proj", kv * hd, h),
+                               ("self_attn.v_proj", kv * hd, h), ("self_attn.o_proj", h, heads * hd),
+                               ("mlp.gate_proj", f, h), ("mlp.up_proj", f, h), ("mlp.down_proj", h, f)):
+            inv.add(f"{b}.{name}.linear.weight", "vision", (out, inp), matmul=True)
+        for name, dim in (("self_attn.q_norm", hd), ("self_attn.k_norm", hd), ("input_layernorm", h),
+                          ("post_attention_layernorm", h), ("pre_feedforward_layernorm", h),
+                          ("post_feedforward_layernorm", h)):
+            inv.add(f"{b}.{name}.weight", "vision", (dim,))
+    inv.add("embed_vision.embedding_projection.weight", "vision", (text_d, h), matmul=True)
+
+
 def adapt_multimodal(cfg: Cfg) -> ModelSpec:
     """gemma4 (Gemma4ForConditionalGeneration): the text model on `text_config`, tied through the
-    top-level `tie_word_embeddings`. Its default config has no vision or audio tower; a config with
-    one is not counted from config.json yet (UnsupportedArchitecture: a checkpoint of it is still
-    counted exactly from its headers by arch/generic.py)."""
-    for tower in ("vision_config", "audio_config"):
-        if cfg.raw(tower) is not None:
-            raise UnsupportedArchitecture(f"{cfg.where}: gemma4 with a {tower.split('_')[0]} tower: its tower is not "
-                                          "counted from config.json yet (a checkpoint is counted from its headers)")
+    top-level `tie_word_embeddings`, and the vision tower (group `vision`) where `vision_config` is
+    given. An audio tower is not counted from config.json yet (UnsupportedArchitecture: a checkpoint
+    of it is still counted exactly from its headers by arch/generic.py)."""
+    if cfg.raw("audio_config") is not None:
+        raise UnsupportedArchitecture(f"{cfg.where}: gemma4 with an audio tower: its tower is not "
+                                      "counted from config.json yet (a checkpoint is counted from its headers)")
     text = dict(cfg.sub("text_config").d)
     text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", True)
     spec = adapt(Cfg(text, f"{cfg.where}[text_config]"), "gemma4")
-    return replace(spec, torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype") or spec.torch_dtype,
+    inv = Inventory()
+    if cfg.raw("vision_config") is not None:
+        vision_tower(inv, cfg.sub("vision_config"), spec.hidden_size)
+    return replace(spec, params=spec.params + tuple(inv.params),
+                   torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype") or spec.torch_dtype,
                    quantization=common.quantization(cfg) or spec.quantization)
 
 

@@ -86,6 +86,7 @@ FAMILY_FORWARD.update({"aria_text": dict(routed_act="silu"), "minimax_m3_vl_text
 # gives every section the same text position then, which is ordinary RoPE (tests/test_trace_multimodal.py).
 MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_vl_moe_text",
                       "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text"}
+MULTIMODAL_FORWARD["gemma4"] = "gemma4_text"
 FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
 # StepFun Step-3.7's language model: Laguna's attention with a sigmoid gate, (1 + w) norms, clamped SwiGLU
 # per layer, the routed sum scaled after the experts (forward/step3p7.py; fields from text_config).
@@ -94,6 +95,7 @@ FAMILY_FORWARD["step3p7_text"] = dict(qk_norm="head", out_gate=dict(proj=("self_
 MULTIMODAL_FORWARD["step3p7"] = "step3p7_text"
 FORWARD_FAMILIES += ("step3p7",)
 FORWARD_FAMILIES += ("zaya",)  # ZAYA1: CCA attention, a router MLP with a state across layers, residual scalings (forward/zaya.py)
+FORWARD_FAMILIES += ("gemma4_text",)  # per-layer inputs, KV sharing, MoE beside the dense MLP: forward/gemma4.py
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -247,6 +249,7 @@ class ForwardConfig:
     # A.X-K2: a layer norm may be gated, stored as <name>.norm.weight + <name>.mlp.fc1 / fc2:
     # y = RMSNorm(x), y * sigmoid(fc2(silu(fc1(y))))
     gated_norms: bool = False
+    gemma4: Optional[object] = None  # Gemma 4's settings (forward/gemma4.py Gemma4Settings): its own layer
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -344,6 +347,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             prf = cfg.int("rotary_dim") / hd
         rope.dim = int(hd * float(prf))
     _rope_by_layer_type(fc, cfg, extra)
+    if family == "gemma4_text":
+        from .gemma4 import configure
+
+        configure(fc, spec, cfg, Cfg(config))
     if family == "cohere2_moe":
         if cfg.raw("rms_norm_eps") is None:
             fc.norm, fc.eps = "layernorm", cfg.float("layer_norm_eps", 1e-5)

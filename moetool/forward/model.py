@@ -395,10 +395,10 @@ class Experts:
                     n = f"{names.layers}{layer}.{moe}.experts.0.{key}.weight"
                     if n in store:
                         self.per_expert[proj] = n.replace(".experts.0.", ".experts.{e}.")
-        self.gate_up = find("mlp.experts.gate_up_proj", "feed_forward.experts.gate_up_proj",
+        self.gate_up = find("mlp.experts.gate_up_proj", "experts.gate_up_proj", "feed_forward.experts.gate_up_proj",
                             "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight",
                             "mlp.input_linear.weight", "mlp.experts.fc1.weight")  # Aria: fc1 [E, D, 2F], fc2 [E, F, D]
-        self.down = find("mlp.experts.down_proj", "feed_forward.experts.down_proj",
+        self.down = find("mlp.experts.down_proj", "experts.down_proj", "feed_forward.experts.down_proj",
                          "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight",
                          "mlp.output_linear.weight", "mlp.experts.fc2.weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
@@ -530,6 +530,13 @@ class Decoder:
         return self.store.get_optional(name, self.dtype, device=self.device)
 
     def embed(self, ids: list[int]) -> torch.Tensor:
+        if self.fc.gemma4 is not None:  # Gemma 4: embedding scale, per-layer inputs (forward/gemma4.py)
+            from .gemma4 import embed
+
+            return embed(self, ids)
+        return self.embed_rows(ids)
+
+    def embed_rows(self, ids: list[int]) -> torch.Tensor:
         name = self.names.embed
         t = self.store.tensors[name]
         if any(not 0 <= i < t.shape[0] for i in ids):
@@ -596,6 +603,10 @@ class Decoder:
             from .zaya import zaya_layer
 
             return zaya_layer(self, i, x, cos, sin, masks, routes, record)
+        if fc.gemma4 is not None:  # per-layer inputs, KV sharing, MoE beside the dense MLP (forward/gemma4.py)
+            from .gemma4 import layer
+
+            return layer(self, i, x, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 

@@ -1,0 +1,63 @@
+"""`count` of DiffusionGemma (arch/diffusion_gemma.py) and the Gemma 4 count paths the census configs do
+not reach, against transformers 5.23's parameter count of the class the census picks
+(DiffusionGemmaForBlockDiffusion, Gemma4ForCausalLM): config-only and header totals, cross-check clean.
+
+DiffusionGemma ties its decoder's layer weights to the encoder's, but not their biases: with
+attention_bias the decoder's biases are extra parameters; with the top-level tie_word_embeddings false
+nothing is tied (two text models and an LM head)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import moetool
+from census_reference import _merge, build, param_count, shrunk_config
+
+VARIANTS = {
+    "shrunk": {},
+    "attention-bias": {"text_config": {"attention_bias": True}},
+    "untied": {"tie_word_embeddings": False},
+    "untied-bias": {"tie_word_embeddings": False, "text_config": {"attention_bias": True}},
+    # no per_layer_config: the full layers' head size and KV heads from global_head_dim /
+    # num_global_key_value_heads (not gated by attention_k_eq_v, which DiffusionGemma has not)
+    "global-dims": {"text_config": {"global_head_dim": 16, "num_global_key_value_heads": 1}},
+}
+
+
+def _config(extra: dict) -> dict:
+    cfg = _merge(shrunk_config("diffusion_gemma"), copy.deepcopy(extra))
+    if "global_head_dim" in extra.get("text_config", {}):
+        cfg["text_config"].pop("per_layer_config")
+    return cfg
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_diffusion_gemma_count_equals_transformers(name, tmp_path):
+    model = build("diffusion_gemma", _config(VARIANTS[name]), device="cpu")
+    model.save_pretrained(tmp_path)
+    expected = param_count(model)
+    headers, config_only = moetool.count(str(tmp_path)), moetool.count(str(tmp_path / "config.json"))
+    assert config_only.counted_from == "config" and headers.counted_from == "headers"
+    assert headers.total_params == config_only.total_params == expected
+    d = headers.to_dict()
+    assert d["cross_check"]["match"], d["cross_check"]["differences"]
+    assert sum(d["breakdown"].values()) == expected and not d["breakdown"].get("other")
+    assert d["num_experts"] == 8 and d["top_k"] == 2
+
+
+def test_gemma4_global_kv_heads_need_attention_k_eq_v(tmp_path):
+    """Gemma4TextConfig gives full layers num_global_key_value_heads only with attention_k_eq_v, whose
+    default is false: a config.json without per_layer_config and without attention_k_eq_v keeps
+    num_key_value_heads on its full layers (moetool assumed true before)."""
+    import json
+
+    cfg = shrunk_config("gemma4_text")
+    cfg.pop("per_layer_config")
+    cfg.update(global_head_dim=16, num_global_key_value_heads=1, num_key_value_heads=2)
+    model = build("gemma4_text", cfg)
+    saved = dict(cfg)
+    saved.pop("attention_k_eq_v", None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert moetool.count(str(tmp_path / "config.json")).total_params == param_count(model)
