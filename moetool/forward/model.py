@@ -26,6 +26,7 @@ from .config import ForwardConfig
 from .block_sparse import block_sparse_keep
 from .indexer import sparse_attention_keep
 from .moa import moa_attention
+from . import hyper
 from .weights import WeightStore
 
 
@@ -446,6 +447,11 @@ class Experts:
         return gate, up, down, gb, ub, db
 
 
+# A dense MLP's / shared expert's projections under their stored names: transformers', then the original
+# checkpoints' as save_pretrained writes them back (HY-V4: linear_gate; DeepSeek-V4: w1 / w3 / w2).
+MLP_NAMES = {"gate": ("gate_proj", "linear_gate", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2"),
+             "gate_up": ("gate_up_proj",)}
+
 GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "softplus": F_.softplus}  # attention output gates
 
 
@@ -479,6 +485,8 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
     (ungated experts, Nemotron-H: act(up))."""
     if g is None:
         return ACTIVATIONS[act](u)
+    if act.startswith("clamped_"):  # HY-V4, DeepSeek-V4: act(gate clamped above) * (up clamped to +-limit)
+        return ACTIVATIONS[act[len("clamped_"):]](g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
@@ -533,7 +541,9 @@ class Decoder:
             x = torch.stack([rows[i] for i in ids])  # [T, D]: only the prompt's rows are read
         else:
             x = self.store.get(name, self.dtype, device=self.device)[torch.tensor(ids)]
-        return x * self.fc.embedding_multiplier if self.fc.embedding_multiplier != 1.0 else x
+        x = x * self.fc.embedding_multiplier if self.fc.embedding_multiplier != 1.0 else x
+        self.token_ids = torch.tensor(ids)  # DeepSeek-V4's hash routers choose experts by token id
+        return hyper.streams(x, self.fc.hyper) if self.fc.hyper else x  # hyper-connections: [T, N, D]
 
     def run(self, ids: list[int], record: bool = True, last_layer: Optional[int] = None,
             cache=None) -> ForwardResult:
@@ -582,6 +592,8 @@ class Decoder:
         find = lambda *s, required=True: n.find(i, *s, required=required)
         if fc.single_block:  # Nemotron-H: one sublayer per layer
             return self.block(i, x, cos, sin, masks, routes, record)
+        if fc.hyper:  # HY-V4, DeepSeek-V4: x holds several residual streams [T, N, D] (forward/hyper.py)
+            return hyper.layer(self, i, x, cos, sin, masks, routes, record)
         if fc.family == "longcat_flash":  # two attention + MLP sublayers and a shortcut MoE (forward/longcat.py)
             from .longcat import longcat_layer
 
@@ -816,11 +828,15 @@ class Decoder:
             mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
                                          ix["topk"], r, apply_rope,
                                          cache=self.cache.layer(i) if self.cache is not None else None,
-                                         width=self.index_width, layout=ix["layout"])
+                                         width=self.index_width, layout=ix["layout"],
+                                         **{k: ix[k] for k in ("rope_tail", "eps", "scale_weights") if k in ix})
             self._index_keep = mask  # layers run in order within one forward
-        out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
+        sinks = self.w(find(prefix + "sinks", prefix + "learnable_sink_param")) if m.get("sinks") else None  # HY-V4
+        out = sdpa(q, k, v, mask, fc.attn_scale, sinks).reshape(T, H * v_dim)
         if m.get("q_gate"):
             out = (out * torch.sigmoid(gate.reshape(T, H * v_dim).float())).to(out.dtype)
+        if m.get("out_gate"):  # HY-V4: a sigmoid gate per channel from the layer input, gate_proj [H * v, D]
+            out = out * torch.sigmoid(linear(h, self.w(find(prefix + "gate_proj.weight", prefix + "linear_gate.weight"))))
         return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
@@ -902,7 +918,8 @@ class Decoder:
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
                       "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight",
                       "block_sparse_moe.shared_experts.gate_proj.weight",
-                      "mlp.shared_experts.gate_up_proj.weight", required=False)  # MiniMax-M3: gate and up fused
+                      "mlp.shared_experts.gate_up_proj.weight",  # MiniMax-M3: gate and up fused
+                      "mlp.shared_experts.linear_gate.weight", required=False)  # HY-V4 as saved
         if shared:
             base = shared.rsplit(".", 2)[0] + "."
             s = self.gated_mlp(base, h)
@@ -928,7 +945,9 @@ class Decoder:
         """A dense MLP or shared expert `base`{gate,up,down}_proj (biases where stored), or with gate
         and up fused as `base`gate_up_proj [2F, D] (MiniMax-M3)."""
         fc = self.fc
-        w = lambda p: self.w(base + p + "_proj.weight")
+        stored = lambda p: next((base + n + ".weight" for n in MLP_NAMES[p] if base + n + ".weight" in self.store),
+                                base + p + "_proj.weight")
+        w = lambda p: self.w(stored(p))
         b = lambda p: self.w(base + p + "_proj.bias") if (base + p + "_proj.bias") in self.store else None
         if base + "gate_up_proj.weight" in self.store:
             gate, up = w("gate_up").chunk(2, dim=0)
@@ -938,6 +957,8 @@ class Decoder:
 
     def _final(self, x) -> torch.Tensor:
         fc, n = self.fc, self.names
+        if fc.hyper:  # the streams [T, N, D] collapsed by the head's mixer
+            x = hyper.head(self, x)
         fw = self.w(n.final_norm + "weight")
         fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
         x = norm(x, fw, fb, fc)
