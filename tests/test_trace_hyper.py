@@ -44,6 +44,27 @@ FAMILIES: dict[str, dict] = {
                          rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                           "original_max_position_embeddings": 64, "mscale_all_dim": 1.0},
                          **_MLA, **{**_C, "num_hidden_layers": 5}),
+    # DeepSeek-V4: shared-KV MQA (sinks, grouped output, RoPE on the last dims, undone on the output);
+    # a sliding layer, compressed-sparse layers (overlapping windows of 4, indexer keeping 2 entries) and a
+    # heavily compressed layer (windows of 8); two hash-routed MoE layers, sqrtsoftplus top-k with a
+    # correction bias; clamped SwiGLU in routed and shared experts; 3 streams with Sinkhorn mixing.
+    "deepseek_v4": dict(model_type="deepseek_v4", head_dim=16, num_key_value_heads=1, q_lora_rank=16, o_groups=2,
+                        o_lora_rank=8, partial_rotary_factor=0.25, index_n_heads=2, index_head_dim=8, index_topk=2,
+                        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
+                        swiglu_limit=0.8, hc_mult=3, sliding_window=4,
+                        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                                     "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+                        **_C),
+    # the default layer schedule (2 HCA, then HCA / CSA), YaRN on the compressed layers, sigmoid scoring,
+    # 2 streams, 3 default hash layers, legacy compress_rate_* fields
+    "deepseek_v4-yarn": dict(model_type="deepseek_v4", head_dim=16, num_key_value_heads=1, q_lora_rank=16, o_groups=4,
+                             o_lora_rank=4, partial_rotary_factor=0.5, index_n_heads=4, index_head_dim=8, index_topk=3,
+                             n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, scoring_func="sigmoid",
+                             routed_scaling_factor=1.0, hc_mult=2, hc_sinkhorn_iters=5, sliding_window=6,
+                             compress_rate_csa=4, compress_rate_hca=16,
+                             rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+                             **{**_C, "num_hidden_layers": 5}),
 }
 SEEDS = (0, 1)
 
@@ -57,6 +78,12 @@ def randomize(model, seed: int) -> None:
         for name, p in model.named_parameters():
             if name.endswith((".base", ".scale", ".hc_base", ".hc_scale")) and ("hc" in name):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if "scale" in name else 0.0))
+            if name.endswith("position_bias"):  # DeepSeek-V4's compressors: zeros by init
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):  # DeepSeek-V4's hash table (zeros by init): k distinct experts per token
+                E = model.config.n_routed_experts
+                b.copy_(torch.stack([torch.randperm(E, generator=g)[:b.shape[1]] for _ in range(b.shape[0])]))
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +140,26 @@ def test_hy_v4_clamp_and_indexer_tail_matter(hyper_family, tmp_path):
     assert fc.hyper.streams == 3 and fc.routed_act == "clamped_silu" and fc.indexer["shared"] == {1, 3}
 
 
-@pytest.mark.parametrize("name", ["hy_v4"])
+def test_deepseek_v4_indexer_and_compressed_entries_matter(hyper_family, monkeypatch):
+    """The compressed entries and the indexer's choice among them both change the logits: attending to
+    every visible entry (no indexer), or to none, breaks the match with transformers."""
+    import moetool.forward.deepseek_v4 as v4
+
+    d, ids, ref_logits, _, _ = hyper_family("deepseek_v4", 0)
+    real = v4._compressed
+    for variant in ("all visible", "none"):
+        def patched(dec, i, h, q_res, pos, kind, cache, variant=variant):
+            entries, keep = real(dec, i, h, q_res, pos, kind, cache)
+            visible = torch.arange(entries.shape[0])[None] < ((pos.long() + 1) // dec.fc.deepseek_v4["rates"][kind])[:, None]
+            assert kind != "compressed_sparse_attention" or (keep != visible).any()  # index_topk 2 cuts in
+            return entries, visible if variant == "all visible" else keep & False
+
+        monkeypatch.setattr(v4, "_compressed", patched)
+        wrong = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu").logits
+        assert (wrong - ref_logits).abs().max().item() > 1e-3, variant
+
+
+@pytest.mark.parametrize("name", ["hy_v4", "deepseek_v4"])
 def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path):
     """moetool profile runs several prompts per block (each with its own mask and positions, the
     indexer choosing each prompt's keys on its own): every token routes as in one trace per prompt."""

@@ -70,6 +70,7 @@ FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per l
 FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 FORWARD_FAMILIES += ("glm_moe_dsa",)  # GLM-5: DeepSeek-V3.2 with the indexer on "full" layers only (below)
 FORWARD_FAMILIES += ("axk2",)  # A.X-K2: DeepSeek-V3.2 with a fused query + output-gate projection, gated RMSNorms
+FORWARD_FAMILIES += ("deepseek_v4",)  # DeepSeek-V4: its attention in forward/deepseek_v4.py, hyper-connections
 FORWARD_FAMILIES += ("hy_v4",)  # HY-V4: GLM-5's MLA + indexer, sinks, output gate, hyper-connections (forward/hyper.py)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
@@ -240,6 +241,7 @@ class ForwardConfig:
     # y = RMSNorm(x), y * sigmoid(fc2(silu(fc1(y))))
     gated_norms: bool = False
     hyper: Optional["HyperConfig"] = None  # hyper-connections: several residual streams (forward/hyper.py)
+    deepseek_v4: Optional[dict] = None  # DeepSeek-V4's attention: layer types, compressors, RoPEs (forward/deepseek_v4.py)
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -267,6 +269,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         return _dbrx(spec, cfg)
     if family == "jetmoe":
         return _jetmoe(spec, cfg)
+    if family == "deepseek_v4":  # shared-KV attention with compressors, hyper-connections: forward/deepseek_v4.py
+        from .deepseek_v4 import forward_config as deepseek_v4_config
+
+        return deepseek_v4_config(spec, cfg)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
     hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads

@@ -103,6 +103,8 @@ class Names:
             # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
             wrapper = "language_model." if embed.startswith("language_model.") else ""
             self.head = wrapper + "lm_head.weight"
+            if self.head not in store and "head.weight" in store:  # DeepSeek-V4 as saved
+                self.head = "head.weight"
             if self.head not in store and "score.weight" in store:  # token classification: `score` [labels, D]
                 self.head = "score.weight"
 
@@ -391,7 +393,7 @@ class Experts:
         find = lambda *s: names.find(layer, *s, required=False)
         self.per_expert = {}
         for proj, keys in (("gate", ("w1", "gate_proj")), ("up", ("w3", "up_proj")), ("down", ("w2", "down_proj"))):
-            for moe in ("block_sparse_moe", "mlp", "feed_forward", "mixer"):
+            for moe in ("block_sparse_moe", "mlp", "feed_forward", "mixer", "ffn"):
                 for key in keys:
                     n = f"{names.layers}{layer}.{moe}.experts.0.{key}.weight"
                     if n in store:
@@ -675,6 +677,10 @@ class Decoder:
             return mixers.run(self, i, h, self.cache.layer(i) if self.cache is not None else None)
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
+        if fc.deepseek_v4:  # shared-KV attention with HCA / CSA compressors (forward/deepseek_v4.py)
+            from .deepseek_v4 import attention as deepseek_v4_attention
+
+            return deepseek_v4_attention(self, i, h, masks)
         if fc.family == "jetmoe":  # mixture of attention heads (forward/moa.py)
             return moa_attention(self, i, h, cos, sin, masks, apply_rope, attention_mask, sdpa)
         if fc.family == "dbrx":
@@ -846,7 +852,7 @@ class Decoder:
                   "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
                   "mlp.router.layer.weight", "block_sparse_moe.router.weight", "feed_forward.gate.weight",
-                  "mixer.gate.weight")
+                  "mixer.gate.weight", "ffn.gate.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -861,14 +867,21 @@ class Decoder:
                                             "feed_forward.expert_bias", "mixer.gate.e_score_correction_bias",
                                             "block_sparse_moe.gate.e_score_correction_bias",
                                             "moe.router.expert_bias", "mlp.experts.e_score_correction_bias",
-                                            "mlp.expert_bias",
+                                            "mlp.expert_bias", "ffn.gate.bias",
                                             required=False),
                                        torch.float32, device=self.device)
         if corr is None and moe.router.correction_bias:
             raise BadCheckpoint(f"layer {i}: the router uses a correction bias (e_score_correction_bias) "
                                 "but the checkpoint has none")
         corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
-        idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
+        if fc.family == "deepseek_v4":  # its top-k router, and hash routers by token id (forward/deepseek_v4.py)
+            from . import deepseek_v4
+
+            table = find("ffn.gate.tid2eid", "mlp.gate.tid2eid", required=False)
+            idx, weights, scores = (deepseek_v4.hash_route(self, table, logits, moe) if table else
+                                    deepseek_v4.route(logits, moe, corr))
+        else:
+            idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if self.route_hook is not None:
             idx, weights = self.route_hook(i, idx, weights)
         if record:
@@ -919,7 +932,8 @@ class Decoder:
                       "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight",
                       "block_sparse_moe.shared_experts.gate_proj.weight",
                       "mlp.shared_experts.gate_up_proj.weight",  # MiniMax-M3: gate and up fused
-                      "mlp.shared_experts.linear_gate.weight", required=False)  # HY-V4 as saved
+                      "mlp.shared_experts.linear_gate.weight", "ffn.shared_experts.w1.weight",  # HY-V4, DeepSeek-V4 as saved
+                      required=False)
         if shared:
             base = shared.rsplit(".", 2)[0] + "."
             s = self.gated_mlp(base, h)
