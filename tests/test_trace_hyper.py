@@ -181,3 +181,46 @@ def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path):
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+
+
+@pytest.mark.parametrize("name", ["hy_v4", "deepseek_v4"])
+def test_quantize_report_scores_experts_as_transformers_runs_them(name, hyper_family, tmp_path):
+    """quantize-report's output error of one routed expert, recomputed from transformers' expert weights,
+    its routed hidden states and gates and its own clamped SwiGLU (`_apply_gate`); the shared experts
+    (stored as linear_gate / w1 w3 w2) are scored too."""
+    from tokenizers import Tokenizer
+
+    from conftest import write_tokenizer
+    from moetool.quant import schemes
+    from moetool.quant.check import default_calibration_text
+    from moetool.quant.report import quantize_report
+
+    src, _, _, _, model = hyper_family(name, 0)
+    d = tmp_path / name
+    shutil.copytree(src, d)
+    write_tokenizer(d)
+    ids = Tokenizer.from_file(str(d / "tokenizer.json")).encode(default_calibration_text()).ids[:120]
+    layer = 2
+    experts = model.model.layers[layer].mlp.experts
+    cap = {}
+    hook = experts.register_forward_pre_hook(lambda m, a: cap.__setitem__("in", a))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    hook.remove()
+    h, idx, w = cap["in"]
+    e = int(torch.bincount(idx.reshape(-1)).argmax())  # the most routed expert
+    tok, slot = torch.where(idx == e)
+    X, g, W = h[tok], w[tok, slot], experts.down_proj[e]
+    with torch.no_grad():
+        mid = experts._apply_gate(torch.nn.functional.linear(X, experts.gate_up_proj[e]))
+        err = mid @ (schemes.int4_g128(W) - W).T
+        expected = torch.sqrt(((g ** 2) * err.pow(2).sum(1)).sum() / ((g ** 2) * (mid @ W.T).pow(2).sum(1)).sum())
+        unclamped = experts.gate_up_proj[e].chunk(2, dim=0)
+        plain = torch.nn.functional.silu(X @ unclamped[0].T) * (X @ unclamped[1].T)
+    assert (plain - mid).abs().max() > 1e-3  # the clamp cuts in: an unclamped score would differ
+    r = quantize_report(str(d), schemes=["int4_g128"], layers={layer}, experts={e}, device="cpu", calibration_tokens=120)
+    row = next(x for x in r.rows if x.projection == "down" and x.expert == e)
+    assert row.tokens == len(tok)
+    assert row.output_rel_error == pytest.approx(float(expected), rel=1e-4)
+    full = quantize_report(str(d), schemes=["int4_g128"], layers={layer}, device="cpu", calibration_tokens=40)
+    assert {x.expert for x in full.rows if not isinstance(x.expert, int)} == {"shared"}
