@@ -362,6 +362,9 @@ def router_distribution(logits, spec) -> Any:
     if r.scoring == "sigmoid" and r.order == "score_then_topk":
         s = torch.sigmoid(logits.double())
         return (s / s.sum(dim=-1, keepdim=True)).numpy()
+    if r.scoring == "sqrtsoftplus":  # DeepSeek-V4: its scores, normalised likewise
+        s = torch.nn.functional.softplus(logits.double()).sqrt()
+        return (s / s.sum(dim=-1, keepdim=True)).numpy()
     return torch.softmax(logits.double(), dim=-1).numpy()
 
 

@@ -34,6 +34,7 @@ import test_trace_text_families as text_families  # noqa: E402
 import test_trace_gap_families as gap_families  # noqa: E402
 import test_trace_step3p7 as step3p7  # noqa: E402
 import test_trace_zaya as zaya  # noqa: E402
+import test_trace_hyper as hyper_families  # noqa: E402
 
 # name -> (config, transformers builder, extra randomisation as the family's own trace test does it)
 CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_CONFIGS},
@@ -45,7 +46,8 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
               for n, c in multimodal.CONFIGS.items()},
            **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()},
            **{n: (step3p7.full_config(n), step3p7._build, step3p7.randomize) for n in step3p7.CONFIGS},
-           **{n: (c, zaya._build, zaya.randomize) for n, c in zaya.CONFIGS.items()}}
+           **{n: (c, zaya._build, zaya.randomize) for n, c in zaya.CONFIGS.items()},
+           **{n: (c, text_families._build, hyper_families.randomize) for n, c in hyper_families.FAMILIES.items()}}
 import test_trace_gemma4 as gemma4  # noqa: E402
 
 CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize) for n, c in gemma4.CONFIGS.items()})

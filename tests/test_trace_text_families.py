@@ -165,11 +165,12 @@ def randomize(model, seed: int) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
-def build_case(tmp_path_factory, config: dict, name: str, seed: int) -> tuple:
-    """transformers' model of `config` (seeded, randomised), saved: (directory, T token ids, reference
-    logits, reference routes, the model). Also used by tests/test_trace_gap_families.py."""
+def build_case(tmp_path_factory, config: dict, name: str, seed: int, randomize_fn=None) -> tuple:
+    """transformers' model of `config` (seeded, randomised by `randomize_fn`, default `randomize`), saved:
+    (directory, T token ids, reference logits, reference routes, the model). Also used by
+    tests/test_trace_gap_families.py and tests/test_trace_hyper.py."""
     model = _build(config, seed).eval()
-    randomize(model, seed)
+    (randomize_fn or randomize)(model, seed)
     d = tmp_path_factory.mktemp(f"{name}-{seed}")
     model.save_pretrained(d)
     ids = torch.randint(0, config["vocab_size"], (1, T), generator=torch.Generator().manual_seed(seed))

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
+from .hyper import HyperConfig
 from .mixers import gated_deltanet, kda, lightning, mamba, mamba2, short_conv
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
@@ -69,6 +70,8 @@ FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per l
 FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 FORWARD_FAMILIES += ("glm_moe_dsa",)  # GLM-5: DeepSeek-V3.2 with the indexer on "full" layers only (below)
 FORWARD_FAMILIES += ("axk2",)  # A.X-K2: DeepSeek-V3.2 with a fused query + output-gate projection, gated RMSNorms
+FORWARD_FAMILIES += ("deepseek_v4",)  # DeepSeek-V4: its attention in forward/deepseek_v4.py, hyper-connections
+FORWARD_FAMILIES += ("hy_v4",)  # HY-V4: GLM-5's MLA + indexer, sinks, output gate, hyper-connections (forward/hyper.py)
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
@@ -250,6 +253,8 @@ class ForwardConfig:
     # y = RMSNorm(x), y * sigmoid(fc2(silu(fc1(y))))
     gated_norms: bool = False
     gemma4: Optional[object] = None  # Gemma 4's settings (forward/gemma4.py Gemma4Settings): its own layer
+    hyper: Optional["HyperConfig"] = None  # hyper-connections: several residual streams (forward/hyper.py)
+    deepseek_v4: Optional[dict] = None  # DeepSeek-V4's attention: layer types, compressors, RoPEs (forward/deepseek_v4.py)
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -285,6 +290,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         return _dbrx(spec, cfg)
     if family == "jetmoe":
         return _jetmoe(spec, cfg)
+    if family == "deepseek_v4":  # shared-KV attention with compressors, hyper-connections: forward/deepseek_v4.py
+        from .deepseek_v4 import forward_config as deepseek_v4_config
+
+        return deepseek_v4_config(spec, cfg)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
     hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads
@@ -394,31 +403,34 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
     elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash",
-                    "glm_moe_dsa", "axk2"):
+                    "glm_moe_dsa", "axk2", "hy_v4"):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
         # DeepSeek-V2 and V3.2 always interleave; V3 / GLM-4.7-Flash unless rope_interleave is false.
         interleave = family in ("deepseek_v2", "deepseek_v32", "longcat_flash", "glm_moe_dsa", "axk2") \
-            or cfg.bool("rope_interleave", True)
+            or (family != "hy_v4" and cfg.bool("rope_interleave", True))  # HY-V4: rotate-half
         rope.layout = "interleave" if interleave else "half"
         beta = scaling_dict.get("llama_4_scaling_beta")
         if family == "mistral4" and beta is not None:
             fc.q_position_scale = (float(beta), float(scaling_dict["original_max_position_embeddings"]))
-        if family in ("deepseek_v32", "glm_moe_dsa", "axk2"):
+        if family in ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4"):
             if not fc.mla["q_lora"]:
                 raise BadConfig(f"config.json: {family} needs q_lora_rank (its indexer reads the query latent)")
-            fc.indexer = dict(heads=cfg.int("index_n_heads", {"deepseek_v32": 64, "glm_moe_dsa": 32, "axk2": 16}[family]),
+            fc.indexer = dict(heads=cfg.int("index_n_heads", {"deepseek_v32": 64, "glm_moe_dsa": 32, "axk2": 16,
+                                                              "hy_v4": 16}[family]),
                               dim=cfg.int("index_head_dim", 128), topk=cfg.int("index_topk", 2048), layout="half")
-        if family == "glm_moe_dsa":  # GLM-5: interleaved indexer RoPE; "shared" layers reuse the last full layer's keys
-            from ..arch.deepseek import _indexer_types
+        if family in ("glm_moe_dsa", "hy_v4"):  # GLM-5: interleaved indexer RoPE; "shared" layers reuse the last full layer's keys
+            from ..arch.deepseek import DEFAULTS, _indexer_types
 
-            types = _indexer_types(cfg, spec.num_layers)
+            types = _indexer_types(cfg, spec.num_layers, DEFAULTS[family].get("indexer_default"))
             if len(types) < spec.num_layers or types[0] != "full":
                 raise BadConfig(f"config.json: indexer_types must give all {spec.num_layers} layers, the first "
                                 "\"full\" (a \"shared\" layer reuses the previous full layer's top-k)")
-            fc.indexer.update(layout="interleave", shared=frozenset(i for i, t in enumerate(types[:spec.num_layers])
-                                                                    if t != "full"))
+            fc.indexer.update(layout="interleave" if family == "glm_moe_dsa" else "half",
+                              shared=frozenset(i for i, t in enumerate(types[:spec.num_layers]) if t != "full"))
+        if family == "hy_v4":  # sinks, a sigmoid output gate, clamped routed SwiGLU, hyper-connections
+            _hy_v4(fc, cfg)
         fc.attn_scale = (nope + rdim) ** -0.5
         if family == "longcat_flash":  # LoRA scaling of query and KV latent; qk_head_dim may be set apart
             fc.mla.update(q_scale=(d / fc.mla["q_lora"]) ** 0.5, kv_scale=(d / fc.mla["kv_lora"]) ** 0.5)
@@ -671,3 +683,14 @@ def _dbrx(spec: ModelSpec, cfg: Cfg) -> ForwardConfig:
                          use_rope=[True] * spec.num_layers, max_positions=cfg.int("max_seq_len", None, min_value=1),
                          layer_norms=("norm_attn_norm.norm_1", None, "norm_attn_norm.norm_2", None),
                          expert_act=_activation(spec))
+
+
+def _hy_v4(fc: ForwardConfig, cfg: Cfg) -> None:
+    """HY-V4 (transformers' HYV4ForCausalLM): GLM-5's MLA with attention sinks and a sigmoid output gate;
+    its indexer rotates the last qk_rope_head_dim dims and scales the head weights; the routed experts'
+    SwiGLU clamped at swiglu_limit (shared experts and dense MLPs not); hc_mult residual streams."""
+    fc.mla.update(sinks=True, out_gate=True)
+    fc.indexer.update(rope_tail=True, eps=fc.eps, scale_weights=True)
+    fc.routed_act, fc.swiglu_limit = "clamped_silu", cfg.float("swiglu_limit", 10.0)
+    fc.hyper = HyperConfig(streams=cfg.int("hc_mult", 4, min_value=1), norm_eps=fc.eps, eps=cfg.float("hc_eps", 1e-6),
+                           post_scale=cfg.float("hc_magnitude", 2.0), post_eps=cfg.float("hc_eps", 1e-6))

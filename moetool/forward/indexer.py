@@ -11,7 +11,9 @@ in float32):
     keep[s] = top-`index_topk` of score[s] over the keys the causal mask allows
 
 GLM-5 (`glm_moe_dsa`) rotates with interleaved pairs and runs an indexer only on its "full" layers;
-a "shared" layer keeps the keys the previous full layer kept (forward/model.py).
+a "shared" layer keeps the keys the previous full layer kept (forward/model.py). HY-V4 (`hy_v4`) too,
+with RoPE on the last qk_rope_head_dim dims of q and k (`rope_tail`), its LayerNorm's eps
+rms_norm_eps, and the Di^-0.5 scale on the head weights instead of the scores (`scale_weights`).
 
 Shapes: T tokens, Hi indexer heads, Di indexer head dim, Rq q_lora_rank.
 """
@@ -28,7 +30,8 @@ def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefi
                           q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: torch.Tensor,
                           heads: int, dim: int, topk: int, rope_dim: int, apply_rope,
                           cache: Optional[dict] = None, width: Optional[int] = None,
-                          layout: str = "half") -> torch.Tensor:
+                          layout: str = "half", rope_tail: bool = False, eps: float = 1e-6,
+                          scale_weights: bool = False) -> torch.Tensor:
     """-> [T, S] bool, True where query s keeps key t (always within `causal` [T, S]). `get(name, dtype)`
     reads a tensor of the layer's indexer (`prefix` + name); h [T, D] the attention input,
     q_resid [T, Rq] the normalised query latent. With a `cache` (the layer's dict of a KV cache) the
@@ -38,23 +41,35 @@ def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefi
     torch.topk keeps depends on the row's length. `width` (the whole traced sequence's length)
     pads each row with -inf to that length, so a cached step keeps the same keys as the full
     forward of the whole sequence does (forward/cache.py). `layout`: the indexer's RoPE layout
-    ("half" in DeepSeek-V3.2, "interleave" in GLM-5)."""
+    ("half" in DeepSeek-V3.2, "interleave" in GLM-5). `causal` may be a `Segments` (a block of
+    prompts, moetool profile): each prompt's keys are then chosen on their own."""
+    if hasattr(causal, "parts"):
+        return type(causal)([(a, b, sparse_attention_keep(get, prefix, h[a:b], q_resid[a:b], cos[a:b], sin[a:b], m,
+                                                          heads, dim, topk, rope_dim, apply_rope, None, None, layout,
+                                                          rope_tail, eps, scale_weights))
+                             for a, b, m in causal.parts])
     T = h.shape[0]
     dtype = h.dtype
     q = F_.linear(q_resid, get(prefix + "wq_b.weight", dtype)).view(T, heads, dim)
     k = F_.layer_norm(F_.linear(h, get(prefix + "wk.weight", dtype)), (dim,), get(prefix + "k_norm.weight", dtype),
-                      get(prefix + "k_norm.bias", dtype), 1e-6)  # [T, Di]
-    q = torch.cat((apply_rope(q[..., :rope_dim], cos, sin, layout), q[..., rope_dim:]), dim=-1)
-    k = torch.cat((apply_rope(k[:, None, :rope_dim], cos, sin, layout)[:, 0], k[:, rope_dim:]), dim=-1)
+                      get(prefix + "k_norm.bias", dtype), eps)  # [T, Di]
+    if rope_tail:  # HY-V4: the rotary dims last
+        q = torch.cat((q[..., :dim - rope_dim], apply_rope(q[..., dim - rope_dim:], cos, sin, layout)), dim=-1)
+        k = torch.cat((k[:, :dim - rope_dim], apply_rope(k[:, None, dim - rope_dim:], cos, sin, layout)[:, 0]), dim=-1)
+    else:
+        q = torch.cat((apply_rope(q[..., :rope_dim], cos, sin, layout), q[..., rope_dim:]), dim=-1)
+        k = torch.cat((apply_rope(k[:, None, :rope_dim], cos, sin, layout)[:, 0], k[:, rope_dim:]), dim=-1)
     if cache is not None:
         if cache.get("index_k") is not None:
             k = torch.cat((cache["index_k"], k), dim=0)  # [S, Di]
         cache["index_k"] = k
     S = k.shape[0]
     # Same operations, shapes and order as transformers (batch of one), so ties break the same way.
-    scores = torch.matmul(q[None].float(), k[None].transpose(-1, -2).float().unsqueeze(1)) * dim ** -0.5  # [1, T, Hi, S]
-    scores = F_.relu(scores)
+    scores = torch.matmul(q[None].float(), k[None].transpose(-1, -2).float().unsqueeze(1))  # [1, T, Hi, S]
+    scores = F_.relu(scores if scale_weights else scores * dim ** -0.5)
     w = F_.linear(h.float(), get(prefix + "weights_proj.weight", torch.float32)) * heads ** -0.5  # [T, Hi] (fp32 module)
+    if scale_weights:
+        w = w * dim ** -0.5
     index = torch.matmul(w[None].unsqueeze(-2), scores).squeeze(-2)[0]  # [T, S]
     index = index.masked_fill(~causal, float("-inf"))
     if width is not None and width > S:

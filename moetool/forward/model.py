@@ -26,6 +26,7 @@ from .config import ForwardConfig
 from .block_sparse import block_sparse_keep
 from .indexer import sparse_attention_keep
 from .moa import moa_attention
+from . import hyper
 from .weights import WeightStore
 
 
@@ -102,6 +103,8 @@ class Names:
             # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
             wrapper = "language_model." if embed.startswith("language_model.") else ""
             self.head = wrapper + "lm_head.weight"
+            if self.head not in store and "head.weight" in store:  # DeepSeek-V4 as saved
+                self.head = "head.weight"
             if self.head not in store and "score.weight" in store:  # token classification: `score` [labels, D]
                 self.head = "score.weight"
 
@@ -390,7 +393,7 @@ class Experts:
         find = lambda *s: names.find(layer, *s, required=False)
         self.per_expert = {}
         for proj, keys in (("gate", ("w1", "gate_proj")), ("up", ("w3", "up_proj")), ("down", ("w2", "down_proj"))):
-            for moe in ("block_sparse_moe", "mlp", "feed_forward", "mixer"):
+            for moe in ("block_sparse_moe", "mlp", "feed_forward", "mixer", "ffn"):
                 for key in keys:
                     n = f"{names.layers}{layer}.{moe}.experts.0.{key}.weight"
                     if n in store:
@@ -450,6 +453,11 @@ class Experts:
         return gate, up, down, gb, ub, db
 
 
+# A dense MLP's / shared expert's projections under their stored names: transformers', then the original
+# checkpoints' as save_pretrained writes them back (HY-V4: linear_gate; DeepSeek-V4: w1 / w3 / w2).
+MLP_NAMES = {"gate": ("gate_proj", "linear_gate", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2"),
+             "gate_up": ("gate_up_proj",)}
+
 GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "softplus": F_.softplus}  # attention output gates
 
 
@@ -483,6 +491,8 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
     (ungated experts, Nemotron-H: act(up))."""
     if g is None:
         return ACTIVATIONS[act](u)
+    if act.startswith("clamped_"):  # HY-V4, DeepSeek-V4: act(gate clamped above) * (up clamped to +-limit)
+        return ACTIVATIONS[act[len("clamped_"):]](g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
@@ -546,7 +556,9 @@ class Decoder:
             x = torch.stack([rows[i] for i in ids])  # [T, D]: only the prompt's rows are read
         else:
             x = self.store.get(name, self.dtype, device=self.device)[torch.tensor(ids)]
-        return x * self.fc.embedding_multiplier if self.fc.embedding_multiplier != 1.0 else x
+        x = x * self.fc.embedding_multiplier if self.fc.embedding_multiplier != 1.0 else x
+        self.token_ids = torch.tensor(ids)  # DeepSeek-V4's hash routers choose experts by token id
+        return hyper.streams(x, self.fc.hyper) if self.fc.hyper else x  # hyper-connections: [T, N, D]
 
     def run(self, ids: list[int], record: bool = True, last_layer: Optional[int] = None,
             cache=None) -> ForwardResult:
@@ -595,6 +607,8 @@ class Decoder:
         find = lambda *s, required=True: n.find(i, *s, required=required)
         if fc.single_block:  # Nemotron-H: one sublayer per layer
             return self.block(i, x, cos, sin, masks, routes, record)
+        if fc.hyper:  # HY-V4, DeepSeek-V4: x holds several residual streams [T, N, D] (forward/hyper.py)
+            return hyper.layer(self, i, x, cos, sin, masks, routes, record)
         if fc.family == "longcat_flash":  # two attention + MLP sublayers and a shortcut MoE (forward/longcat.py)
             from .longcat import longcat_layer
 
@@ -684,6 +698,10 @@ class Decoder:
             return mixers.run(self, i, h, self.cache.layer(i) if self.cache is not None else None)
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
+        if fc.deepseek_v4:  # shared-KV attention with HCA / CSA compressors (forward/deepseek_v4.py)
+            from .deepseek_v4 import attention as deepseek_v4_attention
+
+            return deepseek_v4_attention(self, i, h, masks)
         if fc.family == "jetmoe":  # mixture of attention heads (forward/moa.py)
             return moa_attention(self, i, h, cos, sin, masks, apply_rope, attention_mask, sdpa)
         if fc.family == "dbrx":
@@ -837,11 +855,15 @@ class Decoder:
             mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
                                          ix["topk"], r, apply_rope,
                                          cache=self.cache.layer(i) if self.cache is not None else None,
-                                         width=self.index_width, layout=ix["layout"])
+                                         width=self.index_width, layout=ix["layout"],
+                                         **{k: ix[k] for k in ("rope_tail", "eps", "scale_weights") if k in ix})
             self._index_keep = mask  # layers run in order within one forward
-        out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
+        sinks = self.w(find(prefix + "sinks", prefix + "learnable_sink_param")) if m.get("sinks") else None  # HY-V4
+        out = sdpa(q, k, v, mask, fc.attn_scale, sinks).reshape(T, H * v_dim)
         if m.get("q_gate"):
             out = (out * torch.sigmoid(gate.reshape(T, H * v_dim).float())).to(out.dtype)
+        if m.get("out_gate"):  # HY-V4: a sigmoid gate per channel from the layer input, gate_proj [H * v, D]
+            out = out * torch.sigmoid(linear(h, self.w(find(prefix + "gate_proj.weight", prefix + "linear_gate.weight"))))
         return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
@@ -851,7 +873,7 @@ class Decoder:
                   "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",
                   "mlp.router.layer.weight", "block_sparse_moe.router.weight", "feed_forward.gate.weight",
-                  "mixer.gate.weight", "moe.gate.weight")
+                  "mixer.gate.weight", "moe.gate.weight", "ffn.gate.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
@@ -866,14 +888,21 @@ class Decoder:
                                             "feed_forward.expert_bias", "mixer.gate.e_score_correction_bias",
                                             "block_sparse_moe.gate.e_score_correction_bias",
                                             "moe.router.expert_bias", "mlp.experts.e_score_correction_bias",
-                                            "mlp.expert_bias", "moe.router_bias",
+                                            "mlp.expert_bias", "moe.router_bias", "ffn.gate.bias",
                                             required=False),
                                        torch.float32, device=self.device)
         if corr is None and moe.router.correction_bias:
             raise BadCheckpoint(f"layer {i}: the router uses a correction bias (e_score_correction_bias) "
                                 "but the checkpoint has none")
         corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
-        idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
+        if fc.family == "deepseek_v4":  # its top-k router, and hash routers by token id (forward/deepseek_v4.py)
+            from . import deepseek_v4
+
+            table = find("ffn.gate.tid2eid", "mlp.gate.tid2eid", required=False)
+            idx, weights, scores = (deepseek_v4.hash_route(self, table, logits, moe) if table else
+                                    deepseek_v4.route(logits, moe, corr))
+        else:
+            idx, weights, scores = route(logits, moe, fc.family, corr)  # [T, K], [T, K], [T, E]
         if self.route_hook is not None:
             idx, weights = self.route_hook(i, idx, weights)
         if record:
@@ -923,8 +952,10 @@ class Decoder:
         shared = find("mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
                       "feed_forward.shared_expert.gate_proj.weight", "mlp.shared_mlp.gate_proj.weight",
                       "block_sparse_moe.shared_experts.gate_proj.weight",
-                      "mlp.shared_experts.gate_up_proj.weight", "share_expert.gate_proj.weight",
-                      required=False)  # MiniMax-M3: gate and up fused
+                      "mlp.shared_experts.gate_up_proj.weight",  # MiniMax-M3: gate and up fused
+                      "share_expert.gate_proj.weight",  # Step-3.7
+                      "mlp.shared_experts.linear_gate.weight", "ffn.shared_experts.w1.weight",  # HY-V4, DeepSeek-V4 as saved
+                      required=False)
         if shared:
             base = shared.rsplit(".", 2)[0] + "."
             s = self.gated_mlp(base, h, fc.limit_of(i, 1))
@@ -951,7 +982,9 @@ class Decoder:
         and up fused as `base`gate_up_proj [2F, D] (MiniMax-M3); `limit`: its clamp (default swiglu_limit)."""
         fc = self.fc
         limit = fc.swiglu_limit if limit is None else limit
-        w = lambda p: self.w(base + p + "_proj.weight")
+        stored = lambda p: next((base + n + ".weight" for n in MLP_NAMES[p] if base + n + ".weight" in self.store),
+                                base + p + "_proj.weight")
+        w = lambda p: self.w(stored(p))
         b = lambda p: self.w(base + p + "_proj.bias") if (base + p + "_proj.bias") in self.store else None
         if base + "gate_up_proj.weight" in self.store:
             gate, up = w("gate_up").chunk(2, dim=0)
@@ -961,6 +994,8 @@ class Decoder:
 
     def _final(self, x) -> torch.Tensor:
         fc, n = self.fc, self.names
+        if fc.hyper:  # the streams [T, N, D] collapsed by the head's mixer
+            x = hyper.head(self, x)
         fw = self.w(n.final_norm + "weight")
         fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
         x = norm(x, fw, fb, fc)

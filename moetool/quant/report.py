@@ -247,7 +247,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     from ..arch import spec_from_config
     from ..forward import pick_device, run_forward
     from ..forward.config import forward_config
-    from ..forward.model import Decoder, Experts, Names, glu
+    from ..forward.model import MLP_NAMES, Decoder, Experts, Names, glu
     from ..forward import new_store
     from ..tracing import _resolve_for_forward, load_tokenizer
 
@@ -265,6 +265,8 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     if experts is not None and any(not 0 <= e < spec.moe.num_experts for e in experts):
         raise MoetoolError(f"--experts must be between 0 and {spec.moe.num_experts - 1}")
     act = lambda g, u: glu(g, u, fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
+    # the routed experts' own activation where it differs (HY-V4's clamped SwiGLU, Aria's SiLU)
+    routed_act = lambda g, u: glu(g, u, fc.routed_act or fc.expert_act, fc.swiglu_limit, fc.swiglu_alpha)
     scorer = _Scorer(schemes)
     scorer.calibrated = not weight_only  # weight space only: no token counts to warn about
     total_experts = len(moe_layers) * (len(experts) if experts is not None else spec.moe.num_experts)
@@ -278,7 +280,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         if routing is None:  # a dense FFN: every token, weight 1
             if h is None:
                 return
-            find = lambda p: names.find(layer, f"mlp.{p}_proj.weight", f"feed_forward.{p}_proj.weight")
+            find = lambda p: names.find(layer, *(f"{m}.{n}.weight" for m in ("mlp", "feed_forward") for n in MLP_NAMES[p]))
             mats = {p: store.get(find(p), torch.float32, device=dev) for p in ("gate", "up", "down")}
             X = _sample(h.float(), None, reservoir, scorer.rng)
             scorer.score(layer, None, mats, X[0], X[1], len(h), float(len(h)), act)
@@ -324,15 +326,18 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                         X, g = _sample(h[tok].float(), w[tok, slot].to(h.device), reservoir, scorer.rng)
                 data.append((X, g, tokens, gsum))
             fresh = sum((layer, e) not in scorer.seen for e in block)
-            scorer.score_block(layer, block, {p: b[:len(block)] for p, b in bufs.items()}, data, act)
+            scorer.score_block(layer, block, {p: b[:len(block)] for p, b in bufs.items()}, data, routed_act)
             scorer.done += fresh
             if progress:
                 progress(scorer.done, total_experts)
         shared = names.find(layer, "mlp.shared_expert.gate_proj.weight", "mlp.shared_experts.gate_proj.weight",
-                            "feed_forward.shared_expert.gate_proj.weight", required=False)
+                            "feed_forward.shared_expert.gate_proj.weight",
+                            "mlp.shared_experts.linear_gate.weight", "ffn.shared_experts.w1.weight",  # HY-V4, DeepSeek-V4
+                            required=False)
         if shared and experts is None:
-            base = shared[: -len("gate_proj.weight")]
-            mats = {p: store.get(base + f"{p}_proj.weight", torch.float32, device=dev) for p in ("gate", "up", "down")}
+            base = shared.rsplit(".", 2)[0] + "."
+            stored = lambda p: next(base + n + ".weight" for n in MLP_NAMES[p] if base + n + ".weight" in store)
+            mats = {p: store.get(stored(p), torch.float32, device=dev) for p in ("gate", "up", "down")}
             X = _sample(h.float(), None, reservoir, scorer.rng) if h is not None else (None, None)
             scorer.score(layer, "shared", mats, X[0], X[1], len(h) if h is not None else 0,
                          float(len(h)) if h is not None else 0.0, act)
