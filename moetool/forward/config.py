@@ -87,6 +87,10 @@ FAMILY_FORWARD.update({"aria_text": dict(routed_act="silu"), "minimax_m3_vl_text
 MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_vl_moe_text",
                       "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text"}
 FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
+# Inkling and Inkling 2: relative logits, short convolutions, block attention residuals (forward/inkling.py);
+# Inkling 2's image-text model runs its language model on text-only input.
+MULTIMODAL_FORWARD["inkling2"] = "inkling2_text"
+FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2")
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -237,6 +241,9 @@ class ForwardConfig:
     # A.X-K2: a layer norm may be gated, stored as <name>.norm.weight + <name>.mlp.fc1 / fc2:
     # y = RMSNorm(x), y * sigmoid(fc2(silu(fc1(y))))
     gated_norms: bool = False
+    embed_norm: Optional[tuple[str, ...]] = None  # an RMSNorm on the token embeddings, its names under the model root
+    logit_rows: Optional[int] = None  # only the first logit_rows logits are the vocabulary's (a padded head)
+    inkling: Optional[object] = None  # Inkling / Inkling 2 settings (forward/inkling.py InklingSettings)
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -264,6 +271,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         return _dbrx(spec, cfg)
     if family == "jetmoe":
         return _jetmoe(spec, cfg)
+    if family in ("inkling", "inkling2_text"):
+        from .inkling import forward_config as inkling_config
+
+        return inkling_config(spec, cfg, family)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
     hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads

@@ -81,7 +81,8 @@ class Names:
 
     FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.", "norm_f.")  # Jamba, LFM2, Nemotron-H
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
-             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight")
+             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight",
+             "model.llm.embed.weight")  # Inkling 2 as published and saved: model.llm.{embed,layers,norm,unembed}
 
     def __init__(self, store: WeightStore):
         self.store = store
@@ -104,6 +105,16 @@ class Names:
             self.head = wrapper + "lm_head.weight"
             if self.head not in store and "score.weight" in store:  # token classification: `score` [labels, D]
                 self.head = "score.weight"
+            if self.head not in store and root + "unembed.weight" in store:  # Inkling 2: model.llm.unembed
+                self.head = root + "unembed.weight"
+
+    def find_root(self, *suffixes: str) -> str:
+        """The first stored name of `suffixes` under the model root ("model." of model.layers.)."""
+        root = self.layers[: -len("layers.")]
+        for s in suffixes:
+            if root + s in self.store:
+                return root + s
+        raise BadCheckpoint(f"checkpoint is missing a tensor: none of {', '.join(root + s for s in suffixes)}")
 
     def find(self, layer: int, *suffixes: str, required: bool = True) -> Optional[str]:
         for s in suffixes:
@@ -397,10 +408,11 @@ class Experts:
                         self.per_expert[proj] = n.replace(".experts.0.", ".experts.{e}.")
         self.gate_up = find("mlp.experts.gate_up_proj", "feed_forward.experts.gate_up_proj",
                             "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight",
-                            "mlp.input_linear.weight", "mlp.experts.fc1.weight")  # Aria: fc1 [E, D, 2F], fc2 [E, F, D]
+                            "mlp.input_linear.weight", "mlp.experts.fc1.weight",  # Aria: fc1 [E, D, 2F], fc2 [E, F, D]
+                            "mlp.experts.w13_weight")  # Inkling 2 as published: [E, 2F, D], gate and up interleaved
         self.down = find("mlp.experts.down_proj", "feed_forward.experts.down_proj",
                          "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight",
-                         "mlp.output_linear.weight", "mlp.experts.fc2.weight")
+                         "mlp.output_linear.weight", "mlp.experts.fc2.weight", "mlp.experts.w2_weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
         self.up_only = find("mixer.experts.up_proj")  # Nemotron-H: ungated [E, F, D] (with down_proj)
         if self.up_only:
@@ -431,7 +443,7 @@ class Experts:
             else:  # either orientation, as transformers' Transpose(check_dims) loads Qwen3-VL-MoE's experts
                 gu = gu.t() if gu.shape[0] != 2 * self.F and gu.shape[-1] == 2 * self.F else gu
                 dn = dn.t() if dn.shape[-1] != self.F and dn.shape[0] == self.F else dn
-            if self.family == "gpt_oss":  # gate and up interleaved along the 2F outputs
+            if self.family == "gpt_oss" or self.gate_up.endswith(".w13_weight"):  # gate and up interleaved along the 2F outputs
                 gate, up = gu[0::2], gu[1::2]
                 if self.gate_up_bias:
                     b = g(self.gate_up_bias, index=e)
@@ -479,6 +491,9 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
     (ungated experts, Nemotron-H: act(up))."""
     if g is None:
         return ACTIVATIONS[act](u)
+    if act == "softcapped_swiglu":  # Inkling 2: cap*tanh(g/cap) * sigmoid(g) * cap'*tanh(u/cap'), cap = limit, cap' = alpha
+        gf, uf = g.float(), u.float()
+        return (torch.tanh(gf / limit) * limit * torch.sigmoid(gf) * (torch.tanh(uf / alpha) * alpha)).to(g.dtype)
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
@@ -533,6 +548,8 @@ class Decoder:
             x = torch.stack([rows[i] for i in ids])  # [T, D]: only the prompt's rows are read
         else:
             x = self.store.get(name, self.dtype, device=self.device)[torch.tensor(ids)]
+        if self.fc.embed_norm:  # Inkling: an RMSNorm inside the embedding
+            x = norm(x, self.w(self.names.find_root(*self.fc.embed_norm)), None, self.fc)
         return x * self.fc.embedding_multiplier if self.fc.embedding_multiplier != 1.0 else x
 
     def run(self, ids: list[int], record: bool = True, last_layer: Optional[int] = None,
@@ -586,6 +603,10 @@ class Decoder:
             from .longcat import longcat_layer
 
             return longcat_layer(self, i, x, cos, sin, masks, routes, record)
+        if fc.inkling is not None:  # relative logits, short convolutions, block attention residuals (forward/inkling.py)
+            from . import inkling
+
+            return inkling.layer(self, i, x, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
@@ -938,6 +959,10 @@ class Decoder:
 
     def _final(self, x) -> torch.Tensor:
         fc, n = self.fc, self.names
+        if fc.inkling is not None and fc.inkling.block:  # Inkling 2: the head reads a block attention residual
+            from . import inkling
+
+            x = inkling.final_input(self, x)
         fw = self.w(n.final_norm + "weight")
         fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
         x = norm(x, fw, fb, fc)
@@ -951,6 +976,8 @@ class Decoder:
         logits = self._head(x, head, self.w(hb) if hb in self.store else None)  # [T, V] float32
         if fc.final_softcap > 0:  # Beam: tanh soft-capping of the logits
             logits = torch.tanh(logits / fc.final_softcap) * fc.final_softcap
+        if fc.logit_rows and fc.logit_rows < logits.shape[-1]:  # Inkling: a head padded past the real vocabulary
+            logits = logits[:, : fc.logit_rows]
         return logits / fc.logits_scaling if fc.logits_scaling != 1.0 else logits
 
     def _head(self, x, name: str, bias) -> torch.Tensor:
