@@ -66,6 +66,15 @@ FAMILIES = {
 CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread (more spin-wait on a busy 2-core machine: 10-50x the time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _multimodal(model_type: str, text: dict) -> dict:
     """The census' tiny config of `model_type` (its vision tower) with this text model."""
     cfg = shrunk_config(model_type)
@@ -115,3 +124,57 @@ def test_trace_matches_transformers(name, seed, inkling_case):
     out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
     assert out.logits.shape == ref_logits.shape  # the padded head cut to unpadded_vocab_size
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
+
+
+@pytest.mark.parametrize("name", ["inkling_text", "inkling2_text", "inkling2"])
+def test_count_matches_transformers(name, inkling_case):
+    """The checkpoints traced here (original model.llm.* names for Inkling 2) count as transformers builds them."""
+    import moetool
+
+    d, _, _, _, model = inkling_case(name, 0)
+    n = sum(p.numel() for p in model.parameters())
+    from_headers, from_config = moetool.count(str(d)), moetool.count(str(d), use_headers=False)
+    assert from_headers.total_params == from_config.total_params == n
+    assert from_headers.cross_check["match"], from_headers.cross_check["differences"]
+
+
+@pytest.mark.parametrize("name", ["inkling_text-b", "inkling2_text"])
+def test_profile_blocks_route_as_traces(name, inkling_case, tmp_path):
+    """moetool profile runs several prompts per block: the relative bias, the windows and every short
+    convolution (dynamic ones included) restart at each prompt, so each prompt routes as its own trace."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from conftest import write_tokenizer
+    from moetool.profile.engine import profile
+    from moetool.tracing import trace
+
+    d = tmp_path / name
+    shutil.copytree(inkling_case(name, 1)[0], d)
+    write_tokenizer(d)
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
+    stats = profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))
+    assert stats.tokens == sum(len(trace(p, model=str(d), device="cpu").tokens) for p in prompts)
+    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
+    for i, text in enumerate(prompts):
+        t = trace(text, model=str(d), device="cpu")
+        assert len(t.tokens) > 8  # past the window and the kernel
+        for l in t.layers:
+            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
+            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+
+
+def test_trace_cli_says_the_tower_is_not_run(inkling_case):
+    import json
+    import subprocess
+    import sys
+
+    d, ids, _, routes, _ = inkling_case("inkling2", 0)
+    args = [sys.executable, "-m", "moetool", "trace", "--model", str(d), "--tokens", ",".join(map(str, ids[:8])),
+            "--format", "json"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [layer["layer"] for layer in out["layers"]] == sorted(routes)
+    assert out["notes"] == ["text-only input: the vision tower is not run; the trace is of the language model"]
