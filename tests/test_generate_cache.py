@@ -35,6 +35,7 @@ import test_trace_gap_families as gap_families  # noqa: E402
 import test_trace_step3p7 as step3p7  # noqa: E402
 import test_trace_zaya as zaya  # noqa: E402
 import test_trace_hyper as hyper_families  # noqa: E402
+import test_trace_inkling as inkling  # noqa: E402
 
 # name -> (config, transformers builder, extra randomisation as the family's own trace test does it)
 CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_CONFIGS},
@@ -47,7 +48,8 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
            **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()},
            **{n: (step3p7.full_config(n), step3p7._build, step3p7.randomize) for n in step3p7.CONFIGS},
            **{n: (c, zaya._build, zaya.randomize) for n, c in zaya.CONFIGS.items()},
-           **{n: (c, text_families._build, hyper_families.randomize) for n, c in hyper_families.FAMILIES.items()}}
+           **{n: (c, text_families._build, hyper_families.randomize) for n, c in hyper_families.FAMILIES.items()},
+           **{n: (inkling.config_of(n), multimodal._build, inkling.randomize) for n in inkling.FAMILIES}}
 import test_trace_gemma4 as gemma4  # noqa: E402
 
 CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize) for n, c in gemma4.CONFIGS.items()})
@@ -55,7 +57,8 @@ CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize)
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
 TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "step3p7", "zaya",
-                         "gemma4_text", "gemma4"]
+                         "gemma4_text", "gemma4",
+                         "inkling_text", "inkling2_text"]
 
 
 def _family(config: dict) -> set[str]:

@@ -22,12 +22,16 @@ from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
 from . import common
 
 
-def _layer_types(cfg: Cfg, n: int) -> list[str]:
+def layer_types(cfg: Cfg, n: int, version: int = 1) -> list[str]:
+    """"hybrid_sliding" / "hybrid" per layer: `layer_types`, else Inkling's `local_layer_ids` (default: every
+    layer with (i + 1) % 6 != 0 slides), Inkling 2's every sixth layer full."""
     if cfg.raw("layer_types") is not None:
         types = cfg.str_list("layer_types")
         if len(types) < n:
             raise BadConfig(f"{cfg.where}: layer_types has {len(types)} entries for {n} layers")
         return types[:n]
+    if version == 2:
+        return ["hybrid" if (i + 1) % 6 == 0 else "hybrid_sliding" for i in range(n)]
     local = (set(cfg.int_list("local_layer_ids")) if cfg.raw("local_layer_ids") is not None
              else {i for i in range(n) if (i + 1) % 6})
     return ["hybrid_sliding" if i in local else "hybrid" for i in range(n)]
@@ -37,7 +41,7 @@ def adapt(cfg: Cfg, model_type: str = "inkling_text") -> ModelSpec:
     d = cfg.int("hidden_size", 6144, min_value=1)
     vocab = cfg.int("vocab_size", 201024, min_value=1)
     n_layers = cfg.int("num_hidden_layers", 66, min_value=1)
-    types = _layer_types(cfg, n_layers)
+    types = layer_types(cfg, n_layers)
     if cfg.raw("mlp_layer_types") is not None:
         mlp_types = cfg.str_list("mlp_layer_types")
         if len(mlp_types) < n_layers:
@@ -121,12 +125,7 @@ def adapt2(cfg: Cfg, model_type: str = "inkling2_text") -> ModelSpec:
     d = cfg.int("hidden_size", 4608, min_value=1)
     vocab = cfg.int("vocab_size", 201024, min_value=1)
     n_layers = cfg.int("num_hidden_layers", 48, min_value=1)
-    if cfg.raw("layer_types") is not None:
-        types = cfg.str_list("layer_types")
-        if len(types) < n_layers:
-            raise BadConfig(f"{cfg.where}: layer_types has {len(types)} entries for {n_layers} layers")
-    else:
-        types = ["hybrid" if (i + 1) % 6 == 0 else "hybrid_sliding" for i in range(n_layers)]
+    types = layer_types(cfg, n_layers, 2)
     E = cfg.first_int(["n_routed_experts", "num_local_experts"], 384, min_value=1)
     F = cfg.first_int(["moe_intermediate_size", "intermediate_size"], 2304, min_value=1)
     K = cfg.first_int(["conv_kernel_size", "sconv_kernel_size"], 4, min_value=1)
@@ -175,7 +174,7 @@ def adapt2(cfg: Cfg, model_type: str = "inkling2_text") -> ModelSpec:
     inv.norm("final_norm", d)
     inv.add("final_input.query", "norms", (d,))
     inv.linear("lm_head", "lm_head", vocab, d)  # never tied
-    return ModelSpec(model_type=model_type, family="inkling2", hidden_size=d, vocab_size=vocab, num_layers=n_layers,
+    return ModelSpec(model_type=model_type, family="inkling2_text", hidden_size=d, vocab_size=vocab, num_layers=n_layers,
                      layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=False,
                      max_position_embeddings=cfg.raw("max_position_embeddings"),
                      torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))

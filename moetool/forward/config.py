@@ -99,6 +99,10 @@ MULTIMODAL_FORWARD["step3p7"] = "step3p7_text"
 FORWARD_FAMILIES += ("step3p7",)
 FORWARD_FAMILIES += ("zaya",)  # ZAYA1: CCA attention, a router MLP with a state across layers, residual scalings (forward/zaya.py)
 FORWARD_FAMILIES += ("gemma4_text",)  # per-layer inputs, KV sharing, MoE beside the dense MLP: forward/gemma4.py
+# Inkling and Inkling 2: relative logits, short convolutions, block attention residuals (forward/inkling.py);
+# Inkling 2's image-text model runs its language model on text-only input.
+MULTIMODAL_FORWARD["inkling2"] = "inkling2_text"
+FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2")
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -255,6 +259,9 @@ class ForwardConfig:
     gemma4: Optional[object] = None  # Gemma 4's settings (forward/gemma4.py Gemma4Settings): its own layer
     hyper: Optional["HyperConfig"] = None  # hyper-connections: several residual streams (forward/hyper.py)
     deepseek_v4: Optional[dict] = None  # DeepSeek-V4's attention: layer types, compressors, RoPEs (forward/deepseek_v4.py)
+    embed_norm: Optional[tuple[str, ...]] = None  # an RMSNorm on the token embeddings, its names under the model root
+    logit_rows: Optional[int] = None  # only the first logit_rows logits are the vocabulary's (a padded head)
+    inkling: Optional[object] = None  # Inkling / Inkling 2 settings (forward/inkling.py InklingSettings)
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -294,6 +301,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         from .deepseek_v4 import forward_config as deepseek_v4_config
 
         return deepseek_v4_config(spec, cfg)
+    if family in ("inkling", "inkling2_text"):
+        from .inkling import forward_config as inkling_config
+
+        return inkling_config(spec, cfg, family)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
     hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads

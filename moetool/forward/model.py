@@ -82,7 +82,8 @@ class Names:
 
     FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.", "norm_f.")  # Jamba, LFM2, Nemotron-H
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
-             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight")
+             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight",
+             "model.llm.embed.weight")  # Inkling 2 as published and saved: model.llm.{embed,layers,norm,unembed}
 
     def __init__(self, store: WeightStore):
         self.store = store
@@ -107,6 +108,16 @@ class Names:
                 self.head = "head.weight"
             if self.head not in store and "score.weight" in store:  # token classification: `score` [labels, D]
                 self.head = "score.weight"
+            if self.head not in store and root + "unembed.weight" in store:  # Inkling 2: model.llm.unembed
+                self.head = root + "unembed.weight"
+
+    def find_root(self, *suffixes: str) -> str:
+        """The first stored name of `suffixes` under the model root ("model." of model.layers.)."""
+        root = self.layers[: -len("layers.")]
+        for s in suffixes:
+            if root + s in self.store:
+                return root + s
+        raise BadCheckpoint(f"checkpoint is missing a tensor: none of {', '.join(root + s for s in suffixes)}")
 
     def find(self, layer: int, *suffixes: str, required: bool = True) -> Optional[str]:
         for s in suffixes:
@@ -400,10 +411,11 @@ class Experts:
                         self.per_expert[proj] = n.replace(".experts.0.", ".experts.{e}.")
         self.gate_up = find("mlp.experts.gate_up_proj", "experts.gate_up_proj", "feed_forward.experts.gate_up_proj",
                             "block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight",
-                            "mlp.input_linear.weight", "mlp.experts.fc1.weight")  # Aria: fc1 [E, D, 2F], fc2 [E, F, D]
+                            "mlp.input_linear.weight", "mlp.experts.fc1.weight",  # Aria: fc1 [E, D, 2F], fc2 [E, F, D]
+                            "mlp.experts.w13_weight")  # Inkling 2 as published: [E, 2F, D], gate and up interleaved
         self.down = find("mlp.experts.down_proj", "experts.down_proj", "feed_forward.experts.down_proj",
                          "block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight",
-                         "mlp.output_linear.weight", "mlp.experts.fc2.weight")
+                         "mlp.output_linear.weight", "mlp.experts.fc2.weight", "mlp.experts.w2_weight")
         self.dbrx = {p: find(f"ffn.experts.mlp.{p}") for p in ("w1", "v1", "w2")}
         # Step-3.7 as published: one stacked tensor per projection, [E, F, D] / [E, F, D] / [E, D, F]
         self.stacked = {p: find(f"moe.{p}_proj.weight") for p in ("gate", "up", "down")}
@@ -438,7 +450,7 @@ class Experts:
             else:  # either orientation, as transformers' Transpose(check_dims) loads Qwen3-VL-MoE's experts
                 gu = gu.t() if gu.shape[0] != 2 * self.F and gu.shape[-1] == 2 * self.F else gu
                 dn = dn.t() if dn.shape[-1] != self.F and dn.shape[0] == self.F else dn
-            if self.family == "gpt_oss":  # gate and up interleaved along the 2F outputs
+            if self.family == "gpt_oss" or self.gate_up.endswith(".w13_weight"):  # gate and up interleaved along the 2F outputs
                 gate, up = gu[0::2], gu[1::2]
                 if self.gate_up_bias:
                     b = g(self.gate_up_bias, index=e)
@@ -493,6 +505,9 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
         return ACTIVATIONS[act](u)
     if act.startswith("clamped_"):  # HY-V4, DeepSeek-V4: act(gate clamped above) * (up clamped to +-limit)
         return ACTIVATIONS[act[len("clamped_"):]](g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
+    if act == "softcapped_swiglu":  # Inkling 2: cap*tanh(g/cap) * sigmoid(g) * cap'*tanh(u/cap'), cap = limit, cap' = alpha
+        gf, uf = g.float(), u.float()
+        return (torch.tanh(gf / limit) * limit * torch.sigmoid(gf) * (torch.tanh(uf / alpha) * alpha)).to(g.dtype)
     if act == "gpt_oss":  # clamped SwiGLU with (up + 1)
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
@@ -556,6 +571,8 @@ class Decoder:
             x = torch.stack([rows[i] for i in ids])  # [T, D]: only the prompt's rows are read
         else:
             x = self.store.get(name, self.dtype, device=self.device)[torch.tensor(ids)]
+        if self.fc.embed_norm:  # Inkling: an RMSNorm inside the embedding
+            x = norm(x, self.w(self.names.find_root(*self.fc.embed_norm)), None, self.fc)
         x = x * self.fc.embedding_multiplier if self.fc.embedding_multiplier != 1.0 else x
         self.token_ids = torch.tensor(ids)  # DeepSeek-V4's hash routers choose experts by token id
         return hyper.streams(x, self.fc.hyper) if self.fc.hyper else x  # hyper-connections: [T, N, D]
@@ -621,6 +638,10 @@ class Decoder:
             from .gemma4 import layer
 
             return layer(self, i, x, masks, routes, record)
+        if fc.inkling is not None:  # relative logits, short convolutions, block attention residuals (forward/inkling.py)
+            from . import inkling
+
+            return inkling.layer(self, i, x, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
@@ -996,6 +1017,10 @@ class Decoder:
         fc, n = self.fc, self.names
         if fc.hyper:  # the streams [T, N, D] collapsed by the head's mixer
             x = hyper.head(self, x)
+        if fc.inkling is not None and fc.inkling.block:  # Inkling 2: the head reads a block attention residual
+            from . import inkling
+
+            x = inkling.final_input(self, x)
         fw = self.w(n.final_norm + "weight")
         fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
         x = norm(x, fw, fb, fc)
@@ -1009,6 +1034,8 @@ class Decoder:
         logits = self._head(x, head, self.w(hb) if hb in self.store else None)  # [T, V] float32
         if fc.final_softcap > 0:  # Beam: tanh soft-capping of the logits
             logits = torch.tanh(logits / fc.final_softcap) * fc.final_softcap
+        if fc.logit_rows and fc.logit_rows < logits.shape[-1]:  # Inkling: a head padded past the real vocabulary
+            logits = logits[:, : fc.logit_rows]
         return logits / fc.logits_scaling if fc.logits_scaling != 1.0 else logits
 
     def _head(self, x, name: str, bias) -> torch.Tensor:
