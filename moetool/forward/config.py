@@ -13,6 +13,7 @@ import torch
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
+from . import sparse_variants
 from .mixers import gated_deltanet, kda, lightning, mamba, mamba2, short_conv
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
@@ -68,8 +69,9 @@ FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per layer: forward/longcat.py
 FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 FORWARD_FAMILIES += ("glm_moe_dsa",)  # GLM-5: DeepSeek-V3.2 with the indexer on "full" layers only (below)
+FORWARD_FAMILIES += ("mistral_large4",)  # Mistral-Large-4: DSA variant (forward/sparse_variants.py)
 FORWARD_FAMILIES += ("axk2",)  # A.X-K2: DeepSeek-V3.2 with a fused query + output-gate projection, gated RMSNorms
-TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
+TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe", "mistral_large4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
 # Encoder-decoder families: their own forward (forward/encdec.py), run by `trace` only.
@@ -237,6 +239,8 @@ class ForwardConfig:
     # A.X-K2: a layer norm may be gated, stored as <name>.norm.weight + <name>.mlp.fc1 / fc2:
     # y = RMSNorm(x), y * sigmoid(fc2(silu(fc1(y))))
     gated_norms: bool = False
+    # A DSA variant whose attention is its own function (forward/sparse_variants.py): its settings
+    sparse_variant: Optional[dict] = None
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -369,7 +373,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
     elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash",
-                    "glm_moe_dsa", "axk2"):
+                    "glm_moe_dsa", "axk2", *sparse_variants.FAMILIES):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
@@ -405,6 +409,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
             m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))
             fc.attn_scale *= m * m
+        if family in sparse_variants.FAMILIES:  # attention beyond MLA's data: forward/sparse_variants.py
+            sparse_variants.configure(fc, spec, cfg)
     elif family in HYBRID:
         HYBRID[family](fc, spec, cfg, scaling_dict)
     return fc

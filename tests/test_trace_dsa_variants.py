@@ -1,0 +1,113 @@
+"""trace of the DeepSeek-Sparse-Attention variants forward/sparse_variants.py runs, against
+transformers 5.23: tiny random checkpoints written by `save_pretrained`, two seeds each, every
+bias, norm weight and learned scale randomised, initializer_range 0.2 so that routing depends on
+the token (asserted in every MoE layer).
+
+Mistral-Large-4 (`mistral_large4`, MistralLarge4ForConditionalGeneration, text-only input: the
+Pixtral tower is not run): MLA without a query LoRA, LeRoPE (the learned `rotary_emb.alpha`
+scales the RoPE frequencies: randomised here, zero in a fresh model), the learned softmax scaling
+of the queries (attention and indexer: scale * log(position + 1) + bias, randomised), NoPE layers,
+KV-sharing layers (kv_source_layers), "shared" indexer layers, the Mistral-4 group router, shared
+experts, final logit soft-capping. index_topk 8 of 40 tokens: the indexer cuts in.
+
+Logits within 1e-4 (float32), the same expert set for every token in every MoE layer and gate
+weights within 1e-5, read by a pre-hook on transformers' experts modules
+(tests/test_forward_families.py's `reference_routes`), independently of its router classes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fakes import assert_matches_transformers, randomize_biases
+from moetool.errors import BadConfig
+from moetool.forward import run_forward
+from moetool.source import resolve
+from test_forward_families import reference_routes
+from census_reference import shrunk_config
+from test_trace_multimodal import _build as _build_class
+
+T = 40
+_ML4_TEXT = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=128, num_hidden_layers=5,
+                 max_position_embeddings=256, initializer_range=0.2, intermediate_size=48, moe_intermediate_size=16,
+                 n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                 routed_scaling_factor=2.5, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                 index_topk=8, index_head_dim=8, index_n_heads=2,
+                 mlp_layer_types=["dense", "sparse", "sparse", "sparse", "sparse"])
+
+FAMILIES = {
+    # KV sharing (layer 1 reads layer 0's latent, layer 4 the NoPE layer 2's), NoPE layers 2 and 4, shared
+    # indexer layers 1 and 4, the default YaRN + LeRoPE, soft-capping 30
+    "mistral_large4": lambda: _multimodal("mistral_large4", dict(
+        _ML4_TEXT, no_rope_layers=[1, 1, 0, 1, 0], kv_source_layers=[0, 0, 2, 3, 2],
+        indexer_types=["full", "shared", "full", "full", "shared"]), initializer_range=0.2),
+    # no sharing, the default NoPE schedule (every 4th layer), indexers on every layer, plain RoPE, attention
+    # biases, ungrouped routing, a tight soft-cap
+    "mistral_large4-plain": lambda: _multimodal("mistral_large4", dict(
+        _ML4_TEXT, n_group=1, topk_group=1, num_experts_per_tok=3, routed_scaling_factor=1.0, attention_bias=True,
+        final_logit_softcapping=2.0, indexer_types=["full"] * 5,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0)), initializer_range=0.2),
+}
+SEEDS = (0, 1)
+
+
+def _multimodal(model_type: str, text: dict, **top) -> dict:
+    """The census' tiny config of `model_type` (its towers) with exactly this text config (the text
+    model's defaults for every field not given)."""
+    return {**shrunk_config(model_type), "text_config": dict(text, model_type=f"{model_type}_text"), **top}
+
+
+def _build(config: dict, seed: int):
+    return _build_class(config, seed)
+
+
+def randomize(model, seed: int) -> None:
+    """Biases (fakes.randomize_biases); norm weights; the learned softmax scales and LeRoPE's alpha,
+    which a fresh model leaves at their no-op values (0 / 1 / 0)."""
+    randomize_biases(model, seed)
+    g = torch.Generator().manual_seed(seed + 2000)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "vision" in name or "projector" in name:
+                continue
+            if "norm" in name and name.endswith("weight"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("softmax_scaling.scale"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("softmax_scaling.bias"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("rotary_emb.alpha"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def dsa_variant(tmp_path_factory):
+    """dsa_variant(name, seed) -> (directory, ids, reference logits, reference routes, model), built once."""
+    cache: dict = {}
+
+    def get(name: str, seed: int):
+        if (name, seed) not in cache:
+            model = _build(FAMILIES[name](), seed)
+            randomize(model, seed)
+            d = tmp_path_factory.mktemp(f"{name}-{seed}")
+            model.save_pretrained(d)
+            vocab = model.config.get_text_config().vocab_size
+            ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(seed))
+            logits, routes = reference_routes(model, ids)
+            cache[name, seed] = (d, ids[0].tolist(), logits, routes, model)
+        return cache[name, seed]
+
+    return get
+
+
+CASES = [(n, s) for n in FAMILIES for s in SEEDS]
+
+
+@pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
+def test_trace_matches_transformers(name, seed, dsa_variant):
+    d, ids, ref_logits, ref_routes, _ = dsa_variant(name, seed)
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
