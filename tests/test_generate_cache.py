@@ -7,7 +7,7 @@ biases, correction biases and mixer parameters randomised as there): the cached 
 tokens gives the same token ids as the recompute path, the same expert set for every token of every
 MoE layer, gate weights within 1e-5 and logits within 1e-4. The prompt is long enough that sliding
 windows (4), Llama 4's attention chunks (16) and DeepSeek-V3.2's indexer top-k (8) all cut in.
-For mixtral, qwen3_moe, deepseek_v3, qwen3_next and jamba the generated ids also equal transformers'
+For mixtral, qwen3_moe, deepseek_v3, qwen3_next, jamba and mistral_large4 the generated ids also equal transformers'
 `model.generate(..., do_sample=False, use_cache=True)` on the same save_pretrained checkpoint.
 """
 
@@ -32,6 +32,7 @@ PROMPT, NEW = 14, 6  # 20 tokens in all: past the windows of 4 and Llama 4's chu
 import test_trace_multimodal as multimodal  # noqa: E402
 import test_trace_text_families as text_families  # noqa: E402
 import test_trace_gap_families as gap_families  # noqa: E402
+import test_trace_dsa_variants as dsa_variants  # noqa: E402
 
 # name -> (config, transformers builder, extra randomisation as the family's own trace test does it)
 CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_CONFIGS},
@@ -41,11 +42,12 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
               if c["model_type"] != "openai_privacy_filter"},  # a token classifier: --generate is refused
            **{n: (c() if callable(c) else c, multimodal._build, multimodal._randomize)
               for n, c in multimodal.CONFIGS.items()},
-           **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()}}
+           **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()},
+           **{n: (c(), dsa_variants._build, dsa_variants.randomize) for n, c in dsa_variants.FAMILIES.items()}}
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
-TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba"]
+TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "mistral_large4"]
 
 
 def _family(config: dict) -> set[str]:

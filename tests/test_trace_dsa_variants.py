@@ -18,9 +18,13 @@ weights within 1e-5, read by a pre-hook on transformers' experts modules
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from fakes import assert_matches_transformers, randomize_biases
 from moetool.errors import BadConfig
@@ -111,3 +115,67 @@ def test_trace_matches_transformers(name, seed, dsa_variant):
     d, ids, ref_logits, ref_routes, _ = dsa_variant(name, seed)
     out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
+
+
+def test_mistral_large4_runtime_names_match_too(dsa_variant, tmp_path):
+    """save_pretrained writes Mistral's published names (tok_embeddings, layers.N.attention.wq, lerope.alpha,
+    experts.E.w1 ...); a checkpoint saved with transformers' in-memory names (fused experts) traces the same."""
+    d, ids, ref_logits, ref_routes, model = dsa_variant("mistral_large4", 1)
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert {"tok_embeddings.weight", "lerope.alpha", "layers.1.experts.0.w1.weight"} <= set(f.keys())
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    out = run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu")
+    assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
+
+
+def test_mistral_large4_trace_cli_says_the_tower_is_not_run(dsa_variant):
+    d, ids, ref_logits, _, _ = dsa_variant("mistral_large4-plain", 0)
+    r = subprocess.run([sys.executable, "-m", "moetool", "trace", str(d), "--tokens", ",".join(map(str, ids[:12])),
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert any("vision tower is not run" in n for n in report["notes"])
+    assert [l["layer"] for l in report["layers"]] == [1, 2, 3, 4]
+
+
+def test_mistral_large4_kv_source_of_another_rope_kind_is_refused(dsa_variant, tmp_path):
+    """transformers hands a KV-sharing layer the latent of the last sharing layer of its own RoPE kind; a
+    kv_source_layers that points elsewhere would be traced differently: refused in one line."""
+    d = dsa_variant("mistral_large4", 0)[0]
+    for f in d.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["text_config"]["kv_source_layers"] = [0, 0, 2, 3, 0]  # layer 4 (NoPE) onto layer 0 (RoPE)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadConfig, match="kv_source_layers"):
+        run_forward(resolve(str(tmp_path)), [1, 2, 3], dtype="float32", device="cpu")
+    r = subprocess.run([sys.executable, "-m", "moetool", "trace", str(tmp_path), "--tokens", "1,2,3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "kv_source_layers" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mistral_large4_profile_blocks_route_as_traces(dsa_variant, tmp_path):
+    """moetool profile runs several prompts per block: each prompt's indexer, LeRoPE positions, softmax
+    scaling and KV sharing are its own, so the per-token routes equal one trace per prompt."""
+    import pyarrow.parquet as pq
+
+    from conftest import write_tokenizer
+    from moetool.profile.engine import profile
+    from moetool.tracing import trace
+
+    d = tmp_path / "ml4"
+    shutil.copytree(dsa_variant("mistral_large4", 0)[0], d)
+    write_tokenizer(d)
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
+    profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
+    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
+    for i, text in enumerate(prompts):
+        t = trace(text, model=str(d), device="cpu")
+        assert len(t.tokens) > 8  # longer than index_topk: the indexer drops keys
+        for l in t.layers:
+            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
+            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
