@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fakes import assert_matches_transformers, randomize_biases
+from fakes import assert_matches_transformers, build_transformers_model, randomize_biases
 from moetool.errors import BadConfig
 from moetool.forward import run_forward
 from moetool.source import resolve
@@ -42,6 +42,17 @@ _ML4_TEXT = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, v
                  index_topk=8, index_head_dim=8, index_n_heads=2,
                  mlp_layer_types=["dense", "sparse", "sparse", "sparse", "sparse"])
 
+_DOTS3 = dict(model_type="dots3_note_text", hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
+              num_hidden_layers=6, max_position_embeddings=256, initializer_range=0.2, intermediate_size=48,
+              moe_intermediate_size=16, shared_experts_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+              num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, q_lora_rank=16,
+              kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, head_dim=12, index_topk=8,
+              index_head_dim=8, index_n_heads=2, sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              mlp_layer_types=["dense", "sparse", "sparse", "sparse", "dense", "sparse"])
+# dots3's sliding layers: MLA of other sizes (their head_dim = nope + rope, as Dots3NoteTextConfig requires)
+_DOTS3_SWA = dict(num_attention_heads=2, num_key_value_heads=2, q_lora_rank=8, kv_lora_rank=12, qk_nope_head_dim=6,
+                  qk_rope_head_dim=6, head_dim=12, v_head_dim=4)
+
 FAMILIES = {
     # KV sharing (layer 1 reads layer 0's latent, layer 4 the NoPE layer 2's), NoPE layers 2 and 4, shared
     # indexer layers 1 and 4, the default YaRN + LeRoPE, soft-capping 30
@@ -54,6 +65,23 @@ FAMILIES = {
         _ML4_TEXT, n_group=1, topk_group=1, num_experts_per_tok=3, routed_scaling_factor=1.0, attention_bias=True,
         final_logit_softcapping=2.0, indexer_types=["full"] * 5,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0)), initializer_range=0.2),
+    # dots3: MLA with LoRA-scaled latents, an RMSNorm on the RoPE key, a per-head output gate; indexed layers
+    # (the GLM-5 indexer on the scaled query latent), sliding layers (window 6) of other MLA sizes (their own
+    # RoPE width and theta), a plain full-attention layer; DeepSeek-V3's group sigmoid router + correction bias
+    "dots3_note_text": lambda: dict(
+        _DOTS3, layer_types=["indexed_attention", "indexed_attention", "sliding_attention", "sliding_attention",
+                             "indexed_attention", "full_attention"],
+        per_layer_config={"2": _DOTS3_SWA, "3": _DOTS3_SWA},
+        rope_parameters={"indexed_attention": dict(rope_type="default", rope_theta=10000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=100.0),
+                         "full_attention": dict(rope_type="default", rope_theta=500000.0)}),
+    # every full layer indexed (use_dsa), sliding layers of the top-level sizes, ungrouped routing without
+    # renormalisation, attention biases, two shared experts
+    "dots3_note_text-plain": lambda: dict(
+        _DOTS3, n_group=1, topk_group=1, norm_topk_prob=False, num_experts_per_tok=3, n_shared_experts=2,
+        attention_bias=True, use_dsa=True,
+        layer_types=["indexed_attention", "sliding_attention", "indexed_attention", "sliding_attention",
+                     "sliding_attention", "indexed_attention"]),
 }
 SEEDS = (0, 1)
 
@@ -65,6 +93,8 @@ def _multimodal(model_type: str, text: dict, **top) -> dict:
 
 
 def _build(config: dict, seed: int):
+    if config["model_type"] == "dots3_note_text":
+        return build_transformers_model(config, seed=seed).eval()
     return _build_class(config, seed)
 
 
@@ -85,6 +115,8 @@ def randomize(model, seed: int) -> None:
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             elif name.endswith("rotary_emb.alpha"):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif name.endswith("e_score_correction_bias"):
+                p.mul_(0.1)
 
 
 @pytest.fixture(scope="session")

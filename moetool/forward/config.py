@@ -69,7 +69,7 @@ FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per layer: forward/longcat.py
 FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 FORWARD_FAMILIES += ("glm_moe_dsa",)  # GLM-5: DeepSeek-V3.2 with the indexer on "full" layers only (below)
-FORWARD_FAMILIES += ("mistral_large4",)  # Mistral-Large-4: DSA variant (forward/sparse_variants.py)
+FORWARD_FAMILIES += ("mistral_large4", "dots3")  # DSA variants with attention of their own (forward/sparse_variants.py)
 FORWARD_FAMILIES += ("axk2",)  # A.X-K2: DeepSeek-V3.2 with a fused query + output-gate projection, gated RMSNorms
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe", "mistral_large4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).

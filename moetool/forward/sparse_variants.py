@@ -35,7 +35,7 @@ from ..errors import BadConfig
 from ..spec import Cfg, ModelSpec
 from .indexer import sparse_attention_keep
 
-FAMILIES = ("mistral_large4",)
+FAMILIES = ("mistral_large4", "dots3")
 
 
 def configure(fc, spec: ModelSpec, cfg: Cfg) -> None:
@@ -68,6 +68,61 @@ def configure(fc, spec: ModelSpec, cfg: Cfg) -> None:
                           shared=frozenset(i for i, t in enumerate(types[:n]) if t != "full"))
         fc.final_softcap = cfg.float("final_logit_softcapping", 30.0) or 0.0
         fc.sparse_variant = dict(kind="mistral_large4", kv_source=sources, eps=fc.eps)
+    elif fc.family == "dots3":
+        _configure_dots3(fc, spec, cfg)
+
+
+def _configure_dots3(fc, spec: ModelSpec, cfg: Cfg) -> None:
+    """dots3: each layer's MLA sizes (per_layer_config, as arch/dots3.py reads them), RoPE per layer
+    type (theta, and the rotary width of the type's first layer), the indexer on "indexed_attention"
+    layers only, sliding windows from the count spec."""
+    from ..arch import dots3
+    from .config import Rope, _check_rope
+
+    n = spec.num_layers
+    types = dots3._layer_types(cfg, n)
+    overrides = dots3._layer_overrides(cfg, types)
+    fc.eps = cfg.float("rms_norm_eps", 1e-5)
+    dims = []
+    for i in range(n):
+        lc = Cfg({**cfg.d, **overrides.get(i, {})}, cfg.where)
+        dims.append(dict(heads=lc.int("num_attention_heads", min_value=1), q_lora=lc.int("q_lora_rank", min_value=1),
+                         kv_lora=lc.int("kv_lora_rank", min_value=1), nope=lc.int("qk_nope_head_dim", min_value=0),
+                         rope=lc.int("qk_rope_head_dim", min_value=0), v=lc.int("v_head_dim", min_value=1),
+                         head_dim=lc.int("head_dim", min_value=1)))
+    params = cfg.raw("rope_parameters") or cfg.raw("rope_scaling")
+    nested = isinstance(params, dict) and any(isinstance(v, dict) for v in params.values())
+    ropes = {}
+    for t in dict.fromkeys(types):
+        first = dims[types.index(t)]
+        if nested:
+            if not isinstance(params.get(t), dict):
+                raise BadConfig(f"{cfg.where}: rope_parameters has no entry for the layer type {t!r}")
+            p = dict(params[t])
+        elif isinstance(params, dict):
+            p = dict(params)
+        else:
+            p = {"rope_type": "default", "rope_theta": cfg.float("swa_rope_theta", 50000.0) if t == "sliding_attention"
+                 else cfg.float("rope_theta", 80_000_000.0)}
+        kind = p.get("rope_type") or "default"
+        _check_rope(kind, p, cfg)
+        # Dots3NoteTextConfig always sets the type's rotary fraction from its first layer's sizes
+        prf = first["rope"] / first["head_dim"]
+        ropes[t] = Rope(theta=float(p.get("rope_theta") or 10000.0), dim=int(first["head_dim"] * prf), kind=kind,
+                        params=p, layout="interleave", max_position_embeddings=fc.max_positions)
+    for i, t in enumerate(types):
+        if ropes[t].dim != dims[i]["rope"]:
+            raise BadConfig(f"{cfg.where}: layer {i} has qk_rope_head_dim {dims[i]['rope']}, but its layer type "
+                            f"{t!r} rotates {ropes[t].dim} dimensions (the first such layer's)")
+    fc.rope = ropes[types[0]]
+    fc.layer_rope = [ropes[t] for t in types]
+    fc.use_rope = [True] * n
+    indexed = [i for i, t in enumerate(types) if t == "indexed_attention"]
+    if indexed:
+        fc.indexer = dict(heads=cfg.int("index_n_heads", 64), dim=cfg.int("index_head_dim", 128),
+                          topk=cfg.int("index_topk", 2048), layout="interleave", layers=frozenset(indexed),
+                          shared=frozenset())
+    fc.sparse_variant = dict(kind="dots3", dims=dims)
 
 
 def _per_layer(cfg: Cfg, key: str, n: int) -> Optional[list]:
@@ -81,6 +136,8 @@ def _per_layer(cfg: Cfg, key: str, n: int) -> Optional[list]:
 
 def attention(dec, i: int, h: torch.Tensor, cos, sin, masks) -> torch.Tensor:
     """The attention of layer i for the variant `dec.fc.sparse_variant` (h [T, D] normed input)."""
+    if dec.fc.sparse_variant["kind"] == "dots3":
+        return _dots3(dec, i, h, cos, sin, masks)
     return _mistral_large4(dec, i, h, masks)
 
 
@@ -146,27 +203,33 @@ def _mistral_large4(dec, i: int, h: torch.Tensor, masks) -> torch.Tensor:
     return linear(out, dec.w(find("self_attn.o_proj.weight")), dec.w(find("self_attn.o_proj.bias", required=False)))
 
 
-def _keep(dec, i: int, h, cos, sin, mask, use_rope: bool):
+def _keep(dec, i: int, h, cos, sin, mask, use_rope: bool = True, q_resid=None):
     """The keys layer i attends to: its indexer's top-k within `mask`, or on a "shared" layer the
-    keys the previous full layer kept. A profile block (`model.Segments`: many prompts) runs the
-    indexer per prompt, each with its own positions and mask."""
+    keys the previous full layer kept. The indexer's query input is `q_resid` (dots3: the layer's
+    scaled query latent) or, for Mistral-Large-4, LayerNorm(h) (q_input_norm) with its learned
+    softmax scaling. A profile block (`model.Segments`: many prompts) runs the indexer per prompt,
+    each with its own positions and mask."""
     from .model import Segments
 
     ix, prefix = dec.fc.indexer, "self_attn.indexer."
     if i in ix["shared"]:
         return dec._index_keep
     get = lambda name, dtype: dec.store.get(dec.names.find(i, name), dtype, device=dec.device)
-    q_resid = F_.layer_norm(h, (h.shape[-1],), get(prefix + "q_input_norm.weight", dec.dtype),
-                            get(prefix + "q_input_norm.bias", dec.dtype), 1e-6)  # [T, D]
-    scale = _position_scale(dec, dec.names.find(i, prefix + "softmax_scaling.scale")[: -len("scale")], h.shape[0],
-                            h.device)  # [T, Hi]
+    scale = None
+    if q_resid is None:  # Mistral-Large-4
+        q_resid = F_.layer_norm(h, (h.shape[-1],), get(prefix + "q_input_norm.weight", dec.dtype),
+                                get(prefix + "q_input_norm.bias", dec.dtype), 1e-6)  # [T, D]
+        scale = _position_scale(dec, dec.names.find(i, prefix + "softmax_scaling.scale")[: -len("scale")],
+                                h.shape[0], h.device)  # [T, Hi]
+    rope_dim = cos.shape[-1] * 2 if cos is not None else 0
 
     def index(a: int, b: int, causal):
         return sparse_attention_keep(get, prefix, h[a:b], q_resid[a:b], cos[a:b] if cos is not None else None,
                                      sin[a:b] if sin is not None else None, causal, ix["heads"], ix["dim"], ix["topk"],
-                                     dec.fc.mla["rope"], _apply_rope(),
+                                     rope_dim, _apply_rope(),
                                      cache=dec.cache.layer(i) if dec.cache is not None else None,
-                                     width=dec.index_width, layout=ix["layout"], q_scale=scale[a:b], rope=use_rope)
+                                     width=dec.index_width, layout=ix["layout"],
+                                     q_scale=scale[a:b] if scale is not None else None, rope=use_rope)
 
     if isinstance(mask, Segments):
         keep = Segments([(a, b, index(a, b, m)) for a, b, m in mask.parts])
@@ -174,6 +237,44 @@ def _keep(dec, i: int, h, cos, sin, mask, use_rope: bool):
         keep = index(0, h.shape[0], mask)
     dec._index_keep = keep  # layers run in order within one forward
     return keep
+
+
+def _dots3(dec, i: int, h: torch.Tensor, cos, sin, masks) -> torch.Tensor:
+    """dots3's MLA (Dots3NoteTextAttention): the layer's own sizes; the query and KV latents times
+    sqrt(D / rank) after their norms; an RMSNorm on the RoPE key; interleaved RoPE of the layer
+    type; a sliding window or the indexer; a per-head sigmoid gate (g_proj [H, D]) on the output."""
+    from .model import apply_rope, attention_mask, linear, rms_norm, sdpa
+
+    fc, dm = dec.fc, dec.fc.sparse_variant["dims"][i]
+    find = lambda *s, required=True: dec.names.find(i, *s, required=required)
+    bias = lambda name: dec.w(find(name, required=False))
+    T, D, eps = h.shape[0], h.shape[1], fc.eps
+    H, nope, r, v_dim, kvr, qr = dm["heads"], dm["nope"], dm["rope"], dm["v"], dm["kv_lora"], dm["q_lora"]
+    q_resid = rms_norm(linear(h, dec.w(find("self_attn.q_a_proj.weight")), bias("self_attn.q_a_proj.bias")),
+                       dec.w(find("self_attn.q_a_layernorm.weight")), eps) * (D / qr) ** 0.5  # [T, Rq]
+    q = linear(q_resid, dec.w(find("self_attn.q_b_proj.weight"))).view(T, H, nope + r)
+    kv = linear(h, dec.w(find("self_attn.kv_a_proj_with_mqa.weight")), bias("self_attn.kv_a_proj_with_mqa.bias"))
+    latent, k_rot = kv.split([kvr, r], dim=-1)
+    latent = rms_norm(latent, dec.w(find("self_attn.kv_a_layernorm.weight")), eps) * (D / kvr) ** 0.5
+    k_rot = rms_norm(k_rot, dec.w(find("self_attn.k_rope_only_layernorm.weight")), eps).reshape(T, 1, r)
+    _, cos, sin = dec.layer_rope(i, T, cos, sin)
+    q = torch.cat((q[..., :nope], apply_rope(q[..., nope:], cos, sin, "interleave")), dim=-1)
+    k_rot = apply_rope(k_rot, cos, sin, "interleave")
+    k_nope, v = linear(latent, dec.w(find("self_attn.kv_b_proj.weight"))).view(T, H, nope + v_dim).split(
+        [nope, v_dim], dim=-1)
+    k = torch.cat((k_nope, k_rot.expand(T, H, r)), dim=-1)
+    key = (fc.windows[i], None)
+    if key not in masks:
+        masks[key] = attention_mask(T, key[0], None, q.device, past=dec.past)
+    mask = masks[key]
+    if dec.cache is not None:  # this layer's decompressed keys and values of the earlier tokens
+        k, v = dec.cache.extend(i, k=k, v=v)
+    if fc.indexer and i in fc.indexer["layers"]:
+        mask = _keep(dec, i, h, cos, sin, mask, q_resid=q_resid)
+    out = sdpa(q, k, v, mask, (nope + r) ** -0.5)  # [T, H, v]
+    gate = torch.sigmoid(linear(h, dec.w(find("self_attn.g_proj.weight"))))  # [T, H]
+    out = (out * gate[:, :, None]).reshape(T, H * v_dim)
+    return linear(out, dec.w(find("self_attn.o_proj.weight")), bias("self_attn.o_proj.bias"))
 
 
 def _apply_rope():
