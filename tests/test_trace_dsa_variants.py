@@ -190,17 +190,19 @@ def test_mistral_large4_kv_source_of_another_rope_kind_is_refused(dsa_variant, t
     assert r.returncode == 2 and "kv_source_layers" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_mistral_large4_profile_blocks_route_as_traces(dsa_variant, tmp_path):
-    """moetool profile runs several prompts per block: each prompt's indexer, LeRoPE positions, softmax
-    scaling and KV sharing are its own, so the per-token routes equal one trace per prompt."""
+@pytest.mark.parametrize("name", ["mistral_large4", "dots3_note_text"])
+def test_profile_blocks_route_as_traces(name, dsa_variant, tmp_path):
+    """moetool profile runs several prompts per block: each prompt's indexer, positions (LeRoPE, softmax
+    scaling, the layer types' RoPE), sliding windows and KV sharing are its own, so the per-token routes
+    equal one trace per prompt."""
     import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
     from moetool.profile.engine import profile
     from moetool.tracing import trace
 
-    d = tmp_path / "ml4"
-    shutil.copytree(dsa_variant("mistral_large4", 0)[0], d)
+    d = tmp_path / name
+    shutil.copytree(dsa_variant(name, 0)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
     profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
@@ -211,3 +213,10 @@ def test_mistral_large4_profile_blocks_route_as_traces(dsa_variant, tmp_path):
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    # the command line: `moetool profile` on the same checkpoint
+    (tmp_path / "corpus.txt").write_text("\n".join(prompts) + "\n")
+    r = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tmp_path / "corpus.txt"), "-m", str(d), "-o",
+                        str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "profile.json").read_text())
+    assert report["command"] == "profile" and [l["layer"] for l in report["layers"]] == [l.layer for l in t.layers]
