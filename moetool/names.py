@@ -38,7 +38,9 @@ _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias
                       # Mistral-Large-4's LeRoPE scales; DeepSeek-V4's hash-routing table (token -> expert ids);
                       # the correction bias stored as `gate.bias` (DeepSeek-V4 `ffn.gate.bias`, Inkling 2
                       # `llm.layers.N.mlp.gate.bias`: transformers renames both to e_score_correction_bias)
-                      r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias)$")
+                      r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias"
+                      # dots3's vision experts' correction bias as published (transformers: e_score_correction_bias)
+                      r"|(^|\.)vision_encoder\.blocks\.\d+\.mlp\.router_bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
