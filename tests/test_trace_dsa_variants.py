@@ -10,6 +10,12 @@ of the queries (attention and indexer: scale * log(position + 1) + bias, randomi
 KV-sharing layers (kv_source_layers), "shared" indexer layers, the Mistral-4 group router, shared
 experts, final logit soft-capping. index_topk 8 of 40 tokens: the indexer cuts in.
 
+dots3 (`dots3_note_text`, Dots3NoteForCausalLM; and `dots3_note`, Dots3NoteForConditionalGeneration with
+text-only input: the vision and audio towers are not run): MLA with LoRA-scaled query / KV latents, an
+RMSNorm on the RoPE key, a per-head sigmoid output gate, per-layer MLA sizes (sliding layers of their own
+heads and ranks), RoPE per layer type, sliding windows (6 of 40 tokens), the GLM-5 indexer on
+"indexed_attention" layers, a plain full-attention layer, DeepSeek-V3's group router with correction bias.
+
 Logits within 1e-4 (float32), the same expert set for every token in every MoE layer and gate
 weights within 1e-5, read by a pre-hook on transformers' experts modules
 (tests/test_forward_families.py's `reference_routes`), independently of its router classes.
@@ -82,8 +88,16 @@ FAMILIES = {
         attention_bias=True, use_dsa=True,
         layer_types=["indexed_attention", "sliding_attention", "indexed_attention", "sliding_attention",
                      "sliding_attention", "indexed_attention"]),
+    # the image-text-audio model with the first dots3 text model (its towers are not run on text)
+    "dots3_note": lambda: _dots3_note(),
 }
 SEEDS = (0, 1)
+
+
+def _dots3_note() -> dict:
+    cfg = shrunk_config("dots3_note")
+    text = FAMILIES["dots3_note_text"]()
+    return {**cfg, "text_config": text, "initializer_range": 0.2}
 
 
 def _multimodal(model_type: str, text: dict, **top) -> dict:
@@ -105,7 +119,7 @@ def randomize(model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed + 2000)
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if "vision" in name or "projector" in name:
+            if "vision" in name or "projector" in name or "audio" in name:
                 continue
             if "norm" in name and name.endswith("weight"):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
@@ -220,3 +234,17 @@ def test_profile_blocks_route_as_traces(name, dsa_variant, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "profile.json").read_text())
     assert report["command"] == "profile" and [l["layer"] for l in report["layers"]] == [l.layer for l in t.layers]
+
+
+def test_dots3_note_published_config_traces_the_same(dsa_variant, tmp_path):
+    """dots3's released config.json has no text_config (the text model's fields at the top level, as
+    Dots3NoteConfig reads them): the trace is the same as from the transformers-written config."""
+    d, ids, ref_logits, ref_routes, _ = dsa_variant("dots3_note", 0)
+    for f in d.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    text = cfg.pop("text_config")
+    cfg.update({k: v for k, v in text.items() if k not in ("model_type", "architectures")})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu")
+    assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")

@@ -87,7 +87,8 @@ FAMILY_FORWARD.update({"aria_text": dict(routed_act="silu"), "minimax_m3_vl_text
 # run (no image or audio input). Multimodal RoPE (Qwen3-VL's interleaved MRoPE, GLM-4V's mrope_section)
 # gives every section the same text position then, which is ordinary RoPE (tests/test_trace_multimodal.py).
 MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_vl_moe_text",
-                      "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text"}
+                      "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text",
+                      "dots3_note": "dots3"}
 FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
 
 
@@ -263,7 +264,9 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     if spec.model_type in TEXT_CONFIG_WRAPPERS:  # image-text checkpoints: the text model's fields
         cfg = cfg.sub("text_config")
     if family in MULTIMODAL_FORWARD:  # image-text models: the language model, as its text family
-        cfg, family = cfg.sub("text_config"), MULTIMODAL_FORWARD[family]
+        # dots3's released config has no text_config: the text model's fields are the top level
+        cfg = cfg.sub("text_config") if cfg.has("text_config") or family != "dots3_note" else cfg
+        family = MULTIMODAL_FORWARD[family]
     if family == "dbrx":
         return _dbrx(spec, cfg)
     if family == "jetmoe":
