@@ -1,7 +1,9 @@
 """DeepSeek Sparse Attention variants whose attention is more than data on the MLA path
 (forward/model.py `Decoder.mla`): Mistral-Large-4 (`mistral_large4`, transformers'
-MistralLarge4TextAttention). Both the indexer (forward/indexer.py) and the "shared" indexer layers
-(GLM-5's: reuse the keys the previous full layer kept) are the DeepSeek-V3.2 ones, as data.
+MistralLarge4TextAttention) and dots3 (`dots3_note_text` / `dots3_note`, Dots3NoteTextAttention).
+Both use the DeepSeek-V3.2 indexer (forward/indexer.py) as data (`fc.indexer`: heads, dim, top-k,
+the RoPE layout; Mistral-Large-4 adds GLM-5's "shared" layers that reuse the keys the previous full
+layer kept). `configure` sets a variant up from config.json; `attention` runs one layer.
 
 Mistral-Large-4, per layer i (T tokens, H heads, D hidden):
 
@@ -21,6 +23,16 @@ Mistral-Large-4, per layer i (T tokens, H heads, D hidden):
 A KV-sharing layer reads its source's latent from this forward (`Decoder._kv_shared`, filled by
 the source layer, which runs first); with a KV cache every layer keeps its own decompressed keys
 and values, so sharing needs nothing more there. Final logits are soft-capped (30 by default).
+
+dots3, per layer i (its own MLA sizes: per_layer_config, e.g. the sliding layers'):
+
+    q_resid = RMSNorm(q_a_proj(h)) * sqrt(D / q_lora_rank);  q = q_b_proj(q_resid) [T, H, nope + rope]
+    latent = RMSNorm(kv latent) * sqrt(D / kv_lora_rank);     k_rot = RMSNorm(k_rot) (k_rope_only_layernorm)
+    RoPE (interleaved pairs) of the layer type: rope_parameters per type ("indexed_attention",
+        "sliding_attention", "full_attention"), over the type's qk_rope_head_dim
+    keep = the causal keys, within `sliding_window` on sliding layers, the indexer's top-k (its query
+        from q_resid) on indexed layers
+    out = o_proj(attention(q, k, v) * sigmoid(g_proj(h)) per head)
 """
 
 from __future__ import annotations
