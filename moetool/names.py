@@ -41,7 +41,9 @@ _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias
                       r"|(^|\.)lerope\.alpha|\.gate\.tid\d+eid|\.ffn\.gate\.bias|(^|\.)llm\.layers\.\d+\.mlp\.gate\.bias"
                       r"|\.mlp\.gate\.balancing_biases"  # ZAYA's selection biases (the skip expert's -1)
                       # Gemma 4's towers: clipping bounds of its clippable linears, the vision tower's standardisation
-                      r"|\.(input|output)_(min|max)|(^|\.)vision_tower\.std_(bias|scale))$")
+                      r"|\.(input|output)_(min|max)|(^|\.)vision_tower\.std_(bias|scale)"
+                      # dots3's vision experts' correction bias as published (transformers: e_score_correction_bias)
+                      r"|(^|\.)vision_encoder\.blocks\.\d+\.mlp\.router_bias)$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"

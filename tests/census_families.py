@@ -50,8 +50,6 @@ KNOWN_GAPS: dict[str, str] = {
     # measured on tiny save_pretrained checkpoints (python /tmp census scripts: generic count - transformers count)
     "inkling_mm_model": _SHRINK.format("17,097,950,187"), "muse_spark": _SHRINK.format("48,731,824"),
     "nemo_speechlm": _SHRINK.format("797,500,751"), "unlimited_ocr": _SHRINK.format("398,260,800"),
-    "dots3_note": _NO_ADAPTER + "; the census shrink fails (Dots3NoteConfig: 'adapter_in_dim must match hidden_size'), "
-                                "so the header count is not verified",
     "ernie4_5_vl_moe": _NO_ADAPTER + "; the shrunk model does not build (RuntimeError: expanded size of the tensor (4) "
                                      "must match the existing size (0), in torch/utils/_device.py), so the header count "
                                      "is not verified",

@@ -71,7 +71,15 @@ SHRINK_EXTRA: dict[str, dict] = {
     # MLA: KV heads == attention heads (the configs refuse others)
     # dots3: sliding layers (here layer 2) are MLA of their own sizes in per_layer_config
     "dots3_note_text": dict(num_key_value_heads=4, head_dim=12, index_n_heads=4, index_head_dim=16, per_layer_config={"02": DOTS3_SWA}),
-    "dots3_note": dict(text_config=dict(num_key_value_heads=4, head_dim=12, index_n_heads=4, index_head_dim=16,
+    # dots3_note: the towers' adapters sized to the shrunk widths (the configs require adapter_in_dim == vision
+    # hidden_size, adapter_input_size == audio hidden_size, both outputs == the text hidden size); one sparse
+    # vision layer of 4 experts; the text pad id inside the shrunk vocabulary
+    "dots3_note": dict(vision_config=dict(num_hidden_layers=2, mlp_layer_types=["dense", "sparse"],
+                                          per_layer_config={"1": {"num_local_experts": 4, "num_experts_per_tok": 2}},
+                                          moe_intermediate_size=8, adapter_in_dim=16, adapter_out_dim=32),
+                       audio_config=dict(num_key_value_heads=2, head_dim=8, downsample_hidden_size=8, feature_size=16,
+                                         adapter_input_size=16, adapter_out_dim=32),
+                       text_config=dict(num_key_value_heads=4, head_dim=12, index_n_heads=4, index_head_dim=16, pad_token_id=None,
                                         per_layer_config={"02": DOTS3_SWA})),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,

@@ -7,7 +7,7 @@ biases, correction biases and mixer parameters randomised as there): the cached 
 tokens gives the same token ids as the recompute path, the same expert set for every token of every
 MoE layer, gate weights within 1e-5 and logits within 1e-4. The prompt is long enough that sliding
 windows (4), Llama 4's attention chunks (16) and DeepSeek-V3.2's indexer top-k (8) all cut in.
-For mixtral, qwen3_moe, deepseek_v3, qwen3_next and jamba the generated ids also equal transformers'
+For mixtral, qwen3_moe, deepseek_v3, qwen3_next, jamba and mistral_large4 the generated ids also equal transformers'
 `model.generate(..., do_sample=False, use_cache=True)` on the same save_pretrained checkpoint.
 """
 
@@ -36,6 +36,7 @@ import test_trace_step3p7 as step3p7  # noqa: E402
 import test_trace_zaya as zaya  # noqa: E402
 import test_trace_hyper as hyper_families  # noqa: E402
 import test_trace_inkling as inkling  # noqa: E402
+import test_trace_dsa_variants as dsa_variants  # noqa: E402
 
 # name -> (config, transformers builder, extra randomisation as the family's own trace test does it)
 CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_CONFIGS},
@@ -49,7 +50,8 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
            **{n: (step3p7.full_config(n), step3p7._build, step3p7.randomize) for n in step3p7.CONFIGS},
            **{n: (c, zaya._build, zaya.randomize) for n, c in zaya.CONFIGS.items()},
            **{n: (c, text_families._build, hyper_families.randomize) for n, c in hyper_families.FAMILIES.items()},
-           **{n: (inkling.config_of(n), multimodal._build, inkling.randomize) for n in inkling.FAMILIES}}
+           **{n: (inkling.config_of(n), multimodal._build, inkling.randomize) for n in inkling.FAMILIES},
+           **{n: (c(), dsa_variants._build, dsa_variants.randomize) for n, c in dsa_variants.FAMILIES.items()}}
 import test_trace_gemma4 as gemma4  # noqa: E402
 
 CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize) for n, c in gemma4.CONFIGS.items()})
@@ -58,7 +60,7 @@ CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize)
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
 TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "step3p7", "zaya",
                          "gemma4_text", "gemma4",
-                         "inkling_text", "inkling2_text"]
+                         "inkling_text", "inkling2_text", "mistral_large4"]
 
 
 def _family(config: dict) -> set[str]:

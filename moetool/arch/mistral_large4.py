@@ -51,7 +51,7 @@ def adapt(cfg: Cfg, model_type: str = "mistral_large4_text") -> ModelSpec:
     shared = cfg.int("n_shared_experts", 0)
     moe = MoESpec(num_experts=E, top_k=cfg.int("num_experts_per_tok", min_value=1), expert_ffn=F,
                   num_shared_experts=shared, shared_ffn=F * shared, activation=cfg.str("hidden_act", "silu"),
-                  router=RouterSpec(norm_topk_prob=True, routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0),
+                  router=RouterSpec(norm_topk_prob=True, topk_method="group_top2_softmax", routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0),
                                     n_group=cfg.int("n_group", 1, min_value=1),
                                     topk_group=cfg.int("topk_group", 1, min_value=1)))
     nh, hd = cfg.int("index_n_heads", 64, min_value=1), cfg.int("index_head_dim", 128, min_value=1)

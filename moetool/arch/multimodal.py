@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
-from . import common, deepseek, inkling, llama_like, mistral_large4
+from ..errors import BadConfig
+from . import common, deepseek, dots3, inkling, llama_like, mistral_large4
 
 
 def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True,
@@ -223,6 +224,84 @@ def pixtral_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     _lin(inv, "multi_modal_projector.linear_2", text_d, text_d, bias)
 
 
+def dots3_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """dots3 vision tower (Dots3NoteVisionModel): Conv2d patches with bias and an RMSNorm, blocks of
+    RMSNorms, fused qkv / proj (biases with attention_bias) and per-head q/k RMSNorms, then a SwiGLU
+    (biases with mlp_bias) or, on `mlp_layer_types` "sparse" layers, routed experts (router [E, h],
+    fused experts [E, 2F, h] / [E, h, F]; E and F per layer from `per_layer_config`, or from the
+    original `pyramid_num_routed`); a final RMSNorm; the merger: LayerNorm [h], [h m^2, h m^2] and
+    [adapter_out_dim, h m^2] with biases."""
+    h, f = v.int("hidden_size", v.int("embed_dim", 1536), min_value=1), v.int("intermediate_size", 4224, min_value=1)
+    heads = v.int("num_attention_heads", v.int("num_heads", 24), min_value=1)
+    p, n = v.int("patch_size", 14, min_value=1), v.int("num_hidden_layers", 42, min_value=0)
+    attn_bias, mlp_bias = v.bool("attention_bias", v.bool("use_bias", False)), v.bool("mlp_bias", False)
+    types, per_layer = v.raw("mlp_layer_types"), dict(v.raw("per_layer_config") or {})
+    if types is None:  # Dots3NoteVisionConfig: sparse layers and their expert counts from pyramid_num_routed
+        routed = v.raw("pyramid_num_routed") or [-1] * 25 + list(range(4, 65, 4)) + [64]
+        types = ["sparse" if c > 0 else "dense" for c in routed]
+        per_layer = {str(i): {"num_local_experts": c} for i, c in enumerate(routed) if c > 0}
+    if not isinstance(types, list) or len(types) < n:
+        raise BadConfig(f"{v.where}: mlp_layer_types must give all {n} vision layers")
+    _conv(inv, "vision_tower.patch_embed.proj", h, v.int("num_channels", 3, min_value=1), (p, p))
+    _norm(inv, "vision_tower.patch_embed.norm", h, bias=False)
+    for i in range(n):
+        b = f"vision_tower.blocks.{i}"
+        _norm(inv, f"{b}.norm1", h, bias=False), _norm(inv, f"{b}.norm2", h, bias=False)
+        _lin(inv, f"{b}.attn.qkv", 3 * h, h, attn_bias), _lin(inv, f"{b}.attn.proj", h, h, attn_bias)
+        _norm(inv, f"{b}.attn.q_norm", h // heads, bias=False), _norm(inv, f"{b}.attn.k_norm", h // heads, bias=False)
+        if types[i] == "sparse":
+            lc = Cfg({**v.d, **(per_layer.get(str(i)) or per_layer.get(i) or {})}, v.where)
+            E, F = lc.int("num_local_experts", min_value=1), lc.int("moe_intermediate_size", 2112, min_value=1)
+            _lin(inv, f"{b}.mlp.gate", E, h, bias=False)
+            inv.add(f"{b}.mlp.experts.gate_up_proj", "vision", (E, 2 * F, h), matmul=True)
+            inv.add(f"{b}.mlp.experts.down_proj", "vision", (E, h, F), matmul=True)
+        else:
+            for proj, out, inp in (("gate_proj", f, h), ("up_proj", f, h), ("down_proj", h, f)):
+                _lin(inv, f"{b}.mlp.{proj}", out, inp, mlp_bias)
+    _norm(inv, "vision_tower.norm", h, bias=False)
+    m2 = v.int("spatial_merge_size", 2, min_value=1) ** 2
+    _norm(inv, "vision_tower.merger.ln_q", h)
+    _lin(inv, "vision_tower.merger.mlp.0", h * m2, h * m2)
+    _lin(inv, "vision_tower.merger.mlp.2", v.int("adapter_out_dim", text_d, min_value=1), h * m2)
+
+
+def dots3_audio(inv: Inventory, a: Cfg, text_d: int, top: Cfg) -> None:
+    """dots3 audio tower (Dots3NoteAudioModel, group "audio"): three stride-2 Conv2d (1 -> c -> c -> c,
+    3x3, biases) and a linear [h, c * ceil(mels / 8)] without bias; layers of RMSNorms, q / v / o with
+    attention_bias, k [h, h] without bias, a fused SwiGLU gate_up [2I, h] and down [h, I] with biases;
+    a final RMSNorm; the adapter: LayerNorm, [out, in] and [out, out] with biases."""
+    legacy = a.raw("whisper_config")  # the released checkpoints' Whisper-style names
+    if isinstance(legacy, dict):
+        names = {"d_model": "hidden_size", "encoder_attention_heads": "num_attention_heads",
+                 "encoder_layers": "num_hidden_layers", "encoder_ffn_dim": "intermediate_size", "num_mel_bins": "feature_size"}
+        a = Cfg({**a.d, **{new: legacy[old] for old, new in names.items() if old in legacy}}, a.where)
+    h, i_size = a.int("hidden_size", 1280, min_value=1), a.int("intermediate_size", 5120, min_value=1)
+    heads = a.int("num_attention_heads", 20, min_value=1)
+    kv, hd = heads, h // heads  # Dots3NoteAudioConfig sets both, whatever the config says
+    c, mels = a.int("downsample_hidden_size", 480, min_value=1), a.int("feature_size", 128, min_value=1)
+    conv_in = a.int("conv_output_size", c * ((mels + 7) // 8), min_value=1)  # a stored value wins, as in transformers
+    bias = a.bool("attention_bias", True)
+    for j, inp in enumerate((1, c, c)):
+        _conv(inv, f"audio_tower.conv_stem.convs.{j}", c, inp, (3, 3), group="audio")
+    _lin(inv, "audio_tower.conv_stem.conv_out", h, conv_in, bias=False, group="audio")
+    for j in range(a.int("num_hidden_layers", 32, min_value=0)):
+        b = f"audio_tower.layers.{j}"
+        _lin(inv, f"{b}.self_attn.q_proj", heads * hd, h, bias, group="audio")
+        _lin(inv, f"{b}.self_attn.k_proj", h, h, False, group="audio")
+        _lin(inv, f"{b}.self_attn.v_proj", kv * hd, h, bias, group="audio")
+        _lin(inv, f"{b}.self_attn.o_proj", h, heads * hd, bias, group="audio")
+        _norm(inv, f"{b}.input_layernorm", h, bias=False, group="audio")
+        _norm(inv, f"{b}.post_attention_layernorm", h, bias=False, group="audio")
+        _lin(inv, f"{b}.mlp.gate_up_proj", 2 * i_size, h, group="audio")
+        _lin(inv, f"{b}.mlp.down_proj", h, i_size, group="audio")
+    _norm(inv, "audio_tower.layer_norm", h, bias=False, group="audio")
+    ain = a.int("adapter_input_size", a.int("whisper_adapter_in_dim", 1280), min_value=1)
+    aout = a.int("adapter_out_dim", a.int("whisper_adapter_out_dim", a.int("adapter_output_size", 5120)), min_value=1)
+    _norm(inv, "audio_tower.adapter.norm", ain, group="audio")
+    _lin(inv, "audio_tower.adapter.fc1", aout, ain, group="audio")
+    _lin(inv, "audio_tower.adapter.fc2", aout, aout, group="audio")
+
+
 Tower = Callable[[Inventory, Cfg, int, Cfg], None]  # (inventory, tower config, text hidden size, top config)
 
 
@@ -233,6 +312,7 @@ class Family:
     towers: tuple[tuple[str, Tower], ...]  # (config key, builder)
     tie_default: bool = False
     tie_from_text: bool = False  # text_config's tie_word_embeddings true also ties (GLM-4.5V, MiniMax-M3: pre-v5 configs)
+    text_at_top: bool = False  # without text_config, the text model's fields are the top level (dots3's published config)
 
 
 # Qwen3-VL-MoE's router always renormalises the top-k weights (it reads no norm_topk_prob); Qwen3-Omni's
@@ -264,12 +344,15 @@ FAMILIES: dict[str, Family] = {
     "inkling2": Family(inkling.adapt2, "inkling2_text", (("vision_config", inkling2_vision),)),
     # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
     "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
+    # rednote-hilab dots3: its MLA + indexer text MoE (arch/dots3.py) + an MoE vision tower and an audio encoder.
+    "dots3_note": Family(dots3.adapt, "dots3_note_text", (("vision_config", dots3_vision), ("audio_config", dots3_audio)),
+                         text_at_top=True),
 }
 
 
 def adapt(cfg: Cfg, model_type: str) -> ModelSpec:
     fam = FAMILIES[model_type]
-    text = dict(cfg.sub("text_config").d)
+    text = dict(cfg.d if fam.text_at_top and not cfg.has("text_config") else cfg.sub("text_config").d)
     text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", fam.tie_default) or (
         fam.tie_from_text and Cfg(text, f"{cfg.where}[text_config]").bool("tie_word_embeddings", False))
     spec = fam.text(Cfg(text, f"{cfg.where}[text_config]"), fam.text_model_type)

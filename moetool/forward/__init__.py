@@ -16,6 +16,7 @@ import torch
 from ..arch import spec_from_config
 from ..errors import MoetoolError
 from ..source import Checkpoint
+from . import sparse_variants
 from .config import FORWARD_FAMILIES, forward_config
 from .model import Decoder, ForwardResult, LayerRoute
 from .weights import WeightStore, fp8_block_size
@@ -87,7 +88,8 @@ def new_store(ckpt: Checkpoint, streaming: Optional[bool] = None):
         from ..gguf.store import GGUFWeightStore
 
         return GGUFWeightStore(ckpt, streaming=streaming)
-    return WeightStore(ckpt.tensors, streaming=streaming, fp8_block=fp8_block_size(ckpt.config))
+    tensors = sparse_variants.runtime_names(ckpt.config, ckpt.tensors)  # Mistral-Large-4 as published
+    return WeightStore(tensors, streaming=streaming, fp8_block=fp8_block_size(ckpt.config))
 
 
 __all__ = ["run_forward", "ForwardResult", "LayerRoute", "FORWARD_FAMILIES", "pick_device"]

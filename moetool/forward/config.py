@@ -14,6 +14,7 @@ import torch
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 from .hyper import HyperConfig
+from . import sparse_variants
 from .mixers import gated_deltanet, kda, lightning, mamba, mamba2, short_conv
 
 FORWARD_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
@@ -69,10 +70,11 @@ FORWARD_FAMILIES += tuple(FAMILY_FORWARD)
 FORWARD_FAMILIES += ("longcat_flash",)  # two sublayers and a shortcut MoE per layer: forward/longcat.py
 FORWARD_FAMILIES += ("axk1",)  # DeepSeek-V3 (MLA) with a norm on the MoE output: the DeepSeek branch below
 FORWARD_FAMILIES += ("glm_moe_dsa",)  # GLM-5: DeepSeek-V3.2 with the indexer on "full" layers only (below)
+FORWARD_FAMILIES += ("mistral_large4", "dots3")  # DSA variants with attention of their own (forward/sparse_variants.py)
 FORWARD_FAMILIES += ("axk2",)  # A.X-K2: DeepSeek-V3.2 with a fused query + output-gate projection, gated RMSNorms
 FORWARD_FAMILIES += ("deepseek_v4",)  # DeepSeek-V4: its attention in forward/deepseek_v4.py, hyper-connections
 FORWARD_FAMILIES += ("hy_v4",)  # HY-V4: GLM-5's MLA + indexer, sinks, output gate, hyper-connections (forward/hyper.py)
-TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
+TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe", "mistral_large4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
 # Encoder-decoder families: their own forward (forward/encdec.py), run by `trace` only.
@@ -88,7 +90,8 @@ FAMILY_FORWARD.update({"aria_text": dict(routed_act="silu"), "minimax_m3_vl_text
 # run (no image or audio input). Multimodal RoPE (Qwen3-VL's interleaved MRoPE, GLM-4V's mrope_section)
 # gives every section the same text position then, which is ordinary RoPE (tests/test_trace_multimodal.py).
 MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_vl_moe_text",
-                      "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text"}
+                      "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text",
+                      "dots3_note": "dots3"}
 MULTIMODAL_FORWARD["gemma4"] = "gemma4_text"
 FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
 # StepFun Step-3.7's language model: Laguna's attention with a sigmoid gate, (1 + w) norms, clamped SwiGLU
@@ -262,6 +265,8 @@ class ForwardConfig:
     embed_norm: Optional[tuple[str, ...]] = None  # an RMSNorm on the token embeddings, its names under the model root
     logit_rows: Optional[int] = None  # only the first logit_rows logits are the vocabulary's (a padded head)
     inkling: Optional[object] = None  # Inkling / Inkling 2 settings (forward/inkling.py InklingSettings)
+    # A DSA variant whose attention is its own function (forward/sparse_variants.py): its settings
+    sparse_variant: Optional[dict] = None
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -288,7 +293,9 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     if spec.model_type in TEXT_CONFIG_WRAPPERS:  # image-text checkpoints: the text model's fields
         cfg = cfg.sub("text_config")
     if family in MULTIMODAL_FORWARD:  # image-text models: the language model, as its text family
-        cfg, family = cfg.sub("text_config"), MULTIMODAL_FORWARD[family]
+        # dots3's released config has no text_config: the text model's fields are the top level
+        cfg = cfg.sub("text_config") if cfg.has("text_config") or family != "dots3_note" else cfg
+        family = MULTIMODAL_FORWARD[family]
     if family == "step3p7_text":  # legacy per-layer RoPE lists -> rope_parameters per layer type
         from .step3p7 import normalise
 
@@ -414,7 +421,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
     elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash",
-                    "glm_moe_dsa", "axk2", "hy_v4"):
+                    "glm_moe_dsa", "axk2", "hy_v4", *sparse_variants.FAMILIES):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
@@ -453,6 +460,8 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         if kind == "yarn" and scaling_dict.get("mscale_all_dim"):
             m = _mscale(float(scaling_dict["factor"]), float(scaling_dict["mscale_all_dim"]))
             fc.attn_scale *= m * m
+        if family in sparse_variants.FAMILIES:  # attention beyond MLA's data: forward/sparse_variants.py
+            sparse_variants.configure(fc, spec, cfg)
     elif family in HYBRID:
         HYBRID[family](fc, spec, cfg, scaling_dict)
     return fc

@@ -31,7 +31,8 @@ def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefi
                           heads: int, dim: int, topk: int, rope_dim: int, apply_rope,
                           cache: Optional[dict] = None, width: Optional[int] = None,
                           layout: str = "half", rope_tail: bool = False, eps: float = 1e-6,
-                          scale_weights: bool = False) -> torch.Tensor:
+                          scale_weights: bool = False, q_scale: Optional[torch.Tensor] = None,
+                          rope: bool = True) -> torch.Tensor:
     """-> [T, S] bool, True where query s keeps key t (always within `causal` [T, S]). `get(name, dtype)`
     reads a tensor of the layer's indexer (`prefix` + name); h [T, D] the attention input,
     q_resid [T, Rq] the normalised query latent. With a `cache` (the layer's dict of a KV cache) the
@@ -41,22 +42,27 @@ def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefi
     torch.topk keeps depends on the row's length. `width` (the whole traced sequence's length)
     pads each row with -inf to that length, so a cached step keeps the same keys as the full
     forward of the whole sequence does (forward/cache.py). `layout`: the indexer's RoPE layout
-    ("half" in DeepSeek-V3.2, "interleave" in GLM-5). `causal` may be a `Segments` (a block of
+    ("half" in DeepSeek-V3.2, "interleave" in GLM-5). Mistral-Large-4 (forward/sparse_variants.py):
+    `q_scale` [T, Hi] multiplies the queries before RoPE (its learned softmax scaling), and its NoPE
+    layers' indexers rotate nothing (`rope` False). `causal` may be a `Segments` (a block of
     prompts, moetool profile): each prompt's keys are then chosen on their own."""
     if hasattr(causal, "parts"):
         return type(causal)([(a, b, sparse_attention_keep(get, prefix, h[a:b], q_resid[a:b], cos[a:b], sin[a:b], m,
                                                           heads, dim, topk, rope_dim, apply_rope, None, None, layout,
-                                                          rope_tail, eps, scale_weights))
+                                                          rope_tail, eps, scale_weights,
+                                                          None if q_scale is None else q_scale[a:b], rope))
                              for a, b, m in causal.parts])
     T = h.shape[0]
     dtype = h.dtype
     q = F_.linear(q_resid, get(prefix + "wq_b.weight", dtype)).view(T, heads, dim)
+    if q_scale is not None:
+        q = q * q_scale[:, :, None]
     k = F_.layer_norm(F_.linear(h, get(prefix + "wk.weight", dtype)), (dim,), get(prefix + "k_norm.weight", dtype),
                       get(prefix + "k_norm.bias", dtype), eps)  # [T, Di]
     if rope_tail:  # HY-V4: the rotary dims last
         q = torch.cat((q[..., :dim - rope_dim], apply_rope(q[..., dim - rope_dim:], cos, sin, layout)), dim=-1)
         k = torch.cat((k[:, :dim - rope_dim], apply_rope(k[:, None, dim - rope_dim:], cos, sin, layout)[:, 0]), dim=-1)
-    else:
+    elif rope:
         q = torch.cat((apply_rope(q[..., :rope_dim], cos, sin, layout), q[..., rope_dim:]), dim=-1)
         k = torch.cat((apply_rope(k[:, None, :rope_dim], cos, sin, layout)[:, 0], k[:, rope_dim:]), dim=-1)
     if cache is not None:

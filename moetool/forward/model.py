@@ -24,6 +24,7 @@ from . import mixers
 from .mixers.common import act as activation
 from .config import ForwardConfig
 from .block_sparse import block_sparse_keep
+from . import sparse_variants
 from .indexer import sparse_attention_keep
 from .moa import moa_attention
 from . import hyper
@@ -717,6 +718,8 @@ class Decoder:
         H, Hkv, Dh, Dv = fc.dims_of(i)
         if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
             return mixers.run(self, i, h, self.cache.layer(i) if self.cache is not None else None)
+        if fc.sparse_variant:  # Mistral-Large-4 (forward/sparse_variants.py)
+            return sparse_variants.attention(self, i, h, cos, sin, masks)
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
         if fc.deepseek_v4:  # shared-KV attention with HCA / CSA compressors (forward/deepseek_v4.py)
