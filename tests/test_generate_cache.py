@@ -32,6 +32,7 @@ PROMPT, NEW = 14, 6  # 20 tokens in all: past the windows of 4 and Llama 4's chu
 import test_trace_multimodal as multimodal  # noqa: E402
 import test_trace_text_families as text_families  # noqa: E402
 import test_trace_gap_families as gap_families  # noqa: E402
+import test_trace_bailing as bailing  # noqa: E402
 
 # name -> (config, transformers builder, extra randomisation as the family's own trace test does it)
 CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_CONFIGS},
@@ -41,7 +42,8 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
               if c["model_type"] != "openai_privacy_filter"},  # a token classifier: --generate is refused
            **{n: (c() if callable(c) else c, multimodal._build, multimodal._randomize)
               for n, c in multimodal.CONFIGS.items()},
-           **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()}}
+           **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()},
+           **{n: (c, bailing._build, bailing._randomize) for n, c in bailing.FAMILIES.items()}}
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}

@@ -72,6 +72,7 @@ FORWARD_FAMILIES += ("axk2",)  # A.X-K2: DeepSeek-V3.2 with a fused query + outp
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe",)
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
+FORWARD_FAMILIES += ("bailing_hybrid",)  # Ling 3.0: KDA (forward/mixers/kda.py) and gated MLA (_bailing_hybrid)
 # Encoder-decoder families: their own forward (forward/encdec.py), run by `trace` only.
 ENCDEC_FAMILIES = ("switch_transformers", "nllb_moe")
 FORWARD_FAMILIES += ENCDEC_FAMILIES
@@ -92,7 +93,7 @@ FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
 # transformers' defaults when a config gives no rope_theta.
 ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "phimoe": 1e6, "qwen2_moe": 1e6, "qwen3_moe": 1e6, "olmoe": 1e4,
                        "granitemoe": 1e4, "gpt_oss": 150000.0, "llama4": 500000.0, "glm4_moe": 1e4,
-                       "deepseek_v2": 1e4, "deepseek_v3": 1e4}
+                       "deepseek_v2": 1e4, "deepseek_v3": 1e4, "bailing_hybrid": 6e6}
 
 
 @dataclass
@@ -237,6 +238,9 @@ class ForwardConfig:
     # A.X-K2: a layer norm may be gated, stored as <name>.norm.weight + <name>.mlp.fc1 / fc2:
     # y = RMSNorm(x), y * sigmoid(fc2(silu(fc1(y))))
     gated_norms: bool = False
+    # (transformers' name prefix under a layer, the original checkpoint's) pairs the decoder also
+    # looks for (model.Names): Ling 3.0's attention. / dense / expert_bias as published
+    name_aliases: tuple = ()
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -586,8 +590,29 @@ def _kimi_linear(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> No
     fc.mixers["kda"] = kda.KDAConfig(**kda_dims(cfg), eps=fc.eps, activation=cfg.str("hidden_act", "silu"))
 
 
+def _bailing_hybrid(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Ling 3.0: MLA without a query LoRA, RoPE always interleaved, a head-wise sigmoid output gate
+    (g_proj [H, D]); KDA layers with full-rank gates and the bounded forget gate (kda_safe_gate);
+    the published checkpoints' names (attention., dense, expert_bias) beside transformers'."""
+    from ..arch.bailing_hybrid import kda_dims
+
+    nope, rdim, v = cfg.int("qk_nope_head_dim", 128), cfg.int("qk_rope_head_dim", 64), cfg.int("v_head_dim", 128)
+    fc.mla = dict(q_lora=0, kv_lora=cfg.int("kv_lora_rank", 512), nope=nope, rope=rdim, v=v)
+    fc.rope.dim, fc.rope.layout, fc.attn_scale = rdim, "interleave", (nope + rdim) ** -0.5
+    if fc.rope.kind != "default" and rope.get("mscale_all_dim"):  # yarn_apply_mscale
+        fc.attn_scale *= _mscale(float(rope["factor"]), float(rope["mscale_all_dim"])) ** 2
+    fc.max_positions = cfg.raw("max_position_embeddings") or cfg.raw("model_max_length")
+    fc.rope.max_position_embeddings = fc.rope.max_position_embeddings or fc.max_positions
+    fc.out_gate = dict(proj=("self_attn.g_proj.weight",), act="sigmoid")
+    fc.name_aliases = (("self_attn.o_proj.", "attention.dense."), ("self_attn.", "attention."),
+                       ("mlp.gate.e_score_correction_bias", "mlp.gate.expert_bias"))
+    fc.mixers["kda"] = kda.KDAConfig(**kda_dims(cfg), eps=fc.eps, activation=cfg.str("hidden_act", "silu"),
+                                     lower_bound=cfg.float("kda_lower_bound", -5.0) if cfg.bool("kda_safe_gate", True)
+                                     else None)
+
+
 HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe,
-          "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear}
+          "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear, "bailing_hybrid": _bailing_hybrid}
 
 
 def _minimax_m3(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:

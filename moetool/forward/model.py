@@ -81,10 +81,14 @@ class Names:
 
     FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.", "norm_f.")  # Jamba, LFM2, Nemotron-H
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
-             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight")
+             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight",
+             "model.word_embeddings.weight")  # Ling (bailing_hybrid) as published
 
-    def __init__(self, store: WeightStore):
+    def __init__(self, store: WeightStore, aliases: tuple = ()):
         self.store = store
+        # (transformers' name prefix, the original checkpoint's) pairs under a layer, tried after the
+        # name itself (ForwardConfig.name_aliases: Ling's attention. / dense / expert_bias)
+        self.aliases = aliases
         embed = next((n for n in self.EMBED if n in store.tensors), None)
         if embed is None:
             raise BadCheckpoint("checkpoint has no token embedding (looked for model.embed_tokens.weight, "
@@ -105,11 +109,16 @@ class Names:
             if self.head not in store and "score.weight" in store:  # token classification: `score` [labels, D]
                 self.head = "score.weight"
 
+    def alternatives(self, suffix: str) -> list[str]:
+        """`suffix` (a name under a layer), then its spellings by `aliases`."""
+        return [suffix] + [alt + suffix[len(p):] for p, alt in self.aliases if suffix.startswith(p)]
+
     def find(self, layer: int, *suffixes: str, required: bool = True) -> Optional[str]:
         for s in suffixes:
-            name = f"{self.layers}{layer}.{s}"
-            if name in self.store:
-                return name
+            for a in self.alternatives(s):
+                name = f"{self.layers}{layer}.{a}"
+                if name in self.store:
+                    return name
         if required:
             raise BadCheckpoint(f"checkpoint is missing a tensor of layer {layer}: none of "
                                 f"{', '.join(self.layers + str(layer) + '.' + s for s in suffixes[:3])}")
@@ -501,7 +510,7 @@ class Decoder:
                  device="cpu", router_dtype=torch.float32, progress: Optional[Callable[[int, int], None]] = None,
                  ffn_hook: Optional[Callable] = None):
         self.spec, self.fc, self.store = spec, fc, store
-        self.names = Names(store)
+        self.names = Names(store, fc.name_aliases)
         self.dtype, self.device, self.router_dtype = dtype, torch.device(device), router_dtype
         self.progress = progress
         # ffn_hook(decoder, layer, h [T, D], routing: (experts [T, K], weights [T, K]) or None for a
@@ -660,6 +669,9 @@ class Decoder:
         T = h.shape[0]
         H, Hkv, Dh, Dv = fc.dims_of(i)
         if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
+            block = next((m for m in masks.values() if isinstance(m, Segments)), None)
+            if block is not None:  # a block of prompts (profile): each prompt's recurrence starts afresh
+                return torch.cat([mixers.run(self, i, h[a:b]) for a, b, _ in block.parts])
             return mixers.run(self, i, h, self.cache.layer(i) if self.cache is not None else None)
         if fc.mla:
             return self.mla(i, h, cos, sin, masks)
@@ -821,6 +833,8 @@ class Decoder:
         out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
         if m.get("q_gate"):
             out = (out * torch.sigmoid(gate.reshape(T, H * v_dim).float())).to(out.dtype)
+        if fc.out_gate:  # Ling 3.0: a head-wise sigmoid gate from its own projection
+            out = self.output_gate(i, h, out, H)
         return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
