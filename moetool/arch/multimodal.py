@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
-from . import common, deepseek, inkling, llama_like, mistral_large4
+from . import common, deepseek, inkling, llama_like, mistral_large4, qwen4_exp
 
 
 def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True,
@@ -54,6 +54,11 @@ def qwen3_vl_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     for name, norm_dim in mergers:
         _norm(inv, f"{name}.norm", norm_dim)
         _lin(inv, f"{name}.fc1", h * m2, h * m2), _lin(inv, f"{name}.fc2", out, h * m2)
+
+
+def qwen3_5_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Qwen3.5 / Qwen4-Exp vision tower: Qwen3-VL's without DeepStack mergers."""
+    qwen3_vl_vision(inv, Cfg({**v.d, "deepstack_visual_indexes": []}, v.where), text_d, top)
 
 
 def glm4v_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
@@ -264,6 +269,8 @@ FAMILIES: dict[str, Family] = {
     "inkling2": Family(inkling.adapt2, "inkling2_text", (("vision_config", inkling2_vision),)),
     # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
     "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
+    # Qwen4-Exp: its hyper-connection text MoE (arch/qwen4_exp.py) + Qwen3.5's vision tower.
+    "qwen4_exp": Family(qwen4_exp.adapt, "qwen4_exp_text", (("vision_config", qwen3_5_vision),)),
 }
 
 
