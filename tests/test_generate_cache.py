@@ -33,6 +33,7 @@ import test_trace_multimodal as multimodal  # noqa: E402
 import test_trace_text_families as text_families  # noqa: E402
 import test_trace_gap_families as gap_families  # noqa: E402
 import test_trace_bailing as bailing  # noqa: E402
+import test_trace_qwen4_exp as qwen4_exp  # noqa: E402
 
 # name -> (config, transformers builder, extra randomisation as the family's own trace test does it)
 CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_CONFIGS},
@@ -43,7 +44,8 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
            **{n: (c() if callable(c) else c, multimodal._build, multimodal._randomize)
               for n, c in multimodal.CONFIGS.items()},
            **{n: (c, text_families._build, text_families.randomize) for n, c in gap_families.FAMILIES.items()},
-           **{n: (c, bailing._build, bailing._randomize) for n, c in bailing.FAMILIES.items()}}
+           **{n: (c, bailing._build, bailing._randomize) for n, c in bailing.FAMILIES.items()},
+           **{n: (c, qwen4_exp._build, qwen4_exp._randomize) for n, c in qwen4_exp.FAMILIES.items()}}
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}

@@ -56,6 +56,12 @@ def ple_layers(cfg: Cfg, n_layers: int, types: list[str]) -> list[int]:
     return [i - 1 for i in ids]
 
 
+def head_primes(cfg: Cfg, n: int) -> list[int]:
+    """The n-gram table sizes of the first n heads over all PLE layers (global head j: the (j+1)-th prime
+    after ngram_vocab_size_base - 1)."""
+    return _primes_after(cfg.int("ngram_vocab_size_base", 20_000_000, min_value=1) - 1, n)
+
+
 def ngram_rows(cfg: Cfg, ple_index: int) -> int:
     """Rows of the n-gram table of the `ple_index`-th PLE layer (transformers' Qwen4ExpTextNGramEmbedding)."""
     heads = (cfg.int("ngram_size", 3, min_value=2) - 1) * cfg.int("heads_per_ngram", 8, min_value=1)

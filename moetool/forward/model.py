@@ -562,6 +562,7 @@ class Decoder:
 
     def _run(self, ids: list[int], T: int, record: bool, last_layer: Optional[int]) -> ForwardResult:
         fc = self.fc
+        self.token_ids = ids  # Qwen4-Exp's per-layer n-gram embedding reads them
         x = self.embed(ids)  # [T, D]
         cos, sin = rope_tables(fc, T, self.device, self.past)
         routes: list[LayerRoute] = []
@@ -591,6 +592,10 @@ class Decoder:
         find = lambda *s, required=True: n.find(i, *s, required=required)
         if fc.single_block:  # Nemotron-H: one sublayer per layer
             return self.block(i, x, cos, sin, masks, routes, record)
+        if fc.hyper:  # Qwen4-Exp: residual streams, PLE (forward/qwen4_exp.py)
+            from . import qwen4_exp
+
+            return qwen4_exp.layer(self, i, x, cos, sin, masks, routes, record)
         if fc.family == "longcat_flash":  # two attention + MLP sublayers and a shortcut MoE (forward/longcat.py)
             from .longcat import longcat_layer
 
@@ -739,6 +744,10 @@ class Decoder:
         if fc.query_scale_nope and not fc.use_rope[i]:  # Beam: NoPE layers scale queries by position
             q = q * query_scale(fc.query_scale_nope, self._positions(T, q.device))[:, None, None].to(q.dtype)
         mask = masks[key]
+        if fc.hyper and fc.hyper["qsa"]:  # Qwen4-Exp: the tokens its QSA indexer keeps
+            from .qwen4_exp import qsa_keep
+
+            mask = qsa_keep(self, i, h, cos, sin, mask)
         if fc.block_sparse and i in fc.block_sparse["layers"]:  # MiniMax-M3: the key blocks its indexer keeps
             mask = block_sparse_keep(lambda *s: self.w(find(*s)), i, h, cos, sin, mask, fc.block_sparse, H, fc.eps)
         out = sdpa(q, k, v, mask, fc.attn_scale, sinks).reshape(T, H * Dv)
@@ -952,9 +961,14 @@ class Decoder:
 
     def _final(self, x) -> torch.Tensor:
         fc, n = self.fc, self.names
-        fw = self.w(n.final_norm + "weight")
-        fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
-        x = norm(x, fw, fb, fc)
+        if fc.hyper:  # Qwen4-Exp: the streams' mixer, no final norm
+            from .qwen4_exp import final
+
+            x = final(self, x)
+        else:
+            fw = self.w(n.final_norm + "weight")
+            fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
+            x = norm(x, fw, fb, fc)
         if n.head in self.store:
             head = n.head
         elif self.spec.tie_word_embeddings:  # tied: the embedding is the head
