@@ -43,7 +43,9 @@ _BUFFERS = re.compile(r"((?<!moe_statics\.)e_score_correction_bias|\.expert_bias
                       # Gemma 4's towers: clipping bounds of its clippable linears, the vision tower's standardisation
                       r"|\.(input|output)_(min|max)|(^|\.)vision_tower\.std_(bias|scale)"
                       # dots3's vision experts' correction bias as published (transformers: e_score_correction_bias)
-                      r"|(^|\.)vision_encoder\.blocks\.\d+\.mlp\.router_bias)$")
+                      r"|(^|\.)vision_encoder\.blocks\.\d+\.mlp\.router_bias"
+                      # Qwen4-Exp's n-gram hashing constants (multipliers, table sizes and offsets, from config.json)
+                      r"|\.ple_embedding\.(layer_multipliers|ngram_heads_vocab_sizes|ngram_heads_offsets))$")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
@@ -71,10 +73,12 @@ _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
                            r"|^layers\.\d+\.gate\.weight$"  # Mistral-Large-4's original (consolidated) names
                            # ZAYA's router: a down projection, the previous layer's state scale, an MLP
                            r"|\.mlp\.gate\.(down_proj\.(weight|bias)|router_states_scale|router_mlp\.\w+\.(weight|bias))$")
-# Gemma 3n / 4 per-layer input embeddings (a lookup table like the input embedding)
-_PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
+# Gemma 3n / 4 per-layer input embeddings; Qwen4-Exp's Per-Layer Embedding: hashed n-gram tables (stored
+# in row shards), their projections and conv
+_PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$|\.ple_embedding\.ngram_embedding(\.shard_\d+)?\.weight$")
 _PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$"
-                            r"|(^|\.)self_conditioning\.(gate|up|down)_proj\.weight$")  # DiffusionGemma's decoder
+                            r"|(^|\.)self_conditioning\.(gate|up|down)_proj\.weight$"  # DiffusionGemma's decoder
+                            r"|\.ple\.(key_proj|value_proj|conv\dd)\.weight$")  # conv1d (digits are 0 in templates)
 _SHARED = re.compile(r"\.(shared_experts?|shared_mlp|share_expert)(\.|_gate\.)")
 _ROUTED = re.compile(r"\.experts\.|\.moe\.(gate_proj|up_proj|down_proj)\.weight$|\.(block_sparse_moe|mlp)\.(input_linear|output_linear)\.")
 _ROUTER = re.compile(r"\.(gate|router)(\.layer|\.classifier|\.wg)?\.(weight|bias)$|\.router\.(weight|bias)$")

@@ -27,6 +27,14 @@ GEMMA4_SMALL = dict(per_layer_config={"02": {"head_dim": 16}}, enable_moe_block=
 
 DOTS3_SWA = dict(num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8)
 
+# Qwen4-Exp: an indexed-attention layer ("full_attention", as the released config names it) between two
+# linear ones, a small QSA indexer, PLE on both linear layers (small n-gram tables: primes after 49)
+QWEN4_SMALL = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                   hc_lowrank=8, layer_types=["linear_attention", "full_attention", "linear_attention"],
+                   indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=4,
+                   ple_layer_ids=[1, 3], ple_embed_dim=16, heads_per_ngram=2, ngram_vocab_size_base=50,
+                   make_ngram_vocab_size_divisible_by=8, split_ngram_parts=2, eos_token_id=1)
+
 # model_type -> extra overrides of the shrunk config (applied last; nested dicts merge).
 SHRINK_EXTRA: dict[str, dict] = {
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1),  # heads divide 2 x 32
@@ -81,10 +89,14 @@ SHRINK_EXTRA: dict[str, dict] = {
                                          adapter_input_size=16, adapter_out_dim=32),
                        text_config=dict(num_key_value_heads=4, head_dim=12, index_n_heads=4, index_head_dim=16, pad_token_id=None,
                                         per_layer_config={"02": DOTS3_SWA})),
+    "qwen4_exp_text": QWEN4_SMALL, "qwen4_exp": dict(text_config=QWEN4_SMALL),
     "llama4": dict(text_config=dict(intermediate_size_mlp=64, attention_chunk_size=16),
                    vision_config=dict(intermediate_size=64, projector_input_dim=32, projector_output_dim=32,
                                       vision_output_dim=32)),
 }
+
+_QWEN4_QSA = dict(indexer_n_heads=16, indexer_kv_heads=1, indexer_head_dim=256, indexer_budget=2048,
+                  indexer_compress_ratio=4)
 
 # Default configs transformers cannot build or route as they stand (applied to default and shrunk).
 DEFAULT_FIXUPS: dict[str, dict] = {
@@ -98,6 +110,10 @@ DEFAULT_FIXUPS: dict[str, dict] = {
     # DiffusionGemmaTextConfig leaves num_experts / top_k_experts / moe_intermediate_size None but always builds
     # the MoE block: values of the census' choosing (not checked against a published config)
     "diffusion_gemma": dict(text_config=dict(num_experts=128, top_k_experts=8, moe_intermediate_size=704)),
+    # Qwen4-Exp's default config leaves the QSA indexer fields None, and its indexed-attention layers
+    # cannot be built without them; no released config gives them: values of our choosing (the count
+    # depends on heads x head dim only), as Qwen4ExpTextConfig.validate_architecture accepts them
+    **{mt: (dict(text_config=_QWEN4_QSA) if mt == "qwen4_exp" else _QWEN4_QSA) for mt in ("qwen4_exp", "qwen4_exp_text")},
 }
 
 

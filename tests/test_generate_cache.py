@@ -37,6 +37,8 @@ import test_trace_zaya as zaya  # noqa: E402
 import test_trace_hyper as hyper_families  # noqa: E402
 import test_trace_inkling as inkling  # noqa: E402
 import test_trace_dsa_variants as dsa_variants  # noqa: E402
+import test_trace_bailing as bailing  # noqa: E402
+import test_trace_qwen4_exp as qwen4_exp  # noqa: E402
 
 # name -> (config, transformers builder, extra randomisation as the family's own trace test does it)
 CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_CONFIGS},
@@ -51,7 +53,9 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
            **{n: (c, zaya._build, zaya.randomize) for n, c in zaya.CONFIGS.items()},
            **{n: (c, text_families._build, hyper_families.randomize) for n, c in hyper_families.FAMILIES.items()},
            **{n: (inkling.config_of(n), multimodal._build, inkling.randomize) for n in inkling.FAMILIES},
-           **{n: (c(), dsa_variants._build, dsa_variants.randomize) for n, c in dsa_variants.FAMILIES.items()}}
+           **{n: (c(), dsa_variants._build, dsa_variants.randomize) for n, c in dsa_variants.FAMILIES.items()},
+           **{n: (c, bailing._build, bailing._randomize) for n, c in bailing.FAMILIES.items()},
+           **{n: (c, qwen4_exp._build, qwen4_exp._randomize) for n, c in qwen4_exp.FAMILIES.items()}}
 import test_trace_gemma4 as gemma4  # noqa: E402
 
 CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize) for n, c in gemma4.CONFIGS.items()})

@@ -23,14 +23,21 @@ from . import common
 from .deepseek import _MLA
 
 
+def kda_dims(cfg: Cfg) -> dict:
+    """The linear-attention layers' heads, head dim and conv kernel, as transformers derives them."""
+    heads = cfg.int("num_attention_heads", min_value=1)
+    return dict(heads=cfg.int("linear_num_heads", heads, min_value=1),
+                head_dim=cfg.int("linear_head_dim", cfg.int("head_dim", 128, min_value=1), min_value=1),
+                kernel=cfg.int("linear_conv_kernel_dim", cfg.int("short_conv_kernel_size", 4, min_value=1), min_value=1))
+
+
 def adapt(cfg: Cfg, model_type: str = "bailing_hybrid") -> ModelSpec:
     d = cfg.int("hidden_size", min_value=1)
     vocab = cfg.int("vocab_size", min_value=1)
     n_layers = cfg.int("num_hidden_layers", min_value=1)
     heads = cfg.int("num_attention_heads", min_value=1)
-    lin_heads = cfg.int("linear_num_heads", heads, min_value=1)
-    hd = cfg.int("linear_head_dim", cfg.int("head_dim", 128, min_value=1), min_value=1)
-    K = cfg.int("linear_conv_kernel_dim", cfg.int("short_conv_kernel_size", 4, min_value=1), min_value=1)
+    dims = kda_dims(cfg)
+    lin_heads, hd, K = dims["heads"], dims["head_dim"], dims["kernel"]
     tie = common.tie_embeddings(cfg)
     E = cfg.first_int(["num_experts", "num_local_experts"], min_value=1)
     F = cfg.int("moe_intermediate_size", min_value=1)

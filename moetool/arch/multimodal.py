@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
 from ..errors import BadConfig
-from . import common, deepseek, dots3, inkling, llama_like, mistral_large4
+from . import common, deepseek, dots3, inkling, llama_like, mistral_large4, qwen4_exp
 
 
 def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True,
@@ -55,6 +55,11 @@ def qwen3_vl_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     for name, norm_dim in mergers:
         _norm(inv, f"{name}.norm", norm_dim)
         _lin(inv, f"{name}.fc1", h * m2, h * m2), _lin(inv, f"{name}.fc2", out, h * m2)
+
+
+def qwen3_5_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Qwen3.5 / Qwen4-Exp vision tower: Qwen3-VL's without DeepStack mergers."""
+    qwen3_vl_vision(inv, Cfg({**v.d, "deepstack_visual_indexes": []}, v.where), text_d, top)
 
 
 def glm4v_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
@@ -347,6 +352,8 @@ FAMILIES: dict[str, Family] = {
     # rednote-hilab dots3: its MLA + indexer text MoE (arch/dots3.py) + an MoE vision tower and an audio encoder.
     "dots3_note": Family(dots3.adapt, "dots3_note_text", (("vision_config", dots3_vision), ("audio_config", dots3_audio)),
                          text_at_top=True),
+    # Qwen4-Exp: its hyper-connection text MoE (arch/qwen4_exp.py) + Qwen3.5's vision tower.
+    "qwen4_exp": Family(qwen4_exp.adapt, "qwen4_exp_text", (("vision_config", qwen3_5_vision),)),
 }
 
 

@@ -77,6 +77,8 @@ FORWARD_FAMILIES += ("hy_v4",)  # HY-V4: GLM-5's MLA + indexer, sinks, output ga
 TEXT_CONFIG_WRAPPERS = ("qwen3_5_moe", "mistral_large4")
 # Hybrid families: some layers mix tokens with a recurrent mixer (moetool/forward/mixers/).
 FORWARD_FAMILIES += ("jamba", "qwen3_next", "granitemoehybrid", "lfm2_moe", "nemotron_h", "minimax", "kimi_linear")  # qwen3_next: also Qwen3.5-MoE's text model
+FORWARD_FAMILIES += ("bailing_hybrid",)  # Ling 3.0: KDA (forward/mixers/kda.py) and gated MLA (_bailing_hybrid)
+FORWARD_FAMILIES += ("qwen4_exp_text",)  # Qwen4-Exp: hyper-connections, PLE, QSA indexer (forward/qwen4_exp.py)
 # Encoder-decoder families: their own forward (forward/encdec.py), run by `trace` only.
 ENCDEC_FAMILIES = ("switch_transformers", "nllb_moe")
 FORWARD_FAMILIES += ENCDEC_FAMILIES
@@ -91,7 +93,7 @@ FAMILY_FORWARD.update({"aria_text": dict(routed_act="silu"), "minimax_m3_vl_text
 # gives every section the same text position then, which is ordinary RoPE (tests/test_trace_multimodal.py).
 MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_vl_moe_text",
                       "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "minimax_m3_vl": "minimax_m3_vl_text",
-                      "dots3_note": "dots3"}
+                      "dots3_note": "dots3", "qwen4_exp": "qwen4_exp_text"}
 MULTIMODAL_FORWARD["gemma4"] = "gemma4_text"
 FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
 # StepFun Step-3.7's language model: Laguna's attention with a sigmoid gate, (1 + w) norms, clamped SwiGLU
@@ -111,7 +113,7 @@ FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2")
 # transformers' defaults when a config gives no rope_theta.
 ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "phimoe": 1e6, "qwen2_moe": 1e6, "qwen3_moe": 1e6, "olmoe": 1e4,
                        "granitemoe": 1e4, "gpt_oss": 150000.0, "llama4": 500000.0, "glm4_moe": 1e4,
-                       "deepseek_v2": 1e4, "deepseek_v3": 1e4}
+                       "deepseek_v2": 1e4, "deepseek_v3": 1e4, "bailing_hybrid": 6e6}
 
 
 @dataclass
@@ -267,6 +269,11 @@ class ForwardConfig:
     inkling: Optional[object] = None  # Inkling / Inkling 2 settings (forward/inkling.py InklingSettings)
     # A DSA variant whose attention is its own function (forward/sparse_variants.py): its settings
     sparse_variant: Optional[dict] = None
+    # (transformers' name prefix under a layer, the original checkpoint's) pairs the decoder also
+    # looks for (model.Names): Ling 3.0's attention. / dense / expert_bias as published
+    name_aliases: tuple = ()
+    # Qwen4-Exp (forward/qwen4_exp.py): hc residual streams, PLE layers and tables, the QSA indexer
+    qwen4_exp: Optional[dict] = None
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -643,8 +650,62 @@ def _kimi_linear(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> No
     fc.mixers["kda"] = kda.KDAConfig(**kda_dims(cfg), eps=fc.eps, activation=cfg.str("hidden_act", "silu"))
 
 
+def _bailing_hybrid(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Ling 3.0: MLA without a query LoRA, RoPE always interleaved, a head-wise sigmoid output gate
+    (g_proj [H, D]); KDA layers with full-rank gates and the bounded forget gate (kda_safe_gate);
+    the published checkpoints' names (attention., dense, expert_bias) beside transformers'."""
+    from ..arch.bailing_hybrid import kda_dims
+
+    nope, rdim, v = cfg.int("qk_nope_head_dim", 128), cfg.int("qk_rope_head_dim", 64), cfg.int("v_head_dim", 128)
+    fc.mla = dict(q_lora=0, kv_lora=cfg.int("kv_lora_rank", 512), nope=nope, rope=rdim, v=v)
+    fc.rope.dim, fc.rope.layout, fc.attn_scale = rdim, "interleave", (nope + rdim) ** -0.5
+    if fc.rope.kind != "default" and rope.get("mscale_all_dim"):  # yarn_apply_mscale
+        fc.attn_scale *= _mscale(float(rope["factor"]), float(rope["mscale_all_dim"])) ** 2
+    fc.max_positions = cfg.raw("max_position_embeddings") or cfg.raw("model_max_length")
+    fc.rope.max_position_embeddings = fc.rope.max_position_embeddings or fc.max_positions
+    fc.out_gate = dict(proj=("self_attn.g_proj.weight",), act="sigmoid")
+    fc.name_aliases = (("self_attn.o_proj.", "attention.dense."), ("self_attn.", "attention."),
+                       ("mlp.gate.e_score_correction_bias", "mlp.gate.expert_bias"))
+    fc.mixers["kda"] = kda.KDAConfig(**kda_dims(cfg), eps=fc.eps, activation=cfg.str("hidden_act", "silu"),
+                                     lower_bound=cfg.float("kda_lower_bound", -5.0) if cfg.bool("kda_safe_gate", True)
+                                     else None)
+
+
+def _qwen4_exp(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
+    """Qwen4-Exp: (1 + w) RMSNorms, gated attention with per-head QK-norm and RoPE over
+    partial_rotary_factor (default 1) of the head, Gated DeltaNet whose norm gate is
+    output_gate_type (else hidden_act); hyper-connections, PLE and the QSA indexer: forward/qwen4_exp.py."""
+    from ..arch import qwen4_exp as arch
+
+    fc.norm_offset, fc.attn_output_gate, fc.qk_norm = 1.0, True, "head"
+    fc.rope.dim = int(fc.head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+    fc.mixers["gated_deltanet"] = gated_deltanet.GatedDeltaNetConfig(
+        k_heads=cfg.int("linear_num_key_heads", 16), v_heads=cfg.int("linear_num_value_heads", 32),
+        k_dim=cfg.int("linear_key_head_dim", 128), v_dim=cfg.int("linear_value_head_dim", 128),
+        kernel=cfg.int("linear_conv_kernel_dim", 4), eps=fc.eps, activation=cfg.str("hidden_act", "silu"),
+        gate_act=cfg.raw("output_gate_type") or cfg.str("hidden_act", "silu"))
+    types = arch.layer_types(cfg, spec.num_layers)
+    ple = arch.ple_layers(cfg, spec.num_layers, types)
+    heads = (cfg.int("ngram_size", 3) - 1) * cfg.int("heads_per_ngram", 8)
+    eos = cfg.raw("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if ple and not isinstance(eos, int):
+        raise BadConfig(f"{cfg.where}: Qwen4-Exp's per-layer embedding needs eos_token_id")
+    sizes = arch.head_primes(cfg, len(ple) * heads)
+    fc.qwen4_exp = dict(hc=cfg.int("hc_count", 4), ple_layers=ple,
+                        ple=dict(ngram_size=cfg.int("ngram_size", 3), heads_per_ngram=cfg.int("heads_per_ngram", 8), eos=eos,
+                             vocab=spec.vocab_size, seed=cfg.int("seed", 1234),
+                             sizes=[sizes[j * heads:(j + 1) * heads] for j in range(len(ple))],
+                             offsets=[[sum(sizes[j * heads:j * heads + h]) for h in range(heads)] for j in range(len(ple))]),
+                    qsa=dict(heads=cfg.int("indexer_n_heads", 1), kv_heads=cfg.int("indexer_kv_heads", 1),
+                             dim=cfg.int("indexer_head_dim", 1), ratio=cfg.int("indexer_compress_ratio", 1, min_value=1),
+                             block_topk=cfg.int("indexer_budget", 1) // cfg.int("indexer_compress_ratio", 1, min_value=1))
+                    if "indexed_attention" in types else None)
+
+
 HYBRID = {"jamba": _jamba, "qwen3_next": _qwen3_next, "granitemoehybrid": _granitemoehybrid, "lfm2_moe": _lfm2_moe,
-          "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear}
+          "nemotron_h": _nemotron_h, "minimax": _minimax, "kimi_linear": _kimi_linear, "bailing_hybrid": _bailing_hybrid,
+          "qwen4_exp_text": _qwen4_exp}
 
 
 def _minimax_m3(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:

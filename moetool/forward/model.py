@@ -84,10 +84,14 @@ class Names:
     FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.", "norm_f.")  # Jamba, LFM2, Nemotron-H
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
              "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight",
-             "model.llm.embed.weight")  # Inkling 2 as published and saved: model.llm.{embed,layers,norm,unembed}
+             "model.llm.embed.weight",  # Inkling 2 as published and saved: model.llm.{embed,layers,norm,unembed}
+             "model.word_embeddings.weight")  # Ling (bailing_hybrid) as published
 
-    def __init__(self, store: WeightStore):
+    def __init__(self, store: WeightStore, aliases: tuple = ()):
         self.store = store
+        # (transformers' name prefix, the original checkpoint's) pairs under a layer, tried after the
+        # name itself (ForwardConfig.name_aliases: Ling's attention. / dense / expert_bias)
+        self.aliases = aliases
         embed = next((n for n in self.EMBED if n in store.tensors), None)
         if embed is None:
             raise BadCheckpoint("checkpoint has no token embedding (looked for model.embed_tokens.weight, "
@@ -120,11 +124,16 @@ class Names:
                 return root + s
         raise BadCheckpoint(f"checkpoint is missing a tensor: none of {', '.join(root + s for s in suffixes)}")
 
+    def alternatives(self, suffix: str) -> list[str]:
+        """`suffix` (a name under a layer), then its spellings by `aliases`."""
+        return [suffix] + [alt + suffix[len(p):] for p, alt in self.aliases if suffix.startswith(p)]
+
     def find(self, layer: int, *suffixes: str, required: bool = True) -> Optional[str]:
         for s in suffixes:
-            name = f"{self.layers}{layer}.{s}"
-            if name in self.store:
-                return name
+            for a in self.alternatives(s):
+                name = f"{self.layers}{layer}.{a}"
+                if name in self.store:
+                    return name
         if required:
             raise BadCheckpoint(f"checkpoint is missing a tensor of layer {layer}: none of "
                                 f"{', '.join(self.layers + str(layer) + '.' + s for s in suffixes[:3])}")
@@ -533,7 +542,7 @@ class Decoder:
                  device="cpu", router_dtype=torch.float32, progress: Optional[Callable[[int, int], None]] = None,
                  ffn_hook: Optional[Callable] = None):
         self.spec, self.fc, self.store = spec, fc, store
-        self.names = Names(store)
+        self.names = Names(store, fc.name_aliases)
         self.dtype, self.device, self.router_dtype = dtype, torch.device(device), router_dtype
         self.progress = progress
         # ffn_hook(decoder, layer, h [T, D], routing: (experts [T, K], weights [T, K]) or None for a
@@ -596,6 +605,7 @@ class Decoder:
 
     def _run(self, ids: list[int], T: int, record: bool, last_layer: Optional[int]) -> ForwardResult:
         fc = self.fc
+        self.token_ids = ids  # Qwen4-Exp's per-layer n-gram embedding reads them
         x = self.embed(ids)  # [T, D]
         cos, sin = rope_tables(fc, T, self.device, self.past)
         routes: list[LayerRoute] = []
@@ -627,6 +637,10 @@ class Decoder:
             return self.block(i, x, cos, sin, masks, routes, record)
         if fc.hyper:  # HY-V4, DeepSeek-V4: x holds several residual streams [T, N, D] (forward/hyper.py)
             return hyper.layer(self, i, x, cos, sin, masks, routes, record)
+        if fc.qwen4_exp:  # Qwen4-Exp: residual streams, PLE (forward/qwen4_exp.py)
+            from . import qwen4_exp
+
+            return qwen4_exp.layer(self, i, x, cos, sin, masks, routes, record)
         if fc.family == "longcat_flash":  # two attention + MLP sublayers and a shortcut MoE (forward/longcat.py)
             from .longcat import longcat_layer
 
@@ -717,6 +731,9 @@ class Decoder:
         T = h.shape[0]
         H, Hkv, Dh, Dv = fc.dims_of(i)
         if self.spec.layers[i].mixer in mixers.KINDS:  # Mamba, Gated DeltaNet, ...: forward/mixers/
+            block = next((m for m in masks.values() if isinstance(m, Segments)), None)
+            if block is not None:  # a block of prompts (profile): each prompt's recurrence starts afresh
+                return torch.cat([mixers.run(self, i, h[a:b]) for a, b, _ in block.parts])
             return mixers.run(self, i, h, self.cache.layer(i) if self.cache is not None else None)
         if fc.sparse_variant:  # Mistral-Large-4 (forward/sparse_variants.py)
             return sparse_variants.attention(self, i, h, cos, sin, masks)
@@ -790,6 +807,10 @@ class Decoder:
         if fc.query_scale_nope and not fc.use_rope[i]:  # Beam: NoPE layers scale queries by position
             q = q * query_scale(fc.query_scale_nope, self._positions(T, q.device))[:, None, None].to(q.dtype)
         mask = masks[key]
+        if fc.qwen4_exp and fc.qwen4_exp["qsa"]:  # Qwen4-Exp: the tokens its QSA indexer keeps
+            from .qwen4_exp import qsa_keep
+
+            mask = qsa_keep(self, i, h, cos, sin, mask)
         if fc.block_sparse and i in fc.block_sparse["layers"]:  # MiniMax-M3: the key blocks its indexer keeps
             mask = block_sparse_keep(lambda *s: self.w(find(*s)), i, h, cos, sin, mask, fc.block_sparse, H, fc.eps)
         out = sdpa(q, k, v, mask, fc.attn_scale, sinks).reshape(T, H * Dv)
@@ -888,6 +909,8 @@ class Decoder:
             out = (out * torch.sigmoid(gate.reshape(T, H * v_dim).float())).to(out.dtype)
         if m.get("out_gate"):  # HY-V4: a sigmoid gate per channel from the layer input, gate_proj [H * v, D]
             out = out * torch.sigmoid(linear(h, self.w(find(prefix + "gate_proj.weight", prefix + "linear_gate.weight"))))
+        elif fc.out_gate:  # Ling 3.0: a head-wise sigmoid gate from its own projection
+            out = self.output_gate(i, h, out, H)
         return linear(out, self.w(find(prefix + "o_proj.weight")), self.w(find(prefix + "o_proj.bias", required=False)))
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
@@ -1024,9 +1047,14 @@ class Decoder:
             from . import inkling
 
             x = inkling.final_input(self, x)
-        fw = self.w(n.final_norm + "weight")
-        fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
-        x = norm(x, fw, fb, fc)
+        if fc.qwen4_exp:  # Qwen4-Exp: the streams' mixer, no final norm
+            from .qwen4_exp import final
+
+            x = final(self, x)
+        else:
+            fw = self.w(n.final_norm + "weight")
+            fb = self.w(n.final_norm + "bias") if (n.final_norm + "bias") in self.store else None
+            x = norm(x, fw, fb, fc)
         if n.head in self.store:
             head = n.head
         elif self.spec.tie_word_embeddings:  # tied: the embedding is the head

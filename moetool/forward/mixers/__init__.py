@@ -22,8 +22,11 @@ def run(decoder, i: int, h: torch.Tensor, state: Optional[dict] = None) -> torch
     """Layer i's mixer on h [T, D] -> [T, D], reading only that layer's mixer tensors."""
     kind = decoder.spec.layers[i].mixer
     c = decoder.fc.mixers[kind]
-    prefix = f"{decoder.names.layers}{i}.{c.prefix}"
-    names = _layer_tensors(decoder).get(prefix)
+    index = _layer_tensors(decoder)
+    # the mixer's prefix, or an original checkpoint's name for it (ForwardConfig.name_aliases)
+    prefix = next((f"{decoder.names.layers}{i}.{p}" for p in decoder.names.alternatives(c.prefix)
+                   if f"{decoder.names.layers}{i}.{p}" in index), f"{decoder.names.layers}{i}.{c.prefix}")
+    names = index.get(prefix)
     if not names:
         raise BadCheckpoint(f"checkpoint is missing the {kind} mixer of layer {i} (no tensor named {prefix}*)")
     w = {n[len(prefix):]: decoder.w(n) for n in names}
@@ -41,7 +44,7 @@ def _layer_tensors(decoder) -> dict[str, list[str]]:
     """Stored tensor names grouped by mixer prefix ("model.layers.3.mamba."), computed once."""
     index = getattr(decoder, "_mixer_index", None)
     if index is None:
-        prefixes = {c.prefix for c in decoder.fc.mixers.values()}
+        prefixes = {p for c in decoder.fc.mixers.values() for p in decoder.names.alternatives(c.prefix)}
         index = {}
         for name in decoder.store.tensors:
             if not name.startswith(decoder.names.layers):

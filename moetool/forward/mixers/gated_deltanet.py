@@ -36,6 +36,7 @@ class GatedDeltaNetConfig:
     eps: float = 1e-6
     activation: str = "silu"
     prefix: str = "linear_attn."
+    gate_act: str = "silu"  # the output norm's gate (Qwen4-Exp: output_gate_type, sigmoid or silu)
 
 
 def state_elems(c: GatedDeltaNetConfig) -> int:
@@ -78,5 +79,5 @@ def forward(w: dict, x: torch.Tensor, c: GatedDeltaNetConfig, state: Optional[di
     if state is not None:
         state["ssm"] = S
     o = torch.stack(out)  # [T, Hv, dv]
-    o = rms(o, w["norm.weight"].to(ct), c.eps) * F_.silu(z.to(ct).view(T, Hv, dv))
+    o = rms(o, w["norm.weight"].to(ct), c.eps) * act(z.to(ct).view(T, Hv, dv), c.gate_act)
     return F_.linear(o.reshape(T, Hv * dv).to(dtype), w["out_proj.weight"], w.get("out_proj.bias"))
