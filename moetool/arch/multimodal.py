@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
-from . import common, deepseek, inkling, llama_like, mistral_large4
+from . import common, deepseek, inkling, llama_like, mistral_large4, mm_gap
 
 
 def _conv(inv: Inventory, name: str, out: int, inp: int, kernel: tuple[int, ...], bias: bool = True,
@@ -264,6 +264,8 @@ FAMILIES: dict[str, Family] = {
     "inkling2": Family(inkling.adapt2, "inkling2_text", (("vision_config", inkling2_vision),)),
     # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
     "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
+    # zai-org GLM-5.3-Flash: KDA + MLA/DSA hybrid text MoE with hyper-connections (arch/mm_gap.py) + its vision tower.
+    "glm5_next": Family(mm_gap.glm5_next_text, "glm5_next_text", (("vision_config", mm_gap.glm5_next_vision),)),
 }
 
 
