@@ -43,7 +43,8 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
                      r"|patch_merger|vision_language_adapter|pre_mm_projector_norm"  # Mistral-Large-4's original names
-                     r"|patch_merge_mlp)\.")
+                     r"|patch_merge_mlp"
+                     r"|resampler_model)\.")  # ERNIE-4.5-VL's projector
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
                     r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names
@@ -61,7 +62,8 @@ _NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
 _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
                            r"|\.moe\.gate\.weight$"  # Step-3.7's stored router
                            r"|\.mlp\.gate\.global_scale$"  # Inkling: the router's learned output scale
-                           r"|^layers\.\d+\.gate\.weight$")  # Mistral-Large-4's original (consolidated) names
+                           r"|^layers\.\d+\.gate\.weight$"  # Mistral-Large-4's original (consolidated) names
+                           r"|\.mlp\.gate\.weight_\d$")  # ERNIE-4.5-VL's original names: the vision experts' router
 # Gemma 3n / 4 per-layer input embeddings (a lookup table like the input embedding)
 _PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
 _PER_LAYER_MLP = re.compile(r"(^|\.)(per_layer_input_gate|per_layer_projection|per_layer_model_projection)\.weight$")

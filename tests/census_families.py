@@ -53,9 +53,6 @@ KNOWN_GAPS: dict[str, str] = {
     "nemo_speechlm": _SHRINK.format("797,500,751"), "unlimited_ocr": _SHRINK.format("398,260,800"),
     "dots3_note": _NO_ADAPTER + "; the census shrink fails (Dots3NoteConfig: 'adapter_in_dim must match hidden_size'), "
                                 "so the header count is not verified",
-    "ernie4_5_vl_moe": _NO_ADAPTER + "; the shrunk model does not build (RuntimeError: expanded size of the tensor (4) "
-                                     "must match the existing size (0), in torch/utils/_device.py), so the header count "
-                                     "is not verified",
     # transformers 5.23 cannot build these from their default config (reproductions in the reasons)
     "deepseek_ocr2": _NO_ADAPTER + "; transformers 5.23 cannot build its default config: DeepseekOcr2TextConfig leaves "
                                    "mlp_layer_types None and DeepseekOcr2TextDecoderLayer indexes it (TypeError: 'NoneType' "

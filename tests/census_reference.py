@@ -62,7 +62,8 @@ SHRINK_EXTRA: dict[str, dict] = {
     # (the default has it off); per-layer input embeddings shrunk
     **{mt: dict(text_config=GEMMA4_SMALL) for mt in ("gemma4", "diffusion_gemma")},
     "gemma4_text": GEMMA4_SMALL,
-    "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 8])),  # [text experts, vision experts]
+    # [text experts, vision experts]; the 3-D RoPE sections (h, w, t) must fill head_dim / 2 = 4 frequencies
+    "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 8], rope_parameters=dict(mrope_section=[1, 1, 2]))),
     "inkling2": dict(vision_config=dict(text_hidden_size=32)),
     # one sliding layer of other head count, and MoE layers (the default's first 3 layers are dense)
     "step3p7": dict(text_config=dict(mlp_layer_types=["dense", "sparse", "sparse"], share_expert_dim=24,

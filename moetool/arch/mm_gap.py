@@ -130,5 +130,83 @@ def glm5_next_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     mm._lin(inv, "visual.merger.down", out, ctx, False)
 
 
+def ernie4_5_vl_moe_text(cfg: Cfg, model_type: str = "ernie4_5_vl_moe_text") -> ModelSpec:
+    """ERNIE-4.5-VL-MoE text model (Ernie4_5_VLMoeTextModel): GQA attention and dense / shared MLPs
+    with `use_bias` biases; on `mlp_layer_types` "sparse" layers (default: all but layer 0) two
+    modality-isolated MoE blocks of E = moe_num_experts experts and top-k = moe_k each: `text_moe`
+    (experts of moe_intermediate_size[0]) for text tokens and `vision_moe` (experts of
+    moe_intermediate_size[1]) for image / video tokens, each with a softmax router [E, D] and a
+    counted correction bias [1, E] (`moe_statics`); shared experts of
+    moe_intermediate_size[0] * moe_num_shared_experts. Original checkpoints store both expert sets as
+    one list of 2E (`mlp.experts.N`, vision from N = E), the routers as `gate.weight` / `weight_1`
+    and both biases in one [2, E]: the vision experts count as routed experts, and
+    `modality_experts` keeps them out of the active count (per text token)."""
+    d = cfg.int("hidden_size", min_value=1)
+    vocab = cfg.int("vocab_size", min_value=1)
+    n = cfg.int("num_hidden_layers", min_value=1)
+    tie = common.tie_embeddings(cfg, True)
+    heads, kv_heads, hd = common.attention_dims(cfg, d)
+    bias = cfg.bool("use_bias", False)
+    E, k = cfg.int("moe_num_experts", 64, min_value=1), cfg.int("moe_k", 6, min_value=1)
+    widths = cfg.int_list("moe_intermediate_size", [1536, 512])
+    if len(widths) != 2 or min(widths) < 1:
+        raise BadConfig(f"{cfg.where}: moe_intermediate_size must be [text expert width, vision expert width], got {widths}")
+    F, Fv = widths
+    shared = cfg.int("moe_num_shared_experts", 2)
+    mlp = _types(cfg, "mlp_layer_types", n, ["dense"] + ["sparse"] * (n - 1))
+    moe = MoESpec(num_experts=E, top_k=k, expert_ffn=F, num_shared_experts=shared, shared_ffn=F * shared,
+                  activation=cfg.str("hidden_act", "silu"), router=RouterSpec(correction_bias=True))
+    inv = Inventory()
+    layers = []
+    for i in range(n):
+        is_moe = mlp[i] == "sparse"
+        inv.gqa(i, d, heads, kv_heads, hd, qkv_bias=bias, o_bias=bias)
+        inv.norm(f"layers.{i}.input_norm", d, i)
+        inv.norm(f"layers.{i}.post_attention_norm", d, i)
+        if is_moe:
+            for name, width in (("text_moe", F), ("vision_moe", Fv)):
+                inv.linear(f"layers.{i}.{name}.router", "router", E, d, i)
+                inv.add(f"layers.{i}.{name}.moe_statics.e_score_correction_bias", "router", (1, E), i)
+                inv.swiglu(f"layers.{i}.{name}.experts", "routed_experts", d, width, i, copies=E)
+            if shared:
+                inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, F * shared, i, bias=bias)
+        else:
+            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i, bias=bias)
+        layers.append(common.gqa_layer(i, heads, kv_heads, hd, is_moe))
+    common.embed_and_head(inv, cfg, vocab, d, tie)
+    return ModelSpec(model_type=model_type, family="ernie4_5_vl_moe", hidden_size=d, vocab_size=vocab, num_layers=n,
+                     layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie,
+                     max_position_embeddings=cfg.raw("max_position_embeddings"),
+                     torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg),
+                     modality_experts=E * 3 * d * Fv,
+                     notes=("ERNIE-4.5-VL: routed_experts holds the text and the vision experts of every MoE layer; "
+                            "active parameters are per text token (k text experts, no vision expert)",))
+
+
+def ernie4_5_vl_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """ERNIE-4.5-VL vision tower: a linear patch embedding [h, C*p*p] (no bias), LayerNorm blocks
+    with a fused qkv, proj and an MLP fc1 / fc2 of intermediate_size (all biased), a final
+    LayerNorm; then the resampler: spatial (S -> S -> S) and temporal (S*tm -> S -> S) MLPs with
+    a LayerNorm each, for S = h * merge^2, a linear [text D, S] and an RMSNorm [text D]."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    h, f = v.int("hidden_size", 1280, min_value=1), v.int("intermediate_size", 4 * 1280, min_value=1)
+    p = v.int("patch_size", 14, min_value=1)
+    mm._lin(inv, "vision_tower.patch_embed.proj", h, v.int("in_channels", 3, min_value=1) * p * p, False)
+    for i in range(v.int("depth", 32, min_value=0)):
+        b = f"vision_tower.blocks.{i}"
+        mm._norm(inv, f"{b}.norm1", h), mm._norm(inv, f"{b}.norm2", h)
+        mm._lin(inv, f"{b}.attn.qkv", 3 * h, h), mm._lin(inv, f"{b}.attn.proj", h, h)
+        mm._lin(inv, f"{b}.mlp.fc1", f, h), mm._lin(inv, f"{b}.mlp.fc2", h, f)
+    mm._norm(inv, "vision_tower.ln", h)
+    S = h * v.int("spatial_merge_size", 2, min_value=1) ** 2
+    for name, inp in (("spatial_linear", S), ("temporal_linear", S * v.int("temporal_merge_size", 2, min_value=1))):
+        mm._lin(inv, f"resampler_model.{name}.fc1", S, inp), mm._lin(inv, f"resampler_model.{name}.fc2", S, S)
+        mm._norm(inv, f"resampler_model.{name}.ln", S)
+    mm._lin(inv, "resampler_model.mlp", text_d, S)
+    mm._norm(inv, "resampler_model.after_norm", text_d, bias=False)
+
+
 def register(table: dict) -> None:
     table["glm5_next_text"] = glm5_next_text
+    table["ernie4_5_vl_moe_text"] = ernie4_5_vl_moe_text

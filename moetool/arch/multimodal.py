@@ -265,6 +265,8 @@ FAMILIES: dict[str, Family] = {
     # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
     "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
     # zai-org GLM-5.3-Flash: KDA + MLA/DSA hybrid text MoE with hyper-connections (arch/mm_gap.py) + its vision tower.
+    # baidu ERNIE-4.5-VL-MoE: text MoE with modality-isolated text / vision experts (arch/mm_gap.py) + ViT and resampler.
+    "ernie4_5_vl_moe": Family(mm_gap.ernie4_5_vl_moe_text, "ernie4_5_vl_moe_text", (("vision_config", mm_gap.ernie4_5_vl_vision),), tie_default=True),
     "glm5_next": Family(mm_gap.glm5_next_text, "glm5_next_text", (("vision_config", mm_gap.glm5_next_vision),)),
 }
 
