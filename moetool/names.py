@@ -44,7 +44,8 @@ _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
                      r"|patch_merger|vision_language_adapter|pre_mm_projector_norm"  # Mistral-Large-4's original names
                      r"|patch_merge_mlp"
-                     r"|resampler_model)\.")  # ERNIE-4.5-VL's projector
+                     r"|resampler_model"  # ERNIE-4.5-VL's projector
+                     r"|vision_adapter|vision_projection)\.")  # Muse Spark's projector
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
                     r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names
@@ -57,7 +58,9 @@ _NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
                          r"|(^|\.)(attn_hc|ffn_hc|hc_head|hc_pre|\w*hyper_connection\w*)\."
                          r"|\.hc_(attn|ffn)_(base|fn|scale)$"  # DeepSeek-V4's original names
                          # Inkling 2's attention residuals: learned queries mixing the earlier layers' outputs
-                         r"|(^|\.)attn_res\.")
+                         r"|(^|\.)attn_res\."
+                         # Muse Spark: residual gates [D], and the experts' shared output norm (run once per token)
+                         r"|_residual_gate\.gate$|\.experts\.post_expert_norm\.weight$")
 # Gemma 4's router: a projection plus a scale per channel and per expert
 _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
                            r"|\.moe\.gate\.weight$"  # Step-3.7's stored router

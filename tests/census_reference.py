@@ -65,6 +65,13 @@ SHRINK_EXTRA: dict[str, dict] = {
     # [text experts, vision experts]; the 3-D RoPE sections (h, w, t) must fill head_dim / 2 = 4 frequencies
     "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 8], rope_parameters=dict(mrope_section=[1, 1, 2]))),
     "inkling2": dict(vision_config=dict(text_hidden_size=32)),
+    # Muse Spark: the experts' projected space, the vision adapter (its input: 4 merged patches of width 16),
+    # a small position table; a dense layer; two audio stages (the stage lists were cut to one by the shrink)
+    "muse_spark": dict(out_hidden_size=64, projector_hidden_size=24,
+                       text_config=dict(moe_hidden_size=24, mlp_layer_types=["dense", "sparse", "sparse"]),
+                       vision_config=dict(pos_emb_height=4, pos_emb_width=4),
+                       audio_config=dict(num_hidden_layers=2, hidden_sizes=[8, 16], depths=[1, 2], patch_sizes=[4, 2],
+                                         out_hidden_size=32)),
     # one sliding layer of other head count, and MoE layers (the default's first 3 layers are dense)
     "step3p7": dict(text_config=dict(mlp_layer_types=["dense", "sparse", "sparse"], share_expert_dim=24,
                                      layer_types=["sliding_attention", "full_attention", "full_attention"],

@@ -207,6 +207,111 @@ def ernie4_5_vl_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     mm._norm(inv, "resampler_model.after_norm", text_d, bias=False)
 
 
+def muse_spark_text(cfg: Cfg, model_type: str = "muse_spark_text") -> ModelSpec:
+    """Muse Spark text model (MuseSparkTextModel): GQA attention (biases with `attention_bias`) with
+    an output gate gate_proj [H*Dh, D] and scaleless QK / output norms; centred RMSNorms before
+    attention and FFN, a scaled one after the FFN, and two residual gates [D] per layer (counted
+    with the norms). MoE per `mlp_layer_types` (default: every layer): a sigmoid router [E, D]
+    with correction bias (a buffer), then the experts run in a space of `moe_hidden_size` Hm:
+    pre_expert_proj [Hm, D] and its norm [Hm], experts gate_up [2F, Hm] / down [Hm, F], a shared
+    post-expert norm [Hm] (a norm, not an expert) and post_expert_proj [D, Hm] (both projections
+    run for every token: dense MLP). transformers never ties the LM head (no tied-weights key)."""
+    d = cfg.int("hidden_size", min_value=1)
+    vocab = cfg.int("vocab_size", min_value=1)
+    n = cfg.int("num_hidden_layers", min_value=1)
+    heads, kv_heads, hd = common.attention_dims(cfg, d)
+    bias = cfg.bool("attention_bias", False)
+    E, k = cfg.int("num_local_experts", 256, min_value=1), cfg.int("num_experts_per_tok", 8, min_value=1)
+    F, Hm = cfg.int("moe_intermediate_size", 4096, min_value=1), cfg.int("moe_hidden_size", 4096, min_value=1)
+    mlp = _types(cfg, "mlp_layer_types", n, ["sparse"] * n)
+    # sliding layers keep `sliding_window`; the default: full attention on every 4th layer counted from the last
+    windows = [cfg.int("sliding_window", 2048) or None if t == "sliding_attention" else None for t in _types(
+        cfg, "layer_types", n, ["full_attention" if (n - 1 - i) % 4 == 0 else "sliding_attention" for i in range(n)])]
+    moe = MoESpec(num_experts=E, top_k=k, expert_ffn=F, activation=cfg.str("hidden_act", "silu"),
+                  router=RouterSpec(scoring="sigmoid", routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0),
+                                    topk_method="noaux_tc", correction_bias=True, norm_eps=1e-15))
+    inv = Inventory()
+    layers = []
+    for i in range(n):
+        is_moe = mlp[i] == "sparse"
+        inv.gqa(i, d, heads, kv_heads, hd, qkv_bias=bias, o_bias=bias)
+        inv.linear(f"layers.{i}.attn.gate_proj", "attention", heads * hd, d, i)
+        for norm in ("input_norm", "pre_feedforward_norm", "post_feedforward_norm", "post_attention_residual_gate",
+                     "post_feedforward_residual_gate"):
+            inv.norm(f"layers.{i}.{norm}", d, i)
+        if is_moe:
+            inv.linear(f"layers.{i}.router", "router", E, d, i)
+            inv.linear(f"layers.{i}.pre_expert_proj", "dense_mlp", Hm, d, i)
+            inv.norm(f"layers.{i}.pre_expert_norm", Hm, i)
+            inv.swiglu(f"layers.{i}.experts", "routed_experts", Hm, F, i, copies=E)
+            inv.norm(f"layers.{i}.experts.post_expert_norm", Hm, i)
+            inv.linear(f"layers.{i}.post_expert_proj", "dense_mlp", d, Hm, i)
+        else:
+            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i)
+        layers.append(common.gqa_layer(i, heads, kv_heads, hd, is_moe, windows[i]))
+    common.embed_and_head(inv, cfg, vocab, d, tie=False)
+    return ModelSpec(model_type=model_type, family="muse_spark", hidden_size=d, vocab_size=vocab, num_layers=n,
+                     layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=False,
+                     max_position_embeddings=cfg.raw("max_position_embeddings"),
+                     torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg))
+
+
+def muse_spark_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Muse Spark vision tower: a linear patch embedding [h, temporal*3*p^2] (no bias), a position
+    table [pos_emb_height * pos_emb_width, h], LayerNorm blocks with biased q / k / v / proj and an
+    MLP fc1 / fc2 of intermediate_size, LayerNorms before and after; then the adapter (fc1
+    [P, out_hidden_size], fc2 [P, P], no biases) and the projection [text D, P]."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    h, f = v.int("hidden_size", 1536, min_value=1), v.int("intermediate_size", 8960, min_value=1)
+    p = v.int("patch_size", 14, min_value=1)
+    mm._lin(inv, "vision_tower.patch_embedder.patch_embedding", h, v.int("patch_temporal", 2, min_value=1) * 3 * p * p,
+            False)
+    inv.add("vision_tower.patch_embedder.position_embedding_table.weight", "vision",
+            (v.int("pos_emb_height", 32, min_value=1) * v.int("pos_emb_width", 32, min_value=1), h))
+    mm._norm(inv, "vision_tower.ln_pre", h), mm._norm(inv, "vision_tower.ln_post", h)
+    for i in range(v.int("num_hidden_layers", 50, min_value=0)):
+        b = f"vision_tower.layers.{i}"
+        mm._norm(inv, f"{b}.norm1", h), mm._norm(inv, f"{b}.norm2", h)
+        for proj in ("q_proj", "k_proj", "v_proj", "proj"):
+            mm._lin(inv, f"{b}.attn.{proj}", h, h)
+        mm._lin(inv, f"{b}.mlp.fc1", f, h), mm._lin(inv, f"{b}.mlp.fc2", h, f)
+    P = top.int("projector_hidden_size", 4096, min_value=1)
+    mm._lin(inv, "vision_adapter.fc1", P, top.int("out_hidden_size", 6144, min_value=1), False)
+    mm._lin(inv, "vision_adapter.fc2", P, P, False)
+    mm._lin(inv, "vision_projection", text_d, P, False)
+
+
+def muse_spark_audio(inv: Inventory, a: Cfg, text_d: int, top: Cfg) -> None:
+    """Muse Spark waveform audio encoder (group "audio"): per stage i a patch embedding [hs_i,
+    in * patch_i] (bias; in = 1 for the waveform, else hs_{i-1}) with an RMSNorm, and depths_i
+    blocks of a depthwise causal Conv1d [hs_i, 1, K] (bias), an RMSNorm and an MLP of
+    int(hs_i * mlp_ratio) (biases); then an RMSNorm, proj [out, hs_last] (bias) and an RMSNorm."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    g = "audio"
+    n = a.int("num_hidden_layers", 4, min_value=0)
+    hs, depths, patches = (a.int_list("hidden_sizes", [256, 512, 1024, 2048]), a.int_list("depths", [2, 2, 2, 2]),
+                           a.int_list("patch_sizes", [16, 6, 5, 4]))
+    if min(len(hs), len(depths), len(patches)) < n or not hs:
+        raise BadConfig(f"{a.where}: hidden_sizes, depths and patch_sizes need one entry per stage ({n})")
+    K, ratio = a.int("conv_kernel_size", 7, min_value=1), a.float("mlp_ratio", 4.0)
+    for i in range(n):
+        h, b = hs[i], f"audio_tower.layers.{i}"
+        mm._lin(inv, f"{b}.patch_embedder.proj", h, (1 if i == 0 else hs[i - 1]) * patches[i], group=g)
+        mm._norm(inv, f"{b}.patch_embedder.norm", h, bias=False, group=g)
+        for j in range(depths[i]):
+            c = f"{b}.conv_blocks.{j}"
+            mm._conv(inv, f"{c}.conv", h, 1, (K,), group=g)
+            mm._norm(inv, f"{c}.norm", h, bias=False, group=g)
+            mm._lin(inv, f"{c}.mlp.fc1", int(h * ratio), h, group=g), mm._lin(inv, f"{c}.mlp.fc2", h, int(h * ratio), group=g)
+    out = a.int("out_hidden_size", 8192, min_value=1)
+    mm._norm(inv, "audio_tower.norm", hs[-1], bias=False, group=g)
+    mm._lin(inv, "audio_tower.proj", out, hs[-1], group=g)
+    mm._norm(inv, "audio_tower.post_proj_norm", out, bias=False, group=g)
+
+
 def register(table: dict) -> None:
     table["glm5_next_text"] = glm5_next_text
     table["ernie4_5_vl_moe_text"] = ernie4_5_vl_moe_text
+    table["muse_spark_text"] = muse_spark_text

@@ -267,6 +267,9 @@ FAMILIES: dict[str, Family] = {
     # zai-org GLM-5.3-Flash: KDA + MLA/DSA hybrid text MoE with hyper-connections (arch/mm_gap.py) + its vision tower.
     # baidu ERNIE-4.5-VL-MoE: text MoE with modality-isolated text / vision experts (arch/mm_gap.py) + ViT and resampler.
     "ernie4_5_vl_moe": Family(mm_gap.ernie4_5_vl_moe_text, "ernie4_5_vl_moe_text", (("vision_config", mm_gap.ernie4_5_vl_vision),), tie_default=True),
+    # Muse Spark: text MoE with experts in a projected space (arch/mm_gap.py) + vision tower and adapter + waveform audio encoder.
+    "muse_spark": Family(mm_gap.muse_spark_text, "muse_spark_text", (("vision_config", mm_gap.muse_spark_vision),
+                                                                     ("audio_config", mm_gap.muse_spark_audio))),
     "glm5_next": Family(mm_gap.glm5_next_text, "glm5_next_text", (("vision_config", mm_gap.glm5_next_vision),)),
 }
 
