@@ -45,7 +45,10 @@ _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_proje
                      r"|patch_merger|vision_language_adapter|pre_mm_projector_norm"  # Mistral-Large-4's original names
                      r"|patch_merge_mlp"
                      r"|resampler_model"  # ERNIE-4.5-VL's projector
-                     r"|vision_adapter|vision_projection)\.")  # Muse Spark's projector
+                     r"|vision_adapter|vision_projection)\."  # Muse Spark's projector
+                     r"|(^|\.)(image_newline|view_separator)$"  # learned vectors between image views (Unlimited-OCR)
+                     # DeepSeek-OCR's original names (Unlimited-OCR checkpoints): SAM encoder, projector, separator
+                     r"|^(model\.)?(sam_model|projector)\.|^(model\.)?view_seperator$")
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
                     r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names

@@ -65,6 +65,12 @@ SHRINK_EXTRA: dict[str, dict] = {
     # [text experts, vision experts]; the 3-D RoPE sections (h, w, t) must fill head_dim / 2 = 4 frequencies
     "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 8], rope_parameters=dict(mrope_section=[1, 1, 2]))),
     "inkling2": dict(vision_config=dict(text_hidden_size=32)),
+    # Unlimited-OCR: its two vision encoders are nested configs (SAM: one windowed and one global layer)
+    "unlimited_ocr": dict(vision_config=dict(
+        sam_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                        patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32, downsample_channels=[8, 16]),
+        encoder_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=28, patch_size=14))),
     # Muse Spark: the experts' projected space, the vision adapter (its input: 4 merged patches of width 16),
     # a small position table; a dense layer; two audio stages (the stage lists were cut to one by the shrink)
     "muse_spark": dict(out_hidden_size=64, projector_hidden_size=24,

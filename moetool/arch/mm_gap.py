@@ -311,7 +311,114 @@ def muse_spark_audio(inv: Inventory, a: Cfg, text_d: int, top: Cfg) -> None:
     mm._norm(inv, "audio_tower.post_proj_norm", out, bias=False, group=g)
 
 
+def unlimited_ocr_text(cfg: Cfg, model_type: str = "unlimited_ocr_text") -> ModelSpec:
+    """Unlimited-OCR text model (UnlimitedOcrTextModel): DeepSeek-V2-Lite-like without MLA: GQA
+    attention (biases with `attention_bias`; head_dim is always hidden_size / heads, the config
+    overrides any other), dense MLP per `mlp_layer_types` (default: dense below
+    first_k_dense_replace = 1) with `mlp_bias`, else a softmax router [E, D] (greedy or
+    group-limited top-k, weights not renormalised), routed experts and shared experts of
+    moe_intermediate_size * n_shared_experts. Attention is "reference sliding window": every
+    prefill token stays cached, only decoded tokens past `sliding_window` are evicted; the KV cache
+    is counted as full attention (exact when the context is the prompt)."""
+    d = cfg.int("hidden_size", min_value=1)
+    vocab = cfg.int("vocab_size", min_value=1)
+    n = cfg.int("num_hidden_layers", min_value=1)
+    tie = common.tie_embeddings(cfg)
+    heads = cfg.int("num_attention_heads", min_value=1)
+    kv_heads = cfg.int("num_key_value_heads", heads, min_value=1)
+    if d % heads:
+        raise BadConfig(f"{cfg.where}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
+    hd = d // heads
+    bias, mlp_bias = cfg.bool("attention_bias", False), cfg.bool("mlp_bias", False)
+    E = cfg.first_int(["n_routed_experts", "num_experts"], 64, min_value=1)
+    F, shared = cfg.int("moe_intermediate_size", 896, min_value=1), cfg.int("n_shared_experts", 2)
+    k_dense = cfg.int("first_k_dense_replace", 1)
+    mlp = _types(cfg, "mlp_layer_types", n, ["sparse" if i >= k_dense else "dense" for i in range(n)])
+    moe = MoESpec(num_experts=E, top_k=cfg.int("num_experts_per_tok", 6, min_value=1), expert_ffn=F,
+                  num_shared_experts=shared, shared_ffn=F * shared, activation=cfg.str("hidden_act", "silu"),
+                  router=RouterSpec(norm_topk_prob=False, routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0),
+                                    topk_method=cfg.str("topk_method", "greedy"), n_group=cfg.int("n_group", 1, min_value=1),
+                                    topk_group=cfg.int("topk_group", 1, min_value=1)))
+    inv = Inventory()
+    layers = []
+    for i in range(n):
+        is_moe = mlp[i] == "sparse"
+        inv.gqa(i, d, heads, kv_heads, hd, qkv_bias=bias, o_bias=bias)
+        inv.norm(f"layers.{i}.input_norm", d, i)
+        inv.norm(f"layers.{i}.post_attention_norm", d, i)
+        if is_moe:
+            inv.linear(f"layers.{i}.router", "router", E, d, i)
+            inv.swiglu(f"layers.{i}.experts", "routed_experts", d, F, i, copies=E)
+            if shared:
+                inv.swiglu(f"layers.{i}.shared_experts", "shared_experts", d, F * shared, i, bias=mlp_bias)
+        else:
+            inv.swiglu(f"layers.{i}.mlp", "dense_mlp", d, cfg.int("intermediate_size", min_value=1), i, bias=mlp_bias)
+        layers.append(common.gqa_layer(i, heads, kv_heads, hd, is_moe))
+    common.embed_and_head(inv, cfg, vocab, d, tie)
+    return ModelSpec(model_type=model_type, family="unlimited_ocr", hidden_size=d, vocab_size=vocab, num_layers=n,
+                     layers=tuple(layers), params=tuple(inv.params), moe=moe, tie_word_embeddings=tie,
+                     max_position_embeddings=cfg.raw("max_position_embeddings"),
+                     torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype"), quantization=common.quantization(cfg),
+                     notes=("Unlimited-OCR: reference sliding-window attention keeps every prefill token cached "
+                            "(only decoded tokens past sliding_window are evicted): the KV cache is counted in full",))
+
+
+def unlimited_ocr_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Unlimited-OCR vision (DeepSeek-OCR's): a SAM ViT-B encoder (`sam_config`: Conv2d patches,
+    absolute positions [1, I/p, I/p, h], blocks with a fused qkv, relative positions [2s-1, h/heads]
+    for height and width, s = window_size or I/p on `global_attn_indexes`, LayerNorms, MLP of
+    mlp_dim; the neck: 1x1 and 3x3 convolutions with channel LayerNorms; two stride-2 3x3
+    downsamples), a CLIP encoder (`encoder_config`: class embedding, positions [(I/p)^2 + 1, h],
+    pre-LayerNorm, biased q/k/v/out and fc1/fc2, no patch embedding: it reads SAM's output); then
+    the projector [text D, downsample_channels[-1] + h] (bias) and two learned vectors [text D]
+    (image_newline, view_separator)."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    s = v.sub("sam_config")
+    h, heads = s.int("hidden_size", 768, min_value=1), s.int("num_attention_heads", 12, min_value=1)
+    grid = s.int("image_size", 1024, min_value=1) // s.int("patch_size", 16, min_value=1)
+    p = s.int("patch_size", 16, min_value=1)
+    sam = "vision_tower.sam_encoder"
+    mm._conv(inv, f"{sam}.patch_embed.projection", h, s.int("num_channels", 3, min_value=1), (p, p))
+    if s.bool("use_abs_pos", True):
+        inv.add(f"{sam}.pos_embed", "vision", (1, grid, grid, h))
+    window, global_ = s.int("window_size", 14), set(s.int_list("global_attn_indexes", [2, 5, 8, 11]))
+    f = s.int("mlp_dim", 3072, min_value=1)
+    for i in range(s.int("num_hidden_layers", 12, min_value=0)):
+        b = f"{sam}.layers.{i}"
+        mm._norm(inv, f"{b}.layer_norm1", h), mm._norm(inv, f"{b}.layer_norm2", h)
+        mm._lin(inv, f"{b}.attn.qkv", 3 * h, h, s.bool("qkv_bias", True)), mm._lin(inv, f"{b}.attn.proj", h, h)
+        if s.bool("use_rel_pos", True):
+            size = grid if (i in global_ or window == 0) else window
+            inv.add(f"{b}.attn.rel_pos_h", "vision", (2 * size - 1, h // heads))
+            inv.add(f"{b}.attn.rel_pos_w", "vision", (2 * size - 1, h // heads))
+        mm._lin(inv, f"{b}.mlp.lin1", f, h), mm._lin(inv, f"{b}.mlp.lin2", h, f)
+    oc, down = s.int("output_channels", 256, min_value=1), s.int_list("downsample_channels", [512, 1024])
+    if len(down) != 2:
+        raise BadConfig(f"{s.where}: downsample_channels must have 2 entries, got {down}")
+    mm._conv(inv, f"{sam}.neck.conv1", oc, h, (1, 1), bias=False), mm._norm(inv, f"{sam}.neck.layer_norm1", oc)
+    mm._conv(inv, f"{sam}.neck.conv2", oc, oc, (3, 3), bias=False), mm._norm(inv, f"{sam}.neck.layer_norm2", oc)
+    mm._conv(inv, f"{sam}.proj.conv1", down[0], oc, (3, 3), bias=False)
+    mm._conv(inv, f"{sam}.proj.conv2", down[1], down[0], (3, 3), bias=False)
+    e = v.sub("encoder_config")
+    eh, ef = e.int("hidden_size", 1024, min_value=1), e.int("intermediate_size", 4096, min_value=1)
+    clip = "vision_tower.vision_encoder"
+    inv.add(f"{clip}.embeddings.class_embedding", "vision", (eh,))
+    positions = (e.int("image_size", 224, min_value=1) // e.int("patch_size", 14, min_value=1)) ** 2 + 1
+    inv.add(f"{clip}.embeddings.position_embedding.weight", "vision", (positions, eh))
+    mm._norm(inv, f"{clip}.pre_layrnorm", eh)
+    for i in range(e.int("num_hidden_layers", 24, min_value=0)):
+        b = f"{clip}.encoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            mm._lin(inv, f"{b}.self_attn.{proj}", eh, eh)
+        mm._norm(inv, f"{b}.layer_norm1", eh), mm._norm(inv, f"{b}.layer_norm2", eh)
+        mm._lin(inv, f"{b}.mlp.fc1", ef, eh), mm._lin(inv, f"{b}.mlp.fc2", eh, ef)
+    mm._lin(inv, "multi_modal_projector", text_d, down[1] + eh)
+    inv.add("image_newline", "vision", (text_d,)), inv.add("view_separator", "vision", (text_d,))
+
+
 def register(table: dict) -> None:
     table["glm5_next_text"] = glm5_next_text
     table["ernie4_5_vl_moe_text"] = ernie4_5_vl_moe_text
     table["muse_spark_text"] = muse_spark_text
+    table["unlimited_ocr_text"] = unlimited_ocr_text

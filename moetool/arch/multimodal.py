@@ -270,6 +270,8 @@ FAMILIES: dict[str, Family] = {
     # Muse Spark: text MoE with experts in a projected space (arch/mm_gap.py) + vision tower and adapter + waveform audio encoder.
     "muse_spark": Family(mm_gap.muse_spark_text, "muse_spark_text", (("vision_config", mm_gap.muse_spark_vision),
                                                                      ("audio_config", mm_gap.muse_spark_audio))),
+    # baidu Unlimited-OCR: DeepSeek-V2-Lite-like text MoE (arch/mm_gap.py) + SAM and CLIP encoders and projector.
+    "unlimited_ocr": Family(mm_gap.unlimited_ocr_text, "unlimited_ocr_text", (("vision_config", mm_gap.unlimited_ocr_vision),)),
     "glm5_next": Family(mm_gap.glm5_next_text, "glm5_next_text", (("vision_config", mm_gap.glm5_next_vision),)),
 }
 
