@@ -49,7 +49,8 @@ _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_proje
                      r"|(^|\.)(image_newline|view_separator)$"  # learned vectors between image views (Unlimited-OCR)
                      # DeepSeek-OCR's original names (Unlimited-OCR checkpoints): SAM encoder, projector, separator
                      r"|^(model\.)?(sam_model|projector)\.|^(model\.)?view_seperator$")
-_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector)\.")
+_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector|word_timestamp_encoder|word_timestamp_head)\."
+                    r"|^(perception|ctc_timestamp)\.")  # NeMo SpeechLM's original names (its LM is under llm.)
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
                     r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$"

@@ -417,6 +417,78 @@ def unlimited_ocr_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     inv.add("image_newline", "vision", (text_d,)), inv.add("view_separator", "vision", (text_d,))
 
 
+def nemo_speechlm_text(cfg: Cfg, model_type: str = "nemotron_h") -> ModelSpec:
+    """NeMo SpeechLM's language model: Nemotron-H (arch/nemotron_h.py). transformers never ties its
+    LM head (Nemotron3_5TranscribeForConditionalGeneration has no tied-weights key)."""
+    from . import nemotron_h
+
+    return nemotron_h.adapt(Cfg({**cfg.d, "tie_word_embeddings": False}, cfg.where), model_type)
+
+
+def _nemo_encoder(inv: Inventory, c: Cfg, prefix: str, qk_norm: bool, stacking: bool = True) -> int:
+    """A Nemotron-3.5 audio encoder (group "audio"): with `stacking`, stacked mel frames projected
+    [h, sf * mel] (no bias); a LayerNorm, layers of q [H*Dh, h], k [Hkv*Dh, h], v [H*Dh, h] (no biases), o [h, H*Dh]
+    with bias, LayerNorm QK-norms [Dh] (`qk_norm`), two LayerNorms and an MLP fc1 / fc2 with
+    biases, a final LayerNorm. Returns h."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    g = "audio"
+    h, heads = c.int("hidden_size", 1280, min_value=1), c.int("num_attention_heads", 10, min_value=1)
+    kv, hd = c.int("num_key_value_heads", heads, min_value=1), c.int("head_dim", h // heads, min_value=1)
+    f = c.int("intermediate_size", 4 * h, min_value=1)
+    if stacking:
+        mm._lin(inv, f"{prefix}.embedder.projection", h,
+                c.int("subsampling_factor", 8, min_value=1) * c.int("num_mel_bins", 128, min_value=1), False, group=g)
+    mm._norm(inv, f"{prefix}.input_layer_norm", h, group=g), mm._norm(inv, f"{prefix}.layer_norm", h, group=g)
+    for i in range(c.int("num_hidden_layers", 32, min_value=0)):
+        b = f"{prefix}.layers.{i}"
+        for proj, out in (("q", heads * hd), ("k", kv * hd), ("v", heads * hd)):
+            mm._lin(inv, f"{b}.self_attn.{proj}_proj", out, h, False, group=g)
+        mm._lin(inv, f"{b}.self_attn.o_proj", h, heads * hd, group=g)
+        if qk_norm:
+            mm._norm(inv, f"{b}.self_attn.q_norm", hd, group=g), mm._norm(inv, f"{b}.self_attn.k_norm", hd, group=g)
+        mm._norm(inv, f"{b}.layer_norm1", h, group=g), mm._norm(inv, f"{b}.layer_norm2", h, group=g)
+        mm._lin(inv, f"{b}.mlp.fc1", f, h, group=g), mm._lin(inv, f"{b}.mlp.fc2", h, f, group=g)
+    return h
+
+
+def nemo_speechlm_audio(inv: Inventory, a: Cfg, text_d: int, top: Cfg) -> None:
+    """NeMo SpeechLM (Nemotron-3.5 Transcribe) audio tower, group "audio": the ASR encoder
+    (`asr_config`, with QK-norms), the Sortformer diarization model (`diarization_config`: its
+    encoder without QK-norms, proj [hc, h], a sub-pixel upsampling Conv1d [hc*sf, hc, 3], the
+    classifier dense [hc, hc] and out_proj [speakers, hc], all biased, and a silence embedding
+    [h]), LayerNorms over the ASR output and the speaker activities, and the projector to the text
+    model [text D, h] (bias; stored as perception.proj)."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    g = "audio"
+    h = _nemo_encoder(inv, a.sub("asr_config"), "audio_tower.asr_encoder", qk_norm=True)
+    dz = a.sub("diarization_config")
+    dh = _nemo_encoder(inv, dz.sub("audio_config"), "audio_tower.diarization_model.model.audio_tower", qk_norm=False)
+    head = dz.sub("head_config")
+    hc, speakers = head.int("hidden_size", 192, min_value=1), head.int("num_speakers", 8, min_value=1)
+    d = "audio_tower.diarization_model"
+    mm._lin(inv, f"{d}.model.proj", hc, head.int("audio_hidden_size", dh, min_value=1), group=g)
+    mm._conv(inv, f"{d}.model.upsampler.conv", hc * head.int("subsampling_factor", 8, min_value=1), hc, (3,), group=g)
+    mm._lin(inv, f"{d}.classifier.dense", hc, hc, group=g), mm._lin(inv, f"{d}.classifier.out_proj", speakers, hc, group=g)
+    inv.add(f"{d}.silence_embeds", g, (dh,))
+    mm._norm(inv, "audio_tower.asr_norm", h, group=g), mm._norm(inv, "audio_tower.speaker_norm", speakers, group=g)
+    mm._lin(inv, "audio_projector", text_d, h, group=g)
+
+
+def nemo_speechlm_word_timestamps(inv: Inventory, w: Cfg, text_d: int, top: Cfg) -> None:
+    """NeMo SpeechLM's word-timestamp encoder and head (group "audio"): a ConvTranspose1d upsampler
+    [h, h, upsampling_factor] (bias), the ASR encoder's layers (QK-norms) between two LayerNorms,
+    and the CTC head, a Conv1d [vocab, h, 1] with bias."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    g, p = "audio", "word_timestamp_encoder"
+    h = w.int("hidden_size", 1280, min_value=1)
+    mm._conv(inv, f"{p}.upsampler", h, h, (w.int("upsampling_factor", 2, min_value=1),), group=g)
+    _nemo_encoder(inv, w, p, qk_norm=True, stacking=False)  # its input is the ASR encoder's output
+    mm._conv(inv, "word_timestamp_head", w.int("vocab_size", 23863, min_value=1), h, (1,), group=g)
+
+
 def register(table: dict) -> None:
     table["glm5_next_text"] = glm5_next_text
     table["ernie4_5_vl_moe_text"] = ernie4_5_vl_moe_text

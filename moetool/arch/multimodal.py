@@ -272,6 +272,9 @@ FAMILIES: dict[str, Family] = {
                                                                      ("audio_config", mm_gap.muse_spark_audio))),
     # baidu Unlimited-OCR: DeepSeek-V2-Lite-like text MoE (arch/mm_gap.py) + SAM and CLIP encoders and projector.
     "unlimited_ocr": Family(mm_gap.unlimited_ocr_text, "unlimited_ocr_text", (("vision_config", mm_gap.unlimited_ocr_vision),)),
+    # NVIDIA NeMo SpeechLM (Nemotron-3.5 Transcribe): Nemotron-H text MoE + ASR encoder, diarization model, word timestamps.
+    "nemo_speechlm": Family(mm_gap.nemo_speechlm_text, "nemotron_h", (("audio_config", mm_gap.nemo_speechlm_audio),
+                                                                     ("word_timestamp_config", mm_gap.nemo_speechlm_word_timestamps))),
     "glm5_next": Family(mm_gap.glm5_next_text, "glm5_next_text", (("vision_config", mm_gap.glm5_next_vision),)),
 }
 
