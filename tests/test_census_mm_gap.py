@@ -88,3 +88,79 @@ def test_glm5_next_structure(saved):
         experts = _numel(model, ".mlp.experts.")
         assert r["active_params"] == param_count(model) - r["breakdown"]["vision"] - experts \
             + experts * text["num_experts_per_tok"] // text["n_routed_experts"]
+
+
+def test_muse_spark_expert_norm_and_projections_are_active(saved):
+    # The experts run in a projected space: pre/post_expert_proj and the experts' shared output
+    # norm run once per token (not k/E of them); the vision adapter and the audio encoder are towers.
+    d, model, config = saved("muse_spark")
+    text = config["text_config"]
+    E, k = text["num_local_experts"], text["num_experts_per_tok"]
+    experts = sum(p.numel() for n, p in model.named_parameters()
+                  if ".mlp.experts." in n and "post_expert_norm" not in n)
+    vision = _numel(model, "model.vision_tower.", "model.vision_adapter.", "model.vision_projection.")
+    audio = _numel(model, "model.audio_tower.")
+    for r in _count_both(d):
+        r = r if isinstance(r, dict) else r.to_dict()
+        assert (r["breakdown"]["vision"], r["breakdown"]["audio"], r["breakdown"]["routed_experts"]) == (
+            vision, audio, experts)
+        assert r["active_params"] == param_count(model) - vision - audio - experts + experts * k // E
+        assert (r["num_experts"], r["top_k"], r["num_moe_layers"]) == (E, k, sum(t == "sparse" for t in text["mlp_layer_types"]))
+        assert not r["tie_word_embeddings"]
+
+
+def test_muse_spark_sliding_layers_follow_layer_types(tmp_path):
+    # Without layer_types the config makes every 4th layer counted from the last full attention.
+    import transformers
+
+    from moetool.arch import spec_from_config
+
+    cfg = transformers.AutoConfig.for_model("muse_spark", text_config=dict(num_hidden_layers=6, sliding_window=64))
+    text = cfg.to_dict()["text_config"]
+    expected = [64 if t == "sliding_attention" else None for t in cfg.text_config.layer_types]
+    assert 64 in expected and None in expected
+    text.pop("layer_types")
+    spec = spec_from_config({"model_type": "muse_spark", "text_config": text})
+    assert [l.window for l in spec.layers] == expected
+
+
+def test_unlimited_ocr_structure(saved):
+    d, model, config = saved("unlimited_ocr")
+    text = config["text_config"]
+    E, k = text["n_routed_experts"], text["num_experts_per_tok"]
+    experts = _numel(model, ".mlp.experts.")
+    vision = _numel(model, "model.vision_tower.", "model.multi_modal_projector.", "model.image_newline",
+                    "model.view_separator")
+    for r in _count_both(d):
+        r = r if isinstance(r, dict) else r.to_dict()
+        assert r["breakdown"]["vision"] == vision
+        assert r["active_params"] == param_count(model) - vision - experts + experts * k // E
+        assert (r["num_experts"], r["top_k"], r["num_shared_experts"]) == (E, k, text["n_shared_experts"])
+    # head_dim is hidden_size / heads whatever the config says (UnlimitedOcrTextConfig overrides it)
+    bad = {**config, "text_config": {**text, "head_dim": 3}}
+    assert moetool.count(_write(d.parent / "uocr-hd", bad)).total_params == param_count(build("unlimited_ocr", bad))
+
+
+def test_nemo_speechlm_towers_are_audio(saved):
+    # ASR encoder, diarization model, projector and word-timestamp encoder / head: all "audio"
+    # (original NeMo names perception.* / ctc_timestamp.*, the LM under llm.*).
+    d, model, config = saved("nemo_speechlm")
+    text = config["text_config"]
+    audio = param_count(model) - sum(p.numel() for p in model.model.language_model.parameters()) \
+        - model.lm_head.weight.numel()
+    experts = _numel(model, ".mixer.experts.")
+    for r in _count_both(d):
+        r = r if isinstance(r, dict) else r.to_dict()
+        assert r["breakdown"]["audio"] == audio and r["breakdown"]["vision"] == 0
+        assert r["active_params"] == param_count(model) - audio - experts \
+            + experts * text["num_experts_per_tok"] // text["n_routed_experts"]
+        assert [row["mixer"] for row in r["per_layer"]] == ["mamba2", "none", "attention"]
+        assert r["num_moe_layers"] == 1 and r["num_shared_experts"] == 1
+        assert r["kv_cache"]["state_bytes"] > 0  # the Mamba-2 layer's fixed state
+
+
+def _write(directory: Path, config: dict) -> str:
+    directory.mkdir(exist_ok=True)
+    p = directory / "config.json"
+    p.write_text(json.dumps(config))
+    return str(p)
