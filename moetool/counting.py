@@ -406,6 +406,8 @@ def _flops(spec: ModelSpec, context: int) -> dict[str, Any]:
         matmul += 2 * n
     if spec.tie_word_embeddings:  # the tied matrix serves as the head: V x D multiply-adds
         matmul += 2 * spec.vocab_size * spec.hidden_size
+    if moe and spec.modality_experts:  # experts a text token never runs (ERNIE-4.5-VL's vision experts)
+        matmul -= 2 * (spec.modality_experts * moe.top_k // moe.num_experts) * len(spec.moe_layers)
     kept = [context if l.window is None else min(context, l.window) for l in spec.layers]
     attention = sum(l.attn_flops_per_ctx * n for l, n in zip(spec.layers, kept))
     latent = sum((l.attn_flops_per_ctx if l.attn_flops_per_ctx_latent is None else l.attn_flops_per_ctx_latent) * n

@@ -68,6 +68,12 @@ def test_ernie4_5_vl_active_is_per_text_token(saved):
         assert r["breakdown"]["routed_experts"] == text_experts + vision_experts
         assert sum(row["active"] for row in r["per_layer"]) == active - r["breakdown"]["embedding"] \
             - r["breakdown"]["lm_head"] - model.model.language_model.norm.weight.numel()
+        # FLOPs per token: every matmul weight of the language model a text token runs (k text experts,
+        # no vision expert; the tied head once), 2 per multiply-add
+        lm = model.model.language_model
+        weights = sum(p.numel() for n, p in lm.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n
+                      and ".experts." not in n and "moe_statics" not in n)
+        assert r["flops_per_token"]["matmul"] == 2 * (weights + text_experts * k // E + lm.embed_tokens.weight.numel())
 
 
 def test_glm5_next_structure(saved):
