@@ -170,3 +170,26 @@ def _write(directory: Path, config: dict) -> str:
     p = directory / "config.json"
     p.write_text(json.dumps(config))
     return str(p)
+
+
+def test_glm5_next_kv_cache_matches_transformers_cache(saved):
+    # MLA layers cache the latent (no RoPE part: NoPE); KDA layers a fixed state: the recurrent
+    # state [H, Dh, Dh] and the q|k|v convolution's last K - 1 inputs (transformers keeps K columns,
+    # the newest one being the current input). The DSA indexer's key cache is not counted (as for
+    # every DSA family: deepseek_v32, glm_moe_dsa).
+    import torch
+
+    d, model, config = saved("glm5_next")
+    T = 7
+    with torch.no_grad():
+        cache = model(input_ids=torch.arange(T)[None] % config["text_config"]["vocab_size"], use_cache=True).past_key_values
+    latent = state = 0
+    for layer in cache.layers:
+        if hasattr(layer, "recurrent_states"):
+            conv = layer.conv_states[0]
+            state += layer.recurrent_states[0][0].numel() + conv[0].numel() * (conv.shape[-1] - 1) // conv.shape[-1]
+        else:
+            latent += (layer.keys[0, :, :T].numel() + layer.values[0, :, :T].numel()) // T
+    kv = moetool.count(str(d), context=T, kv_dtype="fp32").kv_cache
+    assert kv["bytes_per_token"] == 4 * latent and kv["state_bytes"] == 4 * state
+    assert kv["bytes"] == 4 * (latent * T + state)
