@@ -4,19 +4,10 @@
 whole as multimodal.FAMILIES describes: the text adapter here on `text_config`, the towers as
 their own `vision` / `audio` groups. Count only: `trace` refuses them.
 
-GLM-5.3-Flash text (Glm5NextTextModel), per `layer_types`:
-- "linear_attention" (Kimi-style KDA): q/k/v [H*Dh, D], a depthwise conv over q|k|v, a forget
-  gate of rank Dh (f_a [Dh, D], f_b [H*Dh, Dh], dt_bias [H*Dh], A_log [H]), beta b_proj [H, D],
-  an output gate of rank Dh (g_a, g_b), gated RMSNorm [Dh], o_proj; H, Dh = linear_num_heads,
-  linear_head_dim.
-- "indexed_attention": MLA with a query LoRA and no RoPE (GLM-5's DSA), an indexer on the
-  `indexer_types` "full" layers (GLM-5's, plus the k-pool compression: an absolute position
-  table [kpool, Di] and a gate [Di, D]).
-- FFN per `mlp_layer_types` (default: 3 dense layers first): DeepSeek-V3's sigmoid router with
-  correction bias, fused experts and shared experts.
-- Hyper-connections in every layer (attn_hc, ffn_hc: fn [(2+N)*N, N*D], base [(2+N)*N],
-  scale [3] for N = hc_mult streams), counted with the norms; the final collapse is an
-  unweighted mean (no parameters).
+One text adapter per family (also registered under the text config's model_type) and its tower builders
+(signature multimodal.Tower); each docstring lists the tensors transformers builds. Families whose
+stored names differ from transformers' (ERNIE-4.5-VL's fused expert list, DeepSeek-OCR's and
+NeMo's original prefixes) are placed by the rules in moetool/names.py.
 """
 
 from __future__ import annotations
@@ -37,6 +28,19 @@ def _types(cfg: Cfg, key: str, n: int, default: list[str]) -> list[str]:
 
 
 def glm5_next_text(cfg: Cfg, model_type: str = "glm5_next_text") -> ModelSpec:
+    """GLM-5.3-Flash text (Glm5NextTextModel), per `layer_types`:
+    - "linear_attention" (Kimi-style KDA): q/k/v [H*Dh, D], a depthwise conv over q|k|v, a forget
+      gate of rank Dh (f_a [Dh, D], f_b [H*Dh, Dh], dt_bias [H*Dh], A_log [H]), beta b_proj [H, D],
+      an output gate of rank Dh (g_a, g_b), gated RMSNorm [Dh], o_proj; H, Dh = linear_num_heads,
+      linear_head_dim.
+    - "indexed_attention": MLA with a query LoRA and no RoPE (GLM-5's DSA), an indexer on the
+      `indexer_types` "full" layers (GLM-5's, plus the k-pool compression: an absolute position
+      table [kpool, Di] and a gate [Di, D]).
+    - FFN per `mlp_layer_types` (default: 3 dense layers first): DeepSeek-V3's sigmoid router with
+      correction bias, fused experts and shared experts.
+    - Hyper-connections in every layer (attn_hc, ffn_hc: fn [(2+N)*N, N*D], base [(2+N)*N],
+      scale [3] for N = hc_mult streams), counted with the norms; the final collapse is an
+      unweighted mean (no parameters)."""
     d = cfg.int("hidden_size", min_value=1)
     vocab = cfg.int("vocab_size", min_value=1)
     n = cfg.int("num_hidden_layers", min_value=1)
