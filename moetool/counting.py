@@ -159,7 +159,7 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
     total = _total(groups)
     by_dtype = _bytes_by_dtype(ckpt)
     moe = spec.moe
-    routed_active = sum(v * moe.top_k // moe.num_experts for v in per_layer_routed.values()) if moe else 0
+    routed_active = sum((v - spec.modality_experts) * moe.top_k // moe.num_experts for v in per_layer_routed.values()) if moe else 0
     active = total - groups["routed_experts"] - groups["vision"] - groups.get("audio", 0) + routed_active
     active_excl = active - (0 if spec.tie_word_embeddings else groups["embedding"])
     breakdown = {g: groups[g] for g in GROUPS if g != "mtp"}
@@ -406,6 +406,8 @@ def _flops(spec: ModelSpec, context: int) -> dict[str, Any]:
         matmul += 2 * n
     if spec.tie_word_embeddings:  # the tied matrix serves as the head: V x D multiply-adds
         matmul += 2 * spec.vocab_size * spec.hidden_size
+    if moe and spec.modality_experts:  # experts a text token never runs (ERNIE-4.5-VL's vision experts)
+        matmul -= 2 * (spec.modality_experts * moe.top_k // moe.num_experts) * len(spec.moe_layers)
     kept = [context if l.window is None else min(context, l.window) for l in spec.layers]
     attention = sum(l.attn_flops_per_ctx * n for l, n in zip(spec.layers, kept))
     latent = sum((l.attn_flops_per_ctx if l.attn_flops_per_ctx_latent is None else l.attn_flops_per_ctx_latent) * n
@@ -428,7 +430,7 @@ def _per_layer(spec: ModelSpec) -> list[LayerCount]:
         g = by[l.index]
         total = sum(g.values())
         routed = g["routed_experts"]
-        active = total - routed + (routed * moe.top_k // moe.num_experts if moe else 0)
+        active = total - routed + ((routed - spec.modality_experts * l.moe) * moe.top_k // moe.num_experts if moe else 0)
         rows.append(LayerCount(layer=l.index, mixer=l.mixer, moe=l.moe, attention=g["attention"] + g["ssm"],
                                router=g["router"], routed_experts=routed, shared_experts=g["shared_experts"],
                                dense_mlp=g["dense_mlp"], norms=g["norms"], total=total, active=active))

@@ -50,8 +50,14 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
 _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|vision_encoder|image_newline|mm_projector|vit_large_projector"
                      r"|patch_merger|vision_language_adapter|pre_mm_projector_norm"  # Mistral-Large-4's original names
-                     r"|patch_merge_mlp|embed_vision)\.")
-_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector|embed_audio)\.")
+                     r"|patch_merge_mlp"
+                     r"|resampler_model"  # ERNIE-4.5-VL's projector
+                     r"|vision_adapter|vision_projection|embed_vision)\."  # Muse Spark's projector
+                     r"|(^|\.)(image_newline|view_separator)$"  # learned vectors between image views (Unlimited-OCR)
+                     # DeepSeek-OCR's original names (Unlimited-OCR checkpoints): SAM encoder, projector, separator
+                     r"|^(model\.)?(sam_model|projector)\.|^(model\.)?view_seperator$")
+_AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector|word_timestamp_encoder|word_timestamp_head|embed_audio)\."
+                    r"|^(perception|ctc_timestamp)\.")  # NeMo SpeechLM's original names (its LM is under llm.)
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
                     r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$"
@@ -65,14 +71,17 @@ _NORM_EXTRA = re.compile(r"norm\.(mlp\.fc\d|W_down|W_up)\.weight$"
                          # Inkling 2's attention residuals: learned queries mixing the earlier layers' outputs
                          r"|(^|\.)attn_res\."
                          # ZAYA's affine scalings of the embeddings and of both sides of each residual add
-                         r"|(^|\.)input_hidden_states_(scale|bias)$|_residual_scale\.(hidden_states|residual)_(scale|bias)$")
+                         r"|(^|\.)input_hidden_states_(scale|bias)$|_residual_scale\.(hidden_states|residual)_(scale|bias)$"
+                         # Muse Spark: residual gates [D], and the experts' shared output norm (run once per token)
+                         r"|_residual_gate\.gate$|\.experts\.post_expert_norm\.weight$")
 # Gemma 4's router: a projection plus a scale per channel and per expert
 _ROUTER_EXTRA = re.compile(r"\.router\.(proj\.weight|scale|per_expert_scale)$"
                            r"|\.moe\.gate\.weight$"  # Step-3.7's stored router
                            r"|\.mlp\.gate\.global_scale$"  # Inkling: the router's learned output scale
                            r"|^layers\.\d+\.gate\.weight$"  # Mistral-Large-4's original (consolidated) names
                            # ZAYA's router: a down projection, the previous layer's state scale, an MLP
-                           r"|\.mlp\.gate\.(down_proj\.(weight|bias)|router_states_scale|router_mlp\.\w+\.(weight|bias))$")
+                           r"|\.mlp\.gate\.(down_proj\.(weight|bias)|router_states_scale|router_mlp\.\w+\.(weight|bias))$"
+                           r"|\.mlp\.gate\.weight_\d$")  # ERNIE-4.5-VL's original names: the vision experts' router
 # Gemma 3n / 4 per-layer input embeddings; Qwen4-Exp's Per-Layer Embedding: hashed n-gram tables (stored
 # in row shards), their projections and conv
 _PER_LAYER_EMBED = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$|\.ple_embedding\.ngram_embedding(\.shard_\d+)?\.weight$")

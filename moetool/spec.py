@@ -142,6 +142,9 @@ class ModelSpec:
     # Stored names (suffixes) that names.py takes for buffers but this family builds as parameters
     # (AFMoE's `expert_bias`, Laguna's `e_score_correction_bias`): counted in the router group.
     param_buffers: tuple[str, ...] = ()
+    # Routed-expert parameters per MoE layer that text tokens never run (ERNIE-4.5-VL's vision
+    # experts beside its text experts): in the total and the routed_experts group, not active.
+    modality_experts: int = 0
 
     @property
     def moe_layers(self) -> list[int]:
@@ -153,7 +156,8 @@ class ModelSpec:
         for p in self.params:
             if p.group == "routed_experts":
                 per_layer[p.layer] = per_layer.get(p.layer, 0) + math.prod(p.shape)
-        return max(per_layer.values(), default=0)
+        one_other = self.modality_experts // self.moe.num_experts if self.moe else 0  # one vision expert (ERNIE-4.5-VL)
+        return max(per_layer.values(), default=0) - one_other
 
 
 class Cfg:

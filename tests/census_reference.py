@@ -70,8 +70,37 @@ SHRINK_EXTRA: dict[str, dict] = {
     # (the default has it off); per-layer input embeddings shrunk
     **{mt: dict(text_config=GEMMA4_SMALL) for mt in ("gemma4", "diffusion_gemma")},
     "gemma4_text": GEMMA4_SMALL,
-    "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 8])),  # [text experts, vision experts]
+    # [text experts, vision experts]; the 3-D RoPE sections (h, w, t) must fill head_dim / 2 = 4 frequencies
+    "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 8], rope_parameters=dict(mrope_section=[1, 1, 2]))),
     "inkling2": dict(vision_config=dict(text_hidden_size=32)),
+    # NeMo SpeechLM (Nemotron-3.5 Transcribe): a Nemotron-H text model of one Mamba-2, MoE and attention layer each;
+    # the ASR encoder (fewer KV heads than heads), the diarization model and the word-timestamp encoder are nested
+    "nemo_speechlm": dict(
+        text_config=dict(layers_block_type=["linear_attention", "moe", "full_attention"], mamba_num_heads=8,
+                         mamba_head_dim=8, n_groups=1, ssm_state_size=8, moe_shared_expert_intermediate_size=24),
+        audio_config=dict(
+            asr_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, num_mel_bins=8, subsampling_factor=2),
+            diarization_config=dict(
+                audio_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=2, num_mel_bins=8, subsampling_factor=2),
+                head_config=dict(hidden_size=8, num_speakers=4, audio_hidden_size=16, subsampling_factor=2),
+                streaming_config=dict(num_speakers=4, subsampling_factor=2))),
+        word_timestamp_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=24, blank_token_id=23, upsampling_factor=2)),
+    # Unlimited-OCR: its two vision encoders are nested configs (SAM: one windowed and one global layer)
+    "unlimited_ocr": dict(vision_config=dict(
+        sam_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                        patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32, downsample_channels=[8, 16]),
+        encoder_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=28, patch_size=14))),
+    # Muse Spark: the experts' projected space, the vision adapter (its input: 4 merged patches of width 16),
+    # a small position table; a dense layer; two audio stages (the stage lists were cut to one by the shrink)
+    "muse_spark": dict(out_hidden_size=64, projector_hidden_size=24,
+                       text_config=dict(moe_hidden_size=24, mlp_layer_types=["dense", "sparse", "sparse"]),
+                       vision_config=dict(pos_emb_height=4, pos_emb_width=4),
+                       audio_config=dict(num_hidden_layers=2, hidden_sizes=[8, 16], depths=[1, 2], patch_sizes=[4, 2],
+                                         out_hidden_size=32)),
     # one sliding layer of other head count, and MoE layers (the default's first 3 layers are dense)
     "step3p7": dict(text_config=dict(mlp_layer_types=["dense", "sparse", "sparse"], share_expert_dim=24,
                                      layer_types=["sliding_attention", "full_attention", "full_attention"],
