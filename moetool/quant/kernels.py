@@ -86,14 +86,23 @@ def row_errors(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tenso
     """sum over each row of ((Q(W) - W) scale)^2, float32 [B, out], for a block W [B, out, in] of whole
     matrices; `scale` [B, 1, 1] (powers of two: extreme weights squared without overflow)."""
     x = w.float()
-    d = (S.FUNCTIONS[scheme](x) - x) * scale
+    if scheme == "nf4" and x.shape[-1] % 64 == 0:  # whole NF4 blocks in each row: summed per block
+        x = x.reshape(*x.shape[:-1], -1, 64)  # (one loop nest over the blocks; inductor split the
+        d = (S.nf4_blocks(x) - x) * scale.unsqueeze(-1)  # row sum into a second pass otherwise)
+        return (d * d).sum(-1).sum(-1)
+    d = (KERNELS[scheme](x) - x) * scale
     return (d * d).sum(-1)
 
 
 def row_errors_diff(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """row_errors and Q(W) - W itself (float32 [B, out, in]), for the activation-space error."""
     x = w.float()
-    diff = S.FUNCTIONS[scheme](x) - x
+    if scheme == "nf4" and x.shape[-1] % 64 == 0:
+        xb = x.reshape(*x.shape[:-1], -1, 64)
+        diff = S.nf4_blocks(xb) - xb
+        d = diff * scale.unsqueeze(-1)
+        return (d * d).sum(-1).sum(-1), diff.reshape(x.shape)
+    diff = KERNELS[scheme](x) - x
     d = diff * scale
     return (d * d).sum(-1), diff
 
@@ -116,9 +125,10 @@ def compile_wanted(total_weights: int, device: torch.device) -> bool:
 
 
 COMPILE_MIN_WEIGHTS = 2_000_000_000  # weight-scheme evaluations (about 10 s of eager kernels)
-# nf4's table lookups (index_select) compile to a scalar gather loop that ran 5x slower than the
-# eager kernel (benchmarks/quant_bench.py): nf4 stays eager in a compiled report.
-COMPILED_SCHEMES = ("int8", "int4_g128", "fp8_channel", "fp8_block", "mxfp4", "nvfp4")
+COMPILED_SCHEMES = ("int8", "int4_g128", "nf4", "fp8_channel", "fp8_block", "mxfp4", "nvfp4")
+# The scheme functions the kernels trace: the schemes' own, but nf4 by comparisons (its table
+# lookups compiled to a scalar gather loop, 5x slower than the eager kernel; the selects vectorise).
+KERNELS: dict[str, Callable] = dict(S.FUNCTIONS, nf4=S.nf4_select)
 
 
 def compiled(name: str) -> Optional[Callable]:
@@ -143,7 +153,12 @@ def run_compiled(name: str, *args) -> Optional[object]:
     if fn is None:
         return None
     try:
-        return fn(*args)
+        import torch._dynamo
+
+        # module-level float constants (nf4's code points and thresholds) as literals in the kernel,
+        # not as float64 inputs of the graph (dynamo's default)
+        with torch._dynamo.config.patch(specialize_float=True):
+            return fn(*args)
     except Exception as exc:  # no C++ compiler, an inductor limitation: the eager kernels give the same
         _FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200])
         print(f"quantize-report: compiled kernels unavailable ({_FAILED[0]}); using eager kernels",
