@@ -109,3 +109,17 @@ def test_compiled_report_equals_eager(tmp_path, monkeypatch):
         for f in ("rel_error", "output_rel_error", "kurtosis", "outlier_ratio"):
             x, y = getattr(a, f), getattr(b, f)
             assert (x is None and y is None) or math.isclose(x, y, rel_tol=1e-5), (a, f, x, y)
+
+
+def test_nf4_by_comparisons_equals_the_lookup():
+    """nf4_select (15 comparisons, what the compiled kernel traces) gives the table-lookup nf4's
+    values bit for bit: exact ties at every decision threshold and 1 ulp either side, zero and
+    constant blocks, subnormals, rows of a multiple of 64 (blocks within rows) and not (blocks
+    across rows, padded)."""
+    from test_quant_schemes import _ties, adversarial
+
+    for w in adversarial() + [_ties("nf4").unsqueeze(0)]:
+        assert torch.equal(_bits(schemes.nf4_select(w)), _bits(schemes.nf4(w))), tuple(w.shape)
+        x = w.reshape(w.shape[0], -1, 64) if w.shape[-1] % 64 == 0 else None
+        if x is not None:  # the kernel's per-block form
+            assert torch.equal(_bits(schemes.nf4_blocks(x).reshape(w.shape)), _bits(schemes.nf4(w)))

@@ -27,29 +27,43 @@ import torch
 from . import schemes as S
 
 
+def row_scale_exp(hi: torch.Tensor, lo: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """k (float32, integer-valued, in [-126, 126]) with max |W - m| 2^k in [1/2, 1) for a row of max
+    `hi`, min `lo` and mean `m`; 0 for a constant row. From the exponent bits of the spread (integer
+    operations: the same k in the compiled kernel and in the eager combine, whatever their log2)."""
+    spread = torch.maximum(hi - m, m - lo)
+    e = torch.bitwise_right_shift(spread.view(torch.int32), 23) - 127  # floor(log2(spread)), spread normal
+    return torch.where(spread > 0, (-1 - e).to(torch.float32), 0.0).clamp(-126, 126)
+
+
 def row_moments(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per row of W [..., n]: (m, hi, lo, k, s1, s2, s3, s4), float32 [...]: m the row's float32
-    mean, hi / lo its max / min, 2^k the power of two putting max |W - m| in [1/2, 1), and
-    s_p = sum of z^p with z = W 2^k - m 2^k (both products exact): moments about m, free of
-    overflow and underflow of z^4 for extreme weights."""
+    """Per row of W [..., n]: (s, hi, lo, s1, s2, s3, s4), float32 [...]: s the row's float32 sum
+    (m = s / n its mean), hi / lo its max / min, and s_p = sum of z^p with z = W 2^k - m 2^k (both
+    products exact; k = row_scale_exp(hi, lo, m): max |z| in [1/2, 1)): moments about m, free of
+    overflow and underflow of z^4 for extreme weights. Neither m nor k is an output, so the
+    compiled kernel computes them per row between its two passes over the row (one loop over the
+    rows, each row read from memory once; with them as outputs inductor ran two loops over the
+    block, 1.8x the time)."""
     x = w.float()
     n = x.shape[-1]
-    m = x.sum(-1, keepdim=True) / n
+    s = x.sum(-1, keepdim=True)
+    m = s / n
     hi, lo = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
-    spread = torch.maximum(hi - m, m - lo)
-    k = torch.where(spread > 0, -torch.floor(torch.log2(spread)) - 1, 0.0).clamp(-126, 126)
-    sc = torch.exp2(k)
+    sc = torch.exp2(row_scale_exp(hi, lo, m))
     z = x * sc - m * sc
     z2 = z * z
-    return (m.squeeze(-1), hi.squeeze(-1), lo.squeeze(-1), k.squeeze(-1), z.sum(-1), z2.sum(-1),
-            (z2 * z).sum(-1), (z2 * z2).sum(-1))
+    return (s.squeeze(-1), hi.squeeze(-1), lo.squeeze(-1), z.sum(-1), z2.sum(-1), (z2 * z).sum(-1),
+            (z2 * z2).sum(-1))
 
 
 def combine_moments(parts: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:
     """Rows' moments [B, R] (row_moments, rows of n weights) -> per matrix (float64 [B]): sum of W^2,
     kurtosis (Pearson), max|W| / std(W), max|W|. Each row's sums about its own mean are moved to
     the matrix mean exactly in float64 (the binomial expansion of (z + d)^p)."""
-    m, hi, lo, k, s1, s2, s3, s4 = (t.double() for t in parts)
+    s, hi, lo = parts[:3]
+    m = s / n  # float32, as in row_moments
+    k = row_scale_exp(hi, lo, m)
+    m, hi, lo, k, s1, s2, s3, s4 = (t.double() for t in (m, hi, lo, k, *parts[3:]))
     inv = torch.exp2(-k)  # back to W's units
     t1, t2, t3, t4 = s1 * inv, s2 * inv ** 2, s3 * inv ** 3, s4 * inv ** 4
     R = m.shape[-1]
@@ -72,14 +86,23 @@ def row_errors(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tenso
     """sum over each row of ((Q(W) - W) scale)^2, float32 [B, out], for a block W [B, out, in] of whole
     matrices; `scale` [B, 1, 1] (powers of two: extreme weights squared without overflow)."""
     x = w.float()
-    d = (S.FUNCTIONS[scheme](x) - x) * scale
+    if scheme == "nf4" and x.shape[-1] % 64 == 0:  # whole NF4 blocks in each row: summed per block
+        x = x.reshape(*x.shape[:-1], -1, 64)  # (one loop nest over the blocks; inductor split the
+        d = (S.nf4_blocks(x) - x) * scale.unsqueeze(-1)  # row sum into a second pass otherwise)
+        return (d * d).sum(-1).sum(-1)
+    d = (KERNELS[scheme](x) - x) * scale
     return (d * d).sum(-1)
 
 
 def row_errors_diff(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """row_errors and Q(W) - W itself (float32 [B, out, in]), for the activation-space error."""
     x = w.float()
-    diff = S.FUNCTIONS[scheme](x) - x
+    if scheme == "nf4" and x.shape[-1] % 64 == 0:
+        xb = x.reshape(*x.shape[:-1], -1, 64)
+        diff = S.nf4_blocks(xb) - xb
+        d = diff * scale.unsqueeze(-1)
+        return (d * d).sum(-1).sum(-1), diff.reshape(x.shape)
+    diff = KERNELS[scheme](x) - x
     d = diff * scale
     return (d * d).sum(-1), diff
 
@@ -102,19 +125,20 @@ def compile_wanted(total_weights: int, device: torch.device) -> bool:
 
 
 COMPILE_MIN_WEIGHTS = 2_000_000_000  # weight-scheme evaluations (about 10 s of eager kernels)
-# nf4's table lookups (index_select) compile to a scalar gather loop that ran 5x slower than the
-# eager kernel (benchmarks/quant_bench.py): nf4 stays eager in a compiled report.
-COMPILED_SCHEMES = ("int8", "int4_g128", "fp8_channel", "fp8_block", "mxfp4", "nvfp4")
+COMPILED_SCHEMES = ("int8", "int4_g128", "nf4", "fp8_channel", "fp8_block", "mxfp4", "nvfp4")
+# The scheme functions the kernels trace: the schemes' own, but nf4 by comparisons (its table
+# lookups compiled to a scalar gather loop, 5x slower than the eager kernel; the selects vectorise).
+KERNELS: dict[str, Callable] = dict(S.FUNCTIONS, nf4=S.nf4_select)
 
 
 def compiled(name: str) -> Optional[Callable]:
-    """The compiled kernel `name` ('moments', 'errors', 'errors_diff'), or None when compiling is off
+    """The compiled kernel `name` ('moments', 'combine', 'errors', 'errors_diff'), or None when compiling is off
     or failed."""
     if _FAILED:
         return None
     fn = _COMPILED.get(name)
     if fn is None:
-        base = {"moments": row_moments, "errors": row_errors, "errors_diff": row_errors_diff}[name]
+        base = {"moments": row_moments, "combine": combine_moments, "errors": row_errors, "errors_diff": row_errors_diff}[name]
         import torch._dynamo
 
         # one graph per scheme (and per specialised size 1): more than dynamo's default of 8
@@ -129,7 +153,12 @@ def run_compiled(name: str, *args) -> Optional[object]:
     if fn is None:
         return None
     try:
-        return fn(*args)
+        import torch._dynamo
+
+        # module-level float constants (nf4's code points and thresholds) as literals in the kernel,
+        # not as float64 inputs of the graph (dynamo's default)
+        with torch._dynamo.config.patch(specialize_float=True):
+            return fn(*args)
     except Exception as exc:  # no C++ compiler, an inductor limitation: the eager kernels give the same
         _FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200])
         print(f"quantize-report: compiled kernels unavailable ({_FAILED[0]}); using eager kernels",

@@ -30,6 +30,7 @@ import torch
 from ..errors import MoetoolError
 from . import kernels as K
 from . import schemes as S
+from .reader import ExpertReader
 
 SCHEMA_VERSION = 1
 MIN_TOKENS = 16  # experts with fewer calibration tokens are flagged: their output error is noise
@@ -107,11 +108,14 @@ def _stats(w: torch.Tensor, chunk: Optional[int] = None, compiled: bool = False)
     rounding (tests/test_quantize_report.py)."""
     B, out, inp = w.shape
     parts = K.run_compiled("moments", w) if compiled else None
-    if parts is None:
-        rows = w.reshape(B * out, inp)
-        step = max(1, (chunk or S.band_elements(w.device)) // inp)
-        bands = [K.row_moments(rows[r:r + step]) for r in range(0, B * out, step)]
-        parts = tuple(torch.cat(p).view(B, out) for p in zip(*bands))
+    if parts is not None:
+        stats = K.run_compiled("combine", parts, inp)  # float64 on [B, out]: one kernel, not ~40 ops
+        if stats is not None:
+            return stats
+    rows = w.reshape(B * out, inp)
+    step = max(1, (chunk or S.band_elements(w.device)) // inp)
+    bands = [K.row_moments(rows[r:r + step]) for r in range(0, B * out, step)]
+    parts = tuple(torch.cat(p).view(B, out) for p in zip(*bands))
     return K.combine_moments(parts, inp)
 
 
@@ -272,6 +276,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     total_experts = len(moe_layers) * (len(experts) if experts is not None else spec.moe.num_experts)
     dev = torch.device(pick_device(device))  # where the schemes run (the forward's device)
     buffers: dict = {}  # the block buffers, allocated once and reused by every layer
+    readers: dict = {}  # per weight store: reads experts straight into the buffers (open files)
 
     def score_layer(dec: Decoder, layer: int, h: Optional[torch.Tensor], routing) -> None:
         if layers is not None and layer not in layers:
@@ -307,14 +312,18 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         dtype = dtypes.pop() if scorer.compiled and len(dtypes) == 1 and dtypes <= FLOAT_DTYPES else torch.float32
         bufs = _buffers(buffers, first, per_block, dev, dtype)
         del first
+        reader = readers.get(id(store))
+        if reader is None:
+            reader = readers[id(store)] = ExpertReader(store)
         for start in range(0, len(chosen or ()), per_block):
             block, data = chosen[start:start + per_block], []
             for i, e in enumerate(block):
-                gate, up, down, *_ = loader.load(e)
-                for p, t in (("gate", gate), ("up", up), ("down", down)):
-                    bufs[p][i].copy_(t)
-                del gate, up, down
-                store.release()
+                if not reader.read(loader, e, bufs, i):  # else through the store's map (any layout or dtype)
+                    gate, up, down, *_ = loader.load(e)
+                    for p, t in (("gate", gate), ("up", up), ("down", down)):
+                        bufs[p][i].copy_(t)
+                    del gate, up, down
+                    store.release()
                 X = g = None
                 tokens, gsum = 0, 0.0
                 if idx is not None:
@@ -343,35 +352,39 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                          float(len(h)) if h is not None else 0.0, act)
 
     n_tokens = 0
-    if weight_only:
-        store = new_store(ckpt, streaming=True)  # one expert resident at a time (GGUF too)
-        dec = Decoder(spec, fc, store)
-        with torch.inference_mode():
-            for layer in moe_layers:
-                score_layer(dec, layer, None, (None, None))
-        store.close()
-    elif corpus is not None:
-        from ..profile.engine import profile
+    try:
+        if weight_only:
+            store = new_store(ckpt, streaming=True)  # one expert resident at a time (GGUF too)
+            dec = Decoder(spec, fc, store)
+            with torch.inference_mode():
+                for layer in moe_layers:
+                    score_layer(dec, layer, None, (None, None))
+            store.close()
+        elif corpus is not None:
+            from ..profile.engine import profile
 
-        if calibration is not None:
-            raise MoetoolError("give calibration text or a corpus, not both")
-        stats = profile(corpus, model=ckpt, device=device, block_tokens=block_tokens,
-                        ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing))
-        n_tokens = stats.tokens
-    else:
-        tok = load_tokenizer(ckpt)
-        if tok is None:
-            raise MoetoolError(f"{ckpt.source}: no tokenizer.json for calibration text; use --weight-only")
-        from .check import default_calibration_text
+            if calibration is not None:
+                raise MoetoolError("give calibration text or a corpus, not both")
+            stats = profile(corpus, model=ckpt, device=device, block_tokens=block_tokens,
+                            ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing))
+            n_tokens = stats.tokens
+        else:
+            tok = load_tokenizer(ckpt)
+            if tok is None:
+                raise MoetoolError(f"{ckpt.source}: no tokenizer.json for calibration text; use --weight-only")
+            from .check import default_calibration_text
 
-        text = _calibration_text(calibration) if calibration else default_calibration_text()
-        ids = tok.encode(text).ids[:calibration_tokens]
-        if fc.max_positions:
-            ids = ids[: fc.max_positions]
-        n_tokens = len(ids)
-        run_forward(ckpt, ids, device=pick_device(device), record=False, streaming=True,
-                    ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing),
-                    last_layer=max(moe_layers))  # nothing to score after the last requested layer
+            text = _calibration_text(calibration) if calibration else default_calibration_text()
+            ids = tok.encode(text).ids[:calibration_tokens]
+            if fc.max_positions:
+                ids = ids[: fc.max_positions]
+            n_tokens = len(ids)
+            run_forward(ckpt, ids, device=pick_device(device), record=False, streaming=True,
+                        ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing),
+                        last_layer=max(moe_layers))  # nothing to score after the last requested layer
+    finally:
+        for r in readers.values():
+            r.close()
     bits_avg = {}
     for s in schemes:
         rows = [r for r in scorer.rows if r.scheme == s]

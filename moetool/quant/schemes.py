@@ -147,6 +147,30 @@ def nf4(w: torch.Tensor, block: int = 64) -> torch.Tensor:
     return (q if q.shape[-1] == n else q[..., :n]).reshape(*lead, out, inp)
 
 
+def nf4_blocks(x: torch.Tensor) -> torch.Tensor:
+    """nf4 of blocks x [..., 64] (each block quantized on its own): 15 comparisons against the
+    decision thresholds (the float32 midpoints of neighbouring code points, as bucketize and `nf4`
+    see them); the code point chosen by a chain of selects with constant operands."""
+    absmax = _absmax(x, -1)
+    normed = x / _nonzero(absmax)
+    q = torch.full_like(normed, _NF4_POINTS[0])
+    for thr, point in zip(_NF4_MIDS, _NF4_POINTS[1:]):
+        q = torch.where(normed > thr, point, q)
+    return q * absmax
+
+
+def nf4_select(w: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """nf4 by comparisons (nf4_blocks): the same values as `nf4` bit for bit (tests/test_quant_kernels.py).
+    For the compiled kernel, where a table lookup becomes a scalar gather loop (5x slower than the
+    eager kernel) and the selects vectorise; eager, `nf4` is the faster."""
+    *lead, out, inp = w.shape
+    n = out * inp
+    if inp % block == 0:  # the same blocks within rows: simple indexing for the compiled kernel
+        return nf4_blocks(w.reshape(*lead, out, inp // block, block)).reshape(*lead, out, inp)
+    q = nf4_blocks(_pad_last(w.reshape(*lead, n), block).reshape(*lead, -1, block)).reshape(*lead, -1)
+    return (q if q.shape[-1] == n else q[..., :n]).reshape(*lead, out, inp)
+
+
 def fp8_channel(w: torch.Tensor) -> torch.Tensor:
     s = _nonzero(_div(_absmax(w, -1), E4M3_MAX))
     return e4m3(w / s).mul_(s)
@@ -263,6 +287,8 @@ def _nf4_tables(bins: int = _NF4_BINS, eps: float = 1e-6) -> dict[str, torch.Ten
 
 
 _CPU_TABLES = _nf4_tables()
+_NF4_POINTS = [float(v) for v in NF4_CODE]  # python floats: float32 values, exactly
+_NF4_MIDS = [float(v) for v in (NF4_CODE[1:] + NF4_CODE[:-1]) / 2]  # float32 midpoints
 
 
 def parse_schemes(value: str | None) -> list[str]:
