@@ -264,7 +264,6 @@ FAMILIES: dict[str, Family] = {
     "inkling2": Family(inkling.adapt2, "inkling2_text", (("vision_config", inkling2_vision),)),
     # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
     "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
-    # zai-org GLM-5.3-Flash: KDA + MLA/DSA hybrid text MoE with hyper-connections (arch/mm_gap.py) + its vision tower.
     # baidu ERNIE-4.5-VL-MoE: text MoE with modality-isolated text / vision experts (arch/mm_gap.py) + ViT and resampler.
     "ernie4_5_vl_moe": Family(mm_gap.ernie4_5_vl_moe_text, "ernie4_5_vl_moe_text", (("vision_config", mm_gap.ernie4_5_vl_vision),), tie_default=True),
     # Muse Spark: text MoE with experts in a projected space (arch/mm_gap.py) + vision tower and adapter + waveform audio encoder.
@@ -275,6 +274,7 @@ FAMILIES: dict[str, Family] = {
     # NVIDIA NeMo SpeechLM (Nemotron-3.5 Transcribe): Nemotron-H text MoE + ASR encoder, diarization model, word timestamps.
     "nemo_speechlm": Family(mm_gap.nemo_speechlm_text, "nemotron_h", (("audio_config", mm_gap.nemo_speechlm_audio),
                                                                      ("word_timestamp_config", mm_gap.nemo_speechlm_word_timestamps))),
+    # zai-org GLM-5.3-Flash: KDA + MLA/DSA hybrid text MoE with hyper-connections (arch/mm_gap.py) + its vision tower.
     "glm5_next": Family(mm_gap.glm5_next_text, "glm5_next_text", (("vision_config", mm_gap.glm5_next_vision),)),
 }
 
