@@ -265,7 +265,8 @@ FAMILIES: dict[str, Family] = {
     # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
     "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
     # baidu ERNIE-4.5-VL-MoE: text MoE with modality-isolated text / vision experts (arch/mm_gap.py) + ViT and resampler.
-    "ernie4_5_vl_moe": Family(mm_gap.ernie4_5_vl_moe_text, "ernie4_5_vl_moe_text", (("vision_config", mm_gap.ernie4_5_vl_vision),), tie_default=True),
+    "ernie4_5_vl_moe": Family(mm_gap.ernie4_5_vl_moe_text, "ernie4_5_vl_moe_text",
+                              (("vision_config", mm_gap.ernie4_5_vl_vision),), tie_default=True),
     # Muse Spark: text MoE with experts in a projected space (arch/mm_gap.py) + vision tower and adapter + waveform audio encoder.
     "muse_spark": Family(mm_gap.muse_spark_text, "muse_spark_text", (("vision_config", mm_gap.muse_spark_vision),
                                                                      ("audio_config", mm_gap.muse_spark_audio))),
