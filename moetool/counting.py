@@ -159,7 +159,8 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
     total = _total(groups)
     by_dtype = _bytes_by_dtype(ckpt)
     moe = spec.moe
-    routed_active = sum((v - spec.modality_experts) * moe.top_k // moe.num_experts for v in per_layer_routed.values()) if moe else 0
+    routed_active = sum((v - spec.modality_experts) * moe.top_k // moe.num_experts
+                        for v in per_layer_routed.values()) if moe else 0
     active = total - groups["routed_experts"] - groups["vision"] - groups.get("audio", 0) + routed_active
     active_excl = active - (0 if spec.tie_word_embeddings else groups["embedding"])
     breakdown = {g: groups[g] for g in GROUPS if g != "mtp"}

@@ -354,9 +354,9 @@ FAMILIES: dict[str, Family] = {
                          text_at_top=True),
     # Qwen4-Exp: its hyper-connection text MoE (arch/qwen4_exp.py) + Qwen3.5's vision tower.
     "qwen4_exp": Family(qwen4_exp.adapt, "qwen4_exp_text", (("vision_config", qwen3_5_vision),)),
-    # zai-org GLM-5.3-Flash: KDA + MLA/DSA hybrid text MoE with hyper-connections (arch/mm_gap.py) + its vision tower.
     # baidu ERNIE-4.5-VL-MoE: text MoE with modality-isolated text / vision experts (arch/mm_gap.py) + ViT and resampler.
-    "ernie4_5_vl_moe": Family(mm_gap.ernie4_5_vl_moe_text, "ernie4_5_vl_moe_text", (("vision_config", mm_gap.ernie4_5_vl_vision),), tie_default=True),
+    "ernie4_5_vl_moe": Family(mm_gap.ernie4_5_vl_moe_text, "ernie4_5_vl_moe_text",
+                              (("vision_config", mm_gap.ernie4_5_vl_vision),), tie_default=True),
     # Muse Spark: text MoE with experts in a projected space (arch/mm_gap.py) + vision tower and adapter + waveform audio encoder.
     "muse_spark": Family(mm_gap.muse_spark_text, "muse_spark_text", (("vision_config", mm_gap.muse_spark_vision),
                                                                      ("audio_config", mm_gap.muse_spark_audio))),
@@ -365,6 +365,7 @@ FAMILIES: dict[str, Family] = {
     # NVIDIA NeMo SpeechLM (Nemotron-3.5 Transcribe): Nemotron-H text MoE + ASR encoder, diarization model, word timestamps.
     "nemo_speechlm": Family(mm_gap.nemo_speechlm_text, "nemotron_h", (("audio_config", mm_gap.nemo_speechlm_audio),
                                                                      ("word_timestamp_config", mm_gap.nemo_speechlm_word_timestamps))),
+    # zai-org GLM-5.3-Flash: KDA + MLA/DSA hybrid text MoE with hyper-connections (arch/mm_gap.py) + its vision tower.
     "glm5_next": Family(mm_gap.glm5_next_text, "glm5_next_text", (("vision_config", mm_gap.glm5_next_vision),)),
 }
 
