@@ -38,7 +38,9 @@ from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
 from census_reference import shrunk_config
+from test_trace_gap_families import FAMILIES as GAP_FAMILIES
 from test_trace_multimodal import _build as _build_class
+from test_trace_text_families import build_case
 
 T = 40
 _ML4_TEXT = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=128, num_hidden_layers=5,
@@ -139,6 +141,8 @@ def dsa_variant(tmp_path_factory):
     cache: dict = {}
 
     def get(name: str, seed: int):
+        if (name, seed) not in cache and name in GAP_FAMILIES:  # DeepSeek-V3.2-style, on Decoder.mla
+            cache[name, seed] = build_case(tmp_path_factory, GAP_FAMILIES[name], name, seed)
         if (name, seed) not in cache:
             model = _build(FAMILIES[name](), seed)
             randomize(model, seed)
@@ -204,11 +208,13 @@ def test_mistral_large4_kv_source_of_another_rope_kind_is_refused(dsa_variant, t
     assert r.returncode == 2 and "kv_source_layers" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("name", ["mistral_large4", "dots3_note_text"])
+@pytest.mark.parametrize("name", ["mistral_large4", "dots3_note_text", "glm_moe_dsa"])
 def test_profile_blocks_route_as_traces(name, dsa_variant, tmp_path):
     """moetool profile runs several prompts per block: each prompt's indexer, positions (LeRoPE, softmax
     scaling, the layer types' RoPE), sliding windows and KV sharing are its own, so the per-token routes
-    equal one trace per prompt."""
+    equal one trace per prompt. GLM-5 (the indexer on Decoder.mla's path, as DeepSeek-V3.2 and A.X-K2):
+    profile failed with an internal error (TypeError on the block's per-prompt mask) before the indexer
+    ran per prompt."""
     import pyarrow.parquet as pq
 
     from conftest import write_tokenizer

@@ -79,7 +79,7 @@ def test_trace_matches_transformers(name, seed, gap_family):
 def test_glm_moe_dsa_shared_layers_reuse_the_full_layers_keys(gap_family):
     """GLM-5's "shared" layers have no indexer and attend to the keys the previous full layer kept;
     the indexer's RoPE is interleaved. Both matter: swapping either breaks the match with transformers."""
-    import moetool.forward.model as model_mod
+    import moetool.forward.sparse_variants as model_mod  # where the decoder calls the indexer
     from moetool.forward import indexer as indexer_mod
 
     d, ids, ref_logits, _, model = gap_family("glm_moe_dsa", 0)

@@ -44,14 +44,9 @@ def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefi
     forward of the whole sequence does (forward/cache.py). `layout`: the indexer's RoPE layout
     ("half" in DeepSeek-V3.2, "interleave" in GLM-5). Mistral-Large-4 (forward/sparse_variants.py):
     `q_scale` [T, Hi] multiplies the queries before RoPE (its learned softmax scaling), and its NoPE
-    layers' indexers rotate nothing (`rope` False). `causal` may be a `Segments` (a block of
-    prompts, moetool profile): each prompt's keys are then chosen on their own."""
-    if hasattr(causal, "parts"):
-        return type(causal)([(a, b, sparse_attention_keep(get, prefix, h[a:b], q_resid[a:b], cos[a:b], sin[a:b], m,
-                                                          heads, dim, topk, rope_dim, apply_rope, None, None, layout,
-                                                          rope_tail, eps, scale_weights,
-                                                          None if q_scale is None else q_scale[a:b], rope))
-                             for a, b, m in causal.parts])
+    layers' indexers rotate nothing (`rope` False); HY-V4: the rotary dims last (`rope_tail`), its own
+    norm `eps`, the head weights scaled by Di^-0.5 instead of the scores (`scale_weights`). A block of
+    prompts (moetool profile) runs this per prompt: forward/sparse_variants.py `index_keep`."""
     T = h.shape[0]
     dtype = h.dtype
     q = F_.linear(q_resid, get(prefix + "wq_b.weight", dtype)).view(T, heads, dim)

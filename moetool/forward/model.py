@@ -25,7 +25,6 @@ from .mixers.common import act as activation
 from .config import ForwardConfig
 from .block_sparse import block_sparse_keep
 from . import sparse_variants
-from .indexer import sparse_attention_keep
 from .moa import moa_attention
 from . import hyper
 from .weights import WeightStore
@@ -892,17 +891,9 @@ class Decoder:
         mask = masks[(None, None)]
         if self.cache is not None:  # the decompressed per-head keys and values of the earlier tokens
             k, v = self.cache.extend(i, k=k, v=v)
-        if fc.indexer and i in fc.indexer.get("shared", ()):  # GLM-5: the keys the last full layer kept
-            mask = self._index_keep
-        elif fc.indexer:  # DeepSeek-V3.2: attend only to the keys the sparse-attention indexer keeps
-            ix = fc.indexer
-            get = lambda name, dtype: self.store.get(self.names.find(i, name), dtype, device=self.device)
-            mask = sparse_attention_keep(get, "self_attn.indexer.", h, q_resid, cos, sin, mask, ix["heads"], ix["dim"],
-                                         ix["topk"], r, apply_rope,
-                                         cache=self.cache.layer(i) if self.cache is not None else None,
-                                         width=self.index_width, layout=ix["layout"],
-                                         **{k: ix[k] for k in ("rope_tail", "eps", "scale_weights") if k in ix})
-            self._index_keep = mask  # layers run in order within one forward
+        if fc.indexer:  # DeepSeek-V3.2: attend only to the keys the sparse-attention indexer keeps (GLM-5's
+            # "shared" layers: the keys the last full layer kept); per prompt in a profile block
+            mask = sparse_variants.index_keep(self, i, h, cos, sin, mask, q_resid=q_resid)
         sinks = self.w(find(prefix + "sinks", prefix + "learnable_sink_param")) if m.get("sinks") else None  # HY-V4
         out = sdpa(q, k, v, mask, fc.attn_scale, sinks).reshape(T, H * v_dim)
         if m.get("q_gate"):

@@ -210,21 +210,21 @@ def _mistral_large4(dec, i: int, h: torch.Tensor, masks) -> torch.Tensor:
     mask = masks[(None, None)]
     if dec.cache is not None:  # this layer's decompressed keys and values of the earlier tokens
         k, v = dec.cache.extend(i, k=k, v=v)
-    mask = _keep(dec, i, h, cos, sin, mask, use_rope)
+    mask = index_keep(dec, i, h, cos, sin, mask, use_rope)
     out = sdpa(q, k, v, mask, fc.attn_scale).reshape(T, H * v_dim)
     return linear(out, dec.w(find("self_attn.o_proj.weight")), dec.w(find("self_attn.o_proj.bias", required=False)))
 
 
-def _keep(dec, i: int, h, cos, sin, mask, use_rope: bool = True, q_resid=None):
+def index_keep(dec, i: int, h, cos, sin, mask, use_rope: bool = True, q_resid=None):
     """The keys layer i attends to: its indexer's top-k within `mask`, or on a "shared" layer the
-    keys the previous full layer kept. The indexer's query input is `q_resid` (dots3: the layer's
-    scaled query latent) or, for Mistral-Large-4, LayerNorm(h) (q_input_norm) with its learned
-    softmax scaling. A profile block (`model.Segments`: many prompts) runs the indexer per prompt,
+    keys the previous full layer kept. The indexer's query input is `q_resid` (the layer's query
+    latent: DeepSeek-V3.2, GLM-5, A.X-K2 from Decoder.mla; dots3 scaled) or, for Mistral-Large-4,
+    LayerNorm(h) (q_input_norm) with its learned softmax scaling. A profile block (`model.Segments`: many prompts) runs the indexer per prompt,
     each with its own positions and mask."""
     from .model import Segments
 
     ix, prefix = dec.fc.indexer, "self_attn.indexer."
-    if i in ix["shared"]:
+    if i in ix.get("shared", ()):
         return dec._index_keep
     get = lambda name, dtype: dec.store.get(dec.names.find(i, name), dtype, device=dec.device)
     scale = None
@@ -241,7 +241,8 @@ def _keep(dec, i: int, h, cos, sin, mask, use_rope: bool = True, q_resid=None):
                                      rope_dim, _apply_rope(),
                                      cache=dec.cache.layer(i) if dec.cache is not None else None,
                                      width=dec.index_width, layout=ix["layout"],
-                                     q_scale=scale[a:b] if scale is not None else None, rope=use_rope)
+                                     q_scale=scale[a:b] if scale is not None else None, rope=use_rope,
+                                     **{k: ix[k] for k in ("rope_tail", "eps", "scale_weights") if k in ix})  # HY-V4
 
     if isinstance(mask, Segments):
         keep = Segments([(a, b, index(a, b, m)) for a, b, m in mask.parts])
@@ -282,7 +283,7 @@ def _dots3(dec, i: int, h: torch.Tensor, cos, sin, masks) -> torch.Tensor:
     if dec.cache is not None:  # this layer's decompressed keys and values of the earlier tokens
         k, v = dec.cache.extend(i, k=k, v=v)
     if fc.indexer and i in fc.indexer["layers"]:
-        mask = _keep(dec, i, h, cos, sin, mask, q_resid=q_resid)
+        mask = index_keep(dec, i, h, cos, sin, mask, q_resid=q_resid)
     out = sdpa(q, k, v, mask, (nope + r) ** -0.5)  # [T, H, v]
     gate = torch.sigmoid(linear(h, dec.w(find("self_attn.g_proj.weight"))))  # [T, H]
     out = (out * gate[:, :, None]).reshape(T, H * v_dim)
