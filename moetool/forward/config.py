@@ -89,8 +89,8 @@ MULTIMODAL_FORWARD = {"aria": "aria_text", "glm4v_moe": "glm4_moe", "qwen3_vl_mo
 FORWARD_FAMILIES += ("aria_text", "minimax_m3_vl_text", *MULTIMODAL_FORWARD)
 # Inkling and Inkling 2: relative logits, short convolutions, block attention residuals (forward/inkling.py);
 # Inkling 2's image-text model runs its language model on text-only input.
-MULTIMODAL_FORWARD["inkling2"] = "inkling2_text"
-FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2")
+MULTIMODAL_FORWARD.update({"inkling2": "inkling2_text", "inkling_mm_model": "inkling"})
+FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2", "inkling_mm_model")
 
 
 # transformers' defaults when a config gives no rope_theta.
