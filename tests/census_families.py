@@ -47,8 +47,6 @@ _SHRINK = (_NO_ADAPTER + "; transformers builds the default config, but the cens
            "(SHRINK_EXTRA needed), so the header count is not verified")
 KNOWN_GAPS: dict[str, str] = {
     **{mt: _NO_ADAPTER + " (generic header count equals transformers', tested)" for mt in GENERIC_VERIFIED},
-    # measured on tiny save_pretrained checkpoints (python /tmp census scripts: generic count - transformers count)
-    "inkling_mm_model": _SHRINK.format("17,097,950,187"),
     # transformers 5.23 cannot build these from their default config (reproductions in the reasons)
     "deepseek_ocr2": _NO_ADAPTER + "; transformers 5.23 cannot build its default config: DeepseekOcr2TextConfig leaves "
                                    "mlp_layer_types None and DeepseekOcr2TextDecoderLayer indexes it (TypeError: 'NoneType' "

@@ -101,6 +101,12 @@ SHRINK_EXTRA: dict[str, dict] = {
                        vision_config=dict(pos_emb_height=4, pos_emb_width=4),
                        audio_config=dict(num_hidden_layers=2, hidden_sizes=[8, 16], depths=[1, 2], patch_sizes=[4, 2],
                                          out_hidden_size=32)),
+    # Inkling: sliding layers of the tiny sizes; a vision encoder of 3 projections on 4 x 4 x 2 patches (patch 14
+    # with 24 layers plans 75,264-channel layers); 4 mel bins of 16 levels
+    "inkling_mm_model": dict(text_config=dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+                                              sliding_window_size=16, d_rel=4, rel_extent=16),
+                             vision_config=dict(n_layers=3, patch_size=4, temporal_patch_size=2),
+                             audio_config=dict(n_mel_bins=4, mel_vocab_size=16)),
     # one sliding layer of other head count, and MoE layers (the default's first 3 layers are dense)
     "step3p7": dict(text_config=dict(mlp_layer_types=["dense", "sparse", "sparse"], share_expert_dim=24,
                                      layer_types=["sliding_attention", "full_attention", "full_attention"],

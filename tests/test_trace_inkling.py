@@ -62,6 +62,8 @@ FAMILIES = {
                             n_layers_per_attn_res_block=3, conv_kernel_size=2, n_routed_experts=6,
                             num_experts_per_tok=3, unpadded_vocab_size=128),
     "inkling2": lambda: _multimodal("inkling2", INKLING2),
+    # Inkling's image-text-audio model as published: model.llm.*, gate and up interleaved in w13 tensors
+    "inkling_mm_model": lambda: _multimodal("inkling_mm_model", INKLING),
 }
 CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 
@@ -126,7 +128,7 @@ def test_trace_matches_transformers(name, seed, inkling_case):
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
 
 
-@pytest.mark.parametrize("name", ["inkling_text", "inkling2_text", "inkling2"])
+@pytest.mark.parametrize("name", ["inkling_text", "inkling2_text", "inkling2", "inkling_mm_model"])
 def test_count_matches_transformers(name, inkling_case):
     """The checkpoints traced here (original model.llm.* names for Inkling 2) count as transformers builds them."""
     import moetool
@@ -178,3 +180,28 @@ def test_trace_cli_says_the_tower_is_not_run(inkling_case):
     out = json.loads(r.stdout)
     assert [layer["layer"] for layer in out["layers"]] == sorted(routes)
     assert out["notes"] == ["text-only input: the vision tower is not run; the trace is of the language model"]
+
+
+def test_inkling_vision_scales_equal_transformers():
+    """count's torch-free plan of Inkling's vision encoder (arch/multimodal.inkling_vision_scales) equals
+    transformers' plan_out_scales (torch; scipy's linear_sum_assignment with fewer layers than candidates)
+    over patch sizes, temporal patch sizes, layer counts and channels, or is refused where two plans tie
+    (transformers' pick then depends on float32 rounding or scipy's solver). The published 40 x 40 x 2 with
+    24 layers is planned."""
+    from transformers.models.inkling.modeling_inkling import plan_out_scales
+
+    from moetool.arch.multimodal import inkling_vision_scales
+    from moetool.errors import UnsupportedArchitecture
+
+    cases = [(t, p, n, c) for t in (1, 2, 4) for p in (2, 4, 7, 12, 14, 16, 20, 30, 40, 49) for n in (1, 2, 3, 5, 8, 24)
+             for c in (1, 3)]
+    refused = 0
+    for t, p, n, c in cases + [(2, 40, 24, 3)]:
+        try:
+            ours = inkling_vision_scales(t, p, n, c)
+        except UnsupportedArchitecture:
+            assert (t, p, n, c) != (2, 40, 24, 3)
+            refused += 1
+            continue
+        assert ours == [tuple(int(x) for x in r) for r in plan_out_scales(t, p, n, c).tolist()], (t, p, n, c)
+    assert refused < len(cases) // 5

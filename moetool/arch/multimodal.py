@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
 from ..errors import BadConfig
 from . import common, deepseek, dots3, inkling, llama_like, mistral_large4, mm_gap, qwen4_exp
@@ -205,6 +206,86 @@ def inkling2_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     _lin(inv, "vision_tower.merger.linear_2", v.int("text_hidden_size", text_d, min_value=1), P, bias)
 
 
+def _prime_factors(n: int) -> list[int]:
+    out, p = [], 2
+    while n > 1 and p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out + ([n] if n > 1 else [])
+
+
+TIE = 1e-4  # log-size distances closer than this are a tie (float32 noise in transformers' plan)
+
+
+def inkling_vision_scales(temporal: int, patch: int, layers: int, channels: int) -> list[tuple[int, int, int, int]]:
+    """transformers' inkling.plan_out_scales without torch: the (t, h, w, channels) grid after each of the
+    `layers` projections of Inkling's hierarchical patch encoder (layers + 1 rows, the first the pixel).
+    Candidate scales: the pixel; the patch's prime factors (largest first) folded into h and w, channels
+    rounded up to 64; then the temporal factors (their channels h^2 * C * t * 64, as transformers has it).
+    Each layer takes the candidate whose log size is nearest its share of log(patch^2 * t * C); with fewer
+    layers than candidates, the assignment of distinct candidates of least total distance (scipy's
+    linear_sum_assignment there; here every assignment is tried).
+    Where two plans are equally near (ties in log size, common in the assignment: the first and last rows are
+    overwritten after it), transformers' choice depends on float32 rounding or on scipy's solver: refused
+    (UnsupportedArchitecture), so that a checkpoint gets its exact header count instead."""
+    from itertools import accumulate, permutations
+    import math
+    import operator
+
+    h = list(accumulate(_prime_factors(patch)[::-1], operator.mul))
+    t = list(accumulate(_prime_factors(temporal)[::-1], operator.mul))
+    if not h:
+        raise BadConfig(f"inkling vision_config: patch_size must be at least 2, got {patch}")
+    scales = [(1, 1, 1, channels)] + [(1, x, x, math.ceil(x * x * channels / 64) * 64) for x in h] \
+        + [(x, h[-1], h[-1], h[-1] ** 2 * channels * x * 64) for x in t]
+    logs = [math.log(a * b * c) for a, b, c, _ in scales]
+    top = math.log(patch * patch * temporal * channels)
+    cost = [[abs(top * i / layers - y) for y in logs] for i in range(layers + 1)]
+    if layers >= len(scales):  # each layer its nearest candidate
+        choices = [[j for j in range(len(scales)) if row[j] <= min(row) + TIE] for row in cost[1:-1]]
+        plans = {tuple(c[0] for c in choices)} | {tuple(c[-1] for c in choices)}
+    else:  # distinct candidates, least total distance
+        if math.perm(len(scales), layers + 1) > 100_000:
+            raise UnsupportedArchitecture(
+                f"Inkling's vision encoder plan for patch {patch}, temporal patch {temporal}, {layers} layers has too many "
+                "candidate assignments to search: count a checkpoint's headers")
+        total = {p: sum(cost[i][j] for i, j in enumerate(p)) for p in permutations(range(len(scales)), layers + 1)}
+        best = min(total.values())
+        plans = {p[1:-1] for p, v in total.items() if v <= best + TIE}
+    if len(plans) > 1:  # transformers' float32 rounding of torch.log decides between them
+        raise UnsupportedArchitecture(
+            f"Inkling's vision encoder plan for patch {patch}, temporal patch {temporal}, {layers} layers, {channels} "
+            "channels ties in log size (transformers' float32 rounding picks one): count a checkpoint's headers")
+    idx = [0, *plans.pop(), len(scales) - 1]
+    return [scales[j] for j in idx]
+
+
+def inkling_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """Inkling's vision tower (InklingVisionModel): n_layers bias-free projections, each after a fold of
+    time and space into channels, on the grid inkling_vision_scales plans; an RMSNorm after every
+    projection but the last, which maps to the text hidden size; a final RMSNorm [text D]."""
+    n = v.first_int(["n_layers", "num_hidden_layers"], 24, min_value=1)
+    scales = inkling_vision_scales(v.int("temporal_patch_size", 2, min_value=1), v.int("patch_size", 40, min_value=1), n,
+                                   v.int("num_channels", 3, min_value=1))
+    for i, (a, b) in enumerate(zip(scales, scales[1:])):
+        fold = (b[0] // a[0]) * (b[1] // a[1]) * (b[2] // a[2])
+        out = text_d if i == n - 1 else b[3]
+        _lin(inv, f"vision_tower.encoder_layers.{i}.projection", out, a[3] * fold, bias=False)
+        if i != n - 1:
+            _norm(inv, f"vision_tower.encoder_layers.{i}.layer_norm", out, bias=False)
+    _norm(inv, "vision_tower.final_norm", text_d, bias=False)
+
+
+def inkling_audio(inv: Inventory, a: Cfg, text_d: int, top: Cfg) -> None:
+    """Inkling's audio input (InklingAudioModel): one embedding row per (mel bin, quantised level),
+    [n_mel_bins * mel_vocab_size, text D], summed over the bins of a frame, and an RMSNorm [text D]."""
+    rows = a.int("n_mel_bins", 80, min_value=1) * a.int("mel_vocab_size", 256, min_value=1)
+    inv.add("audio_tower.embed_audio_tokens.embed_audio_tokens.weight", "audio", (rows, text_d))
+    _norm(inv, "audio_tower.norm", text_d, bias=False, group="audio")
+
+
 def pixtral_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     """Pixtral vision tower (Mistral-Large-4): Conv2d patches without bias, an RMSNorm before the
     blocks, RMSNorm blocks with bias-free q/k/v/o [h, h] and a SwiGLU of intermediate_size; then
@@ -347,6 +428,9 @@ FAMILIES: dict[str, Family] = {
     "step3p7": Family(llama_like.adapt, "step3p7_text", (("vision_config", step3p7_vision),)),
     # thinkingmachines Inkling 2: its text MoE (arch/inkling.py) + the Inkling 2 vision tower and merger.
     "inkling2": Family(inkling.adapt2, "inkling2_text", (("vision_config", inkling2_vision),)),
+    # thinkingmachines/Inkling: its text MoE (arch/inkling.py) + the hierarchical patch encoder and the audio embedding.
+    "inkling_mm_model": Family(inkling.adapt, "inkling_text", (("vision_config", inkling_vision),
+                                                                ("audio_config", inkling_audio))),
     # mistralai Mistral-Large-4: its MLA + indexer text MoE (arch/mistral_large4.py) + Pixtral and Mistral-3's projector.
     "mistral_large4": Family(mistral_large4.adapt, "mistral_large4_text", (("vision_config", pixtral_vision),)),
     # rednote-hilab dots3: its MLA + indexer text MoE (arch/dots3.py) + an MoE vision tower and an audio encoder.

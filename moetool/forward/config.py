@@ -106,8 +106,8 @@ FORWARD_FAMILIES += ("zaya",)  # ZAYA1: CCA attention, a router MLP with a state
 FORWARD_FAMILIES += ("gemma4_text",)  # per-layer inputs, KV sharing, MoE beside the dense MLP: forward/gemma4.py
 # Inkling and Inkling 2: relative logits, short convolutions, block attention residuals (forward/inkling.py);
 # Inkling 2's image-text model runs its language model on text-only input.
-MULTIMODAL_FORWARD["inkling2"] = "inkling2_text"
-FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2")
+MULTIMODAL_FORWARD.update({"inkling2": "inkling2_text", "inkling_mm_model": "inkling"})
+FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2", "inkling_mm_model")
 
 
 # transformers' defaults when a config gives no rope_theta.

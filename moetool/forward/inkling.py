@@ -1,5 +1,6 @@
 """Inkling and Inkling 2's decoder layer (thinkingmachines; transformers 5.23's InklingForCausalLM for
-`inkling_text`, Inkling2ForCausalLM for `inkling2_text`, and the language model of `inkling2`).
+`inkling_text`, Inkling2ForCausalLM for `inkling2_text`, and the language models of the image-text(-audio)
+`inkling_mm_model` and `inkling2`, run on text-only input).
 
 Both (per layer; "hybrid_sliding" layers have their own head counts and a window, "hybrid" ones are full):
 
@@ -36,7 +37,8 @@ experts a soft-capped SwiGLU (model.glu "softcapped_swiglu"). Logits soft-capped
 then cut to unpadded_vocab_size.
 
 Weights are found under transformers' names (save_pretrained of InklingForCausalLM) or the original
-checkpoint's (model.llm.*, attn.wq_du ..., as save_pretrained writes Inkling 2 back), see NAMES.
+checkpoint's (model.llm.*, attn.wq_du ..., w13 tensors with gate and up interleaved, as save_pretrained
+writes Inkling's image-text model and Inkling 2 back), see NAMES.
 Blocks of prompts (moetool profile, model.Segments): attention, relative bias and every convolution run
 per prompt. With a KV cache (forward/cache.py) each layer keeps its keys and values and the last K - 1
 inputs of each convolution; the block states are per token and need no cache.
@@ -88,9 +90,12 @@ NAMES: dict[str, tuple[str, ...]] = {
     "router": ("mlp.gate.weight",),
     "router_bias": ("mlp.gate.e_score_correction_bias", "mlp.gate.bias"),
     "router_scale": ("mlp.gate.global_scale",),
-    "shared_gate": ("mlp.shared_experts.gate_proj",),
+    "shared_gate": ("mlp.shared_experts.gate_proj",),  # [S, F, D]; originally gate and up interleaved in w13
     "shared_up": ("mlp.shared_experts.up_proj",),
-    "shared_down": ("mlp.shared_experts.down_proj",),
+    "shared_w13": ("mlp.shared_experts.shared_w13_weight",),
+    "shared_down": ("mlp.shared_experts.down_proj", "mlp.shared_experts.shared_w2_weight"),
+    "dense_w13": ("mlp.w13_dn.weight",),  # the original dense MLP: [2F, D], gate and up interleaved
+    "dense_down": ("mlp.w2_md.weight",),
     "mlp_scale": ("mlp.global_scale",),
 }
 QUERY_ROWS = 512  # attention scores are computed for this many queries at a time ([H, rows, S] floats)
@@ -383,7 +388,12 @@ def _dense(dec, i: int, h: torch.Tensor) -> torch.Tensor:
     """Inkling's dense layers: SwiGLU times the learned global_scale."""
     if dec.ffn_hook:
         dec.ffn_hook(dec, i, h, None)
-    return dec.gated_mlp(f"{dec.names.layers}{i}.mlp.", h) * _w(dec, i, "mlp_scale")
+    w13 = _w(dec, i, "dense_w13", required=False)
+    if w13 is not None:
+        y = linear(glu(linear(h, w13[0::2]), linear(h, w13[1::2]), dec.fc.expert_act), _w(dec, i, "dense_down"))
+    else:
+        y = dec.gated_mlp(f"{dec.names.layers}{i}.mlp.", h)
+    return y * _w(dec, i, "mlp_scale")
 
 
 def _moe(dec, i: int, h: torch.Tensor, routes: list, record: bool) -> torch.Tensor:
@@ -427,7 +437,9 @@ def _moe(dec, i: int, h: torch.Tensor, routes: list, record: bool) -> torch.Tens
         del gate, up, down
         dec.store.release()
     if S:  # Inkling's shared experts [S, F, D] / [S, D, F], each scaled by its weight before the down projection
-        g, u, d_ = (_w(dec, i, role) for role in ("shared_gate", "shared_up", "shared_down"))
+        w13 = _w(dec, i, "shared_w13", required=False)
+        g, u = (w13[:, 0::2], w13[:, 1::2]) if w13 is not None else (_w(dec, i, "shared_gate"), _w(dec, i, "shared_up"))
+        d_ = _w(dec, i, "shared_down")
         for j in range(S):
             act = glu(linear(h, g[j]), linear(h, u[j]), fc.expert_act) * gammas[:, j:j + 1].to(h.dtype)
             out += linear(act, d_[j]).float()
