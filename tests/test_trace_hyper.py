@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from fakes import assert_matches_transformers
+from fakes import DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_trace_text_families import build_case, randomize as randomize_text
@@ -105,14 +105,14 @@ CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, hyper_family):
     d, ids, ref_logits, ref_routes, _ = hyper_family(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
 
 
 def test_hy_v4_clamp_and_indexer_tail_matter(hyper_family, tmp_path):
     """The pieces HY-V4 adds each change the logits: dropping the routed SwiGLU clamp, or rotating the
     indexer's first dims instead of its last, breaks the match with transformers."""
-    import moetool.forward.model as model_mod
+    from moetool.forward import sparse_variants as model_mod  # where the decoder calls the indexer
 
     d, ids, ref_logits, _, _ = hyper_family("hy_v4", 0)
     real = model_mod.sparse_attention_keep
@@ -122,7 +122,7 @@ def test_hy_v4_clamp_and_indexer_tail_matter(hyper_family, tmp_path):
 
     model_mod.sparse_attention_keep = head_rope
     try:
-        wrong = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu").logits
+        wrong = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE).logits
     finally:
         model_mod.sparse_attention_keep = real
     assert (wrong - ref_logits).abs().max().item() > 1e-3
@@ -130,7 +130,7 @@ def test_hy_v4_clamp_and_indexer_tail_matter(hyper_family, tmp_path):
     shutil.copytree(d, unclamped)
     config = json.loads((unclamped / "config.json").read_text())
     (unclamped / "config.json").write_text(json.dumps({**config, "swiglu_limit": 1e9}))
-    wrong = run_forward(resolve(str(unclamped)), ids, dtype="float32", device="cpu").logits
+    wrong = run_forward(resolve(str(unclamped)), ids, dtype="float32", device=DEVICE).logits
     assert (wrong - ref_logits).abs().max().item() > 1e-3
     from moetool.arch import spec_from_config
     from moetool.forward.config import forward_config
@@ -155,7 +155,7 @@ def test_deepseek_v4_indexer_and_compressed_entries_matter(hyper_family, monkeyp
             return entries, visible if variant == "all visible" else keep & False
 
         monkeypatch.setattr(v4, "_compressed", patched)
-        wrong = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu").logits
+        wrong = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE).logits
         assert (wrong - ref_logits).abs().max().item() > 1e-3, variant
 
 
@@ -173,10 +173,10 @@ def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path):
     shutil.copytree(hyper_family(name, 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
-    profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
+    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
     rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
     for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device="cpu")
+        t = trace(text, model=str(d), device=DEVICE)
         assert len(t.tokens) > 8  # more keys than index_topk: the indexer drops some
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
@@ -218,9 +218,9 @@ def test_quantize_report_scores_experts_as_transformers_runs_them(name, hyper_fa
         unclamped = experts.gate_up_proj[e].chunk(2, dim=0)
         plain = torch.nn.functional.silu(X @ unclamped[0].T) * (X @ unclamped[1].T)
     assert (plain - mid).abs().max() > 1e-3  # the clamp cuts in: an unclamped score would differ
-    r = quantize_report(str(d), schemes=["int4_g128"], layers={layer}, experts={e}, device="cpu", calibration_tokens=120)
+    r = quantize_report(str(d), schemes=["int4_g128"], layers={layer}, experts={e}, device=DEVICE, calibration_tokens=120)
     row = next(x for x in r.rows if x.projection == "down" and x.expert == e)
     assert row.tokens == len(tok)
     assert row.output_rel_error == pytest.approx(float(expected), rel=1e-4)
-    full = quantize_report(str(d), schemes=["int4_g128"], layers={layer}, device="cpu", calibration_tokens=40)
+    full = quantize_report(str(d), schemes=["int4_g128"], layers={layer}, device=DEVICE, calibration_tokens=40)
     assert {x.expert for x in full.rows if not isinstance(x.expert, int)} == {"shared"}
