@@ -203,3 +203,19 @@ def test_quantize_report_scores_the_experts(gemma4_case, tmp_path):
     assert {layer for layer, _ in routed} == set(range(5)) and len(routed) > 10
     assert {r["layer"] for r in rows if r["expert"] is None} == set(range(5))  # the dense MLPs
     assert all(r["rel_error"] > 0 for r in rows)
+
+
+def test_placeholder_tokens_embed_as_pad(tmp_path):
+    """Text-only input to Gemma4ForConditionalGeneration: the image / video / audio placeholder ids
+    (no pixels or audio given) are embedded as the pad token, per-layer inputs included, as
+    transformers' Gemma4Model does; moetool's logits and routes agree on a prompt holding all three."""
+    config = {**shrunk_config("gemma4"), "text_config": copy.deepcopy(_SHARED), "initializer_range": 0.2,
+              "image_token_id": 5, "video_token_id": 6, "audio_token_id": 7}
+    model = _build(config, 0)
+    _randomize(model, 0)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(8, 128, (1, 24), generator=torch.Generator().manual_seed(3))
+    ids[0, [2, 9, 15]] = torch.tensor([5, 6, 7])
+    logits, routes = routes_and_logits(model, ids)
+    out = run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device="cpu")
+    assert_matches_transformers(out, logits, routes, nonzero=True)
