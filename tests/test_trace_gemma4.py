@@ -148,25 +148,37 @@ _VISION = dict(model_type="gemma4_vision", hidden_size=24, intermediate_size=40,
                num_attention_heads=2, num_key_value_heads=2, head_dim=12, patch_size=4, position_embedding_size=32)
 
 
-@pytest.mark.parametrize("vision", [_VISION, dict(_VISION, use_clipped_linears=True, standardize=True,
-                                                  num_key_value_heads=1, head_dim=16)], ids=["plain", "clipped"])
-def test_vision_tower_count_equals_transformers(vision, tmp_path):
-    """Gemma4ForConditionalGeneration with a vision tower: config-only and header totals equal
-    transformers' parameter count, the `vision` group its vision tower + embed_vision; the clipping
-    bounds and standardisation buffers are stored, not counted."""
+_AUDIO = dict(model_type="gemma4_audio", hidden_size=18, num_hidden_layers=2, num_attention_heads=4,
+              output_proj_dims=24, subsampling_conv_channels=[8, 4], conv_kernel_size=3)
+TOWERS = {
+    "vision": dict(vision_config=_VISION),
+    "vision-clipped": dict(vision_config=dict(_VISION, use_clipped_linears=True, standardize=True,
+                                              num_key_value_heads=1, head_dim=16)),
+    # hidden 18 over 4 heads: the attention projections are heads * (18 // 4) wide
+    "audio": dict(audio_config=_AUDIO),
+    "vision-audio-unclipped": dict(vision_config=_VISION, audio_config=dict(_AUDIO, use_clipped_linears=False,
+                                                                            hidden_size=16)),
+}
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_tower_count_equals_transformers(name, tmp_path):
+    """Gemma4ForConditionalGeneration with a vision and / or audio tower: config-only and header totals
+    equal transformers' parameter count, the `vision` / `audio` groups its towers with their embedders;
+    the clipping bounds and standardisation buffers are stored, not counted."""
     import moetool
 
-    config = {**shrunk_config("gemma4"), "vision_config": vision}
+    config = {**shrunk_config("gemma4"), **TOWERS[name]}
     model = _build(config, 0)
     model.save_pretrained(tmp_path)
     total = sum(p.numel() for p in model.parameters())
-    vision_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.vision_tower.",
-                                                                                         "model.embed_vision.")))
+    tower = lambda *prefixes: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
     headers, config_only = moetool.count(str(tmp_path)), moetool.count(str(tmp_path / "config.json"))
     assert headers.total_params == config_only.total_params == total
     d = headers.to_dict()
-    assert d["breakdown"]["vision"] == vision_params and not d["breakdown"].get("other")
-    assert d["cross_check"]["match"], d["cross_check"]
+    assert d["breakdown"]["vision"] == tower("model.vision_tower.", "model.embed_vision.")
+    assert d["breakdown"]["audio"] == tower("model.audio_tower.", "model.embed_audio.")
+    assert not d["breakdown"].get("other") and d["cross_check"]["match"], d["cross_check"]
 
 
 def test_trace_with_a_vision_tower_runs_the_language_model(tmp_path):
