@@ -148,25 +148,37 @@ _VISION = dict(model_type="gemma4_vision", hidden_size=24, intermediate_size=40,
                num_attention_heads=2, num_key_value_heads=2, head_dim=12, patch_size=4, position_embedding_size=32)
 
 
-@pytest.mark.parametrize("vision", [_VISION, dict(_VISION, use_clipped_linears=True, standardize=True,
-                                                  num_key_value_heads=1, head_dim=16)], ids=["plain", "clipped"])
-def test_vision_tower_count_equals_transformers(vision, tmp_path):
-    """Gemma4ForConditionalGeneration with a vision tower: config-only and header totals equal
-    transformers' parameter count, the `vision` group its vision tower + embed_vision; the clipping
-    bounds and standardisation buffers are stored, not counted."""
+_AUDIO = dict(model_type="gemma4_audio", hidden_size=18, num_hidden_layers=2, num_attention_heads=4,
+              output_proj_dims=24, subsampling_conv_channels=[8, 4], conv_kernel_size=3)
+TOWERS = {
+    "vision": dict(vision_config=_VISION),
+    "vision-clipped": dict(vision_config=dict(_VISION, use_clipped_linears=True, standardize=True,
+                                              num_key_value_heads=1, head_dim=16)),
+    # hidden 18 over 4 heads: the attention projections are heads * (18 // 4) wide
+    "audio": dict(audio_config=_AUDIO),
+    "vision-audio-unclipped": dict(vision_config=_VISION, audio_config=dict(_AUDIO, use_clipped_linears=False,
+                                                                            hidden_size=16)),
+}
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_tower_count_equals_transformers(name, tmp_path):
+    """Gemma4ForConditionalGeneration with a vision and / or audio tower: config-only and header totals
+    equal transformers' parameter count, the `vision` / `audio` groups its towers with their embedders;
+    the clipping bounds and standardisation buffers are stored, not counted."""
     import moetool
 
-    config = {**shrunk_config("gemma4"), "vision_config": vision}
+    config = {**shrunk_config("gemma4"), **TOWERS[name]}
     model = _build(config, 0)
     model.save_pretrained(tmp_path)
     total = sum(p.numel() for p in model.parameters())
-    vision_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.vision_tower.",
-                                                                                         "model.embed_vision.")))
+    tower = lambda *prefixes: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
     headers, config_only = moetool.count(str(tmp_path)), moetool.count(str(tmp_path / "config.json"))
     assert headers.total_params == config_only.total_params == total
     d = headers.to_dict()
-    assert d["breakdown"]["vision"] == vision_params and not d["breakdown"].get("other")
-    assert d["cross_check"]["match"], d["cross_check"]
+    assert d["breakdown"]["vision"] == tower("model.vision_tower.", "model.embed_vision.")
+    assert d["breakdown"]["audio"] == tower("model.audio_tower.", "model.embed_audio.")
+    assert not d["breakdown"].get("other") and d["cross_check"]["match"], d["cross_check"]
 
 
 def test_trace_with_a_vision_tower_runs_the_language_model(tmp_path):
@@ -203,3 +215,19 @@ def test_quantize_report_scores_the_experts(gemma4_case, tmp_path):
     assert {layer for layer, _ in routed} == set(range(5)) and len(routed) > 10
     assert {r["layer"] for r in rows if r["expert"] is None} == set(range(5))  # the dense MLPs
     assert all(r["rel_error"] > 0 for r in rows)
+
+
+def test_placeholder_tokens_embed_as_pad(tmp_path):
+    """Text-only input to Gemma4ForConditionalGeneration: the image / video / audio placeholder ids
+    (no pixels or audio given) are embedded as the pad token, per-layer inputs included, as
+    transformers' Gemma4Model does; moetool's logits and routes agree on a prompt holding all three."""
+    config = {**shrunk_config("gemma4"), "text_config": copy.deepcopy(_SHARED), "initializer_range": 0.2,
+              "image_token_id": 5, "video_token_id": 6, "audio_token_id": 7}
+    model = _build(config, 0)
+    _randomize(model, 0)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(8, 128, (1, 24), generator=torch.Generator().manual_seed(3))
+    ids[0, [2, 9, 15]] = torch.tensor([5, 6, 7])
+    logits, routes = routes_and_logits(model, ids)
+    out = run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device="cpu")
+    assert_matches_transformers(out, logits, routes, nonzero=True)

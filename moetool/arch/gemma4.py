@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..errors import BadConfig, UnsupportedArchitecture
+from ..errors import BadConfig
 from ..spec import Cfg, Inventory, ModelSpec, MoESpec, RouterSpec
 from . import common
 
@@ -144,20 +144,57 @@ def vision_tower(inv: Inventory, v: Cfg, text_d: int) -> None:
     inv.add("embed_vision.embedding_projection.weight", "vision", (text_d, h), matmul=True)
 
 
+def audio_tower(inv: Inventory, a: Cfg, text_d: int) -> None:
+    """Gemma4AudioModel (a conformer) + `embed_audio`: two Conv2d 3x3 subsampling layers (no bias) with
+    LayerNorms (weight only) and a projection [H, (c0 // 4) c1]; per layer two feed-forward blocks
+    (H -> 4H -> H, two norms each), attention (q/k/v and relative_k_proj [heads * (H // heads), H], post [H, H], per_dim_scale [H // heads]),
+    a light convolution (linear_start [2H, H], depthwise kernel [H, 1, K], linear_end, two norms) and three
+    norms; output_proj [O, H] with a bias; then a projection [D, O]."""
+    h, layers = a.int("hidden_size", 1024, min_value=1), a.int("num_hidden_layers", 12, min_value=0)
+    heads = a.int("num_attention_heads", 8, min_value=1)
+    c = a.int_list("subsampling_conv_channels", [128, 32])
+    if len(c) != 2:
+        raise BadConfig(f"{a.where}: subsampling_conv_channels must hold two channel counts")
+    out = a.int("output_proj_dims", 1536, min_value=1)
+    add = lambda name, shape, matmul=False: inv.add(f"audio_tower.{name}", "audio", shape, matmul=matmul)
+    for j, (cin, cout) in enumerate(((1, c[0]), (c[0], c[1]))):
+        add(f"subsample_conv_projection.layer{j}.conv.weight", (cout, cin, 3, 3))
+        add(f"subsample_conv_projection.layer{j}.norm.weight", (cout,))
+    add("subsample_conv_projection.input_proj_linear.weight", (h, (c[0] // 4) * c[1]), True)
+    for i in range(layers):
+        b = f"layers.{i}"
+        for ff in ("feed_forward1", "feed_forward2"):
+            add(f"{b}.{ff}.ffw_layer_1.linear.weight", (4 * h, h), True)
+            add(f"{b}.{ff}.ffw_layer_2.linear.weight", (h, 4 * h), True)
+            add(f"{b}.{ff}.pre_layer_norm.weight", (h,)), add(f"{b}.{ff}.post_layer_norm.weight", (h,))
+        hd = h // heads
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            add(f"{b}.self_attn.{proj}.linear.weight", (heads * hd, h), True)
+        add(f"{b}.self_attn.post.linear.weight", (h, h), True)
+        add(f"{b}.self_attn.relative_k_proj.weight", (heads * hd, h), True)
+        add(f"{b}.self_attn.per_dim_scale", (hd,))
+        add(f"{b}.lconv1d.linear_start.linear.weight", (2 * h, h), True)
+        add(f"{b}.lconv1d.linear_end.linear.weight", (h, h), True)
+        add(f"{b}.lconv1d.depthwise_conv1d.weight", (h, 1, a.int("conv_kernel_size", 5, min_value=1)))
+        for norm in ("lconv1d.pre_layer_norm", "lconv1d.conv_norm", "norm_pre_attn", "norm_post_attn", "norm_out"):
+            add(f"{b}.{norm}.weight", (h,))
+    add("output_proj.weight", (out, h), True)
+    add("output_proj.bias", (out,))
+    inv.add("embed_audio.embedding_projection.weight", "audio", (text_d, out), matmul=True)
+
+
 def adapt_multimodal(cfg: Cfg) -> ModelSpec:
     """gemma4 (Gemma4ForConditionalGeneration): the text model on `text_config`, tied through the
-    top-level `tie_word_embeddings`, and the vision tower (group `vision`) where `vision_config` is
-    given. An audio tower is not counted from config.json yet (UnsupportedArchitecture: a checkpoint
-    of it is still counted exactly from its headers by arch/generic.py)."""
-    if cfg.raw("audio_config") is not None:
-        raise UnsupportedArchitecture(f"{cfg.where}: gemma4 with an audio tower: its tower is not "
-                                      "counted from config.json yet (a checkpoint is counted from its headers)")
+    top-level `tie_word_embeddings`, the vision tower (group `vision`) where `vision_config` is
+    given, and the audio tower (group `audio`) where `audio_config` is."""
     text = dict(cfg.sub("text_config").d)
     text["tie_word_embeddings"] = cfg.bool("tie_word_embeddings", True)
     spec = adapt(Cfg(text, f"{cfg.where}[text_config]"), "gemma4")
     inv = Inventory()
     if cfg.raw("vision_config") is not None:
         vision_tower(inv, cfg.sub("vision_config"), spec.hidden_size)
+    if cfg.raw("audio_config") is not None:
+        audio_tower(inv, cfg.sub("audio_config"), spec.hidden_size)
     return replace(spec, params=spec.params + tuple(inv.params),
                    torch_dtype=cfg.raw("torch_dtype") or cfg.raw("dtype") or spec.torch_dtype,
                    quantization=common.quantization(cfg) or spec.quantization)

@@ -30,7 +30,6 @@ placeholder token ids by the pad token before embedding (what Gemma4Model does w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 

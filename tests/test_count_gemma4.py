@@ -1,6 +1,7 @@
 """`count` of DiffusionGemma (arch/diffusion_gemma.py) and the Gemma 4 count paths the census configs do
-not reach, against transformers 5.23's parameter count of the class the census picks
-(DiffusionGemmaForBlockDiffusion, Gemma4ForCausalLM): config-only and header totals, cross-check clean.
+not reach (arch/gemma4.py), against transformers 5.23: the parameter count of the class the census picks
+(DiffusionGemmaForBlockDiffusion, Gemma4ForCausalLM), config-only and header totals, cross-check clean;
+and Gemma 4's KV cache from the layer types, head sizes and sharing modes Gemma4TextConfig resolves.
 
 DiffusionGemma ties its decoder's layer weights to the encoder's, but not their biases: with
 attention_bias the decoder's biases are extra parameters; with the top-level tie_word_embeddings false
@@ -61,3 +62,30 @@ def test_gemma4_global_kv_heads_need_attention_k_eq_v(tmp_path):
     saved.pop("attention_k_eq_v", None)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert moetool.count(str(tmp_path / "config.json")).total_params == param_count(model)
+
+
+@pytest.mark.parametrize("layer_types", [None, ["sliding_attention"] * 4], ids=["default-pattern", "last-forced-full"])
+def test_gemma4_kv_cache_follows_transformers_layer_types(layer_types, tmp_path):
+    """The KV cache of Gemma 4 from the layer types, head sizes, KV heads and sharing modes transformers'
+    Gemma4TextConfig resolves: sliding layers keep `sliding_window` tokens, also without layer_types
+    (the default 5:1 pattern) and with a last layer it forces to full attention; KV-shared ("reuse")
+    layers keep none. (moetool gave no layer a window without layer_types, and kept the last
+    layer's window.)"""
+    import json
+
+    import transformers
+
+    cfg = {k: v for k, v in shrunk_config("gemma4_text").items() if k not in ("layer_types", "per_layer_config")}
+    cfg.update(num_hidden_layers=8 if layer_types is None else 4, sliding_window=16, global_head_dim=16,
+               num_kv_shared_layers=2 if layer_types is None else 0)
+    if layer_types is not None:
+        cfg["layer_types"] = layer_types
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tc = transformers.AutoConfig.for_model(**cfg)
+    context = 64
+    expected = sum(2 * tc.per_layer_config[i].num_key_value_heads * tc.per_layer_config[i].head_dim
+                   * (min(context, tc.sliding_window) if t == "sliding_attention" else context)
+                   for i, (t, mode) in enumerate(zip(tc.layer_types, tc.kv_sharing_modes)) if mode != "reuse")
+    kv = moetool.count(str(tmp_path / "config.json"), context=context, kv_dtype="fp32").kv_cache
+    assert kv["bytes"] == 4 * expected
+    assert kv["windowed_layers"] == sum(t == "sliding_attention" for t in tc.layer_types)
