@@ -28,18 +28,25 @@ from . import schemes as S
 
 
 def row_scale_exp(hi: torch.Tensor, lo: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """k (float32, integer-valued, in [-126, 126]) with max |W - m| 2^k in [1/2, 1) for a row of max
-    `hi`, min `lo` and mean `m`; 0 for a constant row. From the exponent bits of the spread (integer
-    operations: the same k in the compiled kernel and in the eager combine, whatever their log2)."""
+    """k (int32, in [-126, 126]) with max |W - m| 2^k in [1/2, 1) for a row of max `hi`, min `lo`
+    and mean `m`; 0 for a constant row. From the exponent bits of the spread (integer operations:
+    the same k in the compiled kernel and in the eager combine, whatever their log2)."""
     spread = torch.maximum(hi - m, m - lo)
     e = torch.bitwise_right_shift(spread.view(torch.int32), 23) - 127  # floor(log2(spread)), spread normal
-    return torch.where(spread > 0, (-1 - e).to(torch.float32), 0.0).clamp(-126, 126)
+    return torch.where(spread > 0, -1 - e, 0).clamp(-126, 126)
+
+
+def exp2_int(k: torch.Tensor) -> torch.Tensor:
+    """2^k as float32 for int32 k in [-126, 127], exactly, from the exponent bits (no exp2 call: in
+    the compiled kernel a libm call per vector of the inner loop, which the C++ compiler does not
+    hoist)."""
+    return torch.bitwise_left_shift(k + 127, 23).view(torch.float32)
 
 
 def row_moments(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per row of W [..., n]: (s, hi, lo, s1, s2, s3, s4), float32 [...]: s the row's float32 sum
     (m = s / n its mean), hi / lo its max / min, and s_p = sum of z^p with z = W 2^k - m 2^k (both
-    products exact; k = row_scale_exp(hi, lo, m): max |z| in [1/2, 1)): moments about m, free of
+    products exact; k = row_scale_exp(hi, lo, m), max |z| in [1/2, 1)): moments about m, free of
     overflow and underflow of z^4 for extreme weights. Neither m nor k is an output, so the
     compiled kernel computes them per row between its two passes over the row (one loop over the
     rows, each row read from memory once; with them as outputs inductor ran two loops over the
@@ -49,7 +56,7 @@ def row_moments(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     s = x.sum(-1, keepdim=True)
     m = s / n
     hi, lo = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
-    sc = torch.exp2(row_scale_exp(hi, lo, m))
+    sc = exp2_int(row_scale_exp(hi, lo, m))
     z = x * sc - m * sc
     z2 = z * z
     return (s.squeeze(-1), hi.squeeze(-1), lo.squeeze(-1), z.sum(-1), z2.sum(-1), (z2 * z).sum(-1),
@@ -84,13 +91,19 @@ def combine_moments(parts: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tens
 
 def row_errors(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
     """sum over each row of ((Q(W) - W) scale)^2, float32 [B, out], for a block W [B, out, in] of whole
-    matrices; `scale` [B, 1, 1] (powers of two: extreme weights squared without overflow)."""
+    matrices; `scale` [B, 1, 1] (powers of two: extreme weights squared without overflow) or None
+    (1: a graph of its own, whose loops inductor fuses per row; with the per-matrix scale it ran
+    some schemes in two passes over the block)."""
     x = w.float()
     if scheme == "nf4" and x.shape[-1] % 64 == 0:  # whole NF4 blocks in each row: summed per block
         x = x.reshape(*x.shape[:-1], -1, 64)  # (one loop nest over the blocks; inductor split the
-        d = (S.nf4_blocks(x) - x) * scale.unsqueeze(-1)  # row sum into a second pass otherwise)
+        d = S.nf4_blocks(x) - x  # row sum into a second pass otherwise)
+        if scale is not None:
+            d = d * scale.unsqueeze(-1)
         return (d * d).sum(-1).sum(-1)
-    d = (KERNELS[scheme](x) - x) * scale
+    d = KERNELS[scheme](x) - x
+    if scale is not None:
+        d = d * scale
     return (d * d).sum(-1)
 
 
@@ -100,10 +113,10 @@ def row_errors_diff(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> tuple[
     if scheme == "nf4" and x.shape[-1] % 64 == 0:
         xb = x.reshape(*x.shape[:-1], -1, 64)
         diff = S.nf4_blocks(xb) - xb
-        d = diff * scale.unsqueeze(-1)
+        d = diff if scale is None else diff * scale.unsqueeze(-1)
         return (d * d).sum(-1).sum(-1), diff.reshape(x.shape)
     diff = KERNELS[scheme](x) - x
-    d = diff * scale
+    d = diff if scale is None else diff * scale
     return (d * d).sum(-1), diff
 
 

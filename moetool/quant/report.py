@@ -126,7 +126,7 @@ def _errors(w: torch.Tensor, scheme: str, diff: Optional[torch.Tensor], scale: O
     (Q(W) - W) scale, so float32 squares neither overflow nor underflow. Row sums in float32 (one
     fused kernel when `compiled`, else band by band), added in float64."""
     if compiled and scheme in K.COMPILED_SCHEMES:
-        sc = (scale if scale is not None else torch.ones(w.shape[0], device=w.device)).view(-1, 1, 1)
+        sc = scale.view(-1, 1, 1) if scale is not None else None  # None: a graph without the multiply
         r = K.run_compiled("errors" if diff is None else "errors_diff", w, sc, scheme)
         if r is not None:
             if diff is not None:
