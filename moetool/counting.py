@@ -11,8 +11,8 @@ Conventions (docs/count.md):
 - active_params: per token: everything except routed experts, plus top-k routed experts of each
   MoE layer; the input embedding included; vision and audio towers excluded (they run per image /
   audio clip, not per text token).
-- active_params_excl_embedding: the same without the input embedding matrix. With tied
-  embeddings the one matrix is the LM head, so it stays.
+- active_params_excl_embedding: the same without the input embedding matrix and the other lookup
+  tables (per-layer input embeddings). With tied embeddings the one matrix is the LM head, so it stays.
 
 Example:
     >>> import moetool
@@ -162,7 +162,11 @@ def count(model: str | Checkpoint, *, revision: Optional[str] = None, context: i
     routed_active = sum((v - spec.modality_experts) * moe.top_k // moe.num_experts
                         for v in per_layer_routed.values()) if moe else 0
     active = total - groups["routed_experts"] - groups["vision"] - groups.get("audio", 0) + routed_active
-    active_excl = active - (0 if spec.tie_word_embeddings else groups["embedding"])
+    # Without the lookup tables: the input embedding (kept when tied: the one matrix is the LM head) and
+    # any other table of the embedding group (Gemma 4's per-layer input embeddings, Qwen4-Exp's n-gram
+    # tables), which are lookups whether or not the input embedding is tied.
+    tied_head = min(groups["embedding"], spec.vocab_size * spec.hidden_size) if spec.tie_word_embeddings else 0
+    active_excl = active - (groups["embedding"] - tied_head)
     breakdown = {g: groups[g] for g in GROUPS if g != "mtp"}
     if groups.get("other"):
         breakdown["other"] = groups["other"]  # stored tensors no rule places: counted, and flagged

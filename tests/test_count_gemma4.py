@@ -89,3 +89,24 @@ def test_gemma4_kv_cache_follows_transformers_layer_types(layer_types, tmp_path)
     kv = moetool.count(str(tmp_path / "config.json"), context=context, kv_dtype="fp32").kv_cache
     assert kv["bytes"] == 4 * expected
     assert kv["windowed_layers"] == sum(t == "sliding_attention" for t in tc.layer_types)
+
+
+def test_active_excl_embedding_leaves_out_the_per_layer_embedding_when_tied(tmp_path):
+    """With tied embeddings the input embedding is the LM head and stays in active_params_excl_embedding;
+    Gemma 4's per-layer input embedding is a lookup table all the same, and leaves it (it stayed before:
+    ~2.3B for the real E2B / E4B sizes)."""
+    import json
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("gemma4_text", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=128,
+                               hidden_size_per_layer_input=8, vocab_size_per_layer_input=96, enable_moe_block=True,
+                               num_experts=4, top_k_experts=2, moe_intermediate_size=16, tie_word_embeddings=True)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    r = moetool.count(str(tmp_path))
+    model = build("gemma4_text", cfg.to_dict())
+    assert r.total_params == param_count(model)
+    table = model.model.embed_tokens_per_layer.weight.numel()
+    assert table == 96 * 2 * 8
+    assert r.active_params - r.active_params_excl_embedding == table

@@ -125,3 +125,17 @@ def test_nf4_by_comparisons_equals_the_lookup():
         x = w.reshape(w.shape[0], -1, 64) if w.shape[-1] % 64 == 0 else None
         if x is not None:  # the kernel's per-block form
             assert torch.equal(_bits(schemes.nf4_blocks(x).reshape(w.shape)), _bits(schemes.nf4(w)))
+
+
+def test_e2m1_by_comparisons_equals_the_bit_version():
+    """The compiled mxfp4 / nvfp4 kernels round to E2M1 with e2m1_select (the magic number by |x| < 2 /
+    < 4); it gives e2m1's values bit for bit, -0.0 and ties included: every finite bfloat16 value, the
+    ties between code points and random floats."""
+    every_bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 0.0, 1e-40])
+    x = torch.cat([every_bf16[torch.isfinite(every_bf16)], ties, -ties,
+                   torch.randn(1 << 20, generator=torch.Generator().manual_seed(5)) * 3])
+    assert torch.equal(_bits(schemes.e2m1_select(x)), _bits(schemes.e2m1(x)))
+    w = next(_blocks()).float()
+    for scheme in ("mxfp4", "nvfp4"):
+        assert torch.equal(_bits(K.KERNELS[scheme](w)), _bits(schemes.fake_quantize(w, scheme)))

@@ -17,6 +17,7 @@ tests/test_quant_kernels.py); the sums differ only in the order of float32 addit
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -141,7 +142,8 @@ COMPILE_MIN_WEIGHTS = 2_000_000_000  # weight-scheme evaluations (about 10 s of 
 COMPILED_SCHEMES = ("int8", "int4_g128", "nf4", "fp8_channel", "fp8_block", "mxfp4", "nvfp4")
 # The scheme functions the kernels trace: the schemes' own, but nf4 by comparisons (its table
 # lookups compiled to a scalar gather loop, 5x slower than the eager kernel; the selects vectorise).
-KERNELS: dict[str, Callable] = dict(S.FUNCTIONS, nf4=S.nf4_select)
+KERNELS: dict[str, Callable] = dict(S.FUNCTIONS, nf4=S.nf4_select, mxfp4=functools.partial(S.mxfp4, fp4=S.e2m1_select),
+                                    nvfp4=functools.partial(S.nvfp4, fp4=S.e2m1_select))
 
 
 def compiled(name: str) -> Optional[Callable]:

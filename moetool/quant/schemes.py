@@ -100,6 +100,22 @@ def e2m1(x: torch.Tensor) -> torch.Tensor:
     return _round_minifloat(x.clamp(-E2M1_MAX, E2M1_MAX), 1, 0)
 
 
+# E2M1's three binades of |x| (after the clamp to +-6) and the magic number of each: 1.5 * 2^(22 + E) with
+# E = max(exponent(x), 0), the M that _round_minifloat builds from x's exponent bits.
+_E2M1_MAGIC = ((2.0, 1.5 * 2.0 ** 22), (4.0, 1.5 * 2.0 ** 23), (None, 1.5 * 2.0 ** 24))
+
+
+def e2m1_select(x: torch.Tensor) -> torch.Tensor:
+    """e2m1 by comparisons: the magic number chosen by |x| < 2 / < 4 instead of read from x's exponent
+    bits. The same values bit for bit (tests/test_quant_kernels.py); for the compiled kernels, where a
+    float <-> int32 bitcast goes through a stack buffer element by element and selects vectorise."""
+    x = x.clamp(-E2M1_MAX, E2M1_MAX)
+    a = x.abs()
+    magic = torch.where(a < _E2M1_MAGIC[0][0], _E2M1_MAGIC[0][1],
+                        torch.where(a < _E2M1_MAGIC[1][0], _E2M1_MAGIC[1][1], _E2M1_MAGIC[2][1]))
+    return ((x + magic) - magic).copysign(x)
+
+
 def e4m3(x: torch.Tensor) -> torch.Tensor:
     """x.clamp(-448, 448) cast to float8_e4m3fn and back, by arithmetic (ties to even; torch's cast)."""
     return _round_minifloat(x.clamp(-E4M3_MAX, E4M3_MAX), 3, -6)
@@ -186,7 +202,7 @@ def fp8_block(w: torch.Tensor, block: int = 128) -> torch.Tensor:
     return q if not (po or pi) else q[..., :out, :inp]
 
 
-def mxfp4(w: torch.Tensor, block: int = 32) -> torch.Tensor:
+def mxfp4(w: torch.Tensor, block: int = 32, fp4: Callable = e2m1) -> torch.Tensor:
     *lead, out, inp = w.shape
     x = _pad_last(w, block).reshape(*lead, out, -1, block)
     amax = _absmax(x, -1)
@@ -194,12 +210,13 @@ def mxfp4(w: torch.Tensor, block: int = 32) -> torch.Tensor:
     exp = torch.floor(torch.log2(amax.clamp(min=tiny)))
     exp = exp.masked_fill(amax == 0, -127.0)
     scale = torch.exp2((exp - 2).clamp(-127, 128)).clamp(min=tiny)  # E8M0, emax(E2M1) = 2
-    q = e2m1(x / scale).mul_(scale).reshape(*lead, out, -1)
+    q = fp4(x / scale).mul_(scale).reshape(*lead, out, -1)
     return q if q.shape[-1] == inp else q[..., :inp]
 
 
-def nvfp4(w: torch.Tensor, block: int = 16, amax_t: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """amax_t: the matrix's max |W| [..., 1, 1] when `w` is a band of its rows (else computed)."""
+def nvfp4(w: torch.Tensor, block: int = 16, amax_t: Optional[torch.Tensor] = None, fp4: Callable = e2m1) -> torch.Tensor:
+    """amax_t: the matrix's max |W| [..., 1, 1] when `w` is a band of its rows (else computed). `fp4`:
+    the E2M1 rounding (e2m1_select in the compiled kernels), as for mxfp4."""
     *lead, out, inp = w.shape
     x = _pad_last(w, block).reshape(*lead, out, -1, block)
     amax_t = (_absmax(w, (-2, -1)) if amax_t is None else amax_t).unsqueeze(-1)  # per matrix, [..., 1, 1, 1]
@@ -212,7 +229,7 @@ def nvfp4(w: torch.Tensor, block: int = 16, amax_t: Optional[torch.Tensor] = Non
     # +-0 (q * s8 * 0), and zero factors keep it so where 0 * inf would give NaN.
     underflow = tensor_scale == 0
     s8, factor = s8.masked_fill(underflow, 0.0), factor.masked_fill(underflow, 0.0)
-    q = e2m1(x * factor).mul_(s8).mul_(tensor_scale).reshape(*lead, out, -1)
+    q = fp4(x * factor).mul_(s8).mul_(tensor_scale).reshape(*lead, out, -1)
     return q if q.shape[-1] == inp else q[..., :inp]
 
 
