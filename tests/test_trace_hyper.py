@@ -224,3 +224,26 @@ def test_quantize_report_scores_experts_as_transformers_runs_them(name, hyper_fa
     assert row.output_rel_error == pytest.approx(float(expected), rel=1e-4)
     full = quantize_report(str(d), schemes=["int4_g128"], layers={layer}, device="cpu", calibration_tokens=40)
     assert {x.expert for x in full.rows if not isinstance(x.expert, int)} == {"shared"}
+
+
+def test_deepseek_v4_original_layout(hyper_family, tmp_path):
+    """DeepSeek-V4's own checkpoint layout (embed.weight, layers.*, norm.weight, head.weight, hc_head_fn at
+    the top, no model. prefix), which transformers loads through its conversion mapping: the same logits."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    src, ids, ref_logits, _, _ = hyper_family("deepseek_v4", 0)
+    d = tmp_path / "original"
+    d.mkdir()
+    shutil.copy(src / "config.json", d / "config.json")
+    tensors = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        name = name.removeprefix("model.").replace("embed_tokens.", "embed.")
+        tensors[name.replace("hc_head.hc_", "hc_head_")] = t
+    assert {"embed.weight", "norm.weight", "head.weight", "hc_head_fn", "layers.0.attn.wq_a.weight"} <= set(tensors)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (loaded(torch.tensor([ids])).logits[0] - ref_logits).abs().max().item() < 1e-5  # transformers reads it so
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    assert (out.logits - ref_logits).abs().max().item() < 1e-4

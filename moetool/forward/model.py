@@ -82,7 +82,8 @@ class Names:
 
     FINAL_NORM_ALIASES = ("final_layernorm.", "embedding_norm.", "norm_f.")  # Jamba, LFM2, Nemotron-H
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
-             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight")
+             "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight",
+             "embed.weight")  # DeepSeek-V4's original layout: embed, layers.*, norm, head, hc_head_* at the top
 
     def __init__(self, store: WeightStore):
         self.store = store
@@ -94,6 +95,8 @@ class Names:
         if embed.startswith("transformer."):
             self.layers, self.final_norm = "transformer.blocks.", "transformer.norm_f."
             self.head = "lm_head.weight"
+        elif embed == "embed.weight":
+            self.layers, self.final_norm, self.head = "layers.", "norm.", "head.weight"
         else:
             root = embed.rsplit(".", 2)[0] + "."  # "model." of model.embed_tokens.weight
             self.layers, self.final_norm = root + "layers.", root + "norm."
