@@ -47,7 +47,11 @@ CONFIGS = {**{n: (c, build_transformers_model, None) for n, c in FORWARD_FAMILY_
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
-TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba"]
+TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba",
+                         # hyper-connection families (the other DeepSeek-V4 config is left out: at step 5 its
+                         # indexer ties, which transformers' cached generate ranks at the current length and
+                         # its own full forward at the final one; ours ranks as the full forward, forward/cache.py)
+                         "hy_v4", "deepseek_v4-yarn"]
 
 
 def _family(config: dict) -> set[str]:
