@@ -247,3 +247,25 @@ def test_deepseek_v4_original_layout(hyper_family, tmp_path):
         assert (loaded(torch.tensor([ids])).logits[0] - ref_logits).abs().max().item() < 1e-5  # transformers reads it so
     out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
     assert (out.logits - ref_logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("edit,error,needle", [
+    (lambda c, t: c.update(o_groups=3), "BadConfig", "o_groups"),
+    (lambda c, t: c.update(layer_types=["sliding_attention", "full_attention"] * 2), "BadConfig", "layer_types"),
+    (lambda c, t: t.__setitem__("model.layers.0.ffn.gate.tid2eid", t["model.layers.0.ffn.gate.tid2eid"] + 100),
+     "BadCheckpoint", "expert ids"),
+])
+def test_deepseek_v4_bad_input_is_one_clear_error(edit, error, needle, hyper_family, tmp_path):
+    """A config or hash table DeepSeek-V4 cannot run: one MoetoolError naming the field, not a crash."""
+    from safetensors.torch import load_file, save_file
+
+    from moetool import errors
+
+    src, ids, _, _, _ = hyper_family("deepseek_v4", 0)
+    config = json.loads((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    edit(config, tensors)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(getattr(errors, error), match=needle):
+        run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu")

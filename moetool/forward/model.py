@@ -532,6 +532,7 @@ class Decoder:
         self.index_width: Optional[int] = None
         # GLM-5: the keys the last "full" indexer layer kept [T, S]; its "shared" layers reuse them
         self._index_keep: Optional[torch.Tensor] = None
+        self.token_ids: Optional[torch.Tensor] = None  # the ids `embed` read (DeepSeek-V4's hash routers)
 
     def w(self, name: Optional[str]) -> Optional[torch.Tensor]:
         return self.store.get_optional(name, self.dtype, device=self.device)
