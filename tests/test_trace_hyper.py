@@ -159,10 +159,12 @@ def test_deepseek_v4_indexer_and_compressed_entries_matter(hyper_family, monkeyp
         assert (wrong - ref_logits).abs().max().item() > 1e-3, variant
 
 
-@pytest.mark.parametrize("name", ["hy_v4", "deepseek_v4"])
-def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path):
+@pytest.mark.parametrize("name", ["hy_v4", "deepseek_v4", "glm_moe_dsa"])
+def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path, tmp_path_factory):
     """moetool profile runs several prompts per block (each with its own mask and positions, the
-    indexer choosing each prompt's keys on its own): every token routes as in one trace per prompt."""
+    indexer choosing each prompt's keys on its own): every token routes as in one trace per prompt.
+    GLM-5 (tests/test_trace_gap_families.py): DeepSeek's sparse-attention indexer on a block of prompts
+    (profile stopped on it with a TypeError before the indexer split blocks)."""
     import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
@@ -170,7 +172,12 @@ def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path):
     from moetool.tracing import trace
 
     d = tmp_path / name
-    shutil.copytree(hyper_family(name, 1)[0], d)
+    if name in FAMILIES:
+        shutil.copytree(hyper_family(name, 1)[0], d)
+    else:
+        from test_trace_gap_families import FAMILIES as GAP
+
+        shutil.copytree(build_case(tmp_path_factory, GAP[name], name, 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
     profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
