@@ -64,7 +64,12 @@ CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize)
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
 TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "step3p7", "zaya",
                          "gemma4_text", "gemma4",
-                         "inkling_text", "inkling2_text", "mistral_large4"]
+                         "inkling_text", "inkling2_text", "mistral_large4",
+                         # hyper-connection families (the other DeepSeek-V4 config is left out: at step 5 its
+                         # indexer ties, which transformers' cached generate ranks at the current length and
+                         # its own full forward at the final one; ours ranks as the full forward, forward/cache.py)
+                         "hy_v4", "deepseek_v4-yarn"]
+
 
 
 def _family(config: dict) -> set[str]:

@@ -159,10 +159,12 @@ def test_deepseek_v4_indexer_and_compressed_entries_matter(hyper_family, monkeyp
         assert (wrong - ref_logits).abs().max().item() > 1e-3, variant
 
 
-@pytest.mark.parametrize("name", ["hy_v4", "deepseek_v4"])
-def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path):
+@pytest.mark.parametrize("name", ["hy_v4", "deepseek_v4", "glm_moe_dsa"])
+def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path, tmp_path_factory):
     """moetool profile runs several prompts per block (each with its own mask and positions, the
-    indexer choosing each prompt's keys on its own): every token routes as in one trace per prompt."""
+    indexer choosing each prompt's keys on its own): every token routes as in one trace per prompt.
+    GLM-5 (tests/test_trace_gap_families.py): DeepSeek's sparse-attention indexer on a block of prompts
+    (profile stopped on it with a TypeError before the indexer split blocks)."""
     import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
@@ -170,7 +172,12 @@ def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path):
     from moetool.tracing import trace
 
     d = tmp_path / name
-    shutil.copytree(hyper_family(name, 1)[0], d)
+    if name in FAMILIES:
+        shutil.copytree(hyper_family(name, 1)[0], d)
+    else:
+        from test_trace_gap_families import FAMILIES as GAP
+
+        shutil.copytree(build_case(tmp_path_factory, GAP[name], name, 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
     profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
@@ -224,3 +231,48 @@ def test_quantize_report_scores_experts_as_transformers_runs_them(name, hyper_fa
     assert row.output_rel_error == pytest.approx(float(expected), rel=1e-4)
     full = quantize_report(str(d), schemes=["int4_g128"], layers={layer}, device=DEVICE, calibration_tokens=40)
     assert {x.expert for x in full.rows if not isinstance(x.expert, int)} == {"shared"}
+
+
+def test_deepseek_v4_original_layout(hyper_family, tmp_path):
+    """DeepSeek-V4's own checkpoint layout (embed.weight, layers.*, norm.weight, head.weight, hc_head_fn at
+    the top, no model. prefix), which transformers loads through its conversion mapping: the same logits."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    src, ids, ref_logits, _, _ = hyper_family("deepseek_v4", 0)
+    d = tmp_path / "original"
+    d.mkdir()
+    shutil.copy(src / "config.json", d / "config.json")
+    tensors = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        name = name.removeprefix("model.").replace("embed_tokens.", "embed.")
+        tensors[name.replace("hc_head.hc_", "hc_head_")] = t
+    assert {"embed.weight", "norm.weight", "head.weight", "hc_head_fn", "layers.0.attn.wq_a.weight"} <= set(tensors)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (loaded(torch.tensor([ids])).logits[0] - ref_logits).abs().max().item() < 1e-5  # transformers reads it so
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    assert (out.logits - ref_logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("edit,error,needle", [
+    (lambda c, t: c.update(o_groups=3), "BadConfig", "o_groups"),
+    (lambda c, t: c.update(layer_types=["sliding_attention", "full_attention"] * 2), "BadConfig", "layer_types"),
+    (lambda c, t: t.__setitem__("model.layers.0.ffn.gate.tid2eid", t["model.layers.0.ffn.gate.tid2eid"] + 100),
+     "BadCheckpoint", "expert ids"),
+])
+def test_deepseek_v4_bad_input_is_one_clear_error(edit, error, needle, hyper_family, tmp_path):
+    """A config or hash table DeepSeek-V4 cannot run: one MoetoolError naming the field, not a crash."""
+    from safetensors.torch import load_file, save_file
+
+    from moetool import errors
+
+    src, ids, _, _, _ = hyper_family("deepseek_v4", 0)
+    config = json.loads((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    edit(config, tensors)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(getattr(errors, error), match=needle):
+        run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu")

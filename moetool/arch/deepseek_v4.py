@@ -22,6 +22,7 @@ from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
 from . import common
 
 DEFAULT_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 _RATIO_TO_TYPE = {4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 
 
@@ -35,6 +36,9 @@ def _layer_types(cfg: Cfg, n: int) -> list[str]:
             "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))]
     if len(types) < n:
         raise BadConfig(f"{cfg.where}: layer_types has {len(types)} entries for {n} layers")
+    bad = sorted({t for t in types[:n] if t not in LAYER_TYPES})
+    if bad:
+        raise BadConfig(f"{cfg.where}: layer_types entries must be one of {', '.join(LAYER_TYPES)}; got {', '.join(bad)}")
     return types[:n]
 
 

@@ -11,6 +11,8 @@ the cache keeps what the next token needs from the earlier ones:
 - MLA (DeepSeek-V2/V3, Kimi Linear ...): the decompressed per-head keys and values; DeepSeek-V3.2's
   indexer keys too (its top-k is chosen again over all cached keys for each new query);
 - JetMoE's mixture of attention: the shared keys and values after RoPE;
+- DeepSeek-V4 (forward/deepseek_v4.py): the shared key/value of every token, and its compressors' and
+  indexer's projections of every token (each step compresses the closed windows again);
 - the token mixers of forward/mixers/ (Mamba, Mamba-2, Gated DeltaNet, KDA, short convolution,
   lightning attention): their recurrent state (`state=` dict: convolution tail and SSM / linear
   attention state).
@@ -25,7 +27,7 @@ keeps depends on the length of the row it ranks. In every forward of a generatio
 the rows are ranked at the length of the whole final sequence (`Decoder.index_width`), as in the
 traced forward of that sequence: both paths then keep the same keys and the generated tokens are
 the argmax of the reported logits. (transformers' cached `generate` ranks rows at the current
-length and may keep other tied keys.)
+length and may keep other tied keys; DeepSeek-V4's indexer over its compressed entries likewise.)
 
 Shapes: T new tokens, S cached + new tokens, V vocab.
 """

@@ -43,8 +43,6 @@ from ..errors import BadCheckpoint, BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 from .model import Segments, apply_rope, attention_mask, linear, rms_norm, sdpa
 
-LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
-
 # Stored names: the original checkpoint's (as save_pretrained writes them back), then transformers' module names.
 _NAMES = {
     "q_a": ("attn.wq_a.weight", "self_attn.q_a_proj.weight"), "q_norm": ("attn.q_norm.weight", "self_attn.q_a_norm.weight"),
@@ -89,9 +87,7 @@ def forward_config(spec: ModelSpec, cfg: Cfg):
     for key, legacy in (("compressed_sparse_attention", "compress_rate_csa"), ("heavily_compressed_attention", "compress_rate_hca")):
         if cfg.has(legacy):
             rates[key] = cfg.int(legacy, min_value=1)
-    types = _layer_types(cfg, n)
-    if any(t not in LAYER_TYPES for t in types):
-        raise BadConfig(f"{cfg.where}: layer_types entries must be one of {', '.join(LAYER_TYPES)}")
+    types = _layer_types(cfg, n)  # checked there
     prf = cfg.raw("partial_rotary_factor")
     prf = float(prf) if prf is not None else (cfg.int("qk_rope_head_dim") / hd if cfg.has("qk_rope_head_dim") else 64 / 512)
     rope_dim = int(hd * prf)

@@ -84,7 +84,8 @@ class Names:
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
              "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight",
              "model.llm.embed.weight",  # Inkling 2 as published and saved: model.llm.{embed,layers,norm,unembed}
-             "model.word_embeddings.weight")  # Ling (bailing_hybrid) as published
+             "model.word_embeddings.weight",  # Ling (bailing_hybrid) as published
+             "embed.weight")  # DeepSeek-V4's original layout: embed, layers.*, norm, head, hc_head_* at the top
 
     def __init__(self, store: WeightStore, aliases: tuple = ()):
         self.store = store
@@ -99,6 +100,8 @@ class Names:
         if embed.startswith("transformer."):
             self.layers, self.final_norm = "transformer.blocks.", "transformer.norm_f."
             self.head = "lm_head.weight"
+        elif embed == "embed.weight":
+            self.layers, self.final_norm, self.head = "layers.", "norm.", "head.weight"
         else:
             root = embed.rsplit(".", 2)[0] + "."  # "model." of model.embed_tokens.weight
             self.layers, self.final_norm = root + "layers.", root + "norm."
@@ -559,6 +562,7 @@ class Decoder:
         self.index_width: Optional[int] = None
         # GLM-5: the keys the last "full" indexer layer kept [T, S]; its "shared" layers reuse them
         self._index_keep: Optional[torch.Tensor] = None
+        self.token_ids: Optional[torch.Tensor] = None  # the ids `embed` read (DeepSeek-V4's hash routers)
 
     def w(self, name: Optional[str]) -> Optional[torch.Tensor]:
         return self.store.get_optional(name, self.dtype, device=self.device)
