@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fakes import assert_matches_transformers, build_transformers_model
+from fakes import DEVICE, assert_matches_transformers, build_transformers_model
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_hybrid_trace import hybrid_checkpoint, randomize_mixer_params  # noqa: F401 (a fixture)
@@ -106,7 +106,7 @@ CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, bailing):
     d, ids, ref_logits, ref_routes, model, _ = bailing(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu", streaming=True)
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE, streaming=True)
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
     kinds = [type(l.self_attn).__name__ for l in model.model.layers]
     assert {"BailingHybridDeltaAttention", "BailingHybridAttention"} <= set(kinds)  # both mixers ran
@@ -128,7 +128,7 @@ def test_trace_of_runtime_layout(name, bailing):
     """The same weights under transformers' in-memory names (self_attn., forget_gate., one conv1d,
     fused experts, e_score_correction_bias) trace the same."""
     _, ids, ref_logits, ref_routes, _, runtime = bailing(name, 0)
-    out = run_forward(resolve(str(runtime)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(runtime)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True)
 
 
@@ -154,7 +154,7 @@ def test_the_forget_gate_and_output_gates_matter(name, bailing, monkeypatch):
 
     for wrong in (swapped_gate, no_out_gate):
         monkeypatch.setitem(config_mod.HYBRID, "bailing_hybrid", wrong)
-        logits = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu").logits
+        logits = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE).logits
         assert (logits - ref_logits).abs().max().item() > 1e-3, wrong.__name__
 
 
@@ -169,7 +169,7 @@ def test_generate_with_cache_equals_transformers_generate(bailing):
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, use_cache=True,
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
-    ours = generate(resolve(str(d)), prompt, 6, device="cpu")
+    ours = generate(resolve(str(d)), prompt, 6, device=DEVICE)
     assert ours.cached and ours.ids == ref[0].tolist()
 
 
@@ -201,11 +201,11 @@ def test_profile_routes_each_prompt_as_its_own_trace(name, bailing, hybrid_check
         assert r.returncode == 0, r.stderr
         stats = ProfileStats.load(str(tmp_path / "out"))
     else:
-        stats = profile(read_corpus(str(tmp_path / "p.txt")), model=str(d), block_tokens=1000, device="cpu")
+        stats = profile(read_corpus(str(tmp_path / "p.txt")), model=str(d), block_tokens=1000, device=DEVICE)
     tok = load_tokenizer(resolve(str(d)))
     expected: dict = {}
     for p in prompts:
-        out = run_forward(resolve(str(d)), tok.encode(p).ids, dtype="float32", device="cpu")
+        out = run_forward(resolve(str(d)), tok.encode(p).ids, dtype="float32", device=DEVICE)
         for route in out.routes:
             load = expected.setdefault(route.layer, torch.zeros(stats.num_experts, dtype=torch.long))
             load += torch.bincount(route.experts.reshape(-1), minlength=stats.num_experts)

@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fakes import assert_matches_transformers, build_transformers_model, randomize_biases
+from fakes import DEVICE, assert_matches_transformers, build_transformers_model, randomize_biases
 from moetool.errors import BadConfig
 from moetool.forward import run_forward
 from moetool.source import resolve
@@ -163,7 +163,7 @@ CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, dsa_variant):
     d, ids, ref_logits, ref_routes, _ = dsa_variant(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
 
 
@@ -178,7 +178,7 @@ def test_mistral_large4_runtime_names_match_too(dsa_variant, tmp_path):
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
               str(tmp_path / "model.safetensors"))
     shutil.copy(d / "config.json", tmp_path / "config.json")
-    out = run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(tmp_path)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
 
 
@@ -202,7 +202,7 @@ def test_mistral_large4_kv_source_of_another_rope_kind_is_refused(dsa_variant, t
     cfg["text_config"]["kv_source_layers"] = [0, 0, 2, 3, 0]  # layer 4 (NoPE) onto layer 0 (RoPE)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadConfig, match="kv_source_layers"):
-        run_forward(resolve(str(tmp_path)), [1, 2, 3], dtype="float32", device="cpu")
+        run_forward(resolve(str(tmp_path)), [1, 2, 3], dtype="float32", device=DEVICE)
     r = subprocess.run([sys.executable, "-m", "moetool", "trace", str(tmp_path), "--tokens", "1,2,3"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "kv_source_layers" in r.stderr and "Traceback" not in r.stderr
@@ -225,10 +225,10 @@ def test_profile_blocks_route_as_traces(name, dsa_variant, tmp_path):
     shutil.copytree(dsa_variant(name, 0)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
-    profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
+    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
     rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
     for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device="cpu")
+        t = trace(text, model=str(d), device=DEVICE)
         assert len(t.tokens) > 8  # longer than index_topk: the indexer drops keys
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
@@ -252,5 +252,5 @@ def test_dots3_note_published_config_traces_the_same(dsa_variant, tmp_path):
     text = cfg.pop("text_config")
     cfg.update({k: v for k, v in text.items() if k not in ("model_type", "architectures")})
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    out = run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(tmp_path)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")

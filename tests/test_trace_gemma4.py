@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from census_reference import shrunk_config
-from fakes import assert_matches_transformers
+from fakes import DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_bad_input import run_cli
@@ -110,7 +110,7 @@ def gemma4_case(tmp_path_factory):
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, gemma4_case):
     d, ids, ref_logits, ref_routes = gemma4_case(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
 
 
@@ -129,10 +129,10 @@ def test_profile_blocks_route_as_traces(gemma4_case, tmp_path):
     shutil.copytree(gemma4_case("gemma4_text", 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 2, "def add(a, b): return a + b", "import os, sys " * 3]
-    profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
+    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
     rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
     for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device="cpu")
+        t = trace(text, model=str(d), device=DEVICE)
         assert len(t.tokens) > 5  # longer than the sliding window (4)
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
@@ -193,9 +193,9 @@ def test_trace_with_a_vision_tower_runs_the_language_model(tmp_path):
     model.save_pretrained(tmp_path)
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(5))
     logits, routes = routes_and_logits(model, ids)
-    assert_matches_transformers(run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device="cpu"),
+    assert_matches_transformers(run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device=DEVICE),
                                 logits, routes, nonzero=True, varied="every")
-    report = trace(tokens=ids[0].tolist()[:8], model=str(tmp_path), device="cpu")
+    report = trace(tokens=ids[0].tolist()[:8], model=str(tmp_path), device=DEVICE)
     assert any("vision tower is not run" in n for n in report.notes), report.notes
 
 
@@ -210,7 +210,7 @@ def test_quantize_report_scores_the_experts(gemma4_case, tmp_path):
     d = tmp_path / "g4"
     shutil.copytree(gemma4_case("gemma4_text", 0)[0], d)
     write_tokenizer(d)
-    rows = quantize_report(str(d), schemes=["int8"], calibration_tokens=48, device="cpu").to_dict()["experts"]
+    rows = quantize_report(str(d), schemes=["int8"], calibration_tokens=48, device=DEVICE).to_dict()["experts"]
     routed = {(r["layer"], r["expert"]) for r in rows if r["expert"] is not None}
     assert {layer for layer, _ in routed} == set(range(5)) and len(routed) > 10
     assert {r["layer"] for r in rows if r["expert"] is None} == set(range(5))  # the dense MLPs
@@ -229,5 +229,5 @@ def test_placeholder_tokens_embed_as_pad(tmp_path):
     ids = torch.randint(8, 128, (1, 24), generator=torch.Generator().manual_seed(3))
     ids[0, [2, 9, 15]] = torch.tensor([5, 6, 7])
     logits, routes = routes_and_logits(model, ids)
-    out = run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device="cpu")
+    out = run_forward(resolve(str(tmp_path)), ids[0].tolist(), dtype="float32", device=DEVICE)
     assert_matches_transformers(out, logits, routes, nonzero=True)

@@ -252,7 +252,7 @@ def test_deepseek_v4_original_layout(hyper_family, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
     with torch.no_grad():
         assert (loaded(torch.tensor([ids])).logits[0] - ref_logits).abs().max().item() < 1e-5  # transformers reads it so
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert (out.logits - ref_logits).abs().max().item() < 1e-4
 
 
@@ -275,4 +275,4 @@ def test_deepseek_v4_bad_input_is_one_clear_error(edit, error, needle, hyper_fam
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(getattr(errors, error), match=needle):
-        run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu")
+        run_forward(resolve(str(tmp_path)), ids, dtype="float32", device=DEVICE)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from census_reference import _merge, shrunk_config
-from fakes import assert_matches_transformers
+from fakes import DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -123,7 +123,7 @@ def inkling_case(tmp_path_factory):
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, inkling_case):
     d, ids, ref_logits, ref_routes, _ = inkling_case(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert out.logits.shape == ref_logits.shape  # the padded head cut to unpadded_vocab_size
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
 
@@ -156,11 +156,11 @@ def test_profile_blocks_route_as_traces(name, inkling_case, tmp_path):
     shutil.copytree(inkling_case(name, 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
-    stats = profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))
-    assert stats.tokens == sum(len(trace(p, model=str(d), device="cpu").tokens) for p in prompts)
+    stats = profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))
+    assert stats.tokens == sum(len(trace(p, model=str(d), device=DEVICE).tokens) for p in prompts)
     rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
     for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device="cpu")
+        t = trace(text, model=str(d), device=DEVICE)
         assert len(t.tokens) > 8  # past the window and the kernel
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])

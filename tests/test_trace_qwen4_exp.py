@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fakes import assert_matches_transformers, build_transformers_model
+from fakes import DEVICE, assert_matches_transformers, build_transformers_model
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_hybrid_trace import randomize_mixer_params
@@ -94,7 +94,7 @@ CASES = [(n, s) for n in FAMILIES for s in SEEDS]
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, qwen4):
     d, ids, ref_logits, ref_routes, _ = qwen4(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu")
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE)
     assert_matches_transformers(out, ref_logits, ref_routes, nonzero=True, varied="every")
 
 
@@ -107,7 +107,7 @@ def test_ple_and_indexer_matter(qwen4, monkeypatch):
                        ("qsa_keep", lambda dec, i, h, cos, sin, mask: mask)):
         with monkeypatch.context() as m:
             m.setattr(qwen4_exp, attr, fake)
-            logits = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu").logits
+            logits = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE).logits
         assert (logits - ref_logits).abs().max().item() > 1e-3, attr
 
 

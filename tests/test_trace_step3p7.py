@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import moetool
 from census_reference import _merge, shrunk_config
-from fakes import assert_matches_transformers
+from fakes import DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_bad_input import run_cli
@@ -109,14 +109,14 @@ def _same(out, logits, routes) -> None:
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, step_checkpoint):
     d, _, ids, logits, routes, _ = step_checkpoint(name, seed)
-    _same(run_forward(resolve(str(d)), ids, dtype="float32", device="cpu", streaming=True), logits, routes)
+    _same(run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE, streaming=True), logits, routes)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_trace_of_runtime_layout(name, step_checkpoint):
     """The same weights under transformers' names (model.language_model.*, experts gate_up_proj [E, 2F, D])."""
     _, runtime, ids, logits, routes, _ = step_checkpoint(name, 0)
-    _same(run_forward(resolve(str(runtime)), ids, dtype="float32", device="cpu"), logits, routes)
+    _same(run_forward(resolve(str(runtime)), ids, dtype="float32", device=DEVICE), logits, routes)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -148,7 +148,7 @@ def test_legacy_config_keys(step_checkpoint, tmp_path):
     assert theirs.mlp_layer_types == ["dense", "sparse", "sparse", "sparse"] and theirs.layer_types == _SWA4
     assert theirs.rope_parameters["full_attention"]["partial_rotary_factor"] == 0.5
     logits, routes = reference_routes(model, torch.tensor([ids]))
-    _same(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu"), logits, routes)
+    _same(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device=DEVICE), logits, routes)
 
 
 def test_sliding_windows_as_transformers_cache(step_checkpoint):
@@ -201,10 +201,10 @@ def test_profile_runs(step_checkpoint, tmp_path):
     shutil.copytree(step_checkpoint("step3p7", 0)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog.", "def add(a, b): return a + b", "import os, sys " * 3]
-    profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))
+    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))
     rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
     for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device="cpu")
+        t = trace(text, model=str(d), device=DEVICE)
         assert len(t.tokens) > 5  # longer than the sliding window
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import moetool
-from fakes import assert_matches_transformers, randomize_biases
+from fakes import DEVICE, assert_matches_transformers, randomize_biases
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -99,7 +99,7 @@ def zaya_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
 def test_trace_matches_transformers(name, seed, zaya_checkpoint):
     d, ids, logits, routes, _ = zaya_checkpoint(name, seed)
-    out = run_forward(resolve(str(d)), ids, dtype="float32", device="cpu", streaming=True)
+    out = run_forward(resolve(str(d)), ids, dtype="float32", device=DEVICE, streaming=True)
     assert_matches_transformers(out, logits, routes, nonzero=True, varied="every")
     E = CONFIGS[name]["num_experts"]
     skipped = sum(int((r.experts == E).sum()) for r in out.routes)
@@ -162,10 +162,10 @@ def test_profile_restarts_the_convolution_at_each_prompt(zaya_checkpoint, tmp_pa
     shutil.copytree(zaya_checkpoint("zaya", 0)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog.", "def add(a, b): return a + b", "import os, sys " * 3]
-    profile(prompts, model=str(d), block_tokens=200, device="cpu", per_token=str(tmp_path / "t.parquet"))  # one block
+    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
     rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
     for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device="cpu")
+        t = trace(text, model=str(d), device=DEVICE)
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
@@ -187,7 +187,7 @@ def test_checkpoint_without_balancing_biases(zaya_checkpoint, tmp_path):
     logits, routes = reference_routes(model, torch.tensor([ids]))
     E = CONFIGS["zaya-tied"]["num_experts"]
     routes = {l: (torch.where(w == 0, torch.full_like(i, E), i), w) for l, (i, w) in routes.items()}
-    assert_matches_transformers(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device="cpu"), logits, routes)
+    assert_matches_transformers(run_forward(resolve(str(tmp_path)), ids, dtype="float32", device=DEVICE), logits, routes)
 
 
 def test_router_of_other_width_refused(zaya_checkpoint, tmp_path):
