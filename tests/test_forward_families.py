@@ -89,10 +89,12 @@ def randomize_biases(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "correction" in name else 0.5))
 
 
-# DeepSeek Sparse Attention keeps the indexer's top keys, and its scores tie exactly (0 after the
-# ReLU in every head). CPU and CUDA torch.topk break such ties differently, so where moetool runs on
-# a GPU (MOETOOL_TEST_DEVICE=cuda) transformers' reference for these families runs on it too.
-TIES_ON_DEVICE = {"deepseek_v32", "glm_moe_dsa", "axk2"}
+# Sparse-attention indexers keep their top keys, and their scores tie exactly (0 after the ReLU in
+# every head). CPU and CUDA torch.topk break such ties differently, so where moetool runs on a GPU
+# (MOETOOL_TEST_DEVICE=cuda) transformers' reference for these families runs on it too: DeepSeek's
+# indexer (V3.2, GLM-5, A.X-K2, HY-V4, DeepSeek-V4, Mistral-Large-4, dots3) and Qwen4-Exp's QSA.
+TIES_ON_DEVICE = {"deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "deepseek_v4", "mistral_large4", "dots3_note",
+                  "dots3_note_text", "qwen4_exp", "qwen4_exp_text"}
 
 
 def reference_routes(model, ids) -> tuple[torch.Tensor, dict]:

@@ -150,7 +150,7 @@ def test_deepseek_v4_indexer_and_compressed_entries_matter(hyper_family, monkeyp
     for variant in ("all visible", "none"):
         def patched(dec, i, h, q_res, pos, kind, cache, variant=variant):
             entries, keep = real(dec, i, h, q_res, pos, kind, cache)
-            visible = torch.arange(entries.shape[0])[None] < ((pos.long() + 1) // dec.fc.deepseek_v4["rates"][kind])[:, None]
+            visible = torch.arange(entries.shape[0], device=pos.device)[None] < ((pos.long() + 1) // dec.fc.deepseek_v4["rates"][kind])[:, None]
             assert kind != "compressed_sparse_attention" or (keep != visible).any()  # index_topk 2 cuts in
             return entries, visible if variant == "all visible" else keep & False
 
