@@ -108,6 +108,10 @@ FORWARD_FAMILIES += ("gemma4_text",)  # per-layer inputs, KV sharing, MoE beside
 # Inkling 2's image-text model runs its language model on text-only input.
 MULTIMODAL_FORWARD["inkling2"] = "inkling2_text"
 FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2")
+# Issue 11, session 3 (tests/test_trace_mm_gap.py): NeMo SpeechLM's language model is Nemotron-H (the
+# ASR encoder, diarization model and word-timestamp head are not run).
+MULTIMODAL_FORWARD["nemo_speechlm"] = "nemotron_h"
+FORWARD_FAMILIES += ("nemo_speechlm",)
 
 
 # transformers' defaults when a config gives no rope_theta.

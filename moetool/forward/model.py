@@ -85,7 +85,9 @@ class Names:
     EMBED = ("model.embed_tokens.weight", "transformer.wte.weight", "language_model.model.embed_tokens.weight",
              "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight",
              "model.llm.embed.weight",  # Inkling 2 as published and saved: model.llm.{embed,layers,norm,unembed}
-             "model.word_embeddings.weight")  # Ling (bailing_hybrid) as published
+             "model.word_embeddings.weight",  # Ling (bailing_hybrid) as published
+             # NeMo SpeechLM as published (llm.model.*, llm.lm_head) and in transformers (Nemotron-H's names)
+             "llm.model.embed_tokens.weight", "model.language_model.embeddings.weight")
 
     def __init__(self, store: WeightStore, aliases: tuple = ()):
         self.store = store
@@ -107,7 +109,7 @@ class Names:
                 if root + "norm.weight" not in store and root + alt + "weight" in store:
                     self.final_norm = root + alt
             # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
-            wrapper = "language_model." if embed.startswith("language_model.") else ""
+            wrapper = "language_model." if embed.startswith("language_model.") else "llm." if embed.startswith("llm.") else ""
             self.head = wrapper + "lm_head.weight"
             if self.head not in store and "head.weight" in store:  # DeepSeek-V4 as saved
                 self.head = "head.weight"
