@@ -12,6 +12,9 @@ input_ids without audio / image features.
 - nemo_speechlm: Nemotron-H (Mamba-2, attention, MoE with a shared expert), published as llm.model.*,
   llm.lm_head and Mamba-2's A_log / D / dt_bias under mixer._fp32_params.; transformers' in-memory
   names (model.language_model.embeddings / norm_f) too.
+- unlimited_ocr: GQA attention with DeepSeek-V2's softmax router (greedy and group-limited greedy,
+  weights times routed_scaling_factor), shared experts, dense layers per mlp_layer_types; attention and
+  MLP biases. Its "reference sliding window" keeps every prefill token, so a prompt attends in full.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ _NEMO_TEXT = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, 
                   n_groups=2, ssm_state_size=8, intermediate_size=48, moe_intermediate_size=24,
                   moe_shared_expert_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                   topk_group=1, routed_scaling_factor=2.0, initializer_range=0.1)
+_OCR_TEXT = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_hidden_layers=3,
+                 intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2,
+                 num_experts_per_tok=2, mlp_layer_types=["dense", "sparse", "sparse"], routed_scaling_factor=1.7,
+                 attention_bias=True, mlp_bias=True, max_position_embeddings=256, initializer_range=0.1)
 
 CONFIGS = {
     "nemo_speechlm": lambda: _multimodal("nemo_speechlm", _NEMO_TEXT),
@@ -42,6 +49,12 @@ CONFIGS = {
     "nemo_speechlm-latent": lambda: _multimodal("nemo_speechlm", dict(
         _NEMO_TEXT, layers_block_type=["moe", "mamba", "moe", "attention"], n_routed_experts=8, num_experts_per_tok=3,
         moe_latent_size=16, mlp_bias=True, use_bias=True, norm_topk_prob=False, time_step_min=0.05, n_groups=1, n_group=1)),
+    "unlimited_ocr": lambda: _multimodal("unlimited_ocr", _OCR_TEXT),
+    # group-limited greedy (2 of 4 groups), three experts a token, every layer sparse, no biases
+    "unlimited_ocr-group": lambda: _multimodal("unlimited_ocr", dict(
+        _OCR_TEXT, topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3,
+        mlp_layer_types=["sparse", "sparse", "sparse"], attention_bias=False, mlp_bias=False, n_shared_experts=1,
+        rope_parameters=dict(rope_type="default", rope_theta=5000.0))),
 }
 SEEDS = (0, 1)
 CASES = [(n, s) for n in CONFIGS for s in SEEDS]
@@ -94,7 +107,7 @@ def test_count_still_matches_transformers(name, gap_checkpoint):
     assert moetool.count(str(d)).total_params == moetool.count(str(d), use_headers=False).total_params == tf_count
 
 
-@pytest.mark.parametrize("name,towers", [("nemo_speechlm", "audio tower is")])
+@pytest.mark.parametrize("name,towers", [("nemo_speechlm", "audio tower is"), ("unlimited_ocr", "vision tower is")])
 def test_trace_cli_says_the_towers_are_not_run(name, towers, gap_checkpoint):
     import json
     import subprocess
@@ -109,7 +122,7 @@ def test_trace_cli_says_the_towers_are_not_run(name, towers, gap_checkpoint):
     assert f"text-only input: the {towers} not run; the trace is of the language model" in out["notes"]
 
 
-@pytest.mark.parametrize("name", ["nemo_speechlm"])
+@pytest.mark.parametrize("name", ["nemo_speechlm", "unlimited_ocr"])
 def test_profile_runs(name, gap_checkpoint, tmp_path):
     """moetool profile (the same Decoder, prompts in blocks) routes each prompt as its own trace does."""
     import pyarrow.parquet as pq

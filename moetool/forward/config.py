@@ -112,6 +112,12 @@ FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2")
 # ASR encoder, diarization model and word-timestamp head are not run).
 MULTIMODAL_FORWARD["nemo_speechlm"] = "nemotron_h"
 FORWARD_FAMILIES += ("nemo_speechlm",)
+# Unlimited-OCR's language model: Llama-like GQA attention (head_dim always hidden_size / heads) with
+# DeepSeek-V2's softmax router (greedy or group-limited, unnormalised weights times routed_scaling_factor)
+# and shared experts. Its "reference sliding window" keeps every prefill token: a prompt attends in full.
+FAMILY_FORWARD["unlimited_ocr_text"] = dict(theta=10000.0)
+MULTIMODAL_FORWARD["unlimited_ocr"] = "unlimited_ocr_text"
+FORWARD_FAMILIES += ("unlimited_ocr",)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -325,7 +331,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         return inkling_config(spec, cfg, family)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
-    hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads
+    hd = cfg.int("head_dim", d // heads) if family not in ("olmoe", "unlimited_ocr_text") else d // heads
     # transformers 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
     for key in ("rope_scaling", "rope_parameters"):
         if cfg.has(key) and not isinstance(cfg.raw(key), dict):

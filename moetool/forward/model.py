@@ -298,7 +298,7 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
     r, k = moe.router, moe.top_k
     if family in ("deepseek_v3", "glm4_moe") or (r.scoring == "sigmoid" and r.order == "score_then_topk"):
         return _route_sigmoid_group(logits, moe, bias)
-    if family == "deepseek_v2":
+    if family in ("deepseek_v2", "unlimited_ocr_text"):  # Unlimited-OCR: DeepSeek-V2's router
         return _route_softmax_group(logits, moe)
     if r.topk_method == "group_top2_softmax":
         return _route_softmax_top2_group(logits, moe)
