@@ -67,7 +67,7 @@ CONFIGS.update({n: (c(), multimodal._build, multimodal._randomize) for n, c in m
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
 TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "step3p7", "zaya",
                          "gemma4_text", "gemma4",
-                         "inkling_text", "inkling2_text", "mistral_large4", "nemo_speechlm", "unlimited_ocr"]
+                         "inkling_text", "inkling2_text", "mistral_large4", "nemo_speechlm", "unlimited_ocr", "ernie4_5_vl_moe"]
 
 
 def _family(config: dict) -> set[str]:

@@ -15,6 +15,11 @@ input_ids without audio / image features.
 - unlimited_ocr: GQA attention with DeepSeek-V2's softmax router (greedy and group-limited greedy,
   weights times routed_scaling_factor), shared experts, dense layers per mlp_layer_types; attention and
   MLP biases. Its "reference sliding window" keeps every prefill token, so a prompt attends in full.
+- ernie4_5_vl_moe: ERNIE-4.5-MoE's text model with text and vision experts: text tokens go to the text
+  experts only (transformers runs text_moe when no token is an image / video token). Published as one
+  expert list of 2E (text first), routers [D, E] (gate.weight, gate.weight_1) and the correction biases
+  as one [2, E]; transformers' in-memory names (text_moe / vision_moe, fused experts) too. Its 3-D RoPE
+  gives the three sections one position for text, which is ERNIE's interleaved RoPE (two section layouts).
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ _OCR_TEXT = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, v
                  intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2,
                  num_experts_per_tok=2, mlp_layer_types=["dense", "sparse", "sparse"], routed_scaling_factor=1.7,
                  attention_bias=True, mlp_bias=True, max_position_embeddings=256, initializer_range=0.1)
+_ERNIE_TEXT = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_hidden_layers=3,
+                   intermediate_size=48, moe_intermediate_size=[16, 8], moe_num_experts=8, moe_k=2,
+                   moe_num_shared_experts=1, mlp_layer_types=["dense", "sparse", "sparse"], use_bias=True,
+                   rope_parameters=dict(rope_type="default", rope_theta=500000.0, mrope_section=[1, 1, 2]),
+                   max_position_embeddings=256, initializer_range=0.2)
 
 CONFIGS = {
     "nemo_speechlm": lambda: _multimodal("nemo_speechlm", _NEMO_TEXT),
@@ -55,6 +65,14 @@ CONFIGS = {
         _OCR_TEXT, topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3,
         mlp_layer_types=["sparse", "sparse", "sparse"], attention_bias=False, mlp_bias=False, n_shared_experts=1,
         rope_parameters=dict(rope_type="default", rope_theta=5000.0))),
+    "ernie4_5_vl_moe": lambda: _multimodal("ernie4_5_vl_moe", _ERNIE_TEXT),
+    # wider heads (8 RoPE frequencies in sections 2 / 2 / 4), three of 8 experts, no biases, no shared experts,
+    # vision experts as wide as the text ones, an untied head
+    "ernie4_5_vl_moe-wide": lambda: _multimodal("ernie4_5_vl_moe", dict(
+        _ERNIE_TEXT, num_attention_heads=2, num_key_value_heads=1, moe_k=3, moe_num_shared_experts=0, use_bias=False,
+        moe_intermediate_size=[16, 16], mlp_layer_types=["sparse", "dense", "sparse"],
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 4])),
+        tie_word_embeddings=False),
 }
 SEEDS = (0, 1)
 CASES = [(n, s) for n in CONFIGS for s in SEEDS]
@@ -107,7 +125,8 @@ def test_count_still_matches_transformers(name, gap_checkpoint):
     assert moetool.count(str(d)).total_params == moetool.count(str(d), use_headers=False).total_params == tf_count
 
 
-@pytest.mark.parametrize("name,towers", [("nemo_speechlm", "audio tower is"), ("unlimited_ocr", "vision tower is")])
+@pytest.mark.parametrize("name,towers", [("nemo_speechlm", "audio tower is"), ("unlimited_ocr", "vision tower is"),
+                                         ("ernie4_5_vl_moe", "vision tower is")])
 def test_trace_cli_says_the_towers_are_not_run(name, towers, gap_checkpoint):
     import json
     import subprocess
@@ -122,7 +141,7 @@ def test_trace_cli_says_the_towers_are_not_run(name, towers, gap_checkpoint):
     assert f"text-only input: the {towers} not run; the trace is of the language model" in out["notes"]
 
 
-@pytest.mark.parametrize("name", ["nemo_speechlm", "unlimited_ocr"])
+@pytest.mark.parametrize("name", ["nemo_speechlm", "unlimited_ocr", "ernie4_5_vl_moe"])
 def test_profile_runs(name, gap_checkpoint, tmp_path):
     """moetool profile (the same Decoder, prompts in blocks) routes each prompt as its own trace does."""
     import pyarrow.parquet as pq

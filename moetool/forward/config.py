@@ -118,6 +118,17 @@ FORWARD_FAMILIES += ("nemo_speechlm",)
 FAMILY_FORWARD["unlimited_ocr_text"] = dict(theta=10000.0)
 MULTIMODAL_FORWARD["unlimited_ocr"] = "unlimited_ocr_text"
 FORWARD_FAMILIES += ("unlimited_ocr",)
+# ERNIE-4.5-VL-MoE's language model: ERNIE-4.5-MoE's, text tokens routed to the text experts only (the
+# vision experts serve image / video tokens). Its 3-D RoPE with one position for all three sections is
+# ERNIE's interleaved RoPE. transformers' names put the text experts under mlp.text_moe.; the published
+# checkpoints keep one expert list (text first), routers [D, E] and the correction biases as [2, E] rows
+# (model.py's moe reads those).
+FAMILY_FORWARD["ernie4_5_vl_moe_text"] = dict(
+    rope_layout="interleave", theta=500000.0,
+    name_aliases=(("mlp.gate.", "mlp.text_moe.gate."), ("mlp.experts.", "mlp.text_moe.experts."),
+                  ("mlp.moe_statics.", "mlp.text_moe.gate.moe_statics.")))
+MULTIMODAL_FORWARD["ernie4_5_vl_moe"] = "ernie4_5_vl_moe_text"
+FORWARD_FAMILIES += ("ernie4_5_vl_moe",)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -373,6 +384,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         fc.query_scale_nope = extra.get("query_scale_nope")
         fc.depth_scaled_residual = extra.get("depth_scaled_residual", False)
         fc.bidirectional = extra.get("bidirectional", False)
+        fc.name_aliases = extra.get("name_aliases", fc.name_aliases)
         if "expert_act" in extra:
             fc.expert_act = extra["expert_act"]
         for name, (key, default) in extra.get("fields", {}).items():  # ForwardConfig field <- config key

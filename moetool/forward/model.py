@@ -925,6 +925,8 @@ class Decoder:
                   "mixer.gate.weight", "moe.gate.weight", "ffn.gate.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
+        if rw.endswith(".mlp.gate.weight") and find("mlp.gate.weight_1", required=False):
+            router_w = router_w.t()  # ERNIE-4.5-VL as published: text (weight) and vision (weight_1) routers [D, E]
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         check_shape(rw, router_w, (moe.num_experts, h.shape[1]), "[num_experts, hidden_size]")
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
@@ -943,6 +945,8 @@ class Decoder:
         if corr is None and moe.router.correction_bias:
             raise BadCheckpoint(f"layer {i}: the router uses a correction bias (e_score_correction_bias) "
                                 "but the checkpoint has none")
+        if corr is not None and corr.dim() == 2 and corr.shape[0] == 2:  # ERNIE-4.5-VL as published: [text; vision]
+            corr = corr[0]
         corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
         if fc.family == "deepseek_v4":  # its top-k router, and hash routers by token id (forward/deepseek_v4.py)
             from . import deepseek_v4
