@@ -162,3 +162,34 @@ def test_profile_runs(name, gap_checkpoint, tmp_path):
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+
+
+def test_unlimited_ocr_generation_within_its_reference_window(gap_checkpoint, tmp_path):
+    """Unlimited-OCR keeps every prompt token and slides a window of sliding_window over the generated
+    ones: within the window moetool's generation equals transformers' generate (its R-SWA cache);
+    past it moetool refuses in one line (exit 2), as it does not model the eviction."""
+    import json
+    import subprocess
+    import sys
+
+    import transformers
+
+    from moetool.forward.cache import generate
+
+    config = CONFIGS["unlimited_ocr"]()
+    config["text_config"]["sliding_window"] = 4
+    model = _build(config, 0)
+    _randomize(model, 0)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["text_config"]["sliding_window"] == 4
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True,
+                             attention_mask=torch.ones_like(ids), pad_token_id=0)
+    ours = generate(resolve(str(tmp_path)), ids[0].tolist(), 4, device=DEVICE)
+    assert ours.cached and ours.ids == ref[0].tolist()
+    r = subprocess.run([sys.executable, "-m", "moetool", "trace", "--model", str(tmp_path), "--tokens",
+                        ",".join(map(str, ids[0].tolist())), "--generate", "5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "at most 4 new tokens" in r.stderr and "Traceback" not in r.stderr
+    assert isinstance(transformers.AutoConfig.from_pretrained(tmp_path).text_config.sliding_window, int)

@@ -115,7 +115,8 @@ FORWARD_FAMILIES += ("nemo_speechlm",)
 # Unlimited-OCR's language model: Llama-like GQA attention (head_dim always hidden_size / heads) with
 # DeepSeek-V2's softmax router (greedy or group-limited, unnormalised weights times routed_scaling_factor)
 # and shared experts. Its "reference sliding window" keeps every prefill token: a prompt attends in full.
-FAMILY_FORWARD["unlimited_ocr_text"] = dict(theta=10000.0)
+# Generated tokens past sliding_window are evicted there: forward/cache.py's generate refuses more.
+FAMILY_FORWARD["unlimited_ocr_text"] = dict(theta=10000.0, fields=dict(reference_window=("sliding_window", 0.0)))
 MULTIMODAL_FORWARD["unlimited_ocr"] = "unlimited_ocr_text"
 FORWARD_FAMILIES += ("unlimited_ocr",)
 # ERNIE-4.5-VL-MoE's language model: ERNIE-4.5-MoE's, text tokens routed to the text experts only (the
