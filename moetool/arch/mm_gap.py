@@ -2,7 +2,8 @@
 (issue 11, session 3): GLM-5.3-Flash (glm5_next), ERNIE-4.5-VL-MoE (ernie4_5_vl_moe), Muse Spark
 (muse_spark), Unlimited-OCR (unlimited_ocr) and NeMo SpeechLM (nemo_speechlm). Each is counted
 whole as multimodal.FAMILIES describes: the text adapter here on `text_config`, the towers as
-their own `vision` / `audio` groups. Count only: `trace` refuses them.
+their own `vision` / `audio` groups. `trace` runs the language model of those named in
+forward/config.py MULTIMODAL_FORWARD on text-only input (tests/test_trace_mm_gap.py).
 
 One text adapter per family (also registered under the text config's model_type) and its tower builders
 (signature multimodal.Tower); each docstring lists the tensors transformers builds. Families whose

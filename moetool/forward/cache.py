@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import MoetoolError
 from ..source import Checkpoint
 from .model import Decoder, ForwardResult, LayerRoute
 
@@ -101,6 +102,10 @@ def generate(ckpt: Checkpoint, ids: list[int], n: int, *, dtype: str = "float32"
     from . import DTYPES, checked_config, run_forward, weight_store
 
     spec, fc = checked_config(ckpt, len(ids) + n, dtype, router_dtype)
+    window = int(getattr(fc, "reference_window", 0) or 0)
+    if window and n > window:  # Unlimited-OCR: every prompt token stays, generated ones slide (not modelled)
+        raise MoetoolError(f"model_type {spec.model_type!r} evicts generated tokens past its reference sliding "
+                           f"window ({window} tokens): --generate supports at most {window} new tokens")
     ids = list(ids)
     reason = None if use_cache else "asked for"
     if reason is None:

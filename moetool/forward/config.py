@@ -108,6 +108,28 @@ FORWARD_FAMILIES += ("gemma4_text",)  # per-layer inputs, KV sharing, MoE beside
 # Inkling 2's image-text model runs its language model on text-only input.
 MULTIMODAL_FORWARD.update({"inkling2": "inkling2_text", "inkling_mm_model": "inkling"})
 FORWARD_FAMILIES += ("inkling", "inkling2_text", "inkling2", "inkling_mm_model")
+# Issue 11, session 3 (tests/test_trace_mm_gap.py): NeMo SpeechLM's language model is Nemotron-H (the
+# ASR encoder, diarization model and word-timestamp head are not run).
+MULTIMODAL_FORWARD["nemo_speechlm"] = "nemotron_h"
+FORWARD_FAMILIES += ("nemo_speechlm",)
+# Unlimited-OCR's language model: Llama-like GQA attention (head_dim always hidden_size / heads) with
+# DeepSeek-V2's softmax router (greedy or group-limited, unnormalised weights times routed_scaling_factor)
+# and shared experts. Its "reference sliding window" keeps every prefill token: a prompt attends in full.
+# Generated tokens past sliding_window are evicted there: forward/cache.py's generate refuses more.
+FAMILY_FORWARD["unlimited_ocr_text"] = dict(theta=10000.0, fields=dict(reference_window=("sliding_window", 0.0)))
+MULTIMODAL_FORWARD["unlimited_ocr"] = "unlimited_ocr_text"
+FORWARD_FAMILIES += ("unlimited_ocr",)
+# ERNIE-4.5-VL-MoE's language model: ERNIE-4.5-MoE's, text tokens routed to the text experts only (the
+# vision experts serve image / video tokens). Its 3-D RoPE with one position for all three sections is
+# ERNIE's interleaved RoPE. transformers' names put the text experts under mlp.text_moe.; the published
+# checkpoints keep one expert list (text first), routers [D, E] and the correction biases as [2, E] rows
+# (model.py's moe reads those).
+FAMILY_FORWARD["ernie4_5_vl_moe_text"] = dict(
+    rope_layout="interleave", theta=500000.0,
+    name_aliases=(("mlp.gate.", "mlp.text_moe.gate."), ("mlp.experts.", "mlp.text_moe.experts."),
+                  ("mlp.moe_statics.", "mlp.text_moe.gate.moe_statics.")))
+MULTIMODAL_FORWARD["ernie4_5_vl_moe"] = "ernie4_5_vl_moe_text"
+FORWARD_FAMILIES += ("ernie4_5_vl_moe",)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -321,7 +343,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         return inkling_config(spec, cfg, family)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
-    hd = cfg.int("head_dim", d // heads) if family != "olmoe" else d // heads
+    hd = cfg.int("head_dim", d // heads) if family not in ("olmoe", "unlimited_ocr_text") else d // heads
     # transformers 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
     for key in ("rope_scaling", "rope_parameters"):
         if cfg.has(key) and not isinstance(cfg.raw(key), dict):
@@ -363,6 +385,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         fc.query_scale_nope = extra.get("query_scale_nope")
         fc.depth_scaled_residual = extra.get("depth_scaled_residual", False)
         fc.bidirectional = extra.get("bidirectional", False)
+        fc.name_aliases = extra.get("name_aliases", fc.name_aliases)
         if "expert_act" in extra:
             fc.expert_act = extra["expert_act"]
         for name, (key, default) in extra.get("fields", {}).items():  # ForwardConfig field <- config key

@@ -85,7 +85,9 @@ class Names:
              "model.language_model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight",
              "model.llm.embed.weight",  # Inkling 2 as published and saved: model.llm.{embed,layers,norm,unembed}
              "model.word_embeddings.weight",  # Ling (bailing_hybrid) as published
-             "embed.weight")  # DeepSeek-V4's original layout: embed, layers.*, norm, head, hc_head_* at the top
+             "embed.weight",  # DeepSeek-V4's original layout: embed, layers.*, norm, head, hc_head_* at the top
+             # NeMo SpeechLM as published (llm.model.*, llm.lm_head) and in transformers (Nemotron-H's names)
+             "llm.model.embed_tokens.weight", "model.language_model.embeddings.weight")
 
     def __init__(self, store: WeightStore, aliases: tuple = ()):
         self.store = store
@@ -109,7 +111,7 @@ class Names:
                 if root + "norm.weight" not in store and root + alt + "weight" in store:
                     self.final_norm = root + alt
             # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
-            wrapper = "language_model." if embed.startswith("language_model.") else ""
+            wrapper = "language_model." if embed.startswith("language_model.") else "llm." if embed.startswith("llm.") else ""
             self.head = wrapper + "lm_head.weight"
             if self.head not in store and "head.weight" in store:  # DeepSeek-V4 as saved
                 self.head = "head.weight"
@@ -298,7 +300,7 @@ def route(logits: torch.Tensor, moe: MoESpec, family: str, bias: Optional[torch.
     r, k = moe.router, moe.top_k
     if family in ("deepseek_v3", "glm4_moe") or (r.scoring == "sigmoid" and r.order == "score_then_topk"):
         return _route_sigmoid_group(logits, moe, bias)
-    if family == "deepseek_v2":
+    if family in ("deepseek_v2", "unlimited_ocr_text"):  # Unlimited-OCR: DeepSeek-V2's router
         return _route_softmax_group(logits, moe)
     if r.topk_method == "group_top2_softmax":
         return _route_softmax_top2_group(logits, moe)
@@ -918,6 +920,8 @@ class Decoder:
                   "mixer.gate.weight", "moe.gate.weight", "ffn.gate.weight")
         rb = find("mlp.router.bias", required=False)
         router_w = self.store.get(rw, self.router_dtype, device=self.device)
+        if rw.endswith(".mlp.gate.weight") and find("mlp.gate.weight_1", required=False):
+            router_w = router_w.t()  # ERNIE-4.5-VL as published: text (weight) and vision (weight_1) routers [D, E]
         router_b = self.store.get_optional(rb, self.router_dtype, device=self.device)
         check_shape(rw, router_w, (moe.num_experts, h.shape[1]), "[num_experts, hidden_size]")
         logits = linear(h.to(self.router_dtype), router_w, router_b).float()  # [T, E] in fp32
@@ -936,6 +940,8 @@ class Decoder:
         if corr is None and moe.router.correction_bias:
             raise BadCheckpoint(f"layer {i}: the router uses a correction bias (e_score_correction_bias) "
                                 "but the checkpoint has none")
+        if corr is not None and corr.dim() == 2 and corr.shape[0] == 2:  # ERNIE-4.5-VL as published: [text; vision]
+            corr = corr[0]
         corr = corr.reshape(-1) if corr is not None else None  # Ernie 4.5 stores [1, E]
         if fc.family == "deepseek_v4":  # its top-k router, and hash routers by token id (forward/deepseek_v4.py)
             from . import deepseek_v4

@@ -29,7 +29,8 @@ def run(decoder, i: int, h: torch.Tensor, state: Optional[dict] = None) -> torch
     names = index.get(prefix)
     if not names:
         raise BadCheckpoint(f"checkpoint is missing the {kind} mixer of layer {i} (no tensor named {prefix}*)")
-    w = {n[len(prefix):]: decoder.w(n) for n in names}
+    # NeMo keeps Mamba-2's A_log, D and dt_bias under `_fp32_params.` (transformers drops that part)
+    w = {n[len(prefix):].replace("_fp32_params.", ""): decoder.w(n) for n in names}
     if hasattr(c, "layer"):  # mixers whose maths depends on the layer index (lightning attention's decay)
         c = KINDS[kind].for_layer(c, i)
     try:
