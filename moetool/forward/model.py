@@ -517,7 +517,8 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
     (ungated experts, Nemotron-H: act(up))."""
     if g is None:
         return ACTIVATIONS[act](u)
-    if act.startswith("clamped_"):  # HY-V4, DeepSeek-V4: act(gate clamped above) * (up clamped to +-limit)
+    if act.startswith("clamped_"):  # HY-V4, DeepSeek-V4: act(gate clamped above) * (up clamped to +-limit);
+        # Step-3.7's "silu_clamped" clamps after the silu instead
         return ACTIVATIONS[act[len("clamped_"):]](g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
     if act == "softcapped_swiglu":  # Inkling 2: cap*tanh(g/cap) * sigmoid(g) * cap'*tanh(u/cap'), cap = limit, cap' = alpha
         gf, uf = g.float(), u.float()
@@ -526,7 +527,7 @@ def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", limit: float = 7.0,
         g = g.clamp(max=limit)
         u = u.clamp(min=-limit, max=limit)
         return (u + 1) * (g * torch.sigmoid(g * alpha))
-    if act == "clamped_silu":  # Step-3.7: silu(gate) clamped above, up clamped both ways
+    if act == "silu_clamped":  # Step-3.7: silu(gate) clamped above (after the silu), up clamped both ways
         return F_.silu(g).clamp(max=limit) * u.clamp(min=-limit, max=limit)
     return ACTIVATIONS[act](g) * u
 

@@ -70,7 +70,7 @@ def configure(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg, rope: dict) -> None:
                                       "supported: transformers 5.23 cannot run it either, so there is no reference")
     fc.norm_offset = 1.0
     fc.attn_scale = cfg.float("query_pre_attn_scalar", fc.head_dim) ** -0.5
-    fc.expert_act, fc.swiglu_limit = "clamped_silu", math.inf  # swiglu_limit: where no layer is named
+    fc.expert_act, fc.swiglu_limit = "silu_clamped", math.inf  # swiglu_limit: where no layer is named
     fc.layer_limits = [(_limit(cfg, "swiglu_limits", i), _limit(cfg, "swiglu_limits_shared", i))
                        for i in range(spec.num_layers)]
 
