@@ -312,3 +312,27 @@ def assert_matches_transformers(out, ref_logits, ref_routes, *, scale: float = 1
     if varied:
         per_layer = [len({tuple(sorted(e)) for e in r.experts.tolist()}) > 1 for r in out.routes]
         assert (all if varied == "every" else any)(per_layer), f"routing does not vary by token: {per_layer}"
+
+
+PROFILE_PROMPTS = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
+
+
+def assert_profile_routes_like_traces(d, tmp_path, prompts=PROFILE_PROMPTS, min_tokens: int = 0):
+    """`moetool profile` of `prompts` in one block (per-token table) routes every token of every MoE layer
+    as one trace per prompt does: whatever a family does across tokens (indexers, convolutions, recurrent
+    state, KV sharing) restarts at each prompt. `min_tokens`: each prompt is longer (so that an indexer's
+    top-k or a window cuts in). Returns the profile's ProfileStats."""
+    import pyarrow.parquet as pq
+
+    from moetool.profile.engine import profile
+    from moetool.tracing import trace
+
+    stats = profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))
+    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
+    for i, text in enumerate(prompts):
+        t = trace(text, model=str(d), device=DEVICE)
+        assert len(t.tokens) > min_tokens
+        for l in t.layers:
+            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
+            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    return stats

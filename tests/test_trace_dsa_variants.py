@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fakes import DEVICE, assert_matches_transformers, build_transformers_model, randomize_biases
+from fakes import PROFILE_PROMPTS, assert_profile_routes_like_traces, DEVICE, assert_matches_transformers, build_transformers_model, randomize_biases
 from moetool.errors import BadConfig
 from moetool.forward import run_forward
 from moetool.source import resolve
@@ -215,31 +215,22 @@ def test_profile_blocks_route_as_traces(name, dsa_variant, tmp_path):
     equal one trace per prompt. GLM-5 (the indexer on Decoder.mla's path, as DeepSeek-V3.2 and A.X-K2):
     profile failed with an internal error (TypeError on the block's per-prompt mask) before the indexer
     ran per prompt."""
-    import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
     from moetool.tracing import trace
 
     d = tmp_path / name
     shutil.copytree(dsa_variant(name, 0)[0], d)
     write_tokenizer(d)
-    prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
-    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        assert len(t.tokens) > 8  # longer than index_topk: the indexer drops keys
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    prompts = PROFILE_PROMPTS
+    assert_profile_routes_like_traces(d, tmp_path, prompts, min_tokens=8)  # longer than index_topk: the indexer drops keys
     # the command line: `moetool profile` on the same checkpoint
     (tmp_path / "corpus.txt").write_text("\n".join(prompts) + "\n")
     r = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tmp_path / "corpus.txt"), "-m", str(d), "-o",
                         str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "profile.json").read_text())
-    assert report["command"] == "profile" and [l["layer"] for l in report["layers"]] == [l.layer for l in t.layers]
+    assert report["command"] == "profile" and [l["layer"] for l in report["layers"]] == [l.layer for l in trace(prompts[0], model=str(d), device=DEVICE).layers]
 
 
 def test_dots3_note_published_config_traces_the_same(dsa_variant, tmp_path):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from census_reference import shrunk_config
-from fakes import DEVICE, assert_matches_transformers
+from fakes import assert_profile_routes_like_traces, DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_bad_input import run_cli
@@ -119,24 +119,13 @@ def test_profile_blocks_route_as_traces(gemma4_case, tmp_path):
     and shared K/V per token): each prompt routes as its own trace; the CLI writes the profile."""
     import shutil
 
-    import pyarrow.parquet as pq
-
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
-    from moetool.tracing import trace
 
     d = tmp_path / "g4"
     shutil.copytree(gemma4_case("gemma4_text", 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 2, "def add(a, b): return a + b", "import os, sys " * 3]
-    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        assert len(t.tokens) > 5  # longer than the sliding window (4)
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    assert_profile_routes_like_traces(d, tmp_path, prompts, min_tokens=5)  # longer than the sliding window (4)
     (tmp_path / "corpus.txt").write_text("\n".join(prompts) + "\n")
     out = run_cli("profile", str(tmp_path / "corpus.txt"), "--model", str(d), "-o", str(tmp_path / "prof"))
     assert out.returncode == 0, out.stderr

@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from fakes import DEVICE, assert_matches_transformers
+from fakes import PROFILE_PROMPTS, assert_profile_routes_like_traces, DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_trace_text_families import build_case, randomize as randomize_text
@@ -165,11 +165,8 @@ def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path, tmp_path_f
     indexer choosing each prompt's keys on its own): every token routes as in one trace per prompt.
     GLM-5 (tests/test_trace_gap_families.py): DeepSeek's sparse-attention indexer on a block of prompts
     (profile stopped on it with a TypeError before the indexer split blocks)."""
-    import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
-    from moetool.tracing import trace
 
     d = tmp_path / name
     if name in FAMILIES:
@@ -179,15 +176,8 @@ def test_profile_blocks_route_as_traces(name, hyper_family, tmp_path, tmp_path_f
 
         shutil.copytree(build_case(tmp_path_factory, GAP[name], name, 1)[0], d)
     write_tokenizer(d)
-    prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
-    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        assert len(t.tokens) > 8  # more keys than index_topk: the indexer drops some
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    prompts = PROFILE_PROMPTS
+    assert_profile_routes_like_traces(d, tmp_path, prompts, min_tokens=8)  # more keys than index_topk: the indexer drops some
 
 
 @pytest.mark.parametrize("name", ["hy_v4", "deepseek_v4"])

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from census_reference import _merge, shrunk_config
-from fakes import DEVICE, assert_matches_transformers
+from fakes import assert_profile_routes_like_traces, DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -146,25 +146,15 @@ def test_profile_blocks_route_as_traces(name, inkling_case, tmp_path):
     convolution (dynamic ones included) restart at each prompt, so each prompt routes as its own trace."""
     import shutil
 
-    import pyarrow.parquet as pq
-
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
     from moetool.tracing import trace
 
     d = tmp_path / name
     shutil.copytree(inkling_case(name, 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
-    stats = profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))
+    stats = assert_profile_routes_like_traces(d, tmp_path, prompts, min_tokens=8)  # past the window and the kernel
     assert stats.tokens == sum(len(trace(p, model=str(d), device=DEVICE).tokens) for p in prompts)
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        assert len(t.tokens) > 8  # past the window and the kernel
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
 
 
 def test_trace_cli_says_the_tower_is_not_run(inkling_case):

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 import moetool
-from fakes import DEVICE, assert_matches_transformers
+from fakes import assert_profile_routes_like_traces, DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -144,24 +144,14 @@ def test_trace_cli_says_the_towers_are_not_run(name, towers, gap_checkpoint):
 @pytest.mark.parametrize("name", ["nemo_speechlm", "unlimited_ocr", "ernie4_5_vl_moe"])
 def test_profile_runs(name, gap_checkpoint, tmp_path):
     """moetool profile (the same Decoder, prompts in blocks) routes each prompt as its own trace does."""
-    import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
-    from moetool.tracing import trace
 
     d = tmp_path / name
     shutil.copytree(gap_checkpoint(name, 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog.", "def add(a, b): return a + b"]
-    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        assert t.layers
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    assert_profile_routes_like_traces(d, tmp_path, prompts)
 
 
 def test_unlimited_ocr_generation_within_its_reference_window(gap_checkpoint, tmp_path):

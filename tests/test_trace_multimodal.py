@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import moetool
 from census_reference import _merge, shrunk_config
-from fakes import DEVICE, assert_matches_transformers, randomize_biases
+from fakes import PROFILE_PROMPTS, assert_profile_routes_like_traces, DEVICE, assert_matches_transformers, randomize_biases
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -245,21 +245,11 @@ def test_tied_head_from_text_config(name, tmp_path):
 def test_profile_blocks_route_as_traces_with_block_sparse_attention(mm_checkpoint, tmp_path):
     """moetool profile runs several prompts per block (each with its own mask and positions): the
     block-sparse layers select each prompt's key blocks on their own, as one trace per prompt."""
-    import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
-    from moetool.tracing import trace
 
     d = tmp_path / "m3"
     shutil.copytree(mm_checkpoint("minimax_m3_vl_text", 1)[0], d)
     write_tokenizer(d)
-    prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b): return a + b", "import os, sys " * 4]
-    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        assert len(t.tokens) > 8  # longer than two key blocks: the indexer drops blocks
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    prompts = PROFILE_PROMPTS
+    assert_profile_routes_like_traces(d, tmp_path, prompts, min_tokens=8)  # longer than two key blocks: the indexer drops blocks

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import moetool
 from census_reference import _merge, shrunk_config
-from fakes import DEVICE, assert_matches_transformers
+from fakes import assert_profile_routes_like_traces, DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_bad_input import run_cli
@@ -191,21 +191,11 @@ def test_unverifiable_variants_refused(key, value, step_checkpoint, tmp_path):
 
 def test_profile_runs(step_checkpoint, tmp_path):
     """moetool profile (blocks of prompts on the same Decoder) routes each prompt as its own trace."""
-    import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
-    from moetool.tracing import trace
 
     d = tmp_path / "step"
     shutil.copytree(step_checkpoint("step3p7", 0)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog.", "def add(a, b): return a + b", "import os, sys " * 3]
-    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        assert len(t.tokens) > 5  # longer than the sliding window
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    assert_profile_routes_like_traces(d, tmp_path, prompts, min_tokens=5)  # longer than the sliding window

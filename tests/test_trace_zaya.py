@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import moetool
-from fakes import DEVICE, assert_matches_transformers, randomize_biases
+from fakes import assert_profile_routes_like_traces, DEVICE, assert_matches_transformers, randomize_biases
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -152,23 +152,14 @@ def test_trace_cli_and_skip_expert_id(zaya_checkpoint):
 def test_profile_restarts_the_convolution_at_each_prompt(zaya_checkpoint, tmp_path):
     """moetool profile runs several prompts in one block: the CCA convolution and the delayed values
     restart at each prompt, so each prompt routes as its own trace."""
-    import pyarrow.parquet as pq
 
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
-    from moetool.tracing import trace
 
     d = tmp_path / "zaya"
     shutil.copytree(zaya_checkpoint("zaya", 0)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog.", "def add(a, b): return a + b", "import os, sys " * 3]
-    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    assert_profile_routes_like_traces(d, tmp_path, prompts)
 
 
 def test_checkpoint_without_balancing_biases(zaya_checkpoint, tmp_path):
