@@ -90,13 +90,33 @@ def test_soft_cap_binds(muse_checkpoint):
     assert logits.abs().max() > 1.5
 
 
-def test_profile_runs(muse_checkpoint, tmp_path):
-    """`moetool profile` (the same Decoder, blocks of prompts) runs on the checkpoint and reports every MoE layer."""
-    d, *_ = muse_checkpoint("muse_spark", 0)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"ids": list(range(3 + p, 3 + p + 6 + p))}) + "\n" for p in range(4)))
-    r = subprocess.run([sys.executable, "-m", "moetool", "profile", str(d), "--prompts", str(prompts), "--json"],
-                       capture_output=True, text=True, timeout=300)
+def test_profile_routes_as_traces(muse_checkpoint, tmp_path):
+    """`moetool profile` (the same Decoder, several prompts per block with their own masks and positions)
+    routes each prompt as its own trace does; the CLI writes the profile."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from conftest import write_tokenizer
+    from moetool.profile.engine import profile
+    from moetool.tracing import trace
+
+    d = tmp_path / "muse"
+    shutil.copytree(muse_checkpoint("muse_spark", 1)[0], d)
+    write_tokenizer(d)
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 2, "def add(a, b): return a + b", "import os, sys " * 3]
+    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
+    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
+    for i, text in enumerate(prompts):
+        t = trace(text, model=str(d), device=DEVICE)
+        assert len(t.tokens) > 8  # longer than the sliding window (8)
+        assert [l.layer for l in t.layers] == [1, 2, 3]
+        for l in t.layers:
+            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
+            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    (tmp_path / "corpus.txt").write_text("\n".join(prompts) + "\n")
+    r = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tmp_path / "corpus.txt"), "--model", str(d),
+                        "-o", str(tmp_path / "prof")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout)
-    assert out["command"] == "profile"
+    summary = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert summary["command"] == "profile" and [l["layer"] for l in summary["layers"]] == [1, 2, 3]

@@ -156,10 +156,9 @@ def moe(dec, i: int, h: torch.Tensor, routes: list, record: bool) -> torch.Tenso
     for e in torch.unique(idx).tolist():  # each chosen expert once, on all its tokens
         tok, slot = torch.nonzero(idx == e, as_tuple=True)
         g, u, d, gb, ub, db = experts.load(e)
-        y = swiglu(hp.index_select(0, tok), g, u, d, gb, ub, db, fc.expert_act)
+        y = input_scaled(swiglu(hp.index_select(0, tok), g, u, d, gb, ub, db, fc.expert_act), post, s.post_eps)
         if getattr(dec, "expert_hook", None):  # profile: ||expert output|| per routed (token, slot) t*K+s (REAP)
             dec.expert_hook(i, e, tok * idx.shape[1] + slot, y)
-        y = input_scaled(y, post, s.post_eps)
         out.index_add_(0, tok, y * weights[tok, slot][:, None].to(y.dtype))
         del g, u, d
         dec.store.release()
