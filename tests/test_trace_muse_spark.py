@@ -120,3 +120,26 @@ def test_profile_routes_as_traces(muse_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "prof" / "profile.json").read_text())
     assert summary["command"] == "profile" and [l["layer"] for l in summary["layers"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("layer_rope_theta", [0, "x"], "layer_rope_theta must hold a number for each of the 4 layers"),
+    ("residual_gate_temperature", 0, "residual_gate_temperature must not be 0"),
+    ("output_multiplier", -1.0, "output_multiplier and final_logit_softcapping must be positive"),
+])
+def test_bad_config_is_one_line(field, value, message, muse_checkpoint, tmp_path):
+    """A malformed Muse Spark field: one line on stderr, exit 2, no traceback."""
+    import shutil
+
+    from conftest import write_tokenizer
+
+    d = tmp_path / "muse"
+    shutil.copytree(muse_checkpoint("muse_spark", 0)[0], d)
+    write_tokenizer(d)
+    config = json.loads((d / "config.json").read_text())
+    config["text_config"][field] = value
+    (d / "config.json").write_text(json.dumps(config))
+    r = subprocess.run([sys.executable, "-m", "moetool", "trace", "hello world", "--model", str(d)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
