@@ -62,12 +62,16 @@ CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize)
 import test_trace_mm_gap as mm_gap  # noqa: E402
 
 CONFIGS.update({n: (c(), multimodal._build, multimodal._randomize) for n, c in mm_gap.CONFIGS.items()})
+import test_trace_muse_spark as muse_spark  # noqa: E402
+
+CONFIGS.update({n: (c(), multimodal._build, multimodal._randomize) for n, c in muse_spark.CONFIGS.items()})
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
 TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "step3p7", "zaya",
                          "gemma4_text", "gemma4",
                          "inkling_text", "inkling2_text", "mistral_large4", "nemo_speechlm", "unlimited_ocr", "ernie4_5_vl_moe",
+                         "muse_spark",
                          # hyper-connection families (the other DeepSeek-V4 config is left out: at step 5 its
                          # indexer ties, which transformers' cached generate ranks at the current length and
                          # its own full forward at the final one; ours ranks as the full forward, forward/cache.py)

@@ -130,6 +130,11 @@ FAMILY_FORWARD["ernie4_5_vl_moe_text"] = dict(
                   ("mlp.moe_statics.", "mlp.text_moe.gate.moe_statics.")))
 MULTIMODAL_FORWARD["ernie4_5_vl_moe"] = "ernie4_5_vl_moe_text"
 FORWARD_FAMILIES += ("ernie4_5_vl_moe",)
+# Muse Spark's language model (forward/muse_spark.py): normed embeddings, centred / input-scaled RMSNorms,
+# residual gates, gated attention with scaleless QK norms, experts in a projected space (moe_hidden_size).
+FAMILY_FORWARD["muse_spark_text"] = dict(theta=500000.0)
+MULTIMODAL_FORWARD["muse_spark"] = "muse_spark_text"
+FORWARD_FAMILIES += ("muse_spark",)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -296,6 +301,7 @@ class ForwardConfig:
     name_aliases: tuple = ()
     # Qwen4-Exp (forward/qwen4_exp.py): hc residual streams, PLE layers and tables, the QSA indexer
     qwen4_exp: Optional[dict] = None
+    muse_spark: Optional[object] = None  # Muse Spark's settings (forward/muse_spark.py MuseSparkSettings): its own layer
 
     def dims_of(self, i: int) -> tuple[int, int, int, int]:
         return self.layer_dims[i] if self.layer_dims else (self.heads, self.kv_heads, self.head_dim, self.head_dim)
@@ -408,6 +414,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         from .gemma4 import configure
 
         configure(fc, spec, cfg, Cfg(config))
+    if family == "muse_spark_text":
+        from .muse_spark import configure as muse_spark_config
+
+        muse_spark_config(fc, spec, cfg)
     if family == "cohere2_moe":
         if cfg.raw("rms_norm_eps") is None:
             fc.norm, fc.eps = "layernorm", cfg.float("layer_norm_eps", 1e-5)

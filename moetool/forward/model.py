@@ -663,6 +663,10 @@ class Decoder:
             from . import inkling
 
             return inkling.layer(self, i, x, masks, routes, record)
+        if fc.muse_spark is not None:  # residual gates, projected experts (forward/muse_spark.py)
+            from . import muse_spark
+
+            return muse_spark.layer(self, i, x, cos, sin, masks, routes, record)
         # Norms around the attention and the FFN (fc.layer_norms): before / after each, None if absent.
         pre_a, post_a, pre_f, post_f = fc.layer_norms
 
