@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from census_reference import _merge, shrunk_config
-from fakes import DEVICE, assert_matches_transformers
+from fakes import assert_profile_routes_like_traces, DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -95,25 +95,14 @@ def test_profile_routes_as_traces(muse_checkpoint, tmp_path):
     routes each prompt as its own trace does; the CLI writes the profile."""
     import shutil
 
-    import pyarrow.parquet as pq
-
     from conftest import write_tokenizer
-    from moetool.profile.engine import profile
-    from moetool.tracing import trace
 
     d = tmp_path / "muse"
     shutil.copytree(muse_checkpoint("muse_spark", 1)[0], d)
     write_tokenizer(d)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 2, "def add(a, b): return a + b", "import os, sys " * 3]
-    profile(prompts, model=str(d), block_tokens=200, device=DEVICE, per_token=str(tmp_path / "t.parquet"))  # one block
-    rows = pq.read_table(tmp_path / "t.parquet").to_pandas()
-    for i, text in enumerate(prompts):
-        t = trace(text, model=str(d), device=DEVICE)
-        assert len(t.tokens) > 8  # longer than the sliding window (8)
-        assert [l.layer for l in t.layers] == [1, 2, 3]
-        for l in t.layers:
-            got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
-            assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    stats = assert_profile_routes_like_traces(d, tmp_path, prompts, min_tokens=8)  # longer than the sliding window (8)
+    assert stats.meta["moe_layers"] == [1, 2, 3]
     (tmp_path / "corpus.txt").write_text("\n".join(prompts) + "\n")
     r = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tmp_path / "corpus.txt"), "--model", str(d),
                         "-o", str(tmp_path / "prof")], capture_output=True, text=True, timeout=300)
