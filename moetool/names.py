@@ -54,8 +54,9 @@ _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_proje
                      r"|resampler_model"  # ERNIE-4.5-VL's projector
                      r"|vision_adapter|vision_projection|embed_vision)\."  # Muse Spark's projector
                      r"|(^|\.)(image_newline|view_separator)$"  # learned vectors between image views (Unlimited-OCR)
-                     # DeepSeek-OCR's original names (Unlimited-OCR checkpoints): SAM encoder, projector, separator
-                     r"|^(model\.)?(sam_model|projector)\.|^(model\.)?view_seperator$")
+                     # DeepSeek-OCR's original names (Unlimited-OCR checkpoints): SAM encoder, projector, separator;
+                     # DeepSeek-OCR-2's Qwen2-style encoder and its query tables
+                     r"|^(model\.)?(sam_model|projector|qwen\d_model)\.|^(model\.)?view_seperator$")  # (templates: digits are 0)
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector|word_timestamp_encoder|word_timestamp_head|embed_audio)\."
                     r"|^(perception|ctc_timestamp)\."  # NeMo SpeechLM's original names (its LM is under llm.)
                     r"|^model\.audio\.")  # Inkling: model.audio.*

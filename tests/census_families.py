@@ -48,10 +48,6 @@ _SHRINK = (_NO_ADAPTER + "; transformers builds the default config, but the cens
 KNOWN_GAPS: dict[str, str] = {
     **{mt: _NO_ADAPTER + " (generic header count equals transformers', tested)" for mt in GENERIC_VERIFIED},
     # transformers 5.23 cannot build these from their default config (reproductions in the reasons)
-    "deepseek_ocr2": _NO_ADAPTER + "; transformers 5.23 cannot build its default config: DeepseekOcr2TextConfig leaves "
-                                   "mlp_layer_types None and DeepseekOcr2TextDecoderLayer indexes it (TypeError: 'NoneType' "
-                                   "object is not subscriptable; DeepseekOcr2ForConditionalGeneration(AutoConfig.for_model("
-                                   "'deepseek_ocr2')) on the meta device)",
     "qwen3_omni_moe": _NO_ADAPTER + "; transformers 5.23 cannot build its default config: the talker's MoE reads "
                                     "config.shared_expert_intermediate_size, which Qwen3OmniMoeTalkerTextConfig does not "
                                     "define (AttributeError; Qwen3OmniMoeForConditionalGeneration(AutoConfig.for_model("

@@ -94,6 +94,13 @@ SHRINK_EXTRA: dict[str, dict] = {
                         patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32, downsample_channels=[8, 16]),
         encoder_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                             image_size=28, patch_size=14))),
+    # DeepSeek-OCR-2: its two vision encoders are nested configs (SAM: one windowed and one global layer; its
+    # output channels are the Qwen2-style encoder's width)
+    "deepseek_ocr2": dict(vision_config=dict(
+        sam_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                        patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=32, downsample_channels=[8, 16]),
+        encoder_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, vocab_size=128, layer_types=["full_attention"]))),
     # Muse Spark: the experts' projected space, the vision adapter (its input: 4 merged patches of width 16),
     # a small position table; a dense layer; two audio stages (the stage lists were cut to one by the shrink)
     "muse_spark": dict(out_hidden_size=64, projector_hidden_size=24,
@@ -149,6 +156,10 @@ DEFAULT_FIXUPS: dict[str, dict] = {
     # cannot be built without them; no released config gives them: values of our choosing (the count
     # depends on heads x head dim only), as Qwen4ExpTextConfig.validate_architecture accepts them
     **{mt: (dict(text_config=_QWEN4_QSA) if mt == "qwen4_exp" else _QWEN4_QSA) for mt in ("qwen4_exp", "qwen4_exp_text")},
+    # DeepseekOcr2TextConfig leaves mlp_layer_types None (the decoder layer indexes it) and num_experts_per_tok None
+    # (no top-k): values of the census' choosing, DeepSeek-OCR's layout (dense first layer, top-6), not checked
+    # against a published DeepSeek-OCR-2 config
+    "deepseek_ocr2": dict(text_config=dict(mlp_layer_types=["dense"] + ["sparse"] * 31, num_experts_per_tok=6)),
 }
 
 

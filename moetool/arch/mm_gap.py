@@ -1,6 +1,6 @@
 """Text models (and towers) of the multimodal MoE families that had only the generic header count
 (issue 11, session 3): GLM-5.3-Flash (glm5_next), ERNIE-4.5-VL-MoE (ernie4_5_vl_moe), Muse Spark
-(muse_spark), Unlimited-OCR (unlimited_ocr) and NeMo SpeechLM (nemo_speechlm). Each is counted
+(muse_spark), Unlimited-OCR (unlimited_ocr), DeepSeek-OCR-2 (deepseek_ocr2) and NeMo SpeechLM (nemo_speechlm). Each is counted
 whole as multimodal.FAMILIES describes: the text adapter here on `text_config`, the towers as
 their own `vision` / `audio` groups. `trace` runs the language model of those named in
 forward/config.py MULTIMODAL_FORWARD on text-only input (tests/test_trace_mm_gap.py).
@@ -368,6 +368,43 @@ def unlimited_ocr_text(cfg: Cfg, model_type: str = "unlimited_ocr_text") -> Mode
                             "(only decoded tokens past sliding_window are evicted): the KV cache is counted in full",))
 
 
+def _sam_encoder(inv: Inventory, s: Cfg, mlp_dim: int | None, downsample: list[int]) -> list[int]:
+    """DeepSeek-OCR's SAM ViT-B encoder (`sam_config`, group "vision"; Unlimited-OCR and DeepSeek-OCR-2):
+    Conv2d patches, absolute positions [1, I/p, I/p, h], blocks with a fused qkv, relative positions
+    [2s-1, h/heads] for height and width, s = window_size or I/p on `global_attn_indexes`, LayerNorms,
+    MLP of mlp_dim; the neck (1x1 and 3x3 convolutions with channel LayerNorms) and two stride-2 3x3
+    downsamples. `mlp_dim` / `downsample` are the family's defaults (mlp_dim None: hidden_size *
+    mlp_ratio). Returns downsample_channels."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    h, heads = s.int("hidden_size", 768, min_value=1), s.int("num_attention_heads", 12, min_value=1)
+    grid = s.int("image_size", 1024, min_value=1) // s.int("patch_size", 16, min_value=1)
+    p = s.int("patch_size", 16, min_value=1)
+    sam = "vision_tower.sam_encoder"
+    mm._conv(inv, f"{sam}.patch_embed.projection", h, s.int("num_channels", 3, min_value=1), (p, p))
+    if s.bool("use_abs_pos", True):
+        inv.add(f"{sam}.pos_embed", "vision", (1, grid, grid, h))
+    window, global_ = s.int("window_size", 14), set(s.int_list("global_attn_indexes", [2, 5, 8, 11]))
+    f = s.int("mlp_dim", int(h * s.float("mlp_ratio", 4.0)) if mlp_dim is None else mlp_dim, min_value=1)
+    for i in range(s.int("num_hidden_layers", 12, min_value=0)):
+        b = f"{sam}.layers.{i}"
+        mm._norm(inv, f"{b}.layer_norm1", h), mm._norm(inv, f"{b}.layer_norm2", h)
+        mm._lin(inv, f"{b}.attn.qkv", 3 * h, h, s.bool("qkv_bias", True)), mm._lin(inv, f"{b}.attn.proj", h, h)
+        if s.bool("use_rel_pos", True):
+            size = grid if (i in global_ or window == 0) else window
+            inv.add(f"{b}.attn.rel_pos_h", "vision", (2 * size - 1, h // heads))
+            inv.add(f"{b}.attn.rel_pos_w", "vision", (2 * size - 1, h // heads))
+        mm._lin(inv, f"{b}.mlp.lin1", f, h), mm._lin(inv, f"{b}.mlp.lin2", h, f)
+    oc, down = s.int("output_channels", 256, min_value=1), s.int_list("downsample_channels", downsample)
+    if len(down) != 2:
+        raise BadConfig(f"{s.where}: downsample_channels must have 2 entries, got {down}")
+    mm._conv(inv, f"{sam}.neck.conv1", oc, h, (1, 1), bias=False), mm._norm(inv, f"{sam}.neck.layer_norm1", oc)
+    mm._conv(inv, f"{sam}.neck.conv2", oc, oc, (3, 3), bias=False), mm._norm(inv, f"{sam}.neck.layer_norm2", oc)
+    mm._conv(inv, f"{sam}.proj.conv1", down[0], oc, (3, 3), bias=False)
+    mm._conv(inv, f"{sam}.proj.conv2", down[1], down[0], (3, 3), bias=False)
+    return down
+
+
 def unlimited_ocr_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     """Unlimited-OCR vision (DeepSeek-OCR's): a SAM ViT-B encoder (`sam_config`: Conv2d patches,
     absolute positions [1, I/p, I/p, h], blocks with a fused qkv, relative positions [2s-1, h/heads]
@@ -379,32 +416,7 @@ def unlimited_ocr_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
     (image_newline, view_separator)."""
     from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
 
-    s = v.sub("sam_config")
-    h, heads = s.int("hidden_size", 768, min_value=1), s.int("num_attention_heads", 12, min_value=1)
-    grid = s.int("image_size", 1024, min_value=1) // s.int("patch_size", 16, min_value=1)
-    p = s.int("patch_size", 16, min_value=1)
-    sam = "vision_tower.sam_encoder"
-    mm._conv(inv, f"{sam}.patch_embed.projection", h, s.int("num_channels", 3, min_value=1), (p, p))
-    if s.bool("use_abs_pos", True):
-        inv.add(f"{sam}.pos_embed", "vision", (1, grid, grid, h))
-    window, global_ = s.int("window_size", 14), set(s.int_list("global_attn_indexes", [2, 5, 8, 11]))
-    f = s.int("mlp_dim", 3072, min_value=1)
-    for i in range(s.int("num_hidden_layers", 12, min_value=0)):
-        b = f"{sam}.layers.{i}"
-        mm._norm(inv, f"{b}.layer_norm1", h), mm._norm(inv, f"{b}.layer_norm2", h)
-        mm._lin(inv, f"{b}.attn.qkv", 3 * h, h, s.bool("qkv_bias", True)), mm._lin(inv, f"{b}.attn.proj", h, h)
-        if s.bool("use_rel_pos", True):
-            size = grid if (i in global_ or window == 0) else window
-            inv.add(f"{b}.attn.rel_pos_h", "vision", (2 * size - 1, h // heads))
-            inv.add(f"{b}.attn.rel_pos_w", "vision", (2 * size - 1, h // heads))
-        mm._lin(inv, f"{b}.mlp.lin1", f, h), mm._lin(inv, f"{b}.mlp.lin2", h, f)
-    oc, down = s.int("output_channels", 256, min_value=1), s.int_list("downsample_channels", [512, 1024])
-    if len(down) != 2:
-        raise BadConfig(f"{s.where}: downsample_channels must have 2 entries, got {down}")
-    mm._conv(inv, f"{sam}.neck.conv1", oc, h, (1, 1), bias=False), mm._norm(inv, f"{sam}.neck.layer_norm1", oc)
-    mm._conv(inv, f"{sam}.neck.conv2", oc, oc, (3, 3), bias=False), mm._norm(inv, f"{sam}.neck.layer_norm2", oc)
-    mm._conv(inv, f"{sam}.proj.conv1", down[0], oc, (3, 3), bias=False)
-    mm._conv(inv, f"{sam}.proj.conv2", down[1], down[0], (3, 3), bias=False)
+    down = _sam_encoder(inv, v.sub("sam_config"), 3072, [512, 1024])
     e = v.sub("encoder_config")
     eh, ef = e.int("hidden_size", 1024, min_value=1), e.int("intermediate_size", 4096, min_value=1)
     clip = "vision_tower.vision_encoder"
@@ -494,8 +506,59 @@ def nemo_speechlm_word_timestamps(inv: Inventory, w: Cfg, text_d: int, top: Cfg)
     mm._conv(inv, "word_timestamp_head", w.int("vocab_size", 23863, min_value=1), h, (1,), group=g)
 
 
+def deepseek_ocr2_text(cfg: Cfg, model_type: str = "deepseek_ocr2_text") -> ModelSpec:
+    """DeepSeek-OCR-2 text model (DeepseekOcr2TextModel): transformers' modules are Unlimited-OCR's
+    text modules (GQA attention, head_dim = hidden_size / heads; dense MLP or softmax router, routed
+    and shared experts per `mlp_layer_types`), with plain causal attention (no reference sliding
+    window): counted by unlimited_ocr_text. DeepseekOcr2TextConfig has no default for
+    `mlp_layer_types` (transformers 5.23 cannot build a config without it) nor for
+    num_experts_per_tok: absent, they are read as DeepSeek-OCR's (dense below
+    first_k_dense_replace = 1, top-6) and a note says so."""
+    spec = unlimited_ocr_text(cfg, model_type)
+    notes = ()
+    if cfg.raw("mlp_layer_types") is None:
+        notes += ("DeepSeek-OCR-2: the config has no mlp_layer_types (transformers cannot build it so); counted "
+                  f"dense below first_k_dense_replace = {cfg.int('first_k_dense_replace', 1)}, sparse above, as DeepSeek-OCR",)
+    if cfg.raw("num_experts_per_tok") is None:
+        notes += ("DeepSeek-OCR-2: the config has no num_experts_per_tok; active parameters assume top-6, as DeepSeek-OCR",)
+    return replace(spec, family="deepseek_ocr2", notes=notes)
+
+
+def deepseek_ocr2_vision(inv: Inventory, v: Cfg, text_d: int, top: Cfg) -> None:
+    """DeepSeek-OCR-2 vision (DeepseekOcr2VisionModel), group "vision": the SAM encoder
+    (`sam_config`, _sam_encoder; mlp_dim defaults to hidden_size * mlp_ratio, downsample_channels
+    to [512, 896]), a Qwen2-style decoder over SAM's patches and learned queries (`encoder_config`:
+    layers of q/k/v [H*Dh, h] with biases, o [h, H*Dh] without, Dh = h / heads, two RMSNorms, a
+    SwiGLU MLP without biases; a final RMSNorm; no token embedding), the two query tables
+    query_768_resolution [144, h] and query_1024_resolution [256, h]; then the projector
+    [text D, h] (bias) and view_separator [text D]."""
+    from . import multimodal as mm  # its tower pieces (multimodal imports this module: import at call time)
+
+    _sam_encoder(inv, v.sub("sam_config"), None, [512, 896])
+    e = v.sub("encoder_config")
+    eh, ef = e.int("hidden_size", 4096, min_value=1), e.int("intermediate_size", 22016, min_value=1)
+    heads = e.int("num_attention_heads", 32, min_value=1)
+    kv, hd = e.int("num_key_value_heads", heads, min_value=1), eh // heads
+    enc = "vision_tower.vision_encoder"
+    for i in range(e.int("num_hidden_layers", 32, min_value=0)):
+        b = f"{enc}.layers.{i}"
+        for proj, out in (("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+            mm._lin(inv, f"{b}.self_attn.{proj}", out, eh)
+        mm._lin(inv, f"{b}.self_attn.o_proj", eh, heads * hd, bias=False)
+        mm._norm(inv, f"{b}.input_layernorm", eh, bias=False), mm._norm(inv, f"{b}.post_attention_layernorm", eh, bias=False)
+        for proj in ("gate_proj", "up_proj"):
+            mm._lin(inv, f"{b}.mlp.{proj}", ef, eh, bias=False)
+        mm._lin(inv, f"{b}.mlp.down_proj", eh, ef, bias=False)
+    mm._norm(inv, f"{enc}.norm", eh, bias=False)
+    inv.add("vision_tower.query_768_resolution.weight", "vision", (144, eh))
+    inv.add("vision_tower.query_1024_resolution.weight", "vision", (256, eh))
+    mm._lin(inv, "multi_modal_projector", text_d, eh)
+    inv.add("view_separator", "vision", (text_d,))
+
+
 def register(table: dict) -> None:
     table["glm5_next_text"] = glm5_next_text
     table["ernie4_5_vl_moe_text"] = ernie4_5_vl_moe_text
     table["muse_spark_text"] = muse_spark_text
     table["unlimited_ocr_text"] = unlimited_ocr_text
+    table["deepseek_ocr2_text"] = deepseek_ocr2_text

@@ -446,6 +446,8 @@ FAMILIES: dict[str, Family] = {
                                                                      ("audio_config", mm_gap.muse_spark_audio))),
     # baidu Unlimited-OCR: DeepSeek-V2-Lite-like text MoE (arch/mm_gap.py) + SAM and CLIP encoders and projector.
     "unlimited_ocr": Family(mm_gap.unlimited_ocr_text, "unlimited_ocr_text", (("vision_config", mm_gap.unlimited_ocr_vision),)),
+    # deepseek-ai DeepSeek-OCR-2: Unlimited-OCR's text MoE modules, causal attention (arch/mm_gap.py) + SAM and a Qwen2-style encoder.
+    "deepseek_ocr2": Family(mm_gap.deepseek_ocr2_text, "deepseek_ocr2_text", (("vision_config", mm_gap.deepseek_ocr2_vision),)),
     # NVIDIA NeMo SpeechLM (Nemotron-3.5 Transcribe): Nemotron-H text MoE + ASR encoder, diarization model, word timestamps.
     "nemo_speechlm": Family(mm_gap.nemo_speechlm_text, "nemotron_h", (("audio_config", mm_gap.nemo_speechlm_audio),
                                                                      ("word_timestamp_config", mm_gap.nemo_speechlm_word_timestamps))),

@@ -119,6 +119,10 @@ FORWARD_FAMILIES += ("nemo_speechlm",)
 FAMILY_FORWARD["unlimited_ocr_text"] = dict(theta=10000.0, fields=dict(reference_window=("sliding_window", 0.0)))
 MULTIMODAL_FORWARD["unlimited_ocr"] = "unlimited_ocr_text"
 FORWARD_FAMILIES += ("unlimited_ocr",)
+# DeepSeek-OCR-2's language model: transformers builds Unlimited-OCR's text modules, attention plainly causal
+# (its text config has no sliding_window, so the reference window is off): run as unlimited_ocr_text.
+MULTIMODAL_FORWARD["deepseek_ocr2"] = "unlimited_ocr_text"
+FORWARD_FAMILIES += ("deepseek_ocr2",)
 # ERNIE-4.5-VL-MoE's language model: ERNIE-4.5-MoE's, text tokens routed to the text experts only (the
 # vision experts serve image / video tokens). Its 3-D RoPE with one position for all three sections is
 # ERNIE's interleaved RoPE. transformers' names put the text experts under mlp.text_moe.; the published
