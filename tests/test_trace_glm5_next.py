@@ -235,3 +235,23 @@ def test_profile_runs_and_routes_as_traces(glm5, tmp_path):
         for l in t.layers:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+
+
+def test_cached_generation_equals_transformers_forward_of_the_whole_sequence(glm5):
+    """--generate with the KV cache (KDA states, MLA latents, the indexer's keys and gate logits) against
+    transformers' full forward of the generated sequence: logits and routes of every token. Pools that tie
+    (0 in every head) are ranked as that full forward ranks them; transformers' own cached generate ranks
+    them at the current length, so its forward of the first 16 tokens differs at token 15 from its forward of
+    all 20 (asserted: the reason tests/test_generate_cache.py compares this config with recompute only)."""
+    from moetool.forward.cache import generate
+
+    d, ids, _, _, model = glm5("glm5_next", 0)
+    prompt = ids[:14]
+    out = generate(resolve(str(d)), prompt, 6, device=DEVICE)
+    assert out.cached and len(out.ids) == 20
+    logits, routes = routes_and_logits(model, torch.tensor([out.ids]))
+    assert_matches_transformers(out.result, logits, routes, nonzero=True, varied="every")
+    with torch.no_grad():
+        short = model(torch.tensor([out.ids[:16]])).logits[0]
+    assert (short[:15] - logits[:15]).abs().max().item() < 1e-4
+    assert (short[15] - logits[15]).abs().max().item() > 1e-2  # transformers ranks ties by the row's length
