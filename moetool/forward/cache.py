@@ -81,7 +81,7 @@ def no_cache_reason(fc, prompt: int, total: int) -> Optional[str]:
                       ("bidirectional", "an encoder attends both ways")):
         if getattr(fc, what, None):
             return why
-    if getattr(fc, "qwen4_exp", None):  # forward/qwen4_exp.py
+    if getattr(fc, "qwen4_exp", None):  # forward/qwen4_exp.py (not fc.hyper: HY-V4, DeepSeek-V4, GLM-5.3 are cached)
         return "Qwen4-Exp's QSA indexer keys and n-gram context are not cached"
     if fc.family == "longcat_flash":  # forward/longcat.py: two MLA sublayers per layer, one cache slot each layer
         return "LongCat-Flash's two attention sublayers per layer are not cached"

@@ -139,6 +139,10 @@ FORWARD_FAMILIES += ("ernie4_5_vl_moe",)
 FAMILY_FORWARD["muse_spark_text"] = dict(theta=500000.0)
 MULTIMODAL_FORWARD["muse_spark"] = "muse_spark_text"
 FORWARD_FAMILIES += ("muse_spark",)
+# GLM-5.3-Flash's language model (_glm5_next below): KDA layers, NoPE MLA with GLM-5's indexer plus k-pool
+# compression, clamped SwiGLU everywhere, DeepSeek-V4's hyper-connections with an unweighted mean at the head.
+MULTIMODAL_FORWARD["glm5_next"] = "glm5_next_text"
+FORWARD_FAMILIES += ("glm5_next",)
 
 
 # transformers' defaults when a config gives no rope_theta.
@@ -353,7 +357,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         return inkling_config(spec, cfg, family)
     d, heads = spec.hidden_size, cfg.int("num_attention_heads")
     kv = cfg.int("num_key_value_heads", heads)
-    hd = cfg.int("head_dim", d // heads) if family not in ("olmoe", "unlimited_ocr_text") else d // heads
+    hd = cfg.int("head_dim", d // heads) if family not in ("olmoe", "unlimited_ocr_text", "glm5_next_text") else d // heads
     # transformers 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
     for key in ("rope_scaling", "rope_parameters"):
         if cfg.has(key) and not isinstance(cfg.raw(key), dict):
@@ -465,7 +469,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.temperature_tuning = (cfg.float("floor_scale", 8192.0), cfg.float("attn_scale", 0.1))
         fc.dense_ffn = cfg.int("intermediate_size_mlp", 16384)
     elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "mistral4", "axk1", "longcat_flash",
-                    "glm_moe_dsa", "axk2", "hy_v4", *sparse_variants.FAMILIES):
+                    "glm_moe_dsa", "axk2", "hy_v4", "glm5_next_text", *sparse_variants.FAMILIES):
         nope, rdim, v = cfg.int("qk_nope_head_dim"), cfg.int("qk_rope_head_dim"), cfg.int("v_head_dim")
         fc.mla = dict(q_lora=cfg.int("q_lora_rank", 0), kv_lora=cfg.int("kv_lora_rank"), nope=nope, rope=rdim, v=v)
         rope.dim = rdim
@@ -482,7 +486,9 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
             fc.indexer = dict(heads=cfg.int("index_n_heads", {"deepseek_v32": 64, "glm_moe_dsa": 32, "axk2": 16,
                                                               "hy_v4": 16}[family]),
                               dim=cfg.int("index_head_dim", 128), topk=cfg.int("index_topk", 2048), layout="half")
-        if family in ("glm_moe_dsa", "hy_v4"):  # GLM-5: interleaved indexer RoPE; "shared" layers reuse the last full layer's keys
+        if family == "glm5_next_text":  # KDA layers, k-pool indexer, hyper-connections
+            _glm5_next(fc, spec, cfg)
+        elif family in ("glm_moe_dsa", "hy_v4"):  # GLM-5: interleaved indexer RoPE; "shared" layers reuse the last full layer's keys
             from ..arch.deepseek import DEFAULTS, _indexer_types
 
             types = _indexer_types(cfg, spec.num_layers, DEFAULTS[family].get("indexer_default"))
@@ -812,3 +818,41 @@ def _hy_v4(fc: ForwardConfig, cfg: Cfg) -> None:
     fc.routed_act, fc.swiglu_limit = "clamped_silu", cfg.float("swiglu_limit", 10.0)
     fc.hyper = HyperConfig(streams=cfg.int("hc_mult", 4, min_value=1), norm_eps=fc.eps, eps=cfg.float("hc_eps", 1e-6),
                            post_scale=cfg.float("hc_magnitude", 2.0), post_eps=cfg.float("hc_eps", 1e-6))
+
+
+def _glm5_next(fc: ForwardConfig, spec: ModelSpec, cfg: Cfg) -> None:
+    """GLM-5.3-Flash text (transformers' Glm5NextTextModel): NoPE MLA (qk_rope_head_dim 0) on the
+    "indexed_attention" layers with GLM-5's indexer (no RoPE) plus k-pool compression (forward/indexer.py
+    kpool_keep); a "shared" layer reuses the keys of the full layer just before it. Kimi Delta Attention with
+    the bounded forget gate on the "linear_attention" layers; SwiGLU clamped at swiglu_limit in every FFN
+    (routed, shared, dense); DeepSeek-V4's hyper-connections (comb, Sinkhorn), the head's collapse an
+    unweighted mean of the streams."""
+    from ..arch.deepseek import _indexer_types
+
+    n = spec.num_layers
+    if fc.mla["rope"]:
+        raise BadConfig(f"{cfg.where}: glm5_next's indexed attention is NoPE (qk_rope_head_dim must be 0)")
+    fc.use_rope = [False] * n
+    fc.mla["eps"] = fc.eps  # the latents' RMSNorms: rms_norm_eps (DeepSeek's: 1e-6)
+    kinds = [layer.mixer for layer in spec.layers]
+    types = _indexer_types(cfg, n)
+    if len(types) < n:
+        raise BadConfig(f"{cfg.where}: indexer_types has {len(types)} entries for {n} layers")
+    shared = frozenset(i for i in range(n) if kinds[i] != "kda" and types[i] != "full")
+    for i in sorted(shared):  # transformers passes a full layer's top-k to the next layer only
+        if i == 0 or kinds[i - 1] == "kda" or (i - 1) in shared:
+            raise BadConfig(f"{cfg.where}: layer {i} is a \"shared\" indexer layer, so layer {i - 1} must be an "
+                            "indexed_attention layer with a \"full\" indexer")
+    kpool, topk = cfg.int("index_kpool", 16, min_value=1), cfg.int("index_topk", 2048, min_value=1)
+    fc.indexer = dict(heads=cfg.int("index_n_heads", 32), dim=cfg.int("index_head_dim", 128), topk=topk,
+                      layout="none", shared=shared, kpool=kpool, tail=cfg.bool("index_kpool_always_select_tail", True))
+    fc.expert_act, fc.swiglu_limit = "clamped_" + cfg.str("hidden_act", "silu"), cfg.float("swiglu_limit", 10.0)
+    fc.routed_act = "clamped_silu"  # the fused experts: always SiLU
+    fc.mixers["kda"] = kda.KDAConfig(heads=cfg.int("linear_num_heads", 64), head_dim=cfg.int("linear_head_dim", 128),
+                                     kernel=cfg.int("linear_conv_kernel_dim", 4), eps=fc.eps,
+                                     activation=cfg.str("hidden_act", "silu"),
+                                     lower_bound=None if "linear_lower_bound" in cfg.d and not cfg.has(
+                                         "linear_lower_bound") else cfg.float("linear_lower_bound", -5.0))  # null: softplus
+    fc.hyper = HyperConfig(streams=cfg.int("hc_mult", 4, min_value=1), norm_eps=fc.eps, eps=cfg.float("hc_eps", 1e-6),
+                           post_scale=2.0, post_eps=0.0, sinkhorn_iters=cfg.int("hc_sinkhorn_iters", 20, min_value=1),
+                           norm_first=True, mean_head=True)

@@ -41,6 +41,7 @@ class HyperConfig:
     post_eps: float  # HY-V4: hc_eps; DeepSeek-V4: 0
     sinkhorn_iters: int = 0  # 0: no stream mixing (HY-V4); DeepSeek-V4: hc_sinkhorn_iters
     norm_first: bool = False  # normalise before the projection (DeepSeek-V4) or scale its output (HY-V4)
+    mean_head: bool = False  # the head's collapse: an unweighted mean of the streams (GLM-5.3-Flash), no mixer
 
 
 # Stored names of a layer's mixers, by role ("attn" before attention, "ffn" before the FFN) and parameter:
@@ -103,6 +104,8 @@ def expand(post: torch.Tensor, comb, f: torch.Tensor, x: torch.Tensor) -> torch.
 def head(dec, x: torch.Tensor) -> torch.Tensor:
     """The head's collapse of the streams [T, N, D] -> [T, D] (before the final norm)."""
     hc, root = dec.fc.hyper, dec.names.layers[: -len("layers.")]
+    if hc.mean_head:
+        return x.mean(dim=1)
     fn, base, scale = (dec.w(_stored(dec, [root + n for n in _head_names(p)])) for p in ("fn", "base", "scale"))
     mixes = _project(x, fn, hc)  # [T, N]
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc.eps

@@ -78,3 +78,51 @@ def sparse_attention_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefi
     chosen = index.topk(min(topk, index.shape[-1]), dim=-1).indices  # [T, topk]
     keep = torch.zeros(T, index.shape[-1], dtype=torch.bool, device=h.device).scatter(-1, chosen, True)[:, :S]
     return keep & causal
+
+
+def kpool_keep(get: Callable[[str, torch.dtype], torch.Tensor], prefix: str, h: torch.Tensor, q_resid: torch.Tensor,
+               causal: torch.Tensor, heads: int, dim: int, topk: int, kpool: int, tail: bool = True,
+               cache: Optional[dict] = None, width: Optional[int] = None) -> torch.Tensor:
+    """GLM-5.3-Flash's indexer (`glm5_next`, transformers' Glm5NextTextIndexer) with k-pool compression:
+    -> [T, S] bool, True where query s keeps key t. No RoPE. The keys are grouped in consecutive pools of
+    `kpool` tokens from the first one; only complete pools are candidates. A pool's key is a softmax-weighted
+    mean of its tokens' keys, per channel, with logits index_kpool_compress_gate . x + index_kpool_compress_ape
+    [position in the pool]. Each query scores the pools as DeepSeek-V3.2's indexer scores keys (ReLU per head,
+    summed with weights_proj), among the pools whose last token it sees keeps the top-(topk / kpool) and so
+    their tokens, and with `tail` also the tokens of its own incomplete pool. With a `cache` (the layer's
+    dict of a KV cache) the earlier tokens' keys and gate logits come from it. Ties (pools scoring 0 in
+    every head) break by the row's length, in transformers too: `width` (the whole traced sequence's
+    length) pads each row to that sequence's pools, as its full forward ranks them (sparse_attention_keep)."""
+    T, dtype = h.shape[0], h.dtype
+    q = F_.linear(q_resid, get(prefix + "wq_b.weight", dtype)).view(T, heads, dim)
+    k = F_.layer_norm(F_.linear(h, get(prefix + "wk.weight", dtype)), (dim,), get(prefix + "k_norm.weight", dtype),
+                      get(prefix + "k_norm.bias", dtype), 1e-6)  # [T, Di]
+    gate = F_.linear(h, get(prefix + "index_kpool_compress_gate", dtype))  # [T, Di]
+    if cache is not None:
+        if cache.get("index_k") is not None:
+            k, gate = torch.cat((cache["index_k"], k), dim=0), torch.cat((cache["index_gate"], gate), dim=0)
+        cache["index_k"], cache["index_gate"] = k, gate
+    S = k.shape[0]
+    P = S // kpool  # complete pools
+    keep = torch.zeros(T, S, dtype=torch.bool, device=h.device)
+    if P and topk // kpool:
+        ape = get(prefix + "index_kpool_compress_ape", torch.float32)  # [kpool, Di]
+        logits = gate[:P * kpool].view(P, kpool, dim).float() + ape[None]
+        pool_k = (logits.softmax(dim=1).to(k.dtype) * k[:P * kpool].view(P, kpool, dim)).sum(dim=1)  # [P, Di]
+        scores = F_.relu(torch.matmul(q[None].float(), pool_k[None].transpose(-1, -2).float().unsqueeze(1)) * dim ** -0.5)
+        w = F_.linear(h.float(), get(prefix + "weights_proj.weight", torch.float32)) * heads ** -0.5  # [T, Hi]
+        index = torch.matmul(w[None].unsqueeze(-2), scores).squeeze(-2)[0]  # [T, P]
+        ends = torch.arange(P, device=h.device) * kpool + kpool - 1
+        visible = causal[:, ends]  # [T, P]
+        index = index.masked_fill(~visible, torch.finfo(index.dtype).min)
+        if width is not None and width // kpool > P:
+            index = F_.pad(index, (0, width // kpool - P), value=torch.finfo(index.dtype).min)
+        chosen = index.topk(min(topk // kpool, index.shape[-1]), dim=-1).indices  # [T, k]
+        pools = torch.zeros(T, index.shape[-1], dtype=torch.bool, device=h.device).scatter(-1, chosen, True)[:, :P] & visible
+        keep[:, :P * kpool] = pools.repeat_interleave(kpool, dim=1)
+    if tail and kpool > 1:  # the query's own incomplete pool
+        seen = causal.sum(-1)  # [T]
+        start = seen - seen.remainder(kpool)
+        t = torch.arange(S, device=h.device)
+        keep |= (t[None] >= start[:, None]) & (t[None] < seen[:, None])
+    return keep & causal

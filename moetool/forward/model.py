@@ -866,7 +866,7 @@ class Decoder:
         nope, r, v_dim, kvr = m["nope"], m["rope"], m["v"], m["kv_lora"]
         if m["q_lora"]:
             qa = linear(h, self.w(find(prefix + "q_a_proj.weight")), self.w(find(prefix + "q_a_proj.bias", required=False)))
-            q_resid = rms_norm(qa, self.w(find(prefix + "q_a_layernorm.weight")), 1e-6)  # [T, Rq]
+            q_resid = rms_norm(qa, self.w(find(prefix + "q_a_layernorm.weight")), m.get("eps", 1e-6))  # [T, Rq]
             if m.get("q_gate"):  # A.X-K2: query and output gate [T, H, qk + v] from [normed | raw] latent
                 qg = linear(torch.cat((q_resid, qa), dim=-1),  # q_b_proj: the released checkpoints' name
                             self.w(find(prefix + "q_gate_proj.weight", prefix + "q_b_proj.weight")))
@@ -882,7 +882,7 @@ class Decoder:
         kv = linear(h, self.w(find(prefix + "kv_a_proj_with_mqa.weight")),
                     self.w(find(prefix + "kv_a_proj_with_mqa.bias", required=False)))  # [T, Rkv + rope]
         latent, k_rot = kv.split([kvr, r], dim=-1)
-        latent = rms_norm(latent, self.w(find(prefix + "kv_a_layernorm.weight")), 1e-6)
+        latent = rms_norm(latent, self.w(find(prefix + "kv_a_layernorm.weight")), m.get("eps", 1e-6))
         if m.get("kv_scale"):
             latent = latent * m["kv_scale"]
         kvb = linear(latent, self.w(find(prefix + "kv_b_proj.weight"))).view(T, H, nope + v_dim)

@@ -45,7 +45,7 @@ import torch.nn.functional as F_
 
 from ..errors import BadConfig
 from ..spec import Cfg, ModelSpec
-from .indexer import sparse_attention_keep
+from .indexer import kpool_keep, sparse_attention_keep
 
 FAMILIES = ("mistral_large4", "dots3")
 
@@ -236,6 +236,9 @@ def index_keep(dec, i: int, h, cos, sin, mask, use_rope: bool = True, q_resid=No
     rope_dim = cos.shape[-1] * 2 if cos is not None else 0
 
     def index(a: int, b: int, causal):
+        if ix.get("kpool"):  # GLM-5.3-Flash: pools of keys (forward/indexer.py kpool_keep)
+            return kpool_keep(get, prefix, h[a:b], q_resid[a:b], causal, ix["heads"], ix["dim"], ix["topk"], ix["kpool"],
+                              ix["tail"], cache=dec.cache.layer(i) if dec.cache is not None else None, width=dec.index_width)
         return sparse_attention_keep(get, prefix, h[a:b], q_resid[a:b], cos[a:b] if cos is not None else None,
                                      sin[a:b] if sin is not None else None, causal, ix["heads"], ix["dim"], ix["topk"],
                                      rope_dim, _apply_rope(),
