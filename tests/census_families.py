@@ -52,10 +52,6 @@ KNOWN_GAPS: dict[str, str] = {
                                    "mlp_layer_types None and DeepseekOcr2TextDecoderLayer indexes it (TypeError: 'NoneType' "
                                    "object is not subscriptable; DeepseekOcr2ForConditionalGeneration(AutoConfig.for_model("
                                    "'deepseek_ocr2')) on the meta device)",
-    "qwen3_omni_moe": _NO_ADAPTER + "; transformers 5.23 cannot build its default config: the talker's MoE reads "
-                                    "config.shared_expert_intermediate_size, which Qwen3OmniMoeTalkerTextConfig does not "
-                                    "define (AttributeError; Qwen3OmniMoeForConditionalGeneration(AutoConfig.for_model("
-                                    "'qwen3_omni_moe')) on the meta device); its thinker is counted (qwen3_omni_moe_thinker)",
 }
 
 OUT_OF_SCOPE: dict[str, str] = {
