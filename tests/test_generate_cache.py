@@ -62,6 +62,9 @@ CONFIGS.update({n: (c() if callable(c) else c, gemma4._build, gemma4._randomize)
 import test_trace_mm_gap as mm_gap  # noqa: E402
 
 CONFIGS.update({n: (c(), multimodal._build, multimodal._randomize) for n, c in mm_gap.CONFIGS.items()})
+import test_trace_omni as omni  # noqa: E402
+
+CONFIGS.update({n: (c(), multimodal._build, multimodal._randomize) for n, c in omni.CONFIGS.items()})
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
