@@ -168,8 +168,8 @@ DEFAULT_FIXUPS: dict[str, dict] = {
     # the MoE block: values of the census' choosing (not checked against a published config)
     # Qwen3-Omni: Qwen3OmniMoeTalkerTextSparseMoeBlock reads config.shared_expert_intermediate_size and
     # Qwen3OmniMoeTalkerForConditionalGeneration config.spatial_merge_size, which the talker configs do not
-    # define (the released config.json carries them): values of the census' choosing (768: twice the talker's
-    # moe_intermediate_size 384; spatial_merge_size has no parameters)
+    # define (transformers 5.23: AttributeError): values of the census' choosing, not checked against a published
+    # config (768: twice the talker's moe_intermediate_size 384; spatial_merge_size has no parameters)
     "qwen3_omni_moe": dict(talker_config=dict(text_config=dict(shared_expert_intermediate_size=768), spatial_merge_size=2)),
     "diffusion_gemma": dict(text_config=dict(num_experts=128, top_k_experts=8, moe_intermediate_size=704)),
     # Qwen4-Exp's default config leaves the QSA indexer fields None, and its indexed-attention layers
