@@ -59,7 +59,8 @@ _VISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_proje
                      r"|^(model\.)?(sam_model|projector|qwen\d_model)\.|^(model\.)?view_seperator$")  # (templates: digits are 0)
 _AUDIO = re.compile(r"(^|\.)(audio_tower|audio_encoder|audio_model|audio_projector|word_timestamp_encoder|word_timestamp_head|embed_audio)\."
                     r"|^(perception|ctc_timestamp)\."  # NeMo SpeechLM's original names (its LM is under llm.)
-                    r"|^model\.audio\.")  # Inkling: model.audio.*
+                    r"|^model\.audio\."  # Inkling: model.audio.*
+                    r"|^(talker|code\dwav)\.")  # Qwen3-Omni's speech output (arch/qwen3_omni.py): counted as audio (templates: digits are 0)
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$|^(model\.)?shared\.weight$"
                     r"|(^|\.)llm\.embed\.weight$")  # Inkling 2's original names
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.(weight|bias)$|^output\.weight$|^(score|classifier)\.(weight|bias)$"

@@ -42,16 +42,10 @@ NOT_MOE_MODULES = {
 # census verifies that generic count against transformers where a small model can be built.
 _NO_ADAPTER = "no specific adapter yet: config-only count refused; checkpoints counted from their headers"
 GENERIC_VERIFIED: tuple = ()  # families whose generic header count is verified (none left: all have adapters)
-_OFF = _NO_ADAPTER + "; the generic header count is off from transformers' by {} on the census's tiny checkpoint"
-_SHRINK = (_NO_ADAPTER + "; transformers builds the default config, but the census shrink still leaves {} parameters "
-           "(SHRINK_EXTRA needed), so the header count is not verified")
 KNOWN_GAPS: dict[str, str] = {
     **{mt: _NO_ADAPTER + " (generic header count equals transformers', tested)" for mt in GENERIC_VERIFIED},
-    # transformers 5.23 cannot build these from their default config (reproductions in the reasons)
-    "qwen3_omni_moe": _NO_ADAPTER + "; transformers 5.23 cannot build its default config: the talker's MoE reads "
-                                    "config.shared_expert_intermediate_size, which Qwen3OmniMoeTalkerTextConfig does not "
-                                    "define (AttributeError; Qwen3OmniMoeForConditionalGeneration(AutoConfig.for_model("
-                                    "'qwen3_omni_moe')) on the meta device); its thinker is counted (qwen3_omni_moe_thinker)",
+    # none in transformers 5.23: every census family has an adapter (a new family without one goes here,
+    # with the reason, until it has)
 }
 
 OUT_OF_SCOPE: dict[str, str] = {

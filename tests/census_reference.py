@@ -44,6 +44,28 @@ SHRINK_EXTRA: dict[str, dict] = {
         vision_config=dict(depth=2, deepstack_visual_indexes=[1]),
         audio_config=dict(d_model=16, encoder_ffn_dim=32, encoder_layers=1, encoder_attention_heads=2,
                           downsample_hidden_size=8, num_mel_bins=16, output_dim=32)),
+    # Qwen3-Omni: every nested part shrunk (the generic shrink reaches only top-level sub-configs); the talker has
+    # more layers than the thinker (its layer numbers past the thinker's must not read as MTP layers)
+    "qwen3_omni_moe": dict(
+        thinker_config=dict(
+            text_config=dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, vocab_size=128, num_hidden_layers=3, num_experts=8,
+                             num_experts_per_tok=2, max_position_embeddings=256),
+            vision_config=dict(hidden_size=16, intermediate_size=32, depth=2, num_heads=2, out_hidden_size=32, patch_size=14,
+                               num_position_embeddings=16, deepstack_visual_indexes=[1]),
+            audio_config=dict(d_model=16, encoder_ffn_dim=32, encoder_layers=1, encoder_attention_heads=2,
+                              downsample_hidden_size=8, num_mel_bins=16, output_dim=32)),
+        talker_config=dict(
+            thinker_hidden_size=32,
+            text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=64, num_local_experts=8, num_experts_per_tok=2,
+                             moe_intermediate_size=16, shared_expert_intermediate_size=24, max_position_embeddings=256),
+            code_predictor_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, vocab_size=64, num_code_groups=4, layer_types=["full_attention"],
+                                       max_position_embeddings=256)),
+        code2wav_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=4, codebook_size=16, num_quantizers=4, decoder_dim=32,
+                             upsample_rates=[2, 2], upsampling_ratios=[2], max_position_embeddings=256)),
     "minimax_m3_vl": dict(projector_hidden_size=24, merged_hidden_size=128),
     # DeepSeek's config sets head_dim = qk_rope_head_dim (the rotary width)
     "deepseek_v2": dict(head_dim=4, num_key_value_heads=4), "deepseek_v3": dict(head_dim=4, num_key_value_heads=4),
@@ -151,6 +173,11 @@ DEFAULT_FIXUPS: dict[str, dict] = {
     "lfm2_moe": dict(layer_types=(["conv", "conv", "full_attention"] * 11)[:32]),  # default None; 32 layers
     # DiffusionGemmaTextConfig leaves num_experts / top_k_experts / moe_intermediate_size None but always builds
     # the MoE block: values of the census' choosing (not checked against a published config)
+    # Qwen3-Omni: Qwen3OmniMoeTalkerTextSparseMoeBlock reads config.shared_expert_intermediate_size and
+    # Qwen3OmniMoeTalkerForConditionalGeneration config.spatial_merge_size, which the talker configs do not
+    # define (transformers 5.23: AttributeError): values of the census' choosing, not checked against a published
+    # config (768: twice the talker's moe_intermediate_size 384; spatial_merge_size has no parameters)
+    "qwen3_omni_moe": dict(talker_config=dict(text_config=dict(shared_expert_intermediate_size=768), spatial_merge_size=2)),
     "diffusion_gemma": dict(text_config=dict(num_experts=128, top_k_experts=8, moe_intermediate_size=704)),
     # Qwen4-Exp's default config leaves the QSA indexer fields None, and its indexed-attention layers
     # cannot be built without them; no released config gives them: values of our choosing (the count

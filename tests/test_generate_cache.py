@@ -71,6 +71,9 @@ CONFIGS.update({n: (c(), multimodal._build, multimodal._randomize) for n, c in o
 import test_trace_glm5_next as glm5_next  # noqa: E402
 
 CONFIGS.update({n: (c(), multimodal._build, glm5_next.randomize) for n, c in glm5_next.CONFIGS.items()})
+import test_trace_omni as omni  # noqa: E402
+
+CONFIGS.update({n: (c(), multimodal._build, multimodal._randomize) for n, c in omni.CONFIGS.items()})
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
 # token classifier (the OpenAI privacy filter) has no next token.
 NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}

@@ -14,12 +14,12 @@ from typing import Callable
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, ModelSpec
 from . import (bailing_hybrid, dbrx, deepseek_v4, diffusion_gemma, dots3, gemma4, mistral_large4, deepseek, granitemoehybrid, inkling, jamba, jetmoe, kimi_linear, lfm2_moe, llama4, llama_like, longcat_flash,
-               minimax, mm_gap, multimodal, nemotron_h, nllb_moe, qwen3_next, switch, text_moe, zaya, qwen4_exp)
+               minimax, mm_gap, multimodal, nemotron_h, nllb_moe, qwen3_next, qwen3_omni, switch, text_moe, zaya, qwen4_exp)
 
 ADAPTERS: dict[str, Callable[[Cfg], ModelSpec]] = {}
 for _module in (llama_like, deepseek, dbrx, llama4, jamba, qwen3_next, switch, text_moe, jetmoe, multimodal, nllb_moe,
                 longcat_flash, granitemoehybrid, lfm2_moe, nemotron_h, minimax, kimi_linear, bailing_hybrid,
-                gemma4, inkling, dots3, mistral_large4, deepseek_v4, diffusion_gemma, zaya, qwen4_exp, mm_gap):
+                gemma4, inkling, dots3, mistral_large4, deepseek_v4, diffusion_gemma, zaya, qwen4_exp, mm_gap, qwen3_omni):
     _module.register(ADAPTERS)
 
 # Architectures whose checkpoints carry another name in the wild.

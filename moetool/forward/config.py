@@ -133,6 +133,11 @@ FAMILY_FORWARD["ernie4_5_vl_moe_text"] = dict(
     name_aliases=(("mlp.gate.", "mlp.text_moe.gate."), ("mlp.experts.", "mlp.text_moe.experts."),
                   ("mlp.moe_statics.", "mlp.text_moe.gate.moe_statics.")))
 MULTIMODAL_FORWARD["ernie4_5_vl_moe"] = "ernie4_5_vl_moe_text"
+# Qwen3-Omni whole (arch/qwen3_omni.py): its thinker's language model on text-only input, the text model's
+# fields under thinker_config.text_config (the towers, the talker and code2wav are not run).
+MULTIMODAL_FORWARD["qwen3_omni_moe"] = "qwen3_omni_moe_text"
+FORWARD_FAMILIES += ("qwen3_omni_moe",)
+NESTED_TEXT = {"qwen3_omni_moe": "thinker_config"}  # multimodal families whose text_config is one level down
 FORWARD_FAMILIES += ("ernie4_5_vl_moe",)
 # Muse Spark's language model (forward/muse_spark.py): normed embeddings, centred / input-scaled RMSNorms,
 # residual gates, gated attention with scaleless QK norms, experts in a projected space (moe_hidden_size).
@@ -336,6 +341,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     if spec.model_type in TEXT_CONFIG_WRAPPERS:  # image-text checkpoints: the text model's fields
         cfg = cfg.sub("text_config")
     if family in MULTIMODAL_FORWARD:  # image-text models: the language model, as its text family
+        cfg = cfg.sub(NESTED_TEXT[family]) if family in NESTED_TEXT else cfg
         # dots3's released config has no text_config: the text model's fields are the top level
         cfg = cfg.sub("text_config") if cfg.has("text_config") or family != "dots3_note" else cfg
         family = MULTIMODAL_FORWARD[family]

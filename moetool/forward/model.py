@@ -87,7 +87,9 @@ class Names:
              "model.word_embeddings.weight",  # Ling (bailing_hybrid) as published
              "embed.weight",  # DeepSeek-V4's original layout: embed, layers.*, norm, head, hc_head_* at the top
              # NeMo SpeechLM as published (llm.model.*, llm.lm_head) and in transformers (Nemotron-H's names)
-             "llm.model.embed_tokens.weight", "model.language_model.embeddings.weight")
+             "llm.model.embed_tokens.weight", "model.language_model.embeddings.weight",
+             # Qwen3-Omni whole (thinker.*: as saved, and transformers' in-memory names)
+             "thinker.model.embed_tokens.weight", "thinker.model.language_model.embed_tokens.weight")
 
     def __init__(self, store: WeightStore, aliases: tuple = ()):
         self.store = store
@@ -111,7 +113,7 @@ class Names:
                 if root + "norm.weight" not in store and root + alt + "weight" in store:
                     self.final_norm = root + alt
             # Llama 4 multimodal (as published): language_model.model.* with language_model.lm_head.
-            wrapper = "language_model." if embed.startswith("language_model.") else "llm." if embed.startswith("llm.") else ""
+            wrapper = next((w for w in ("language_model.", "llm.", "thinker.") if embed.startswith(w)), "")
             self.head = wrapper + "lm_head.weight"
             if self.head not in store and "head.weight" in store:  # DeepSeek-V4 as saved
                 self.head = "head.weight"
