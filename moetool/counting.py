@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional

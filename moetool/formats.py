@@ -19,7 +19,6 @@ MXFP4 checkpoints keep them. A weight is [out, in]; blocks and groups run along 
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 from .spec import Param

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from ..errors import BadConfig
 from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
-from . import common, llama_like
+from . import common
 
 # Upstream defaults that differ per family (transformers' configuration_*.py).
 DEFAULTS = {

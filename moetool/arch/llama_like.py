@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Literal, Optional
 
 from ..errors import BadConfig
-from ..spec import Cfg, Inventory, LayerSpec, ModelSpec, MoESpec, RouterSpec
+from ..spec import Cfg, Inventory, ModelSpec, MoESpec, RouterSpec
 from . import common, minimax_m3
 
 Bias = Literal["none", "qkv", "all"]

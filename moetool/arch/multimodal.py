@@ -14,7 +14,6 @@ from typing import Callable
 
 from ..errors import BadConfig, UnsupportedArchitecture
 from ..spec import Cfg, Inventory, ModelSpec, RouterSpec
-from ..errors import BadConfig
 from . import common, deepseek, dots3, inkling, llama_like, mistral_large4, mm_gap, qwen4_exp
 
 

@@ -187,7 +187,7 @@ def _w(dec, i: int, role: str, required: bool = True) -> Optional[torch.Tensor]:
 
 
 def _layer1(dec, i, x, parts, routes, record):
-    s, fc = dec.fc.inkling, dec.fc
+    fc = dec.fc
     a = _attention(dec, i, norm(x, _w(dec, i, "input_norm"), None, fc), parts)
     x = x + _conv(dec, i, a, _w(dec, i, "attn_conv"), "attn_conv", parts, 1.0)
     h = norm(x, _w(dec, i, "post_norm"), None, fc)

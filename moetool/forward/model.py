@@ -21,7 +21,6 @@ import torch.nn.functional as F_
 from ..errors import BadCheckpoint, MoetoolError
 from ..spec import ModelSpec, MoESpec
 from . import mixers
-from .mixers.common import act as activation
 from .config import ForwardConfig
 from .block_sparse import block_sparse_keep
 from . import sparse_variants
@@ -600,7 +599,6 @@ class Decoder:
         """Run `ids` through the layers. With a `cache` (forward/cache.py's KVCache) the tokens
         continue the sequence the cache holds (positions cache.past ...), and each layer's new keys,
         values and recurrent state are added to it."""
-        fc = self.fc
         T = len(ids)
         self.cache, self.past = cache, (cache.past if cache is not None else 0)
         try:
@@ -919,7 +917,6 @@ class Decoder:
 
     def moe(self, i: int, h, routes: list, record: bool) -> torch.Tensor:
         fc, moe, find = self.fc, self.spec.moe, (lambda *s, required=True: self.names.find(i, *s, required=required))
-        T = h.shape[0]
         rw = find("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.gate.weight", "mlp.router.weight",
                   "feed_forward.router.weight",
                   "block_sparse_moe.router.layer.weight", "ffn.router.layer.weight", "mlp.gate.wg.weight",

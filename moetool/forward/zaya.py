@@ -122,7 +122,7 @@ def moe(dec, i: int, h, routes: list, record: bool) -> torch.Tensor:
     spec, fc = dec.spec.moe, dec.fc
     find = lambda *s, required=True: dec.names.find(i, *s, required=required)
     g = lambda s: dec.store.get_optional(find(f"mlp.gate.{s}", required=False), dec.router_dtype, device=dec.device)
-    E, T = spec.num_experts, h.shape[0]
+    E = spec.num_experts
     state = linear(h.to(dec.router_dtype), g("down_proj.weight"), g("down_proj.bias"))  # [T, R]
     if i and dec.zaya_router_state is not None:  # the previous layer's router state of the same token
         state = state + dec.zaya_router_state * g("router_states_scale")

@@ -15,7 +15,6 @@ What the decoder asks for and the GGUF holds differ in layout only:
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import re

@@ -28,7 +28,6 @@ H100 SXM ~3350), CPU 60 GB/s (dual-channel DDR5), PCIe 25 GB/s (PCIe 4.0 x16 in 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Optional

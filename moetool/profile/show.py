@@ -14,7 +14,7 @@ MAX_COACT_PANELS = 12
 
 
 def render_profile(summary: dict, stats=None, top: int = 3) -> None:
-    from ..render import _escape, _f, render_metrics, stdout_console
+    from ..render import _escape, render_metrics, stdout_console
 
     out = stdout_console()
     E, K, T = summary["num_experts"], summary["top_k"], summary["tokens"]

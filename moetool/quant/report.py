@@ -251,7 +251,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     from ..arch import spec_from_config
     from ..forward import pick_device, run_forward
     from ..forward.config import forward_config
-    from ..forward.model import MLP_NAMES, Decoder, Experts, Names, glu
+    from ..forward.model import MLP_NAMES, Decoder, Experts, glu
     from ..forward import new_store
     from ..tracing import _resolve_for_forward, load_tokenizer
 
