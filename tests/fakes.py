@@ -336,3 +336,19 @@ def assert_profile_routes_like_traces(d, tmp_path, prompts=PROFILE_PROMPTS, min_
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
     return stats
+
+
+def save_both_layouts(model, tmp_path_factory, tag: str):
+    """A transformers model written twice: `save_pretrained` (the published layout: transformers reverses
+    its weight conversions) and its state_dict under transformers' in-memory names, with the same
+    config.json -> (published dir, runtime dir)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp(tag)
+    model.save_pretrained(d)
+    runtime = tmp_path_factory.mktemp(f"{tag}-runtime")
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(runtime / "model.safetensors"))
+    shutil.copy(d / "config.json", runtime / "config.json")
+    return d, runtime

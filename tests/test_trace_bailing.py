@@ -23,9 +23,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from fakes import DEVICE, assert_matches_transformers, build_transformers_model
+from fakes import save_both_layouts, DEVICE, assert_matches_transformers, build_transformers_model
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_hybrid_trace import hybrid_checkpoint, randomize_mixer_params  # noqa: F401 (a fixture)
@@ -86,12 +85,7 @@ def bailing(tmp_path_factory):
         if (name, seed) not in cache:
             model = _build(FAMILIES[name], seed).eval()
             _randomize(model, seed)
-            d = tmp_path_factory.mktemp(f"{name}-{seed}")
-            model.save_pretrained(d)  # the published names (transformers reverses its renamings)
-            runtime = tmp_path_factory.mktemp(f"{name}-{seed}-runtime")  # transformers' in-memory names
-            save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-                      str(runtime / "model.safetensors"))
-            shutil.copy(d / "config.json", runtime / "config.json")
+            d, runtime = save_both_layouts(model, tmp_path_factory, f"{name}-{seed}")
             ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(seed))
             logits, routes = routes_and_logits(model, ids)
             cache[name, seed] = (d, ids[0].tolist(), logits, routes, model, runtime)

@@ -28,10 +28,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import moetool
-from fakes import assert_profile_routes_like_traces, DEVICE, assert_matches_transformers
+from fakes import save_both_layouts, assert_profile_routes_like_traces, DEVICE, assert_matches_transformers
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -87,12 +86,7 @@ def gap_checkpoint(tmp_path_factory):
         if (name, seed) not in cache:
             model = _build(CONFIGS[name](), seed)
             _randomize(model, seed)
-            d = tmp_path_factory.mktemp(f"{name}-{seed}")
-            model.save_pretrained(d)  # the published layout (transformers reverses its weight conversions)
-            runtime = tmp_path_factory.mktemp(f"{name}-{seed}-runtime")  # transformers' in-memory names
-            save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-                      str(runtime / "model.safetensors"))
-            shutil.copy(d / "config.json", runtime / "config.json")
+            d, runtime = save_both_layouts(model, tmp_path_factory, f"{name}-{seed}")
             ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, T),
                                 generator=torch.Generator().manual_seed(seed))
             logits, routes = reference_routes(model, ids)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import moetool
 from census_reference import _merge, shrunk_config
-from fakes import PROFILE_PROMPTS, assert_profile_routes_like_traces, DEVICE, assert_matches_transformers, randomize_biases
+from fakes import save_both_layouts, PROFILE_PROMPTS, assert_profile_routes_like_traces, DEVICE, assert_matches_transformers, randomize_biases
 from moetool.forward import run_forward
 from moetool.source import resolve
 from test_forward_families import reference_routes
@@ -115,12 +115,7 @@ def mm_checkpoint(tmp_path_factory):
             config = CONFIGS[name]() if callable(CONFIGS[name]) else CONFIGS[name]
             model = _build(config, seed)
             _randomize(model, seed)
-            d = tmp_path_factory.mktemp(f"{name}-{seed}")
-            model.save_pretrained(d)  # the published layout (transformers reverses its weight conversions)
-            runtime = tmp_path_factory.mktemp(f"{name}-{seed}-runtime")  # transformers' in-memory names
-            save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-                      str(runtime / "model.safetensors"))
-            shutil.copy(d / "config.json", runtime / "config.json")
+            d, runtime = save_both_layouts(model, tmp_path_factory, f"{name}-{seed}")
             text = model.config.get_text_config()
             ids = torch.randint(0, text.vocab_size, (1, T), generator=torch.Generator().manual_seed(seed))
             logits, routes = reference_routes(model, ids)
