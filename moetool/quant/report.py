@@ -29,6 +29,7 @@ import torch
 
 from ..errors import MoetoolError
 from . import kernels as K
+from . import native
 from . import schemes as S
 from .reader import ExpertReader
 
@@ -97,7 +98,10 @@ class QuantReport:
         return sorted(rows, key=lambda r: -(r.output_rel_error if r.output_rel_error is not None else r.rel_error))[:n]
 
 
-BLOCK_ELEMENTS = 1 << 24  # expert weights (all projections, float32) scored together: 64 MB, whatever E
+BLOCK_ELEMENTS = 1 << 24  # expert weights (all projections) scored together: 64 MB of float32, whatever E
+# On a CPU with the native kernel, a quarter of that (8 MB of bf16): the block just read is still in the
+# caches when it is scored (117 against 132 ms for the int8 report of benchmarks/quant_bench.py).
+NATIVE_BLOCK_ELEMENTS = 1 << 22
 
 
 def _stats(w: torch.Tensor, chunk: Optional[int] = None, compiled: bool = False) -> tuple[torch.Tensor, ...]:
@@ -160,7 +164,8 @@ class _Scorer:
         self.rng = random.Random(seed)
         self.done = 0
         self.calibrated = True
-        self.compiled = False  # the fused compiled kernels (kernels.py) instead of the eager bands
+        self.native = False  # the native kernel (native.c) where it takes the block and scheme
+        self.compiled = False  # else the fused compiled kernels (kernels.py) instead of the eager bands
         # (layer, expert) -> {(projection, scheme): [row, numerator, denominator]}
         self.seen: dict[tuple, dict[tuple[str, str], list]] = {}
 
@@ -191,15 +196,28 @@ class _Scorer:
             diff = torch.empty(W.shape, dtype=torch.float32, device=W.device) if calibrated else None
             if not new and diff is None:
                 continue
-            norm2, kurt, outlier, absmax = _stats(W, compiled=self.compiled)
+            # the native kernel (CPU): moments and, without diffs, every scheme it takes in one pass
+            nat = [s for s in self.schemes if self.native and native.supports(W, s)]
+            fused = {}
+            if nat:
+                _, (norm2, kurt, outlier, absmax), fused = native.score(W, nat if diff is None else [], moments=True)
+            else:
+                norm2, kurt, outlier, absmax = _stats(W, compiled=self.compiled)
             scale = None  # errors squared as they are unless some weights are extreme (one sync per block)
             if bool(((absmax < 2.0 ** -30) | (absmax > 2.0 ** 30)).any()):
                 k = torch.where(absmax > 0, -torch.floor(torch.log2(absmax)) - 1, torch.zeros_like(absmax))
                 scale = torch.exp2(k.clamp(-126, 126)).to(torch.float32)
+                fused = {}  # squared again with the scale
             norm2, kurt, outlier = norm2.tolist(), kurt.tolist(), outlier.tolist()
             per_scheme = {}
             for scheme in self.schemes:
-                err2 = _errors(W, scheme, diff, scale, self.compiled).tolist()
+                if scheme in nat:
+                    if scheme not in fused:
+                        fused.update(native.score(W, [scheme], moments=False, scale=scale, diff=diff)[2])
+                    err2 = fused[scheme].double().sum(-1)
+                    err2 = (err2 if scale is None else err2 / scale.double() ** 2).tolist()
+                else:
+                    err2 = _errors(W, scheme, diff, scale, self.compiled).tolist()
                 sums = {}
                 for i in calibrated:
                     x, y = inputs[i][proj]
@@ -304,12 +322,14 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         if first["gate"] is None:
             raise MoetoolError(f"quantize-report does not score ungated experts ({spec.model_type}) yet")
         per_expert = sum(t.numel() for t in first.values())
-        per_block = max(1, BLOCK_ELEMENTS // per_expert)  # fixed bytes, whatever E
-        if not buffers:  # first layer: compile the fused kernels if the whole report pays for it
-            scorer.compiled = K.compile_wanted(total_experts * per_expert * len(schemes), dev)
-        # compiled kernels read the stored dtype (the conversion is fused); eager ones float32
+        if not buffers:  # first layer: the native kernel on a CPU; else compiled ones if the report pays for it
+            scorer.native = dev.type == "cpu" and native.library() is not None
+            scorer.compiled = not scorer.native and K.compile_wanted(total_experts * per_expert * len(schemes), dev)
+        per_block = max(1, (NATIVE_BLOCK_ELEMENTS if scorer.native else BLOCK_ELEMENTS) // per_expert)  # fixed bytes, whatever E
+        # native and compiled kernels read the stored dtype (the conversion is fused); eager ones float32
         dtypes = {t.dtype for t in first.values()}
-        dtype = dtypes.pop() if scorer.compiled and len(dtypes) == 1 and dtypes <= FLOAT_DTYPES else torch.float32
+        dtype = (dtypes.pop() if (scorer.native or scorer.compiled) and len(dtypes) == 1 and dtypes <= FLOAT_DTYPES
+                 else torch.float32)
         bufs = _buffers(buffers, first, per_block, dev, dtype)
         del first
         reader = readers.get(id(store))

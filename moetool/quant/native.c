@@ -1,0 +1,349 @@
+/* quantize-report's CPU scoring kernel: for each row of a block of matrices W [B, out, in] (bfloat16,
+ * float16 or float32), in one pass over the row while it sits in the L1 cache:
+ *   - the row's moments (kernels.row_moments: sum, max, min, and the sums of z..z^4 with
+ *     z = W 2^k - m 2^k about the row's float32 mean m);
+ *   - for each requested scheme, the sum of ((Q(W) - W) scale)^2 over the row, and optionally
+ *     Q(W) - W itself (float32, for the activation-space error).
+ *
+ * The schemes are those of schemes.py, operation for operation: the same IEEE float32 divisions,
+ * products and sums, round-to-nearest-even, clamps and selects, so Q(W) is bit for bit the Python
+ * scheme's (tests/test_quant_native.py checks that against schemes.py, and schemes.py is checked
+ * against bitsandbytes, torchao and torch in tests/test_quant_schemes.py). Built by native.py with
+ * -O3 -ffp-contract=off (no fused multiply-adds: a*b - c must round twice, as torch does) and no
+ * -ffast-math. Only the order of the float32 additions of the row sums differs from torch's.
+ *
+ * Written with GCC / Clang vector extensions (vectors of 8 floats: one AVX register, two SSE / NEON
+ * ones), no intrinsics: the same source on x86-64 and arm64. The row length must be a multiple
+ * of 16; blocks (16, 32, 64, 128) are then whole vectors, a partial last block (a row not a multiple
+ * of the block) included.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Vectors of 8 floats (one AVX register; vectors of 16 made GCC spill them through memory without
+ * AVX-512). The row loops take two vectors per step into two accumulators: one chain of additions
+ * was bound by their latency. */
+#define L 8
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+
+enum { S_INT8 = 0, S_INT4_G128 = 1, S_NF4 = 2, S_FP8_CHANNEL = 3, S_FP8_BLOCK = 4, S_MXFP4 = 5, S_NVFP4 = 6 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+static inline vi splati(int32_t x) { return (vi){x, x, x, x, x, x, x, x}; }
+static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
+static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
+static inline vf vclamp(vf x, float lo, float hi) { return vmin(vmax(x, splat(lo)), splat(hi)); }
+/* horizontal reductions in three shuffle steps (__builtin_shufflevector: GCC 12+, Clang) */
+#define SWAP4(v) __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3)
+#define SWAP2(v) __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5)
+#define SWAP1(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6)
+static inline float hsum(vf v) { v += SWAP4(v); v += SWAP2(v); v += SWAP1(v); return v[0]; }
+static inline float hmax(vf v) { v = vmax(v, SWAP4(v)); v = vmax(v, SWAP2(v)); v = vmax(v, SWAP1(v)); return v[0]; }
+static inline float hmin(vf v) { v = vmin(v, SWAP4(v)); v = vmin(v, SWAP2(v)); v = vmin(v, SWAP1(v)); return v[0]; }
+static inline float f_of(int32_t bits) { float f; memcpy(&f, &bits, 4); return f; }
+static inline int32_t bits_of(float f) { int32_t b; memcpy(&b, &f, 4); return b; }
+
+/* Signs of zero: torch's rounding keeps x's sign on a zero result (-0.3 -> -0.0), the additions
+ * below give +0.0. Only diff = Q(W) - W leaves this kernel, and a zero Q differs only in its sign:
+ * (+-0 * s) - x is -x for x != 0, and +0.0 for x = +-0 either way (-0 - -0 = +0 - -0 = +0). So the
+ * diffs are the same bits without the copysign, which would cost three operations per vector. */
+
+/* round to the nearest integer, ties to even (torch.round but for the sign of zero): (x + 1.5 2^23) -
+ * 1.5 2^23 is exact for |x| < 2^22, and every caller's |x| is at most 127, or 15 plus a zero point. */
+static inline vf vround(vf x) {
+    const vf M = splat(12582912.0f);
+    return (x + M) - M;
+}
+
+/* schemes._round_minifloat: x (in range) to `mbits` mantissa bits, minimum normal exponent emin. */
+static inline vf round_minifloat(vf x, int mbits, int emin) {
+    vi m = (vi)x & splati(0x7F800000);
+    vi lo = splati((emin + 127) << 23);
+    m = (vi)sel(m < lo, (vf)lo, (vf)m);
+    m = m + splati(((23 - mbits) << 23) | 0x400000);
+    vf magic = (vf)m;
+    return (x + magic) - magic;  /* sign of zero: see vround */
+}
+/* schemes.e4m3 for |x| <= 448 (1 + 2^-23), as x / s is for |x| <= absmax and s = fl(absmax / 448): its
+ * clamp to +-448 is a no-op there (anything below 448 + 16 rounds to 448 at most) */
+static inline vf e4m3_in_range(vf x) { return round_minifloat(x, 3, -6); }
+static inline vf e2m1(vf x) { return round_minifloat(vclamp(x, -6.0f, 6.0f), 1, 0); }
+static inline float e4m3_scalar(float x) {  /* x within [2^-6, 448] */
+    int32_t m = bits_of(x) & 0x7F800000;
+    if (m < ((-6 + 127) << 23)) m = (-6 + 127) << 23;
+    float magic = f_of(m + ((20 << 23) | 0x400000));
+    float r = (x + magic) - magic;
+    return r;
+}
+
+/* max |x| of the vectors [p, p + n): torch.maximum(amax, -amin).abs() */
+static inline float absmax(const float *p, int64_t n) {
+    vf hi = ld(p), lo = hi;
+    for (int64_t j = L; j < n; j += L) { vf x = ld(p + j); hi = vmax(hi, x); lo = vmin(lo, x); }
+    float h = hmax(hi), l = -hmin(lo);
+    float a = h > l ? h : l;
+    return a < 0 ? -a : a;
+}
+
+static const float NF4_POINTS[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+    0.7229568362236023f, 1.0f};
+
+/* the NF4 code point nearest t = x / absmax: 15 comparisons with the float32 midpoints (as schemes.py) */
+static inline vf nf4_point(vf t) {
+    vf q = splat(NF4_POINTS[0]);
+    for (int c = 1; c < 16; c++) q = sel(t > splat((NF4_POINTS[c] + NF4_POINTS[c - 1]) / 2), splat(NF4_POINTS[c]), q);
+    return q;
+}
+
+/* the error of one output vector: d = Q(W) - W (into the row's diff when asked), acc += (d scale)^2;
+ * `dp` and `vsc` are locals of scheme_row, `acc` one of its two accumulators (locals: through a pointer
+ * that may alias the diff, the compiler would store and reload them every vector) */
+#define EMIT(acc, j, q, x) do { vf d_ = (q) - (x); if (dp) st(dp + (j), d_); d_ = d_ * vsc; acc += d_ * d_; } while (0)
+#define EMIT_PLAIN(acc, j, q, x) do { vf d_ = (q) - (x); acc += d_ * d_; } while (0)  /* no diff, scale 1 */
+#define LOOP(start, end, Q, E) for (int64_t j = (start); j < (end); j += 2 * L) { \
+        vf xa = ld(x + j), xb = ld(x + j + L); \
+        E(acc0, j, Q(xa), xa); E(acc1, j + L, Q(xb), xb); }
+
+/* x[start, end) (a multiple of 16 long), two vectors a step: q = Q(x) for each, errors into acc0 /
+ * acc1; the common case (weight space only: no diff; no extreme weights: scale 1) without the store
+ * and the multiply */
+#define ROWLOOP(start, end, Q) if (plain) { LOOP(start, end, Q, EMIT_PLAIN) } else { LOOP(start, end, Q, EMIT) }
+
+/* one row x[0, n) (float32) with the row's max / min; blk: fp8_block's scales of this row's band
+ * (n / 128 rounded up), amax_t: nvfp4's matrix max |W| */
+static float scheme_row(int scheme, const float *restrict x, int64_t n, float hi, float lo, const float *restrict blk,
+                        float amax_t, float *restrict dp, float scale) {
+    vf acc0 = splat(0), acc1 = acc0, vsc = splat(scale);
+    int plain = !dp && scale == 1.0f;
+    float a = -lo > hi ? -lo : hi;
+    a = a < 0 ? -a : a;
+    switch (scheme) {
+    case S_INT8: {
+        float s = a / 127.0f;
+        if (s == 0) s = 1.0f;
+        vf vs = splat(s);
+        /* clamp(-127, 127) is a no-op: |x| <= absmax and s = fl(absmax / 127), so |x / s| <= 127 (1 + 2^-23)
+         * rounds to at most 127 (NaN stays NaN either way) */
+#define Q(x8) (vround((x8) / vs) * vs)
+        ROWLOOP(0, n, Q)
+#undef Q
+        break;
+    }
+    case S_FP8_CHANNEL: {
+        float s = a / 448.0f;
+        if (s == 0) s = 1.0f;
+        vf vs = splat(s);
+#define Q(x8) (e4m3_in_range((x8) / vs) * vs)
+        ROWLOOP(0, n, Q)
+        break;
+    }
+    case S_FP8_BLOCK:
+        for (int64_t g = 0; g < n; g += 128) {
+            float s = blk[g / 128] / 448.0f;
+            if (s == 0) s = 1.0f;
+            vf vs = splat(s);
+            ROWLOOP(g, g + 128 < n ? g + 128 : n, Q)
+#undef Q
+        }
+        break;
+    case S_INT4_G128:
+        for (int64_t g = 0; g < n; g += 128) {
+            int64_t len = g + 128 < n ? 128 : n - g;
+            vf h8 = ld(x + g), l8 = h8;
+            for (int64_t j = L; j < len; j += L) { vf x8 = ld(x + g + j); h8 = vmax(h8, x8); l8 = vmin(l8, x8); }
+            float xmax = hmax(h8), xmin = hmin(l8);
+            xmin = xmin < 0.0f ? xmin : 0.0f;  /* torch.minimum(amin, 0) */
+            xmax = xmax > 0.0f ? xmax : 0.0f;
+            if (xmin == 0 && xmax == 0) { xmin = -1.0f; xmax = 1.0f; }
+            float scale = (xmax - xmin) / 15.0f;
+            vf zero = vround(splat(-xmin / scale)), vs = splat(scale);
+#define Q(x8) ((vclamp(vround((x8) / vs) + zero, 0.0f, 15.0f) - zero) * vs)
+            ROWLOOP(g, g + len, Q)
+#undef Q
+        }
+        break;
+    case S_NF4:  /* n % 64 == 0 (the caller checks): blocks of 64 within the row */
+        for (int64_t g = 0; g < n; g += 64) {
+            float am = absmax(x + g, 64);
+            vf d = splat(am == 0 ? 1.0f : am), vam = splat(am);
+#define Q(x8) (nf4_point((x8) / d) * vam)
+            ROWLOOP(g, g + 64, Q)
+#undef Q
+        }
+        break;
+    case S_MXFP4:
+        for (int64_t g = 0; g < n; g += 32) {
+            int64_t len = g + 32 < n ? 32 : n - g;
+            float am = absmax(x + g, len);
+            int32_t e = am == 0 ? -127 : ((bits_of(am) >> 23) & 0xff) - 127;  /* torchao's FLOOR: exponent bits */
+            e -= 2;
+            if (e < -126) e = -126;  /* exp2(clamp(e, -127, 128)).clamp(min=tiny) */
+            vf vs = splat(f_of((e + 127) << 23));
+#define Q(x8) (e2m1((x8) / vs) * vs)
+            ROWLOOP(g, g + len, Q)
+#undef Q
+        }
+        break;
+    case S_NVFP4: {
+        float ts = amax_t > 0 ? amax_t / 2688.0f : 1.0f;
+        for (int64_t g = 0; g < n; g += 16) {
+            int64_t len = g + 16 < n ? 16 : n - g;
+            float bs = absmax(x + g, len) / 6.0f;
+            float r = bs / ts;
+            r = r > 0.015625f ? r : 0.015625f;  /* clamp(min=tiny(e4m3), max=448) */
+            r = r < 448.0f ? r : 448.0f;
+            float s8 = e4m3_scalar(r);
+            float factor = (1.0f / ts) / s8;
+            if (ts == 0) { s8 = 0; factor = 0; }
+            vf vfac = splat(factor), vs8 = splat(s8), vt = splat(ts);
+#define Q(x8) (e2m1((x8) * vfac) * vs8 * vt)
+            ROWLOOP(g, g + len, Q)
+#undef Q
+        }
+        break;
+    }
+    }
+    return hsum(acc0 + acc1);
+}
+
+/* bfloat16 / float16 / float32 row -> float32 */
+static void to_f32(const void *src, int dtype, int64_t n, float *dst) {
+    if (dtype == DT_F32) { memcpy(dst, src, n * 4); return; }
+    if (dtype == DT_BF16) {
+        const uint16_t *s = src;
+        uint32_t *d = (uint32_t *)dst;
+        for (int64_t j = 0; j < n; j++) d[j] = (uint32_t)s[j] << 16;
+        return;
+    }
+#ifdef __FLT16_MAX__
+    const _Float16 *s = src;
+    for (int64_t j = 0; j < n; j++) dst[j] = (float)s[j];
+#endif
+}
+
+int moetool_has_f16(void) {
+#ifdef __FLT16_MAX__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* kernels.combine_moments for one matrix: its rows' moments (s, hi, lo, s1..s4 at m[i * R + r]) moved
+ * to the matrix mean in float64; into st[0..3] (stride S): ||W||^2, kurtosis, max|W| / std, max|W|. */
+static void combine(const float *m7, int64_t R, int64_t rows, int64_t n, double *st, int64_t S) {
+    double N = (double)n * rows, sum = 0, c2 = 0, c4 = 0, norm2 = 0;
+    float him = m7[R], lom = m7[2 * R];
+    for (int pass = 0; pass < 2; pass++) {
+        double mu = sum / N;
+        for (int64_t r = 0; r < rows; r++) {
+            float s = m7[r], hi = m7[R + r], lo = m7[2 * R + r], mf = s / (float)n;
+            float spread = hi - mf > mf - lo ? hi - mf : mf - lo;
+            int32_t k = 0;
+            if (spread > 0) { k = -1 - ((bits_of(spread) >> 23) - 127); k = k < -126 ? -126 : k > 126 ? 126 : k; }
+            double inv = ldexp(1.0, -k), m = mf;
+            double t1 = m7[3 * R + r] * inv, t2 = m7[4 * R + r] * inv * inv, t3 = m7[5 * R + r] * inv * inv * inv,
+                   t4 = m7[6 * R + r] * (inv * inv) * (inv * inv);
+            if (pass == 0) { sum += n * m + t1; him = hi > him ? hi : him; lom = lo < lom ? lo : lom; continue; }
+            double d = m - mu;
+            c2 += t2 + 2 * d * t1 + n * d * d;
+            c4 += t4 + 4 * d * t3 + 6 * d * d * t2 + 4 * d * d * d * t1 + n * d * d * d * d;
+            norm2 += t2 + 2 * m * t1 + n * m * m;
+        }
+    }
+    double absmax = him > -lom ? him : -lom, sd = sqrt(c2 / N > 0 ? c2 / N : 0);
+    int ok = c2 > 0 && him > lom;
+    st[0] = norm2;
+    st[S] = ok ? N * c4 / (c2 * c2) : NAN;
+    st[2 * S] = ok ? absmax / sd : NAN;
+    st[3 * S] = absmax;
+}
+
+/* W [B, out, n]: `moments` (NULL or [7][R]: s, hi, lo, s1, s2, s3, s4), `errs` ([nschemes][R]), R = `stride`
+ * (at least B * out: a caller splitting a block over threads passes its part's first row and the
+ * whole block's R), `diff` (NULL or [B, out, n], only with one scheme), `scales` (NULL or [B]: the
+ * error scale per matrix), `stats` (NULL, or with `moments` [4][stats_stride]: each matrix's combined
+ * statistics, see combine). Returns 0, or -1 when memory for a row could not be allocated. */
+int moetool_score(const void *w, int dtype, int64_t B, int64_t out, int64_t n, const float *scales,
+                  int nschemes, const int32_t *schemes, float *moments, float *errs, float *diff, int64_t stride,
+                  double *stats, int64_t stats_stride) {
+    size_t isz = dtype == DT_F32 ? 4 : 2;
+    int need_block = 0, need_amax = 0;
+    for (int i = 0; i < nschemes; i++) { need_block |= schemes[i] == S_FP8_BLOCK; need_amax |= schemes[i] == S_NVFP4; }
+    int64_t nblk = (n + 127) / 128;
+    float *x = aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
+    float *blk = need_block ? malloc(nblk * sizeof(float)) : NULL;
+    float *tmp = (need_block || need_amax) ? aligned_alloc(64, ((n * 4 + 63) / 64) * 64) : NULL;
+    if (!x || (need_block && !blk) || ((need_block || need_amax) && !tmp)) { free(x); free(blk); free(tmp); return -1; }
+    int64_t R = stride;
+    for (int64_t b = 0; b < B; b++) {
+        const char *mat = (const char *)w + (size_t)b * out * n * isz;
+        float amax_t = 0;
+        if (need_amax) {  /* nvfp4's tensor scale: the matrix's max |W| first */
+            for (int64_t r = 0; r < out; r++) {
+                to_f32(mat + (size_t)r * n * isz, dtype, n, tmp);
+                float a = absmax(tmp, n);
+                amax_t = a > amax_t ? a : amax_t;
+            }
+        }
+        float scale = scales ? scales[b] : 1.0f;
+        for (int64_t r = 0; r < out; r++) {
+            if (need_block && r % 128 == 0) {  /* fp8_block: the band's 128 x 128 block scales */
+                int64_t rend = r + 128 < out ? r + 128 : out;
+                for (int64_t c = 0; c < nblk; c++) blk[c] = 0;
+                for (int64_t rr = r; rr < rend; rr++) {
+                    to_f32(mat + (size_t)rr * n * isz, dtype, n, tmp);
+                    for (int64_t c = 0; c < nblk; c++) {
+                        int64_t len = (c + 1) * 128 < n ? 128 : n - c * 128;
+                        float a = absmax(tmp + c * 128, len);
+                        blk[c] = a > blk[c] ? a : blk[c];
+                    }
+                }
+            }
+            to_f32(mat + (size_t)r * n * isz, dtype, n, x);
+            int64_t row = b * out + r;
+            vf sa = splat(0), sb = sa, ha = ld(x), hb = ha, la = ha, lb = ha;
+            for (int64_t j = 0; j < n; j += 2 * L) {
+                vf xa = ld(x + j), xb = ld(x + j + L);
+                sa += xa; sb += xb; ha = vmax(ha, xa); hb = vmax(hb, xb); la = vmin(la, xa); lb = vmin(lb, xb);
+            }
+            float s = hsum(sa + sb), hi = hmax(vmax(ha, hb)), lo = hmin(vmin(la, lb));
+            if (moments) {  /* kernels.row_moments */
+                float m = s / (float)n;
+                float spread = hi - m > m - lo ? hi - m : m - lo;
+                int32_t k = 0;
+                if (spread > 0) {
+                    k = -1 - ((bits_of(spread) >> 23) - 127);
+                    k = k < -126 ? -126 : k > 126 ? 126 : k;
+                }
+                vf sc = splat(f_of((k + 127) << 23)), msc = splat(m * f_of((k + 127) << 23));
+                vf a1 = splat(0), a2 = a1, a3 = a1, a4 = a1, b1 = a1, b2 = a1, b3 = a1, b4 = a1;
+                for (int64_t j = 0; j < n; j += 2 * L) {
+                    vf z = ld(x + j) * sc - msc, z2 = z * z, y = ld(x + j + L) * sc - msc, y2 = y * y;
+                    a1 += z; a2 += z2; a3 += z2 * z; a4 += z2 * z2;
+                    b1 += y; b2 += y2; b3 += y2 * y; b4 += y2 * y2;
+                }
+                float vals[7] = {s, hi, lo, hsum(a1 + b1), hsum(a2 + b2), hsum(a3 + b3), hsum(a4 + b4)};
+                for (int i = 0; i < 7; i++) moments[i * R + row] = vals[i];
+            }
+            for (int i = 0; i < nschemes; i++) {
+                errs[i * R + row] = scheme_row(schemes[i], x, n, hi, lo, blk, amax_t,
+                                               diff ? diff + (size_t)row * n : NULL, scale);
+            }
+        }
+        if (moments && stats) combine(moments + b * out, R, out, n, stats + b, stats_stride);
+    }
+    free(x); free(blk); free(tmp);
+    return 0;
+}
