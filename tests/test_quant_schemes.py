@@ -40,6 +40,20 @@ def test_mxfp4_matches_torchao(i):
     assert torch.equal(schemes.mxfp4(w), ref.float())
 
 
+def test_mxfp4_matches_torchao_when_a_block_max_is_just_below_a_power_of_two():
+    """The E8M0 scale comes from the exponent bits of the block's max |W| (torchao's FLOOR mode); a float32
+    log2 rounds 2^k (1 - 2^-24) up to k and picked a scale twice too large for such blocks."""
+    mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 64, generator=g) * 0.1
+    k = torch.arange(-8, 8, dtype=torch.float32)
+    w[:, 5] = torch.exp2(k) * (1 - 2.0 ** -24)  # the max of each row's first block
+    w[::2, 40] = -torch.exp2(k[::2]) * (1 - 2.0 ** -23)  # and of the second block of every other row
+    scale, data = mx.to_mx(w.contiguous(), torch.float4_e2m1fn_x2, 32)
+    ref = mx.to_dtype(data, scale, torch.float4_e2m1fn_x2, 32, torch.float32)
+    assert torch.equal(schemes.mxfp4(w), ref.float())
+
+
 @pytest.mark.parametrize("i", range(3))
 def test_nvfp4_matches_torchao(i):
     nv = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")

@@ -23,7 +23,7 @@ def pack_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., R, D] -> OCP MXFP4 blocks [..., R, D/32, 16] (low nibble first) and E8M0 scales [..., R, D/32]."""
     x = w.float().reshape(*w.shape[:-1], -1, 32)
     amax = x.abs().amax(-1, keepdim=True)
-    exp = torch.floor(torch.log2(amax.clamp(min=torch.finfo(torch.float32).tiny))) - 2
+    exp = (torch.bitwise_right_shift(amax.view(torch.int32), 23) - 127 - 2).float()  # E8M0: the exponent bits
     q = mxfp4(w.float().reshape(-1, w.shape[-1])).reshape(x.shape) / torch.exp2(exp)  # on the E2M1 grid
     idx = (q.abs()[..., None] == E2M1_GRID).float().argmax(-1) + 8 * (q < 0)
     idx = idx.to(torch.uint8)

@@ -40,7 +40,11 @@ static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
 static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
-static inline vf vclamp(vf x, float lo, float hi) { return vmin(vmax(x, splat(lo)), splat(hi)); }
+/* torch.clamp: NaN stays NaN (vmax / vmin above would give a bound) */
+static inline vf vclamp(vf x, float lo, float hi) {
+    vf l = splat(lo), h = splat(hi);
+    return sel(x > h, h, sel(x < l, l, x));
+}
 /* horizontal reductions in three shuffle steps (__builtin_shufflevector: GCC 12+, Clang) */
 #define SWAP4(v) __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3)
 #define SWAP2(v) __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5)
@@ -90,7 +94,7 @@ static inline float absmax(const float *p, int64_t n) {
     for (int64_t j = L; j < n; j += L) { vf x = ld(p + j); hi = vmax(hi, x); lo = vmin(lo, x); }
     float h = hmax(hi), l = -hmin(lo);
     float a = h > l ? h : l;
-    return a < 0 ? -a : a;
+    return fabsf(a);  /* +0 for an all-zero block, as abs_() */
 }
 
 static const float NF4_POINTS[16] = {
@@ -127,7 +131,7 @@ static float scheme_row(int scheme, const float *restrict x, int64_t n, float hi
     vf acc0 = splat(0), acc1 = acc0, vsc = splat(scale);
     int plain = !dp && scale == 1.0f;
     float a = -lo > hi ? -lo : hi;
-    a = a < 0 ? -a : a;
+    a = fabsf(a);
     switch (scheme) {
     case S_INT8: {
         float s = a / 127.0f;

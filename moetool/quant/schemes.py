@@ -8,7 +8,7 @@
 | nf4         | bitsandbytes NF4: the tensor flattened in blocks of 64, absmax per block, nearest of the 16 NormalFloat code points |
 | fp8_channel | E4M3 per output channel: s = absmax(row) / 448, W' = fp8(W / s) * s                        |
 | fp8_block   | E4M3 in 128 x 128 blocks, fp32 scale per block (DeepSeek-V3's `weight_scale_inv`)           |
-| mxfp4       | OCP MX: blocks of 32 along the input, shared E8M0 scale 2^(floor(log2 absmax) - 2), E2M1 elements rounded to nearest even, saturating at +-6 (torchao's FLOOR mode; gpt-oss's experts) |
+| mxfp4       | OCP MX: blocks of 32 along the input, shared E8M0 scale 2^(floor(log2 absmax) - 2) (the exponent bits), E2M1 elements rounded to nearest even, saturating at +-6 (torchao's FLOOR mode; gpt-oss's experts) |
 | nvfp4       | blocks of 16 along the input, E2M1 elements, E4M3 block scale relative to an fp32 tensor scale amax / (448 x 6) |
 
 Storage (bits per weight) comes from `moetool.formats`, the same accounting `moetool count` uses.
@@ -207,8 +207,9 @@ def mxfp4(w: torch.Tensor, block: int = 32, fp4: Callable = e2m1) -> torch.Tenso
     x = _pad_last(w, block).reshape(*lead, out, -1, block)
     amax = _absmax(x, -1)
     tiny = torch.finfo(torch.float32).tiny
-    exp = torch.floor(torch.log2(amax.clamp(min=tiny)))
-    exp = exp.masked_fill(amax == 0, -127.0)
+    # floor(log2(amax)) from the exponent bits, as torchao (FLOOR): a float32 log2 rounds 2^k (1 - 2^-24)
+    # up to k. 0 and subnormals give -127, clamped below like the rest.
+    exp = (torch.bitwise_right_shift(amax.view(torch.int32), 23) - 127).to(torch.float32)
     scale = torch.exp2((exp - 2).clamp(-127, 128)).clamp(min=tiny)  # E8M0, emax(E2M1) = 2
     q = fp4(x / scale).mul_(scale).reshape(*lead, out, -1)
     return q if q.shape[-1] == inp else q[..., :inp]
