@@ -40,6 +40,8 @@ static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
 static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
 static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
+/* min(x, hi) with NaN staying NaN */
+static inline vf vupper(vf x, vf hi) { return sel(x > hi, hi, x); }
 /* torch.clamp: NaN stays NaN (vmax / vmin above would give a bound) */
 static inline vf vclamp(vf x, float lo, float hi) {
     vf l = splat(lo), h = splat(hi);
@@ -97,6 +99,17 @@ static inline float absmax(const float *p, int64_t n) {
     return fabsf(a);  /* +0 for an all-zero block, as abs_() */
 }
 
+/* max and min of the vectors [p, p + n), n a multiple of 16, two chains */
+static inline void minmax(const float *p, int64_t n, float *hi, float *lo) {
+    vf ha = ld(p), hb = ld(p + L), la = ha, lb = hb;
+    for (int64_t j = 2 * L; j < n; j += 2 * L) {
+        vf xa = ld(p + j), xb = ld(p + j + L);
+        ha = vmax(ha, xa); hb = vmax(hb, xb); la = vmin(la, xa); lb = vmin(lb, xb);
+    }
+    *hi = hmax(vmax(ha, hb));
+    *lo = hmin(vmin(la, lb));
+}
+
 static const float NF4_POINTS[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
     -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
@@ -126,8 +139,9 @@ static inline vf nf4_point(vf t) {
 
 /* one row x[0, n) (float32) with the row's max / min; blk: fp8_block's scales of this row's band
  * (n / 128 rounded up), amax_t: nvfp4's matrix max |W| */
+/* grp: scratch for per-block values, n / 8 floats */
 static float scheme_row(int scheme, const float *restrict x, int64_t n, float hi, float lo, const float *restrict blk,
-                        float amax_t, float *restrict dp, float scale) {
+                        float amax_t, float *restrict dp, float scale, float *restrict grp) {
     vf acc0 = splat(0), acc1 = acc0, vsc = splat(scale);
     int plain = !dp && scale == 1.0f;
     float a = -lo > hi ? -lo : hi;
@@ -161,58 +175,79 @@ static float scheme_row(int scheme, const float *restrict x, int64_t n, float hi
 #undef Q
         }
         break;
-    case S_INT4_G128:
-        for (int64_t g = 0; g < n; g += 128) {
-            int64_t len = g + 128 < n ? 128 : n - g;
-            vf h8 = ld(x + g), l8 = h8;
-            for (int64_t j = L; j < len; j += L) { vf x8 = ld(x + g + j); h8 = vmax(h8, x8); l8 = vmin(l8, x8); }
-            float xmax = hmax(h8), xmin = hmin(l8);
+    case S_INT4_G128: {  /* first every group's scale and zero point, then the elements (no chain of
+                          * reduction -> divisions -> elements per group for the CPU to wait on) */
+        int64_t ng = (n + 127) / 128;
+        float *sc = grp, *zr = grp + ng;
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t len = (g + 1) * 128 < n ? 128 : n - g * 128;
+            float xmax, xmin;
+            minmax(x + g * 128, len, &xmax, &xmin);
             xmin = xmin < 0.0f ? xmin : 0.0f;  /* torch.minimum(amin, 0) */
             xmax = xmax > 0.0f ? xmax : 0.0f;
             if (xmin == 0 && xmax == 0) { xmin = -1.0f; xmax = 1.0f; }
-            float scale = (xmax - xmin) / 15.0f;
-            vf zero = vround(splat(-xmin / scale)), vs = splat(scale);
-#define Q(x8) ((vclamp(vround((x8) / vs) + zero, 0.0f, 15.0f) - zero) * vs)
-            ROWLOOP(g, g + len, Q)
+            sc[g] = (xmax - xmin) / 15.0f;
+            zr[g] = xmin;
+        }
+        for (int64_t g = 0; g < ng; g++) zr[g] = vround(splat(-zr[g] / sc[g]))[0];
+        /* (clamp(round(x / s) + z, 0, 15) - z) s as clamp(round(x / s), -z, 15 - z) s: r + z and its - z are
+         * exact (small integers). The lower bound is a no-op: x >= xmin, division and rounding are
+         * monotonic and round(-y) = -round(y), so round(x / s) >= round(xmin / s) = -z. */
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t len = (g + 1) * 128 < n ? 128 : n - g * 128;
+            vf top = splat(15.0f - zr[g]), vs = splat(sc[g]);
+#define Q(x8) (vupper(vround((x8) / vs), top) * vs)
+            ROWLOOP(g * 128, g * 128 + len, Q)
 #undef Q
         }
         break;
-    case S_NF4:  /* n % 64 == 0 (the caller checks): blocks of 64 within the row */
-        for (int64_t g = 0; g < n; g += 64) {
-            float am = absmax(x + g, 64);
+    }
+    case S_NF4: {  /* n % 64 == 0 (the caller checks): blocks of 64 within the row */
+        int64_t ng = n / 64;
+        for (int64_t g = 0; g < ng; g++) grp[g] = absmax(x + g * 64, 64);
+        for (int64_t g = 0; g < ng; g++) {
+            float am = grp[g];
             vf d = splat(am == 0 ? 1.0f : am), vam = splat(am);
 #define Q(x8) (nf4_point((x8) / d) * vam)
-            ROWLOOP(g, g + 64, Q)
+            ROWLOOP(g * 64, g * 64 + 64, Q)
 #undef Q
         }
         break;
-    case S_MXFP4:
-        for (int64_t g = 0; g < n; g += 32) {
-            int64_t len = g + 32 < n ? 32 : n - g;
-            float am = absmax(x + g, len);
+    }
+    case S_MXFP4: {
+        int64_t ng = (n + 31) / 32;
+        for (int64_t g = 0; g < ng; g++) {
+            float am = absmax(x + g * 32, (g + 1) * 32 < n ? 32 : n - g * 32);
             int32_t e = am == 0 ? -127 : ((bits_of(am) >> 23) & 0xff) - 127;  /* torchao's FLOOR: exponent bits */
             e -= 2;
             if (e < -126) e = -126;  /* exp2(clamp(e, -127, 128)).clamp(min=tiny) */
-            vf vs = splat(f_of((e + 127) << 23));
+            grp[g] = f_of((e + 127) << 23);
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            vf vs = splat(grp[g]);
 #define Q(x8) (e2m1((x8) / vs) * vs)
-            ROWLOOP(g, g + len, Q)
+            ROWLOOP(g * 32, (g + 1) * 32 < n ? (g + 1) * 32 : n, Q)
 #undef Q
         }
         break;
+    }
     case S_NVFP4: {
-        float ts = amax_t > 0 ? amax_t / 2688.0f : 1.0f;
-        for (int64_t g = 0; g < n; g += 16) {
-            int64_t len = g + 16 < n ? 16 : n - g;
-            float bs = absmax(x + g, len) / 6.0f;
-            float r = bs / ts;
+        float ts = amax_t > 0 ? amax_t / 2688.0f : 1.0f, inv = 1.0f / ts;
+        int64_t ng = n / 16;
+        float *s8 = grp, *fac = grp + ng;
+        for (int64_t g = 0; g < ng; g++) {
+            float r = (absmax(x + g * 16, 16) / 6.0f) / ts;
             r = r > 0.015625f ? r : 0.015625f;  /* clamp(min=tiny(e4m3), max=448) */
             r = r < 448.0f ? r : 448.0f;
-            float s8 = e4m3_scalar(r);
-            float factor = (1.0f / ts) / s8;
-            if (ts == 0) { s8 = 0; factor = 0; }
-            vf vfac = splat(factor), vs8 = splat(s8), vt = splat(ts);
+            s8[g] = e4m3_scalar(r);
+            fac[g] = inv / s8[g];
+            if (ts == 0) { s8[g] = 0; fac[g] = 0; }
+        }
+        vf vt = splat(ts);
+        for (int64_t g = 0; g < ng; g++) {
+            vf vfac = splat(fac[g]), vs8 = splat(s8[g]);
 #define Q(x8) (e2m1((x8) * vfac) * vs8 * vt)
-            ROWLOOP(g, g + len, Q)
+            ROWLOOP(g * 16, g * 16 + 16, Q)
 #undef Q
         }
         break;
@@ -234,6 +269,42 @@ static void to_f32(const void *src, int dtype, int64_t n, float *dst) {
     const _Float16 *s = src;
     for (int64_t j = 0; j < n; j++) dst[j] = (float)s[j];
 #endif
+}
+
+/* A row's sum, max and min (two chains each), and the row as float32: bfloat16 converted while it is
+ * summed (into buf), float16 converted first, float32 read in place. */
+typedef uint16_t vh __attribute__((vector_size(2 * L)));
+typedef uint32_t vu __attribute__((vector_size(4 * L)));
+#define PASS1(LOAD) \
+    vf xa = LOAD(0), xb = LOAD(L), sa = splat(0), sb = sa, ha = xa, hb = xb, la = xa, lb = xb; \
+    for (int64_t j = 0; j < n; j += 2 * L) { \
+        if (j) { xa = LOAD(j); xb = LOAD(j + L); } \
+        sa += xa; sb += xb; ha = vmax(ha, xa); hb = vmax(hb, xb); la = vmin(la, xa); lb = vmin(lb, xb); \
+    } \
+    *s = hsum(sa + sb); *hi = hmax(vmax(ha, hb)); *lo = hmin(vmin(la, lb));
+
+static inline vf bf16_at(const uint16_t *p, float *buf, int64_t j) {
+    vh h;
+    memcpy(&h, p + j, sizeof h);
+    vf x = (vf)(__builtin_convertvector(h, vu) << 16);
+    st(buf + j, x);
+    return x;
+}
+
+static const float *first_pass(const void *src, int dtype, int64_t n, float *buf, float *s, float *hi, float *lo) {
+    if (dtype == DT_BF16) {
+        const uint16_t *p = src;
+#define LOAD(j) bf16_at(p, buf, (j))
+        PASS1(LOAD)
+#undef LOAD
+        return buf;
+    }
+    const float *x = src;
+    if (dtype != DT_F32) { to_f32(src, dtype, n, buf); x = buf; }
+#define LOAD(j) ld(x + (j))
+    PASS1(LOAD)
+#undef LOAD
+    return x;
 }
 
 int moetool_has_f16(void) {
@@ -286,10 +357,14 @@ int moetool_score(const void *w, int dtype, int64_t B, int64_t out, int64_t n, c
     int need_block = 0, need_amax = 0;
     for (int i = 0; i < nschemes; i++) { need_block |= schemes[i] == S_FP8_BLOCK; need_amax |= schemes[i] == S_NVFP4; }
     int64_t nblk = (n + 127) / 128;
-    float *x = aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
+    float *xbuf = aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
     float *blk = need_block ? malloc(nblk * sizeof(float)) : NULL;
     float *tmp = (need_block || need_amax) ? aligned_alloc(64, ((n * 4 + 63) / 64) * 64) : NULL;
-    if (!x || (need_block && !blk) || ((need_block || need_amax) && !tmp)) { free(x); free(blk); free(tmp); return -1; }
+    float *grp = malloc((n / 8 + 2) * sizeof(float));
+    if (!xbuf || !grp || (need_block && !blk) || ((need_block || need_amax) && !tmp)) {
+        free(xbuf); free(blk); free(tmp); free(grp);
+        return -1;
+    }
     int64_t R = stride;
     for (int64_t b = 0; b < B; b++) {
         const char *mat = (const char *)w + (size_t)b * out * n * isz;
@@ -315,14 +390,9 @@ int moetool_score(const void *w, int dtype, int64_t B, int64_t out, int64_t n, c
                     }
                 }
             }
-            to_f32(mat + (size_t)r * n * isz, dtype, n, x);
             int64_t row = b * out + r;
-            vf sa = splat(0), sb = sa, ha = ld(x), hb = ha, la = ha, lb = ha;
-            for (int64_t j = 0; j < n; j += 2 * L) {
-                vf xa = ld(x + j), xb = ld(x + j + L);
-                sa += xa; sb += xb; ha = vmax(ha, xa); hb = vmax(hb, xb); la = vmin(la, xa); lb = vmin(lb, xb);
-            }
-            float s = hsum(sa + sb), hi = hmax(vmax(ha, hb)), lo = hmin(vmin(la, lb));
+            float s, hi, lo;
+            const float *x = first_pass(mat + (size_t)r * n * isz, dtype, n, xbuf, &s, &hi, &lo);
             if (moments) {  /* kernels.row_moments */
                 float m = s / (float)n;
                 float spread = hi - m > m - lo ? hi - m : m - lo;
@@ -343,11 +413,11 @@ int moetool_score(const void *w, int dtype, int64_t B, int64_t out, int64_t n, c
             }
             for (int i = 0; i < nschemes; i++) {
                 errs[i * R + row] = scheme_row(schemes[i], x, n, hi, lo, blk, amax_t,
-                                               diff ? diff + (size_t)row * n : NULL, scale);
+                                               diff ? diff + (size_t)row * n : NULL, scale, grp);
             }
         }
         if (moments && stats) combine(moments + b * out, R, out, n, stats + b, stats_stride);
     }
-    free(x); free(blk); free(tmp);
+    free(xbuf); free(blk); free(tmp); free(grp);
     return 0;
 }
