@@ -38,15 +38,22 @@ static inline vi splati(int32_t x) { return (vi){x, x, x, x, x, x, x, x}; }
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf sel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+#if defined(__AVX2__)
+/* the same operations as the generic versions below, one instruction each (vmaxps returns its second
+ * operand when either is NaN: max(a, b) = a > b ? a : b exactly) */
+#include <immintrin.h>
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+static inline vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+static inline vi imax(vi a, vi b) { return (vi)_mm256_max_epi32((__m256i)a, (__m256i)b); }
+#else
 static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
 static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
-/* min(x, hi) with NaN staying NaN */
-static inline vf vupper(vf x, vf hi) { return sel(x > hi, hi, x); }
-/* torch.clamp: NaN stays NaN (vmax / vmin above would give a bound) */
-static inline vf vclamp(vf x, float lo, float hi) {
-    vf l = splat(lo), h = splat(hi);
-    return sel(x > h, h, sel(x < l, l, x));
-}
+static inline vi imax(vi a, vi b) { return (vi)sel(a > b, (vf)a, (vf)b); }
+#endif
+/* min(x, hi) with NaN staying NaN: hi < x ? hi : x */
+static inline vf vupper(vf x, vf hi) { return vmin(hi, x); }
+/* torch.clamp: NaN stays NaN (lo > x ? lo : x, then as vupper) */
+static inline vf vclamp(vf x, float lo, float hi) { return vmin(splat(hi), vmax(splat(lo), x)); }
 /* horizontal reductions in three shuffle steps (__builtin_shufflevector: GCC 12+, Clang) */
 #define SWAP4(v) __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3)
 #define SWAP2(v) __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5)
@@ -73,7 +80,7 @@ static inline vf vround(vf x) {
 static inline vf round_minifloat(vf x, int mbits, int emin) {
     vi m = (vi)x & splati(0x7F800000);
     vi lo = splati((emin + 127) << 23);
-    m = (vi)sel(m < lo, (vf)lo, (vf)m);
+    m = imax(m, lo);
     m = m + splati(((23 - mbits) << 23) | 0x400000);
     vf magic = (vf)m;
     return (x + magic) - magic;  /* sign of zero: see vround */
@@ -118,9 +125,19 @@ static const float NF4_POINTS[16] = {
 
 /* the NF4 code point nearest t = x / absmax: 15 comparisons with the float32 midpoints (as schemes.py) */
 static inline vf nf4_point(vf t) {
+#if defined(__AVX2__)
+    /* the code point's index as the number of midpoints below t (comparisons give -1), then two
+     * 8-entry table lookups: a chain of 15 blends was bound by the one port that blends */
+    vi idx = splati(0);
+    for (int c = 1; c < 16; c++) idx -= (vi)(t > splat((NF4_POINTS[c] + NF4_POINTS[c - 1]) / 2));
+    __m256 lo = _mm256_loadu_ps(NF4_POINTS), hi = _mm256_loadu_ps(NF4_POINTS + 8);
+    vf a = (vf)_mm256_permutevar8x32_ps(lo, (__m256i)idx), b = (vf)_mm256_permutevar8x32_ps(hi, (__m256i)idx);
+    return sel(idx > splati(7), b, a);
+#else
     vf q = splat(NF4_POINTS[0]);
     for (int c = 1; c < 16; c++) q = sel(t > splat((NF4_POINTS[c] + NF4_POINTS[c - 1]) / 2), splat(NF4_POINTS[c]), q);
     return q;
+#endif
 }
 
 /* the error of one output vector: d = Q(W) - W (into the row's diff when asked), acc += (d scale)^2;

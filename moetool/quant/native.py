@@ -121,31 +121,45 @@ def score(w: torch.Tensor, schemes: list[str], *, moments: bool, scale: Optional
     lib = library()
     B, out, n = w.shape
     R = B * out
-    mom = torch.empty(7, R, dtype=torch.float32) if moments else None
+    ns = len(schemes)
+    f32 = torch.empty((7 if moments else 0) * R + ns * R, dtype=torch.float32)  # one allocation: rows' moments, errors
     stats = torch.empty(4, B, dtype=torch.float64) if moments else None
-    errs = torch.empty(len(schemes), R, dtype=torch.float32)
-    ids = torch.tensor([SCHEME_IDS[s] for s in schemes], dtype=torch.int32)
+    ids = _ids(tuple(schemes))
     sc = scale.to(torch.float32).contiguous() if scale is not None else None
-    assert diff is None or (len(schemes) == 1 and diff.is_contiguous() and diff.dtype == torch.float32)
+    assert diff is None or (ns == 1 and diff.is_contiguous() and diff.dtype == torch.float32)
     threads = max(1, min(threads or torch.get_num_threads(), B))
     step = -(-B // threads)
     isz = w.element_size()
+    wp, fp, dt = w.data_ptr(), f32.data_ptr(), _DTYPES[w.dtype]
+    ep = fp + (28 * R if moments else 0)
 
     def run(b0: int) -> int:  # matrices [b0, b0 + step): their rows of mom / errs (no torch call here:
         nb = min(B, b0 + step) - b0  # the pool's threads are outside the caller's inference mode)
-        return lib.moetool_score(w.data_ptr() + b0 * out * n * isz, _DTYPES[w.dtype], nb, out, n,
-                                 sc.data_ptr() + 4 * b0 if sc is not None else None, len(schemes), ids.data_ptr(),
-                                 mom.data_ptr() + 4 * b0 * out if moments else None, errs.data_ptr() + 4 * b0 * out,
+        return lib.moetool_score(wp + b0 * out * n * isz, dt, nb, out, n,
+                                 sc.data_ptr() + 4 * b0 if sc is not None else None, ns, ids,
+                                 fp + 4 * b0 * out if moments else None, ep + 4 * b0 * out,
                                  diff.data_ptr() + 4 * b0 * out * n if diff is not None else None, R,
                                  stats.data_ptr() + 8 * b0 if moments else None, B)
 
-    starts = range(0, B, step)
     if threads == 1:
         rcs = [run(0)]
     else:
         with ThreadPoolExecutor(threads) as pool:
-            rcs = list(pool.map(run, starts))
+            rcs = list(pool.map(run, range(0, B, step)))
     if any(rcs):
         raise MemoryError("quantize-report: out of memory for a row buffer")
-    parts = tuple(mom[i].view(B, out) for i in range(7)) if moments else None
-    return parts, (tuple(stats) if moments else None), {s: errs[i].view(B, out) for i, s in enumerate(schemes)}
+    rows = f32.view(-1, B, out)
+    parts = tuple(rows[:7]) if moments else None
+    errs = rows[7:] if moments else rows
+    return parts, (stats.unbind(0) if moments else None), dict(zip(schemes, errs.unbind(0)))
+
+
+_ID_ARRAYS: dict = {}
+
+
+def _ids(schemes: tuple) -> ctypes.Array:
+    """The schemes' ids as a C int32 array (kept: the kernel reads it during the call)."""
+    a = _ID_ARRAYS.get(schemes)
+    if a is None:
+        a = _ID_ARRAYS[schemes] = (ctypes.c_int32 * max(1, len(schemes)))(*(SCHEME_IDS[s] for s in schemes))
+    return a
