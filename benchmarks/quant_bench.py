@@ -12,11 +12,13 @@ time (the raw read's own CPU time: copying out of the page cache), which a share
 disturbs far less than wall time; the raw read's wall speed is printed too. Peak RSS (`/usr/bin/time -v`) of
 the report at E = 16 and E = 64: blocks of a fixed size, so it should not grow with E.
 
-Two "after"s: the eager kernels (MOETOOL_QUANT_COMPILE=0, what a small report or a machine without
-a C++ compiler runs) and the compiled ones (torch.compile / inductor, fused: =1); the compiled
-kernels are built by a first report whose wall time is printed on its own, then timed like eager.
+Three "after"s: the native kernel (moetool/quant/native.c, what a CPU report runs by default), the
+eager torch kernels (MOETOOL_QUANT_NATIVE=0: a machine without a C compiler, or a GPU's kernels run on
+the CPU) and the compiled ones (torch.compile / inductor, fused: MOETOOL_QUANT_NATIVE=0
+MOETOOL_QUANT_COMPILE=1); the compiled kernels are built by a first report whose wall time is printed
+on its own, then timed like the others. Best of 5 runs each, raw read best of 5.
 
-Run: python benchmarks/quant_bench.py [--schemes int8,nf4] [--no-before] [--no-rss] [--no-compile]
+Run: python benchmarks/quant_bench.py [--schemes int8,nf4] [--no-before] [--no-rss] [--no-compile] [--no-eager]
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def raw_read(root: Path) -> tuple[float, int]:
         while f.read(1 << 24):
             pass
     best = (float("inf"), float("inf"))
-    for _ in range(3):  # best of 3, wall and CPU time (the read's own CPU: copying out of the page cache)
+    for _ in range(5):  # best of 5, wall and CPU time (the read's own CPU: copying out of the page cache)
         t0, c0 = time.perf_counter(), time.process_time()
         with open(experts[0].file, "rb") as f:
             for t in sorted(experts, key=lambda t: t.begin):
@@ -127,7 +129,8 @@ def main() -> None:
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--no-before", action="store_true")
     ap.add_argument("--no-rss", action="store_true")
-    ap.add_argument("--no-compile", action="store_true", help="eager kernels only (no torch.compile)")
+    ap.add_argument("--no-compile", action="store_true", help="no torch.compile kernels")
+    ap.add_argument("--no-eager", action="store_true", help="no eager torch kernels")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: as the raw read, one thread)")
     args = ap.parse_args()
     import torch
@@ -140,18 +143,27 @@ def main() -> None:
         (secs, cpu_secs), nbytes = raw_read(root)
         raw = nbytes / cpu_secs  # CPU time against CPU time: what each costs, however loaded the machine
         print(f"checkpoint: 4 layers x 16 experts x 3 projections of 1024x512, {nbytes / 1e6:.0f} MB of bf16 expert weights")
-        print(f"raw read of the expert tensors (page cache warm, best of 3): {nbytes / secs / 1e9:.2f} GB/s wall, "
+        print(f"raw read of the expert tensors (page cache warm, best of 5): {nbytes / secs / 1e9:.2f} GB/s wall, "
               f"{raw / 1e9:.2f} GB/s CPU time (the reference of the ratios); torch threads: {args.threads}")
-        print("weight-space report, MB/s of expert weights (x raw read); after: best of 2 runs; ratios from "
+        print("weight-space report, MB/s of expert weights (x raw read); after: best of 5 runs; ratios from "
               "CPU time (this process; the machine may be shared)")
         rows = [[s] for s in schemes] + ([schemes] if len(schemes) > 1 else [])
         import os
 
         from moetool.quant import kernels
 
-        modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+        # mode -> environment: the native kernel (the default), eager torch kernels, inductor's
+        env = {"native": {}, "eager": {"MOETOOL_QUANT_NATIVE": "0", "MOETOOL_QUANT_COMPILE": "0"},
+               "compiled": {"MOETOOL_QUANT_NATIVE": "0", "MOETOOL_QUANT_COMPILE": "1"}}
+        modes = ["native"] + ([] if args.no_eager else ["eager"]) + ([] if args.no_compile else ["compiled"])
+
+        def use(mode):
+            for k in ("MOETOOL_QUANT_NATIVE", "MOETOOL_QUANT_COMPILE"):
+                os.environ.pop(k, None)
+            os.environ.update(env[mode])
+
         if "compiled" in modes:  # build the fused kernels once (inductor), timed on its own
-            os.environ["MOETOOL_QUANT_COMPILE"] = "1"
+            use("compiled")
             t0 = time.perf_counter()
             quantize_report(str(root), schemes=schemes, weight_only=True)
             print(f"compiled kernels: first report (torch.compile of {len(schemes)} schemes + moments, wall, "
@@ -161,12 +173,12 @@ def main() -> None:
             line = f"  {ss[0] if len(ss) == 1 else 'all ' + str(len(ss)):12s}"
             cpus = {}
             for mode in modes:
-                os.environ["MOETOOL_QUANT_COMPILE"] = "1" if mode == "compiled" else "0"
-                wall, cpu = min(timed(lambda: quantize_report(str(root), schemes=ss, weight_only=True)) for _ in range(2))
+                use(mode)
+                wall, cpu = min(timed(lambda: quantize_report(str(root), schemes=ss, weight_only=True)) for _ in range(5))
                 cpus[mode] = cpu
-                line += (f" {mode} {nbytes / wall / 1e6:7.1f} MB/s wall, CPU time {nbytes / cpu / 1e6:7.1f} MB/s = "
+                line += (f" {mode} {nbytes / wall / 1e6:7.1f} MB/s wall, CPU {nbytes / cpu / 1e6:7.1f} MB/s = "
                          f"{nbytes / cpu / raw:.3f} x raw;")
-            os.environ.pop("MOETOOL_QUANT_COMPILE", None)
+            use("native")
             if not args.no_before:
                 bwall, bcpu = timed(lambda: before_report(root, ss))
                 line += (f"   before: CPU time {nbytes / bcpu / 1e6:6.1f} MB/s = {nbytes / bcpu / raw:.3f} x raw; speed-up "

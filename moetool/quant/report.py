@@ -99,9 +99,9 @@ class QuantReport:
 
 
 BLOCK_ELEMENTS = 1 << 24  # expert weights (all projections) scored together: 64 MB of float32, whatever E
-# On a CPU with the native kernel, a quarter of that (8 MB of bf16): the block just read is still in the
-# caches when it is scored (117 against 132 ms for the int8 report of benchmarks/quant_bench.py).
-NATIVE_BLOCK_ELEMENTS = 1 << 22
+# On a CPU with the native kernel, half of that (16 MB of bf16, within a typical L3): the block just read is
+# still in the caches when it is scored (about 10% faster for the int8 report of benchmarks/quant_bench.py).
+NATIVE_BLOCK_ELEMENTS = 1 << 23
 
 
 def _stats(w: torch.Tensor, chunk: Optional[int] = None, compiled: bool = False) -> tuple[torch.Tensor, ...]:
