@@ -205,9 +205,11 @@ def trace(
     generate: Annotated[int, typer.Option(min=0, help="Greedy-generate N tokens after the prompt and trace them too.")] = 0,
     decoder_tokens: Annotated[Optional[str], typer.Option(help="Encoder-decoder models (Switch, NLLB-MoE): the decoder's "
                                                           "input after its start token, as ids, e.g. 5,9 (the prompt is "
-                                                          "the encoder's input).")] = None,
+                                                          "the encoder's input). DiffusionGemma: the canvas of its "
+                                                          "denoising step (default: canvas_length random tokens, seed 0).")] = None,
     decoder_text: Annotated[Optional[str], typer.Option(help="Encoder-decoder models: the decoder's input after its start "
-                                                        "token, as text (tokenised without special tokens).")] = None,
+                                                        "token, as text (tokenised without special tokens); "
+                                                        "DiffusionGemma: the canvas, as text.")] = None,
     capacity_factor: Annotated[Optional[float], typer.Option(help="Report tokens dropped at this capacity factor "
                                                              "(Switch/GShard, position order).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Only these decoder layers, e.g. 0,3,5-7 (the forward stops "
