@@ -232,7 +232,7 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
                            "and decoder (they are for Switch Transformers, NLLB-MoE and DiffusionGemma's canvas)")
     if capacity_factor is not None and not (capacity_factor > 0 and capacity_factor < float("inf")):
         raise MoetoolError(f"--capacity-factor must be a positive finite number, got {capacity_factor}")
-    if layers is not None and max(layers) >= spec.num_layers:
+    if layers is not None and max(layers) >= spec.num_layers and spec.family != "diffusion_gemma":  # 2L layers there
         raise MoetoolError(f"--layers {max(layers)}: the model has {spec.num_layers} layers (0..{spec.num_layers - 1})")
     tok = load_tokenizer(ckpt)
     if tokens is None:

@@ -221,3 +221,15 @@ def test_profile_routes_the_encoder(dgemma_case, tmp_path):
     assert out.returncode == 0, out.stderr
     summary = json.loads((tmp_path / "prof" / "profile.json").read_text())
     assert summary["command"] == "profile" and [l["layer"] for l in summary["layers"]] == [0, 1, 2]
+
+
+def test_cli_layers_of_both_stacks(dgemma_case):
+    """--layers numbers the decoder's layers after the encoder's (L..2L-1); past them: one line, exit 2."""
+    d, prompt, *_ = dgemma_case("untied", 1)
+    out = run_cli("trace", "--model", str(d), "--tokens", ",".join(map(str, prompt)), "--layers", "1,5", "--json",
+                  "--device", DEVICE)
+    assert out.returncode == 0, out.stderr
+    assert [(l["layer"], l["stack"], l["stack_layer"]) for l in json.loads(out.stdout)["layers"]] == \
+        [(1, "encoder", 1), (5, "decoder", 1)]
+    out = run_cli("trace", "--model", str(d), "--tokens", "1,2", "--layers", "8")
+    assert out.returncode == 2 and "out of range" in out.stderr and len(out.stderr.strip().splitlines()) == 1
