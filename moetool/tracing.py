@@ -256,7 +256,8 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
     if spec.family == "diffusion_gemma":  # the encoder, then one denoising step over a canvas
         return _trace_diffusion(ckpt, spec, tok, prompt, ids, decoder_tokens, decoder_text, dtype=dtype,
                                 router_dtype=router_dtype, device=pick_device(device), progress=progress,
-                                generate=generate, layers=layers, router_logits=router_logits)
+                                generate=generate, layers=layers, router_logits=router_logits,
+                                capacity_factor=capacity_factor)
     from .forward.config import forward_config
 
     context = forward_config(spec, ckpt.config).max_positions
@@ -357,7 +358,8 @@ def _trace_encdec(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_t
 
 
 def _trace_diffusion(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_tokens, decoder_text, *, dtype,
-                     router_dtype, device, progress, generate: int, layers, router_logits) -> TraceReport:
+                     router_dtype, device, progress, generate: int, layers, router_logits,
+                     capacity_factor=None) -> TraceReport:
     """`trace` of DiffusionGemma (moetool/forward/diffusion_gemma.py): the encoder reads the prompt,
     then one denoising step of the decoder reads the canvas (the given tokens, else the seeded
     random canvas of `canvas_length` tokens); layers of both stacks are reported, logits are the canvas's."""
@@ -396,7 +398,7 @@ def _trace_diffusion(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decode
     report = TraceReport(
         model=ckpt.source, model_type=spec.model_type, num_experts=spec.moe.num_experts, top_k=spec.moe.top_k,
         tokens=[Token(i, t, text(t)) for i, t in enumerate(ids)], layers=traced, dtype=dtype, device=device,
-        text=prompt, logits=out.logits,
+        text=prompt, logits=out.logits, capacity_factor=capacity_factor,
         router_logits={r.layer: r.logits for r in routes}, selection_scores={r.layer: r.scores for r in routes},
         include_router_logits=router_logits,
         decoder_tokens=[Token(i, t, text(t)) for i, t in enumerate(canvas)],

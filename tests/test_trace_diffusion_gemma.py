@@ -233,3 +233,26 @@ def test_cli_layers_of_both_stacks(dgemma_case):
         [(1, "encoder", 1), (5, "decoder", 1)]
     out = run_cli("trace", "--model", str(d), "--tokens", "1,2", "--layers", "8")
     assert out.returncode == 2 and "out of range" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_self_conditioning_block_equals_transformers(dgemma_case):
+    """The self-conditioning block with a non-zero signal (later denoising steps; the first step's zeros
+    make its weights irrelevant): moetool's self_conditioning equals DiffusionGemmaSelfConditioning."""
+    from moetool.forward import DTYPES, checked_config, weight_store
+    from moetool.forward.diffusion_gemma import _decoder_names, self_conditioning
+    from moetool.forward.model import Decoder
+
+    d = dgemma_case("tied-bias", 0)[0]
+    model = _build(_config("tied-bias"), 0)
+    _randomize(model, 0)
+    ckpt = resolve(str(d))
+    spec, fc = checked_config(ckpt, 1, "float32", "float32")
+    dec = Decoder(spec, fc, weight_store(ckpt), dtype=DTYPES["float32"])
+    dec.names = _decoder_names(dec.names)
+    g = torch.Generator().manual_seed(3)
+    x, soft = torch.randn(5, 32, generator=g), torch.randn(5, 32, generator=g) * 4
+    with torch.no_grad():
+        ref = model.model.decoder.self_conditioning(x[None], soft[None])[0]
+        ours = self_conditioning(dec, x, soft)
+    assert (ours - self_conditioning(dec, x, torch.zeros_like(soft))).abs().max() > 0.1  # the signal matters
+    assert (ours - ref).abs().max() < 1e-5
