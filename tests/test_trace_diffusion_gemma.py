@@ -216,6 +216,11 @@ def test_profile_routes_the_encoder(dgemma_case, tmp_path):
         for l in encoder:
             got = rows[(rows.prompt_index == i) & (rows.layer == l.layer)].sort_values(["token_index", "slot"])
             assert got.expert.to_numpy().reshape(len(t.tokens), -1).tolist() == l.experts
+    from moetool.tracing import load_tokenizer
+
+    given = trace(prompts[1], model=str(d), device=DEVICE, decoder_text="def add")  # --decoder-text: the canvas
+    assert [t.id for t in given.decoder_tokens] == load_tokenizer(resolve(str(d))).encode("def add",
+                                                                                        add_special_tokens=False).ids
     (tmp_path / "corpus.txt").write_text("\n".join(prompts) + "\n")
     out = run_cli("profile", str(tmp_path / "corpus.txt"), "--model", str(d), "-o", str(tmp_path / "prof"))
     assert out.returncode == 0, out.stderr
