@@ -44,7 +44,8 @@ CONFIGS = {
                       canvas_length=6, initializer_range=0.2),
     # untied, no biases, full / sliding / sliding / full, window 3, top-3 of 6, proportional RoPE with a
     # factor, an explicit soft cap, use_bidirectional_attention "vision" (causal on text); a given canvas
-    "untied": dict(tie_word_embeddings=False, canvas_length=16, initializer_range=0.2,
+    # (the image token in the prompt is embedded as it is: no pixel values, no placeholder replacement)
+    "untied": dict(tie_word_embeddings=False, canvas_length=16, initializer_range=0.2, image_token_id=3,
                    text_config=dict(num_hidden_layers=4, sliding_window=3, num_experts=6, top_k_experts=3,
                                     layer_types=["full_attention", "sliding_attention", "sliding_attention",
                                                  "full_attention"],
@@ -111,6 +112,8 @@ def dgemma_case(tmp_path_factory):
             model.save_pretrained(d)
             vocab = config["text_config"]["vocab_size"]
             prompt = torch.randint(0, vocab, (1, P), generator=torch.Generator().manual_seed(seed))
+            if config["image_token_id"] < vocab:
+                prompt[0, 2] = config["image_token_id"]
             canvas = CANVAS.get(name) or default_canvas(json.loads((d / "config.json").read_text()), vocab)
             logits, routes = reference(model, prompt, torch.tensor([canvas]))
             cache[name, seed] = (d, prompt[0].tolist(), canvas, logits, routes)
