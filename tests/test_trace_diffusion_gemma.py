@@ -178,9 +178,10 @@ def test_cli_trace_json(dgemma_case):
             assert sorted(ours) == pytest.approx(sorted(theirs), abs=1e-5), (l["layer"], t)
 
 
-def test_generate_and_bidirectional_encoder_refused(dgemma_case, tmp_path):
-    """--generate (block diffusion is no next-token generation) and use_bidirectional_attention "all"
-    (transformers masks that encoder causally with eager attention and not with sdpa): one line, exit 2."""
+def test_refusals(dgemma_case, tmp_path):
+    """--generate (block diffusion is no next-token generation), use_bidirectional_attention "all"
+    (transformers 5.23's own forward fails on it, eager and sdpa: TypeError, is_causal twice), a partial default
+    RoPE and a canvas token outside the vocabulary: one line, exit 2."""
     d, prompt, *_ = dgemma_case("tied-bias", 0)
     out = run_cli("trace", "--model", str(d), "--tokens", "1,2,3", "--generate", "2")
     assert out.returncode == 2 and "block diffusion" in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -191,6 +192,15 @@ def test_generate_and_bidirectional_encoder_refused(dgemma_case, tmp_path):
     (bidir / "config.json").write_text(json.dumps(cfg))
     out = run_cli("trace", "--model", str(bidir), "--tokens", "1,2,3")
     assert out.returncode == 2 and "use_bidirectional_attention" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    # DiffusionGemma's default RoPE with a partial factor: shorter tables than the head, which transformers'
+    # own forward cannot apply (RuntimeError there)
+    cfg["text_config"]["use_bidirectional_attention"] = None
+    cfg["text_config"]["rope_parameters"]["sliding_attention"] = {"rope_type": "default", "rope_theta": 50.0,
+                                                                  "partial_rotary_factor": 0.5}
+    (bidir / "config.json").write_text(json.dumps(cfg))
+    out = run_cli("trace", "--model", str(bidir), "--tokens", "1,2,3")
+    assert out.returncode == 2 and "partial_rotary_factor" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     out = run_cli("trace", "--model", str(d), "--tokens", "1,2,3", "--decoder-tokens", "5,999")
     assert out.returncode == 2 and "outside the vocabulary" in out.stderr

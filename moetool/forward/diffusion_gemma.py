@@ -31,7 +31,7 @@ reproducible. Routes are recorded per stack ("encoder": layers 0..L-1 over the p
 layers L..2L-1 over the canvas, `stack_layer` 0..L-1); logits are the canvas's. The sampler's later
 steps (entropy-bounded acceptance, renoising, self-conditioning on the previous logits, further
 canvases) are not run: `--generate` is refused. `use_bidirectional_attention: "all"` is refused
-(transformers' encoder masks it causally or not depending on the attention implementation).
+(transformers 5.23's DiffusionGemma fails on it, eager and sdpa alike: no reference to match).
 
 `profile` and `quantize-report` run the Decoder of forward/model.py over the encoder's names: they
 see the encoder's routing of the prompts (what the prompt's KV cache costs), not the denoiser's.
@@ -66,8 +66,8 @@ def text_config(config: Cfg) -> Cfg:
     text = dict(config.sub("text_config").d)
     if text.get("use_bidirectional_attention") == "all":
         raise UnsupportedArchitecture("config.json: DiffusionGemma with use_bidirectional_attention \"all\" is not "
-                                      "supported by the reference forward (transformers masks that encoder causally or "
-                                      "not depending on the attention implementation)")
+                                      "supported by the reference forward (transformers 5.23's own forward fails on it: "
+                                      "its attention receives is_causal twice)")
     text.update(enable_moe_block=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0, attention_k_eq_v=True,
                 use_double_wide_mlp=False)
     if text.get("final_logit_softcapping") is None:
