@@ -205,9 +205,11 @@ def trace(
     generate: Annotated[int, typer.Option(min=0, help="Greedy-generate N tokens after the prompt and trace them too.")] = 0,
     decoder_tokens: Annotated[Optional[str], typer.Option(help="Encoder-decoder models (Switch, NLLB-MoE): the decoder's "
                                                           "input after its start token, as ids, e.g. 5,9 (the prompt is "
-                                                          "the encoder's input).")] = None,
+                                                          "the encoder's input). DiffusionGemma: the canvas of its "
+                                                          "denoising step (default: canvas_length random tokens, seed 0).")] = None,
     decoder_text: Annotated[Optional[str], typer.Option(help="Encoder-decoder models: the decoder's input after its start "
-                                                        "token, as text (tokenised without special tokens).")] = None,
+                                                        "token, as text (tokenised without special tokens); "
+                                                        "DiffusionGemma: the canvas, as text.")] = None,
     capacity_factor: Annotated[Optional[float], typer.Option(help="Report tokens dropped at this capacity factor "
                                                              "(Switch/GShard, position order).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Only these decoder layers, e.g. 0,3,5-7 (the forward stops "
@@ -284,7 +286,7 @@ def trace(
     prompts = read_prompts(file) if file else None
     ckpt = open_checkpoint(model, revision)
     wanted = parse_layers(layers)
-    _check_layers(ckpt, wanted)
+    _check_layers(ckpt, wanted, trace=True)
     if model is None:
         _say_default()
     if example:
@@ -378,20 +380,22 @@ def _check_output_dir(path: Optional[str], flag: str = "-o") -> None:
         check_output(path, flag)
 
 
-def _check_layers(ckpt, wanted: Optional[set[int]]) -> None:
+def _check_layers(ckpt, wanted: Optional[set[int]], trace: bool = False) -> None:
     """--layers against the model before any forward: every requested layer must exist, and at
-    least one must be a MoE layer."""
+    least one must be a MoE layer. `trace`: DiffusionGemma's denoiser layers count too (L..2L-1)."""
     if wanted is None:
         return
     from .arch import spec_from_config
 
     spec = spec_from_config(ckpt.config, ckpt.config_path)
-    n = spec.num_layers
+    n, moe = spec.num_layers, list(spec.moe_layers)
+    if trace and spec.family == "diffusion_gemma":  # the decoder stack re-runs the layers (forward/diffusion_gemma.py)
+        n, moe = 2 * n, moe + [n + l for l in moe]
     outside = sorted(l for l in wanted if not 0 <= l < n)
     if outside:
         raise MoetoolError(f"--layers {outside[0]} is out of range: the model has {n} layers (0-{n - 1})")
-    if not any(l in wanted for l in spec.moe_layers):
-        raise MoetoolError(f"--layers selects no MoE layer; MoE layers: {', '.join(map(str, spec.moe_layers))}")
+    if not any(l in wanted for l in moe):
+        raise MoetoolError(f"--layers selects no MoE layer; MoE layers: {', '.join(map(str, moe))}")
 
 
 def _table_out(draw, output: Optional[str]) -> None:

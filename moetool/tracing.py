@@ -227,12 +227,12 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
 
     ckpt = model if isinstance(model, Checkpoint) else _resolve_for_forward(model, revision)
     spec = spec_from_config(ckpt.config, ckpt.config_path)
-    if (decoder_tokens is not None or decoder_text is not None) and spec.family not in ENCDEC_FAMILIES:
+    if (decoder_tokens is not None or decoder_text is not None) and spec.family not in ENCDEC_FAMILIES + ("diffusion_gemma",):
         raise MoetoolError(f"--decoder-tokens / --decoder-text: model_type {spec.model_type!r} has no encoder "
-                           "and decoder (they are for Switch Transformers and NLLB-MoE)")
+                           "and decoder (they are for Switch Transformers, NLLB-MoE and DiffusionGemma's canvas)")
     if capacity_factor is not None and not (capacity_factor > 0 and capacity_factor < float("inf")):
         raise MoetoolError(f"--capacity-factor must be a positive finite number, got {capacity_factor}")
-    if layers is not None and max(layers) >= spec.num_layers:
+    if layers is not None and max(layers) >= spec.num_layers and spec.family != "diffusion_gemma":  # 2L layers there
         raise MoetoolError(f"--layers {max(layers)}: the model has {spec.num_layers} layers (0..{spec.num_layers - 1})")
     tok = load_tokenizer(ckpt)
     if tokens is None:
@@ -253,6 +253,11 @@ def trace(prompt: Optional[str] = None, *, model: Optional[str | Checkpoint] = N
         return _trace_encdec(ckpt, spec, tok, prompt, ids, decoder_tokens, decoder_text, dtype=dtype,
                              device=pick_device(device), progress=progress, generate=generate,
                              capacity_factor=capacity_factor, layers=layers, router_logits=router_logits)
+    if spec.family == "diffusion_gemma":  # the encoder, then one denoising step over a canvas
+        return _trace_diffusion(ckpt, spec, tok, prompt, ids, decoder_tokens, decoder_text, dtype=dtype,
+                                router_dtype=router_dtype, device=pick_device(device), progress=progress,
+                                generate=generate, layers=layers, router_logits=router_logits,
+                                capacity_factor=capacity_factor)
     from .forward.config import forward_config
 
     context = forward_config(spec, ckpt.config).max_positions
@@ -348,6 +353,61 @@ def _trace_encdec(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_t
         include_router_logits=router_logits,
         decoder_tokens=[Token(i, t, text(t), i >= n_given) for i, t in enumerate(dec)],
     )
+    compute_metrics(report, spec)
+    return report
+
+
+def _trace_diffusion(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_tokens, decoder_text, *, dtype,
+                     router_dtype, device, progress, generate: int, layers, router_logits,
+                     capacity_factor=None) -> TraceReport:
+    """`trace` of DiffusionGemma (moetool/forward/diffusion_gemma.py): the encoder reads the prompt,
+    then one denoising step of the decoder reads the canvas (the given tokens, else the seeded
+    random canvas of `canvas_length` tokens); layers of both stacks are reported, logits are the canvas's."""
+    from .forward import diffusion_gemma
+
+    if generate:
+        raise MoetoolError("--generate: DiffusionGemma generates by block diffusion (a sampler over denoising steps "
+                           "and canvases), not token by token; trace runs the encoder and one denoising step")
+    if decoder_tokens is not None and decoder_text is not None:
+        raise MoetoolError("give --decoder-tokens or --decoder-text, not both")
+    if decoder_text is not None:
+        if tok is None:
+            raise MoetoolError(f"{ckpt.source}: no tokenizer.json; pass the canvas's token ids with --decoder-tokens 1,2,3")
+        canvas = tok.encode(decoder_text, add_special_tokens=False).ids
+        if not canvas:
+            raise MoetoolError("--decoder-text encodes to no tokens")
+    elif decoder_tokens is not None:
+        canvas = list(decoder_tokens)
+        if not canvas:
+            raise MoetoolError("--decoder-tokens: the canvas has no tokens")
+    else:
+        canvas = diffusion_gemma.default_canvas(ckpt.config, spec.vocab_size)
+    n = spec.num_layers
+    if layers is not None and max(layers) >= 2 * n:
+        raise MoetoolError(f"--layers {max(layers)}: the model has {n} encoder layers (0..{n - 1}) and {n} decoder "
+                           f"layers ({n}..{2 * n - 1})")
+    out = diffusion_gemma.run(ckpt, ids, canvas, dtype=dtype, device=device, router_dtype=router_dtype,
+                              progress=progress)
+    routes = [r for r in out.routes if layers is None or r.layer in layers]
+    text = lambda i: token_text(tok, i) if tok else str(i)
+    traced = [_layer_trace(r) for r in routes]
+    for l in traced:
+        l.stack_layer = l.layer - (n if l.stack == "decoder" else 0)
+    given = "given" if decoder_tokens is not None or decoder_text is not None else \
+        f"{len(canvas)} tokens drawn uniformly from the vocabulary (seed {diffusion_gemma.CANVAS_SEED}), as generate's first canvas"
+    report = TraceReport(
+        model=ckpt.source, model_type=spec.model_type, num_experts=spec.moe.num_experts, top_k=spec.moe.top_k,
+        tokens=[Token(i, t, text(t)) for i, t in enumerate(ids)], layers=traced, dtype=dtype, device=device,
+        text=prompt, logits=out.logits, capacity_factor=capacity_factor,
+        router_logits={r.layer: r.logits for r in routes}, selection_scores={r.layer: r.scores for r in routes},
+        include_router_logits=router_logits,
+        decoder_tokens=[Token(i, t, text(t)) for i, t in enumerate(canvas)],
+        notes=[f"DiffusionGemma: the encoder over the prompt (layers 0..{n - 1}), then the first denoising step of the "
+               f"decoder (layers {n}..{2 * n - 1}, the encoder's weights) over the canvas ({given}), with no "
+               "self-conditioning signal; logits are the canvas's"],
+    )
+    if spec.params and any(p.group == "vision" for p in spec.params):
+        report.notes.append("text-only input: the vision tower is not run")
     compute_metrics(report, spec)
     return report
 

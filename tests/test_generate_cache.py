@@ -75,8 +75,10 @@ import test_trace_omni as omni  # noqa: E402
 
 CONFIGS.update({n: (c(), multimodal._build, multimodal._randomize) for n, c in omni.CONFIGS.items()})
 # Families whose generation is not the decoder's: encoder-decoder models decode in forward/encdec.py, and a
-# token classifier (the OpenAI privacy filter) has no next token.
-NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter"}
+# token classifier (the OpenAI privacy filter) has no next token. DiffusionGemma generates by block diffusion
+# (a sampler over denoising steps and canvases, not token by token): trace refuses --generate for it
+# (tests/test_trace_diffusion_gemma.py).
+NOT_GENERATED = {"switch_transformers", "nllb_moe", "openai_privacy_filter", "diffusion_gemma"}
 TRANSFORMERS_GENERATE = ["mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next", "jamba", "step3p7", "zaya",
                          "gemma4_text", "gemma4",
                          "inkling_text", "inkling2_text", "mistral_large4", "nemo_speechlm", "unlimited_ocr", "ernie4_5_vl_moe",

@@ -16,7 +16,7 @@ import torch
 from ..arch import spec_from_config
 from ..errors import MoetoolError
 from ..source import Checkpoint
-from . import sparse_variants
+from . import diffusion_gemma, sparse_variants
 from .config import FORWARD_FAMILIES, forward_config
 from .model import Decoder, ForwardResult, LayerRoute
 from .weights import WeightStore, fp8_block_size
@@ -89,6 +89,7 @@ def new_store(ckpt: Checkpoint, streaming: Optional[bool] = None):
 
         return GGUFWeightStore(ckpt, streaming=streaming)
     tensors = sparse_variants.runtime_names(ckpt.config, ckpt.tensors)  # Mistral-Large-4 as published
+    tensors = diffusion_gemma.runtime_names(ckpt.config, tensors)  # DiffusionGemma: tied tensors under both names
     return WeightStore(tensors, streaming=streaming, fp8_block=fp8_block_size(ckpt.config))
 
 

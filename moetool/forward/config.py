@@ -104,6 +104,7 @@ MULTIMODAL_FORWARD["step3p7"] = "step3p7_text"
 FORWARD_FAMILIES += ("step3p7",)
 FORWARD_FAMILIES += ("zaya",)  # ZAYA1: CCA attention, a router MLP with a state across layers, residual scalings (forward/zaya.py)
 FORWARD_FAMILIES += ("gemma4_text",)  # per-layer inputs, KV sharing, MoE beside the dense MLP: forward/gemma4.py
+FORWARD_FAMILIES += ("diffusion_gemma",)  # Gemma 4's text model as encoder + one denoising step: forward/diffusion_gemma.py
 # Inkling and Inkling 2: relative logits, short convolutions, block attention residuals (forward/inkling.py);
 # Inkling 2's image-text model runs its language model on text-only input.
 MULTIMODAL_FORWARD.update({"inkling2": "inkling2_text", "inkling_mm_model": "inkling"})
@@ -345,6 +346,10 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
         # dots3's released config has no text_config: the text model's fields are the top level
         cfg = cfg.sub("text_config") if cfg.has("text_config") or family != "dots3_note" else cfg
         family = MULTIMODAL_FORWARD[family]
+    if family == "diffusion_gemma":  # a Gemma 4 text model run as encoder and denoiser: forward/diffusion_gemma.py
+        from .diffusion_gemma import text_config
+
+        cfg, family = text_config(cfg), "gemma4_text"
     if family == "step3p7_text":  # legacy per-layer RoPE lists -> rope_parameters per layer type
         from .step3p7 import normalise
 
@@ -427,7 +432,7 @@ def forward_config(spec: ModelSpec, config: dict) -> ForwardConfig:
     if family == "gemma4_text":
         from .gemma4 import configure
 
-        configure(fc, spec, cfg, Cfg(config))
+        configure(fc, spec, cfg, cfg if spec.family == "diffusion_gemma" else Cfg(config))  # no image placeholders
     if family == "muse_spark_text":
         from .muse_spark import configure as muse_spark_config
 

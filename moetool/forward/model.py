@@ -88,7 +88,8 @@ class Names:
              # NeMo SpeechLM as published (llm.model.*, llm.lm_head) and in transformers (Nemotron-H's names)
              "llm.model.embed_tokens.weight", "model.language_model.embeddings.weight",
              # Qwen3-Omni whole (thinker.*: as saved, and transformers' in-memory names)
-             "thinker.model.embed_tokens.weight", "thinker.model.language_model.embed_tokens.weight")
+             "thinker.model.embed_tokens.weight", "thinker.model.language_model.embed_tokens.weight",
+             "model.encoder.language_model.embed_tokens.weight")  # DiffusionGemma's encoder (forward/diffusion_gemma.py)
 
     def __init__(self, store: WeightStore, aliases: tuple = ()):
         self.store = store
