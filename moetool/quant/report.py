@@ -99,9 +99,10 @@ class QuantReport:
 
 
 BLOCK_ELEMENTS = 1 << 24  # expert weights (all projections) scored together: 64 MB of float32, whatever E
-# On a CPU with the native kernel, half of that (16 MB of bf16, within a typical L3): the block just read is
-# still in the caches when it is scored (about 10% faster for the int8 report of benchmarks/quant_bench.py).
-NATIVE_BLOCK_ELEMENTS = 1 << 23
+# On a CPU with the native kernel, a quarter of that (8 MB of bf16): reading into a buffer that stays in the
+# caches runs at the raw read's speed (preadv into a 4-8 MB buffer: 9.4-10 GB/s, into 16 MB: 7.5-8.3, into
+# 32-48 MB: 6-6.7 on the development machine), and the kernel then reads the block from the cache.
+NATIVE_BLOCK_ELEMENTS = 1 << 22
 
 
 def _stats(w: torch.Tensor, chunk: Optional[int] = None, compiled: bool = False) -> tuple[torch.Tensor, ...]:
