@@ -312,6 +312,18 @@ def _layer_trace(r) -> LayerTrace:
                       stack=r.stack, dropped=list(r.dropped) if r.stack is not None else None, kind=r.kind)
 
 
+def _decoder_ids(ckpt: Checkpoint, tok, decoder_tokens, decoder_text, what: str) -> Optional[list[int]]:
+    """The decoder's input from --decoder-tokens or --decoder-text (tokenised without special tokens); None
+    when neither is given."""
+    if decoder_tokens is not None and decoder_text is not None:
+        raise MoetoolError("give --decoder-tokens or --decoder-text, not both")
+    if decoder_text is not None:
+        if tok is None:
+            raise MoetoolError(f"{ckpt.source}: no tokenizer.json; pass {what} with --decoder-tokens 1,2,3")
+        return tok.encode(decoder_text, add_special_tokens=False).ids
+    return None if decoder_tokens is None else list(decoder_tokens)
+
+
 def _trace_encdec(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_tokens, decoder_text, *, dtype, device,
                   progress, generate: int, capacity_factor, layers, router_logits) -> TraceReport:
     """`trace` of an encoder-decoder model (moetool/forward/encdec.py): the encoder reads the
@@ -319,14 +331,7 @@ def _trace_encdec(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decoder_t
     from .forward.encdec import encdec_config, run_encdec
 
     start = encdec_config(spec, ckpt.config).decoder_start
-    if decoder_tokens is not None and decoder_text is not None:
-        raise MoetoolError("give --decoder-tokens or --decoder-text, not both")
-    if decoder_text is not None:
-        if tok is None:
-            raise MoetoolError(f"{ckpt.source}: no tokenizer.json; pass decoder token ids with --decoder-tokens 1,2,3")
-        given = tok.encode(decoder_text, add_special_tokens=False).ids
-    else:
-        given = list(decoder_tokens or [])
+    given = _decoder_ids(ckpt, tok, decoder_tokens, decoder_text, "decoder token ids") or []
     bad = [i for i in given if not 0 <= i < spec.vocab_size]
     if bad:
         raise MoetoolError(f"decoder token id {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})")
@@ -368,20 +373,12 @@ def _trace_diffusion(ckpt: Checkpoint, spec, tok, prompt, ids: list[int], decode
     if generate:
         raise MoetoolError("--generate: DiffusionGemma generates by block diffusion (a sampler over denoising steps "
                            "and canvases), not token by token; trace runs the encoder and one denoising step")
-    if decoder_tokens is not None and decoder_text is not None:
-        raise MoetoolError("give --decoder-tokens or --decoder-text, not both")
-    if decoder_text is not None:
-        if tok is None:
-            raise MoetoolError(f"{ckpt.source}: no tokenizer.json; pass the canvas's token ids with --decoder-tokens 1,2,3")
-        canvas = tok.encode(decoder_text, add_special_tokens=False).ids
-        if not canvas:
-            raise MoetoolError("--decoder-text encodes to no tokens")
-    elif decoder_tokens is not None:
-        canvas = list(decoder_tokens)
-        if not canvas:
-            raise MoetoolError("--decoder-tokens: the canvas has no tokens")
-    else:
+    canvas = _decoder_ids(ckpt, tok, decoder_tokens, decoder_text, "the canvas's token ids")
+    if canvas is None:
         canvas = diffusion_gemma.default_canvas(ckpt.config, spec.vocab_size)
+    elif not canvas:
+        raise MoetoolError("--decoder-text encodes to no tokens" if decoder_text is not None
+                           else "--decoder-tokens: the canvas has no tokens")
     n = spec.num_layers
     if layers is not None and max(layers) >= 2 * n:
         raise MoetoolError(f"--layers {max(layers)}: the model has {n} encoder layers (0..{n - 1}) and {n} decoder "

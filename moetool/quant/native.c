@@ -154,6 +154,12 @@ static inline vf nf4_point(vf t) {
  * and the multiply */
 #define ROWLOOP(start, end, Q) if (plain) { LOOP(start, end, Q, EMIT_PLAIN) } else { LOOP(start, end, Q, EMIT) }
 
+/* schemes._nonzero(absmax / qmax): a zero row or block gets scale 1 */
+static inline float nonzero_scale(float absmax, float qmax) {
+    float s = absmax / qmax;
+    return s == 0 ? 1.0f : s;
+}
+
 /* one row x[0, n) (float32) with the row's max / min; blk: fp8_block's scales of this row's band
  * (n / 128 rounded up), amax_t: nvfp4's matrix max |W| */
 /* grp: scratch for per-block values, n / 8 floats */
@@ -165,9 +171,7 @@ static float scheme_row(int scheme, const float *restrict x, int64_t n, float hi
     a = fabsf(a);
     switch (scheme) {
     case S_INT8: {
-        float s = a / 127.0f;
-        if (s == 0) s = 1.0f;
-        vf vs = splat(s);
+        vf vs = splat(nonzero_scale(a, 127.0f));
         /* clamp(-127, 127) is a no-op: |x| <= absmax and s = fl(absmax / 127), so |x / s| <= 127 (1 + 2^-23)
          * rounds to at most 127 (NaN stays NaN either way) */
 #define Q(x8) (vround((x8) / vs) * vs)
@@ -176,18 +180,14 @@ static float scheme_row(int scheme, const float *restrict x, int64_t n, float hi
         break;
     }
     case S_FP8_CHANNEL: {
-        float s = a / 448.0f;
-        if (s == 0) s = 1.0f;
-        vf vs = splat(s);
+        vf vs = splat(nonzero_scale(a, 448.0f));
 #define Q(x8) (e4m3_in_range((x8) / vs) * vs)
         ROWLOOP(0, n, Q)
         break;
     }
     case S_FP8_BLOCK:
         for (int64_t g = 0; g < n; g += 128) {
-            float s = blk[g / 128] / 448.0f;
-            if (s == 0) s = 1.0f;
-            vf vs = splat(s);
+            vf vs = splat(nonzero_scale(blk[g / 128], 448.0f));
             ROWLOOP(g, g + 128 < n ? g + 128 : n, Q)
 #undef Q
         }
