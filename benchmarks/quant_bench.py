@@ -65,24 +65,28 @@ def make(root: Path, experts: int) -> None:
     (root / "config.json").write_text(json.dumps(cfg))
 
 
-def raw_read(root: Path) -> tuple[float, int]:
+def raw_reader(root: Path):
+    """(read, bytes): read() reads every routed-expert tensor's bytes from the file once (page cache warm)
+    and returns its (wall, CPU) seconds: the read's own CPU time is copying out of the page cache."""
     from moetool.source import resolve
 
     ck = resolve(str(root))
-    experts = [t for n, t in ck.tensors.items() if ".experts." in n]
+    experts = sorted((t for n, t in ck.tensors.items() if ".experts." in n), key=lambda t: t.begin)
     n = sum(t.nbytes for t in experts)
-    with open(experts[0].file, "rb") as f:  # warm the page cache, then time a second pass
+    with open(experts[0].file, "rb") as f:  # warm the page cache
         while f.read(1 << 24):
             pass
-    best = (float("inf"), float("inf"))
-    for _ in range(5):  # best of 5, wall and CPU time (the read's own CPU: copying out of the page cache)
+    start = 8 + int.from_bytes(open(experts[0].file, "rb").read(8), "little")
+
+    def read() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         with open(experts[0].file, "rb") as f:
-            for t in sorted(experts, key=lambda t: t.begin):
-                f.seek(8 + int.from_bytes(open(t.file, "rb").read(8), "little") + t.begin)
+            for t in experts:
+                f.seek(start + t.begin)
                 f.read(t.nbytes)
-        best = min(best[0], time.perf_counter() - t0), min(best[1], time.process_time() - c0)
-    return best, n
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    return read, n
 
 
 def before_report(root: Path, schemes: list[str]) -> None:
@@ -140,13 +144,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "e16"
         make(root, 16)
-        (secs, cpu_secs), nbytes = raw_read(root)
+        read, nbytes = raw_reader(root)
+        secs, cpu_secs = (min(x) for x in zip(*(read() for _ in range(5))))
         raw = nbytes / cpu_secs  # CPU time against CPU time: what each costs, however loaded the machine
         print(f"checkpoint: 4 layers x 16 experts x 3 projections of 1024x512, {nbytes / 1e6:.0f} MB of bf16 expert weights")
         print(f"raw read of the expert tensors (page cache warm, best of 5): {nbytes / secs / 1e9:.2f} GB/s wall, "
-              f"{raw / 1e9:.2f} GB/s CPU time (the reference of the ratios); torch threads: {args.threads}")
-        print("weight-space report, MB/s of expert weights (x raw read); after: best of 5 runs; ratios from "
-              "CPU time (this process; the machine may be shared)")
+              f"{raw / 1e9:.2f} GB/s CPU time; torch threads: {args.threads}")
+        print("weight-space report, MB/s of expert weights (x raw read); after: best of 5 reports, each after a raw "
+              "read, the ratio against the best of those 5 reads (the same minutes of a machine whose speed moves); "
+              "CPU time of this process")
         rows = [[s] for s in schemes] + ([schemes] if len(schemes) > 1 else [])
         import os
 
@@ -174,10 +180,13 @@ def main() -> None:
             cpus = {}
             for mode in modes:
                 use(mode)
-                wall, cpu = min(timed(lambda: quantize_report(str(root), schemes=ss, weight_only=True)) for _ in range(5))
+                runs = [(read()[1], timed(lambda: quantize_report(str(root), schemes=ss, weight_only=True)))
+                        for _ in range(5)]
+                near = nbytes / min(r for r, _ in runs)  # the raw read in this window
+                wall, cpu = min(w for _, (w, _) in runs), min(c for _, (_, c) in runs)
                 cpus[mode] = cpu
                 line += (f" {mode} {nbytes / wall / 1e6:7.1f} MB/s wall, CPU {nbytes / cpu / 1e6:7.1f} MB/s = "
-                         f"{nbytes / cpu / raw:.3f} x raw;")
+                         f"{nbytes / cpu / near:.3f} x raw ({near / 1e9:.1f} GB/s);")
             use("native")
             if not args.no_before:
                 bwall, bcpu = timed(lambda: before_report(root, ss))
