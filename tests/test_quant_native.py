@@ -126,13 +126,14 @@ def test_what_it_takes():
 @pytest.fixture(scope="module")
 def tiny_qwen3_bf16(tmp_path_factory):
     """A tiny Qwen3-MoE in bf16 whose expert rows the native kernel takes for every scheme (64 and 128 long)."""
-    from conftest import ALL_TINY
+    from conftest import ALL_TINY, write_tokenizer
     from fakes import build_transformers_model
 
     model = build_transformers_model(dict(ALL_TINY["qwen3_moe"], hidden_size=128, moe_intermediate_size=64,
                                           intermediate_size=128), seed=5)
     d = tmp_path_factory.mktemp("qwen3_bf16")
     model.to(torch.bfloat16).save_pretrained(d)
+    write_tokenizer(d)  # calibration text
     return str(d)
 
 
@@ -190,3 +191,56 @@ def test_a_failing_build_leaves_nothing_behind(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(N, "_lib", None)
     monkeypatch.setattr(N, "_state", {})
     assert N.library() is not None and os.stat(built[0]).st_mtime_ns == mtime  # from the cache
+
+
+def test_blocks_read_ahead_in_a_thread_give_the_same_report(tiny_qwen3_bf16, monkeypatch):
+    """One expert per block: each block after the first is read by the read-ahead thread into the
+    second set of buffers while the kernel scores the one before. Weight space and calibrated
+    (activation space too, whose reservoir draws depend on the order) against the torch kernels."""
+    import threading
+
+    from moetool.quant import report as R
+    from moetool.quant.reader import ExpertReader
+
+    readers = []
+    real = ExpertReader.read
+
+    def read(self, loader, e, bufs, i):
+        readers.append(threading.current_thread().name)
+        return real(self, loader, e, bufs, i)
+
+    monkeypatch.setattr(ExpertReader, "read", read)
+    monkeypatch.setattr(R, "NATIVE_BLOCK_ELEMENTS", 1 << 15)  # an expert is 3 x 64 x 128 = 24576 weights
+    for kw in (dict(weight_only=True), dict(calibration_tokens=48)):
+        readers.clear()
+        native = _report(tiny_qwen3_bf16, **kw)
+        ahead = sum(name.startswith("moetool-read") for name in readers)
+        assert ahead and ahead == len(readers) - len({r[0] for r in native}), readers  # all but each layer's first
+        monkeypatch.setenv("MOETOOL_QUANT_NATIVE", "0")
+        torch_rows = _report(tiny_qwen3_bf16, **kw)
+        monkeypatch.delenv("MOETOOL_QUANT_NATIVE")
+        assert native.keys() == torch_rows.keys()
+        for key, a in native.items():
+            b = torch_rows[key]
+            assert a.tokens == b.tokens
+            for f in ("rel_error", "sqnr_db", "kurtosis", "outlier_ratio", "output_rel_error"):
+                x, y = getattr(a, f), getattr(b, f)
+                assert x == y is None or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-9), (key, f, x, y)
+
+
+def test_a_failing_read_ahead_raises_its_own_error(tiny_qwen3_bf16, monkeypatch):
+    from moetool.errors import BadCheckpoint
+    from moetool.quant import report as R
+    from moetool.quant.reader import ExpertReader
+
+    real = ExpertReader.read
+
+    def read(self, loader, e, bufs, i):
+        if e == 2:
+            raise BadCheckpoint("expert 2: truncated")
+        return real(self, loader, e, bufs, i)
+
+    monkeypatch.setattr(ExpertReader, "read", read)
+    monkeypatch.setattr(R, "NATIVE_BLOCK_ELEMENTS", 1 << 15)
+    with pytest.raises(BadCheckpoint, match="expert 2: truncated"):
+        _report(tiny_qwen3_bf16, weight_only=True)

@@ -114,8 +114,8 @@ def supports(w: torch.Tensor, scheme: str) -> bool:
 def score(w: torch.Tensor, schemes: list[str], *, moments: bool, scale: Optional[torch.Tensor] = None,
           diff: Optional[torch.Tensor] = None, threads: Optional[int] = None):
     """W [B, out, in] -> (parts, stats, errors): with `moments`, each row's moments as
-    kernels.row_moments gives them (7 float32 [B, out]) and each matrix's statistics as
-    kernels.combine_moments gives them (||W||^2, kurtosis, max|W| / std, max|W|: float64 [B]), else
+    kernels.row_moments gives them (float32 [7, B, out]) and each matrix's statistics as
+    kernels.combine_moments gives them (||W||^2, kurtosis, max|W| / std, max|W|: float64 [4, B]), else
     None, None; errors {scheme: sum over each row of ((Q(W) - W) scale)^2, float32 [B, out]}.
     Q(W) - W into `diff` (float32 [B, out, in], one scheme only). `scale`: float32 [B] or None."""
     lib = library()
@@ -144,17 +144,24 @@ def score(w: torch.Tensor, schemes: list[str], *, moments: bool, scale: Optional
     if threads == 1:
         rcs = [run(0)]
     else:
-        with ThreadPoolExecutor(threads) as pool:
-            rcs = list(pool.map(run, range(0, B, step)))
+        rcs = list(_pool(threads).map(run, range(0, B, step)))
     if any(rcs):
         raise MemoryError("quantize-report: out of memory for a row buffer")
     rows = f32.view(-1, B, out)
-    parts = tuple(rows[:7]) if moments else None
     errs = rows[7:] if moments else rows
-    return parts, (stats.unbind(0) if moments else None), dict(zip(schemes, errs.unbind(0)))
+    return (rows[:7] if moments else None), stats, dict(zip(schemes, errs.unbind(0)))
 
 
 _ID_ARRAYS: dict = {}
+_POOLS: dict = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool kept for the process (starting threads for each call cost ~0.1 ms, a block's kernel ~1-5 ms)."""
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="moetool-quant")
+    return pool
 
 
 def _ids(schemes: tuple) -> ctypes.Array:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -201,21 +202,22 @@ class _Scorer:
             nat = [s for s in self.schemes if self.native and native.supports(W, s)]
             fused = {}
             if nat:
-                _, (norm2, kurt, outlier, absmax), fused = native.score(W, nat if diff is None else [], moments=True)
+                _, stats, fused = native.score(W, nat if diff is None else [], moments=True)
             else:
-                norm2, kurt, outlier, absmax = _stats(W, compiled=self.compiled)
-            scale = None  # errors squared as they are unless some weights are extreme (one sync per block)
-            if bool(((absmax < 2.0 ** -30) | (absmax > 2.0 ** 30)).any()):
+                stats = torch.stack(_stats(W, compiled=self.compiled))
+            norm2, kurt, outlier, amax = stats.tolist()  # one sync per block; a block's Python in floats
+            scale = None  # errors squared as they are unless some weights are extreme
+            if any(a < 2.0 ** -30 or a > 2.0 ** 30 for a in amax):
+                absmax = stats[3]
                 k = torch.where(absmax > 0, -torch.floor(torch.log2(absmax)) - 1, torch.zeros_like(absmax))
                 scale = torch.exp2(k.clamp(-126, 126)).to(torch.float32)
                 fused = {}  # squared again with the scale
-            norm2, kurt, outlier = norm2.tolist(), kurt.tolist(), outlier.tolist()
             per_scheme = {}
             for scheme in self.schemes:
                 if scheme in nat:
                     if scheme not in fused:
                         fused.update(native.score(W, [scheme], moments=False, scale=scale, diff=diff)[2])
-                    err2 = fused[scheme].double().sum(-1)
+                    err2 = fused[scheme].sum(-1, dtype=torch.float64)
                     err2 = (err2 if scale is None else err2 / scale.double() ** 2).tolist()
                 else:
                     err2 = _errors(W, scheme, diff, scale, self.compiled).tolist()
@@ -295,6 +297,8 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     total_experts = len(moe_layers) * (len(experts) if experts is not None else spec.moe.num_experts)
     dev = torch.device(pick_device(device))  # where the schemes run (the forward's device)
     buffers: dict = {}  # the block buffers, allocated once and reused by every layer
+    buffers2: dict = {}  # on a CPU, a second set: the next block is read while this one is scored
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="moetool-read") if dev.type == "cpu" else None
     readers: dict = {}  # per weight store: reads experts straight into the buffers (open files)
 
     def score_layer(dec: Decoder, layer: int, h: Optional[torch.Tensor], routing) -> None:
@@ -336,15 +340,36 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         reader = readers.get(id(store))
         if reader is None:
             reader = readers[id(store)] = ExpertReader(store)
-        for start in range(0, len(chosen or ()), per_block):
-            block, data = chosen[start:start + per_block], []
+
+        def fill(block: list, bset: dict) -> None:  # a block's experts into one set of buffers
             for i, e in enumerate(block):
-                if not reader.read(loader, e, bufs, i):  # else through the store's map (any layout or dtype)
+                if not reader.read(loader, e, bset, i):  # else through the store's map (any layout or dtype)
                     gate, up, down, *_ = loader.load(e)
                     for p, t in (("gate", gate), ("up", up), ("down", down)):
-                        bufs[p][i].copy_(t)
+                        bset[p][i].copy_(t)
                     del gate, up, down
                     store.release()
+
+        blocks = [chosen[s:s + per_block] for s in range(0, len(chosen or ()), per_block)]
+        # With the native kernel the next block is read (a thread: preadv and the store release the GIL,
+        # as does the kernel) while this one is scored, into a second set of buffers: the read's time hides
+        # behind the kernel's. Only this layer's blocks: the store is touched by one thread at a time.
+        sets = [bufs]
+        if prefetch is not None and scorer.native and len(blocks) > 1:  # (8 MB more; float32 sets: 64)
+            sets.append(_buffers(buffers2, {p: b[0] for p, b in bufs.items()}, per_block, dev, dtype))
+        fill(blocks[0] if blocks else [], bufs)
+        for j, block in enumerate(blocks):
+            cur, pending = sets[j % len(sets)], None
+            if j + 1 < len(blocks):
+                if len(sets) > 1:
+                    mode = torch.is_inference_mode_enabled()  # thread-local: the buffers are inference tensors
+
+                    def ahead(nxt=blocks[j + 1], bset=sets[(j + 1) % 2], mode=mode):
+                        with torch.inference_mode(mode):
+                            fill(nxt, bset)
+                    pending = prefetch.submit(ahead)
+            data = []
+            for e in block:
                 X = g = None
                 tokens, gsum = 0, 0.0
                 if idx is not None:
@@ -356,7 +381,16 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                         X, g = _sample(h[tok].float(), w[tok, slot].to(h.device), reservoir, scorer.rng)
                 data.append((X, g, tokens, gsum))
             fresh = sum((layer, e) not in scorer.seen for e in block)
-            scorer.score_block(layer, block, {p: b[:len(block)] for p, b in bufs.items()}, data, routed_act)
+            try:
+                scorer.score_block(layer, block, {p: b[:len(block)] for p, b in cur.items()}, data, routed_act)
+            except BaseException:
+                if pending is not None:
+                    wait([pending])  # not left writing into the buffers; this error is the one raised
+                raise
+            if pending is not None:
+                pending.result()  # its errors (a truncated file) are raised here
+            if j + 1 < len(blocks) and len(sets) == 1:
+                fill(blocks[j + 1], cur)
             scorer.done += fresh
             if progress:
                 progress(scorer.done, total_experts)
@@ -404,6 +438,8 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                         ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing),
                         last_layer=max(moe_layers))  # nothing to score after the last requested layer
     finally:
+        if prefetch is not None:
+            prefetch.shutdown(wait=True)
         for r in readers.values():
             r.close()
     bits_avg = {}
