@@ -195,8 +195,9 @@ def test_a_failing_build_leaves_nothing_behind(monkeypatch, tmp_path, capsys):
 
 def test_blocks_read_ahead_in_a_thread_give_the_same_report(tiny_qwen3_bf16, monkeypatch):
     """One expert per block: each block after the first is read by the read-ahead thread into the
-    second set of buffers while the kernel scores the one before. Weight space and calibrated
-    (activation space too, whose reservoir draws depend on the order) against the torch kernels."""
+    other set of buffers while the kernel scores the one before (in weight space the next layer's first
+    block too, during this layer's last). Weight space and calibrated (activation space too, whose
+    reservoir draws depend on the order) against the torch kernels."""
     import threading
 
     from moetool.quant import report as R
@@ -211,11 +212,13 @@ def test_blocks_read_ahead_in_a_thread_give_the_same_report(tiny_qwen3_bf16, mon
 
     monkeypatch.setattr(ExpertReader, "read", read)
     monkeypatch.setattr(R, "NATIVE_BLOCK_ELEMENTS", 1 << 15)  # an expert is 3 x 64 x 128 = 24576 weights
-    for kw in (dict(weight_only=True), dict(calibration_tokens=48)):
+    for kw in (dict(weight_only=True), dict(weight_only=True, layers={1, 2}, experts={1, 2, 5}),
+               dict(calibration_tokens=48)):
         readers.clear()
         native = _report(tiny_qwen3_bf16, **kw)
         ahead = sum(name.startswith("moetool-read") for name in readers)
-        assert ahead and ahead == len(readers) - len({r[0] for r in native}), readers  # all but each layer's first
+        first = 1 if kw.get("weight_only") else len({r[0] for r in native})  # the first layer's / each layer's first
+        assert ahead and ahead == len(readers) - first, readers
         monkeypatch.setenv("MOETOOL_QUANT_NATIVE", "0")
         torch_rows = _report(tiny_qwen3_bf16, **kw)
         monkeypatch.delenv("MOETOOL_QUANT_NATIVE")
@@ -243,4 +246,25 @@ def test_a_failing_read_ahead_raises_its_own_error(tiny_qwen3_bf16, monkeypatch)
     monkeypatch.setattr(ExpertReader, "read", read)
     monkeypatch.setattr(R, "NATIVE_BLOCK_ELEMENTS", 1 << 15)
     with pytest.raises(BadCheckpoint, match="expert 2: truncated"):
+        _report(tiny_qwen3_bf16, weight_only=True)
+
+
+def test_a_failing_read_of_the_next_layer_raises_its_own_error(tiny_qwen3_bf16, monkeypatch):
+    """The next layer's first block, read during this layer's last, fails: that error, nothing more."""
+    from moetool.errors import BadCheckpoint
+    from moetool.quant import report as R
+    from moetool.quant.reader import ExpertReader
+
+    real = ExpertReader.read
+    seen = []
+
+    def read(self, loader, e, bufs, i):
+        seen.append(e)
+        if e == 0 and len(seen) > 1:  # layer 1's expert 0
+            raise BadCheckpoint("layer 1 expert 0: truncated")
+        return real(self, loader, e, bufs, i)
+
+    monkeypatch.setattr(ExpertReader, "read", read)
+    monkeypatch.setattr(R, "NATIVE_BLOCK_ELEMENTS", 1 << 15)
+    with pytest.raises(BadCheckpoint, match="layer 1 expert 0: truncated"):
         _report(tiny_qwen3_bf16, weight_only=True)

@@ -301,28 +301,20 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     prefetch = ThreadPoolExecutor(1, thread_name_prefix="moetool-read") if dev.type == "cpu" else None
     readers: dict = {}  # per weight store: reads experts straight into the buffers (open files)
 
-    def score_layer(dec: Decoder, layer: int, h: Optional[torch.Tensor], routing) -> None:
-        if layers is not None and layer not in layers:
-            return
+    carried: dict = {}  # weight space: the next layer's plan, its first block already read (see below)
+
+    def plan_layer(dec: Decoder, layer: int, routing) -> Optional[dict]:
+        """A MoE layer's routed experts to score: its loader, the blocks of expert ids, the buffer sets
+        (one, or two on a CPU with the native kernel: a block is read while the previous one is scored)."""
         store, names = dec.store, dec.names
-        if routing is None:  # a dense FFN: every token, weight 1
-            if h is None:
-                return
-            find = lambda p: names.find(layer, *(f"{m}.{n}.weight" for m in ("mlp", "feed_forward") for n in MLP_NAMES[p]))
-            mats = {p: store.get(find(p), torch.float32, device=dev) for p in ("gate", "up", "down")}
-            X = _sample(h.float(), None, reservoir, scorer.rng)
-            scorer.score(layer, None, mats, X[0], X[1], len(h), float(len(h)), act)
-            return
         # Stored dtype (views of the mapped file; fp8 / MXFP4 dequantised to float32), converted to
         # float32 while copied into the block buffers on the scoring device.
         loader = Experts(store, names, layer, fc.family, spec.moe.expert_ffn, None, "cpu")
-        idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing[0] is not None else (None, None)
+        idx = routing[0]
         chosen = [e for e in range(spec.moe.num_experts) if experts is None or e in experts]
         if idx is not None and scorer.seen:  # a later block of a corpus: only the experts with new tokens
-            routed = torch.bincount(idx.reshape(-1), minlength=spec.moe.num_experts).tolist()
+            routed = torch.bincount(idx.reshape(-1).cpu(), minlength=spec.moe.num_experts).tolist()
             chosen = [e for e in chosen if routed[e] or (layer, e) not in scorer.seen]
-        if not chosen:
-            chosen = None
         first = dict(zip(("gate", "up", "down"), loader.load(chosen[0] if chosen else 0)[:3]))  # shapes only (views)
         if first["gate"] is None:
             raise MoetoolError(f"quantize-report does not score ungated experts ({spec.model_type}) yet")
@@ -337,37 +329,65 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                  else torch.float32)
         bufs = _buffers(buffers, first, per_block, dev, dtype)
         del first
+        blocks = [chosen[s:s + per_block] for s in range(0, len(chosen), per_block)]
+        sets = [bufs]
+        if prefetch is not None and scorer.native and (len(blocks) > 1 or weight_only):  # (8 MB more; float32: 64)
+            sets.append(_buffers(buffers2, {p: b[0] for p, b in bufs.items()}, per_block, dev, dtype))
         reader = readers.get(id(store))
         if reader is None:
             reader = readers[id(store)] = ExpertReader(store)
+        return {"layer": layer, "loader": loader, "blocks": blocks, "sets": sets, "reader": reader, "store": store,
+                "start": 0, "filled": False}
 
-        def fill(block: list, bset: dict) -> None:  # a block's experts into one set of buffers
-            for i, e in enumerate(block):
-                if not reader.read(loader, e, bset, i):  # else through the store's map (any layout or dtype)
-                    gate, up, down, *_ = loader.load(e)
-                    for p, t in (("gate", gate), ("up", up), ("down", down)):
-                        bset[p][i].copy_(t)
-                    del gate, up, down
-                    store.release()
+    def fill(lp: dict, block: list, bset: dict) -> None:  # a block's experts into one set of buffers
+        loader, reader, store = lp["loader"], lp["reader"], lp["store"]
+        for i, e in enumerate(block):
+            if not reader.read(loader, e, bset, i):  # else through the store's map (any layout or dtype)
+                gate, up, down, *_ = loader.load(e)
+                for p, t in (("gate", gate), ("up", up), ("down", down)):
+                    bset[p][i].copy_(t)
+                del gate, up, down
+                store.release()
 
-        blocks = [chosen[s:s + per_block] for s in range(0, len(chosen or ()), per_block)]
+    def score_layer(dec: Decoder, layer: int, h: Optional[torch.Tensor], routing, next_layer: Optional[int] = None) -> None:
+        if layers is not None and layer not in layers:
+            return
+        store, names = dec.store, dec.names
+        if routing is None:  # a dense FFN: every token, weight 1
+            if h is None:
+                return
+            find = lambda p: names.find(layer, *(f"{m}.{n}.weight" for m in ("mlp", "feed_forward") for n in MLP_NAMES[p]))
+            mats = {p: store.get(find(p), torch.float32, device=dev) for p in ("gate", "up", "down")}
+            X = _sample(h.float(), None, reservoir, scorer.rng)
+            scorer.score(layer, None, mats, X[0], X[1], len(h), float(len(h)), act)
+            return
+        idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing[0] is not None else (None, None)
+        lp = carried.pop(layer, None) or plan_layer(dec, layer, (idx, w))
+        blocks, sets, s0 = lp["blocks"], lp["sets"], lp["start"]
+        at = lambda j: sets[(s0 + j) % len(sets)]  # block j's buffers
         # With the native kernel the next block is read (a thread: preadv and the store release the GIL,
-        # as does the kernel) while this one is scored, into a second set of buffers: the read's time hides
-        # behind the kernel's. Only this layer's blocks: the store is touched by one thread at a time.
-        sets = [bufs]
-        if prefetch is not None and scorer.native and len(blocks) > 1:  # (8 MB more; float32 sets: 64)
-            sets.append(_buffers(buffers2, {p: b[0] for p, b in bufs.items()}, per_block, dev, dtype))
-        fill(blocks[0] if blocks else [], bufs)
+        # as does the kernel) while this one is scored, into the other set of buffers: the read's time hides
+        # behind the kernel's. In weight space the next layer's first block is read during this layer's
+        # last (its plan is made here, before the read starts): the store is touched by one thread at a time.
+        if blocks and not lp["filled"]:
+            fill(lp, blocks[0], at(0))
         for j, block in enumerate(blocks):
-            cur, pending = sets[j % len(sets)], None
-            if j + 1 < len(blocks):
-                if len(sets) > 1:
-                    mode = torch.is_inference_mode_enabled()  # thread-local: the buffers are inference tensors
-
-                    def ahead(nxt=blocks[j + 1], bset=sets[(j + 1) % 2], mode=mode):
+            cur, pending = at(j), None
+            if len(sets) > 1:
+                mode = torch.is_inference_mode_enabled()  # thread-local: the buffers are inference tensors
+                ahead = None
+                if j + 1 < len(blocks):
+                    ahead = (lp, blocks[j + 1], at(j + 1))
+                elif next_layer is not None:
+                    nxt = carried[next_layer] = plan_layer(dec, next_layer, (None, None))
+                    if nxt["blocks"] and len(nxt["sets"]) > 1 and nxt["sets"][0] is sets[0]:
+                        nxt["start"], nxt["filled"] = (s0 + j + 1) % 2, True  # its block 0 into the set not in use
+                        ahead = (nxt, nxt["blocks"][0], nxt["sets"][nxt["start"]])
+                if ahead is not None:
+                    def read_ahead(a=ahead, mode=mode):
                         with torch.inference_mode(mode):
-                            fill(nxt, bset)
-                    pending = prefetch.submit(ahead)
+                            fill(*a)
+                    pending = prefetch.submit(read_ahead)
             data = []
             for e in block:
                 X = g = None
@@ -390,7 +410,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
             if pending is not None:
                 pending.result()  # its errors (a truncated file) are raised here
             if j + 1 < len(blocks) and len(sets) == 1:
-                fill(blocks[j + 1], cur)
+                fill(lp, blocks[j + 1], cur)
             scorer.done += fresh
             if progress:
                 progress(scorer.done, total_experts)
@@ -412,8 +432,8 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
             store = new_store(ckpt, streaming=True)  # one expert resident at a time (GGUF too)
             dec = Decoder(spec, fc, store)
             with torch.inference_mode():
-                for layer in moe_layers:
-                    score_layer(dec, layer, None, (None, None))
+                for i, layer in enumerate(moe_layers):
+                    score_layer(dec, layer, None, (None, None), moe_layers[i + 1] if i + 1 < len(moe_layers) else None)
             store.close()
         elif corpus is not None:
             from ..profile.engine import profile
