@@ -231,26 +231,10 @@ def test_blocks_read_ahead_in_a_thread_give_the_same_report(tiny_qwen3_bf16, mon
                 assert x == y is None or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-9), (key, f, x, y)
 
 
-def test_a_failing_read_ahead_raises_its_own_error(tiny_qwen3_bf16, monkeypatch):
-    from moetool.errors import BadCheckpoint
-    from moetool.quant import report as R
-    from moetool.quant.reader import ExpertReader
-
-    real = ExpertReader.read
-
-    def read(self, loader, e, bufs, i):
-        if e == 2:
-            raise BadCheckpoint("expert 2: truncated")
-        return real(self, loader, e, bufs, i)
-
-    monkeypatch.setattr(ExpertReader, "read", read)
-    monkeypatch.setattr(R, "NATIVE_BLOCK_ELEMENTS", 1 << 15)
-    with pytest.raises(BadCheckpoint, match="expert 2: truncated"):
-        _report(tiny_qwen3_bf16, weight_only=True)
-
-
-def test_a_failing_read_of_the_next_layer_raises_its_own_error(tiny_qwen3_bf16, monkeypatch):
-    """The next layer's first block, read during this layer's last, fails: that error, nothing more."""
+@pytest.mark.parametrize("nth", [3, 9])  # expert 2 of layer 0 (the next block); expert 0 of layer 1 (the next layer's)
+def test_a_failing_read_ahead_raises_its_own_error(tiny_qwen3_bf16, monkeypatch, nth):
+    """A read in the read-ahead thread fails (the 3rd: the next block of a layer; the 9th: the next
+    layer's first block, read during this layer's last): that error, nothing more."""
     from moetool.errors import BadCheckpoint
     from moetool.quant import report as R
     from moetool.quant.reader import ExpertReader
@@ -260,11 +244,12 @@ def test_a_failing_read_of_the_next_layer_raises_its_own_error(tiny_qwen3_bf16, 
 
     def read(self, loader, e, bufs, i):
         seen.append(e)
-        if e == 0 and len(seen) > 1:  # layer 1's expert 0
-            raise BadCheckpoint("layer 1 expert 0: truncated")
+        if len(seen) == nth:
+            raise BadCheckpoint(f"read {nth} (expert {e}): truncated")
         return real(self, loader, e, bufs, i)
 
     monkeypatch.setattr(ExpertReader, "read", read)
     monkeypatch.setattr(R, "NATIVE_BLOCK_ELEMENTS", 1 << 15)
-    with pytest.raises(BadCheckpoint, match="layer 1 expert 0: truncated"):
+    with pytest.raises(BadCheckpoint, match=f"read {nth} \\(expert {(nth - 1) % 8}\\): truncated"):
         _report(tiny_qwen3_bf16, weight_only=True)
+    assert seen[-1] == (nth - 1) % 8
