@@ -2,7 +2,7 @@
 files, before and after the batched kernels (issue 16), and its peak memory as E grows.
 
 A Qwen3-MoE-shaped checkpoint is written with random bf16 weights (hidden 1024, expert FFN 512,
-4 layers, E experts). Raw read: reading every routed-expert tensor's bytes from the file (page
+4 layers, E experts: `--experts`, 16 by default). Raw read: reading every routed-expert tensor's bytes from the file (page
 cache warm, as the report sees them). After: `quantize_report(weight_only=True)` with one scheme at
 a time (and all seven at once), in expert-weight bytes per second. Before: the scoring as it was,
 run here on the same bytes: each expert's matrices read as float32 through the same WeightStore,
@@ -20,7 +20,8 @@ the CPU) and the compiled ones (torch.compile / inductor, fused: MOETOOL_QUANT_N
 MOETOOL_QUANT_COMPILE=1); the compiled kernels are built by a first report whose wall time is printed
 on its own, then timed like the others. Best of 5 runs each, raw read best of 5.
 
-Run: python benchmarks/quant_bench.py [--schemes int8,nf4] [--no-before] [--no-rss] [--no-compile] [--no-eager]
+Run: python benchmarks/quant_bench.py [--schemes int8,nf4] [--experts 16] [--no-before] [--no-rss] [--no-compile]
+     [--no-eager] [--threads 1]
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="no torch.compile kernels")
     ap.add_argument("--no-eager", action="store_true", help="no eager torch kernels")
+    ap.add_argument("--experts", type=int, default=16, help="experts per layer of the timed checkpoint (16: 201 MB of "
+                    "expert weights; 64: 805 MB, where the report's fixed costs weigh less, as on a real checkpoint)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the native kernel's too (1: as the raw read, one thread; "
                     "the report's read-ahead thread comes on top)")
     args = ap.parse_args()
@@ -145,12 +148,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     schemes = args.schemes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "e16"
-        make(root, 16)
+        root = Path(tmp) / f"e{args.experts}"
+        make(root, args.experts)
         read, nbytes = raw_reader(root)
         secs, cpu_secs = (min(x) for x in zip(*(read() for _ in range(5))))
         raw = nbytes / cpu_secs  # CPU time against CPU time: what each costs, however loaded the machine
-        print(f"checkpoint: 4 layers x 16 experts x 3 projections of 1024x512, {nbytes / 1e6:.0f} MB of bf16 expert weights")
+        print(f"checkpoint: 4 layers x {args.experts} experts x 3 projections of 1024x512, {nbytes / 1e6:.0f} MB of bf16 expert weights")
         print(f"raw read of the expert tensors (page cache warm, best of 5): {nbytes / secs / 1e9:.2f} GB/s wall, "
               f"{raw / 1e9:.2f} GB/s CPU time; torch threads: {args.threads}")
         print("weight-space report, MB/s of expert weights (x raw read); after: best of 5 reports, each after a raw "
@@ -200,7 +203,9 @@ def main() -> None:
             print(line, flush=True)
         if args.no_rss:
             return
-        make(Path(tmp) / "e64", 64)
+        for name, e in (("e16", 16), ("e64", 64)):
+            if not (Path(tmp) / name).exists():
+                make(Path(tmp) / name, e)
         for name in ("e16", "e64"):
             code = (f"import torch; torch.set_num_threads({args.threads}); from moetool.quant.report import quantize_report; "
                     f"quantize_report({str(Path(tmp) / name)!r}, schemes=['int4_g128'], weight_only=True)")
