@@ -43,6 +43,11 @@ def _blocks():
     yield "tiny (subnormal fp8 range)", torch.randn(2, 32, 128, generator=g) * 1e-6
     yield "huge", torch.randn(2, 32, 128, generator=g) * 1e30
     yield "denormal float32", torch.randn(1, 16, 128, generator=g) * 1e-39
+    # int4 groups whose upper clamp binds: max / s and -min / s both x.5 (7.5 + 7.5 rounds to 8 + 8 > 15)
+    c = (torch.randn(1, 16, 256, generator=g) * 3).clamp(-7.5, 7.5)
+    c[..., 0], c[..., 1], c[..., 128], c[..., 129] = -7.5, 7.5, -6.5, 8.5
+    c[:, 8:] *= 3.0
+    yield "int4 clamp", c
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -206,11 +206,12 @@ static float scheme_row(int scheme, const float *restrict x, int64_t n, float hi
     case S_INT4_G128: {  /* first every group's scale and zero point, then the elements (no chain of
                           * reduction -> divisions -> elements per group for the CPU to wait on) */
         int64_t ng = (n + 127) / 128;
-        float *sc = grp, *zr = grp + ng;
+        float *sc = grp, *zr = grp + ng, *gmax = grp + 2 * ng;
         for (int64_t g = 0; g < ng; g++) {
             int64_t len = (g + 1) * 128 < n ? 128 : n - g * 128;
             float xmax, xmin;
             minmax(x + g * 128, len, &xmax, &xmin);
+            gmax[g] = xmax;
             xmin = xmin < 0.0f ? xmin : 0.0f;  /* torch.minimum(amin, 0) */
             xmax = xmax > 0.0f ? xmax : 0.0f;
             if (xmin == 0 && xmax == 0) { xmin = -1.0f; xmax = 1.0f; }
@@ -224,9 +225,17 @@ static float scheme_row(int scheme, const float *restrict x, int64_t n, float hi
         for (int64_t g = 0; g < ng; g++) {
             int64_t len = (g + 1) * 128 < n ? 128 : n - g * 128;
             vf top = splat(15.0f - zr[g]), vs = splat(sc[g]);
-#define Q(x8) (vupper(vround((x8) / vs), top) * vs)
-            ROWLOOP(g * 128, g * 128 + len, Q)
+            /* the upper bound too is a no-op where round(xmax / s) <= 15 - z (x <= xmax, by the same
+             * monotonicity); it binds only when both xmax / s and -xmin / s round up (ties, 7.5 + 7.5) */
+            if (vround(splat(gmax[g]) / vs)[0] <= 15.0f - zr[g]) {
+#define Q(x8) (vround((x8) / vs) * vs)
+                ROWLOOP(g * 128, g * 128 + len, Q)
 #undef Q
+            } else {
+#define Q(x8) (vupper(vround((x8) / vs), top) * vs)
+                ROWLOOP(g * 128, g * 128 + len, Q)
+#undef Q
+            }
         }
         break;
     }
