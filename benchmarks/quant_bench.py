@@ -206,7 +206,6 @@ def main() -> None:
         for name, e in (("e16", 16), ("e64", 64)):
             if not (Path(tmp) / name).exists():
                 make(Path(tmp) / name, e)
-        for name in ("e16", "e64"):
             code = (f"import torch; torch.set_num_threads({args.threads}); from moetool.quant.report import quantize_report; "
                     f"quantize_report({str(Path(tmp) / name)!r}, schemes=['int4_g128'], weight_only=True)")
             r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True)

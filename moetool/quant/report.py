@@ -303,17 +303,16 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
 
     carried: dict = {}  # weight space: the next layer's plan, its first block already read (see below)
 
-    def plan_layer(dec: Decoder, layer: int, routing) -> Optional[dict]:
+    def plan_layer(dec: Decoder, layer: int, idx: Optional[torch.Tensor]) -> dict:
         """A MoE layer's routed experts to score: its loader, the blocks of expert ids, the buffer sets
         (one, or two on a CPU with the native kernel: a block is read while the previous one is scored)."""
         store, names = dec.store, dec.names
         # Stored dtype (views of the mapped file; fp8 / MXFP4 dequantised to float32), converted to
         # float32 while copied into the block buffers on the scoring device.
         loader = Experts(store, names, layer, fc.family, spec.moe.expert_ffn, None, "cpu")
-        idx = routing[0]
         chosen = [e for e in range(spec.moe.num_experts) if experts is None or e in experts]
         if idx is not None and scorer.seen:  # a later block of a corpus: only the experts with new tokens
-            routed = torch.bincount(idx.reshape(-1).cpu(), minlength=spec.moe.num_experts).tolist()
+            routed = torch.bincount(idx.reshape(-1), minlength=spec.moe.num_experts).tolist()
             chosen = [e for e in chosen if routed[e] or (layer, e) not in scorer.seen]
         first = dict(zip(("gate", "up", "down"), loader.load(chosen[0] if chosen else 0)[:3]))  # shapes only (views)
         if first["gate"] is None:
@@ -336,7 +335,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         reader = readers.get(id(store))
         if reader is None:
             reader = readers[id(store)] = ExpertReader(store)
-        return {"layer": layer, "loader": loader, "blocks": blocks, "sets": sets, "reader": reader, "store": store,
+        return {"loader": loader, "blocks": blocks, "sets": sets, "reader": reader, "store": store,
                 "start": 0, "filled": False}
 
     def fill(lp: dict, block: list, bset: dict) -> None:  # a block's experts into one set of buffers
@@ -362,7 +361,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
             scorer.score(layer, None, mats, X[0], X[1], len(h), float(len(h)), act)
             return
         idx, w = (routing[0].cpu(), routing[1].float().cpu()) if routing[0] is not None else (None, None)
-        lp = carried.pop(layer, None) or plan_layer(dec, layer, (idx, w))
+        lp = carried.pop(layer, None) or plan_layer(dec, layer, idx)
         blocks, sets, s0 = lp["blocks"], lp["sets"], lp["start"]
         at = lambda j: sets[(s0 + j) % len(sets)]  # block j's buffers
         # With the native kernel the next block is read (a thread: preadv and the store release the GIL,
@@ -379,7 +378,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                 if j + 1 < len(blocks):
                     ahead = (lp, blocks[j + 1], at(j + 1))
                 elif next_layer is not None:
-                    nxt = carried[next_layer] = plan_layer(dec, next_layer, (None, None))
+                    nxt = carried[next_layer] = plan_layer(dec, next_layer, None)
                     if nxt["blocks"] and len(nxt["sets"]) > 1 and nxt["sets"][0] is sets[0]:
                         nxt["start"], nxt["filled"] = (s0 + j + 1) % 2, True  # its block 0 into the set not in use
                         ahead = (nxt, nxt["blocks"][0], nxt["sets"][nxt["start"]])
