@@ -81,6 +81,12 @@ def test_errors_with_a_scale_and_all_schemes_at_once(scheme):
     assert torch.isclose(errs[scheme].double(), ref, rtol=2e-6, atol=0).all()
     _, _, every = N.score(w, list(S.SCHEMES), moments=False, scale=scale)
     assert torch.equal(every[scheme], errs[scheme])
+    # and the per-matrix float64 sums the report reads (with the moments, or alone; one scheme or all)
+    for moments, schemes in ((False, [scheme]), (True, list(S.SCHEMES))):
+        out = N.score(w, schemes, moments=moments, scale=scale, sums=True)
+        want = ref.sum(-1)
+        assert torch.allclose(out[3][schemes.index(scheme)], want, rtol=2e-6, atol=0)
+        assert torch.allclose(out[3][schemes.index(scheme)], errs[scheme].double().sum(-1), rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -109,13 +115,24 @@ def test_statistics_against_float64(dtype):
             assert torch.allclose(got, ref, rtol=1e-12, atol=0, equal_nan=True), name
 
 
-def test_threads_split_the_block_and_agree():
-    w = (torch.randn(5, 48, 128, generator=torch.Generator().manual_seed(2)) * 0.02).bfloat16()
-    one = N.score(w, list(S.SCHEMES), moments=True, threads=1)
-    two = N.score(w, list(S.SCHEMES), moments=True, threads=2)
-    assert all(torch.equal(a, b) for a, b in zip(one[0], two[0]))
-    assert all(torch.equal(a, b) for a, b in zip(one[1], two[1]))
-    assert all(torch.equal(one[2][s], two[2][s]) for s in S.SCHEMES)
+@pytest.mark.parametrize("shape", [(5, 48, 128), (3, 300, 256)])
+def test_threads_split_the_block_and_agree(shape):
+    """Threads take chunks of rows from a shared counter: 32-row chunks (48 rows: 32 + 16), fp8_block's
+    whole 128-row bands (300 rows: 128 + 128 + 44), nvfp4's tensor scale from the chunks' maxima; the
+    same numbers as one thread, each scheme alone or all at once."""
+    w = (torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 0.02).bfloat16()
+    w[1, -1, 3] = 0.5  # nvfp4's tensor scale from the matrix's last chunk
+    for schemes in [list(S.SCHEMES), ["int8"], ["fp8_block"], ["nvfp4"]]:
+        one = N.score(w, schemes, moments=True, threads=1)
+        for threads in (2, 3):
+            other = N.score(w, schemes, moments=True, threads=threads)
+            assert all(torch.equal(a, b) for a, b in zip(one[0], other[0]))
+            assert all(torch.equal(a, b) for a, b in zip(one[1], other[1]))
+            assert all(torch.equal(one[2][s], other[2][s]) for s in schemes)
+    # and against the torch kernels, where nvfp4's scale comes from another chunk than the row's
+    diff = torch.empty(shape)
+    N.score(w, ["nvfp4"], moments=False, diff=diff, threads=3)
+    assert torch.equal(_bits(diff), _bits(S.nvfp4(w.float()) - w.float()))
 
 
 def test_what_it_takes():
@@ -221,7 +238,7 @@ def test_blocks_read_ahead_in_a_thread_give_the_same_report(tiny_qwen3_bf16, mon
                dict(calibration_tokens=48)):
         readers.clear()
         native = _report(tiny_qwen3_bf16, **kw)
-        ahead = sum(name.startswith("moetool-read") for name in readers)
+        ahead = sum(name.startswith("moetool-work") for name in readers)
         first = 1 if kw.get("weight_only") else len({r[0] for r in native})  # the first layer's / each layer's first
         assert ahead and ahead == len(readers) - first, readers
         monkeypatch.setenv("MOETOOL_QUANT_NATIVE", "0")

@@ -383,48 +383,76 @@ static void combine(const float *m7, int64_t R, int64_t rows, int64_t n, double 
     st[3 * S] = absmax;
 }
 
-/* W [B, out, n]: `moments` (NULL or [7][R]: s, hi, lo, s1, s2, s3, s4), `errs` ([nschemes][R]), R = `stride`
- * (at least B * out: a caller splitting a block over threads passes its part's first row and the
- * whole block's R), `diff` (NULL or [B, out, n], only with one scheme), `scales` (NULL or [B]: the
- * error scale per matrix), `stats` (NULL, or with `moments` [4][stats_stride]: each matrix's combined
- * statistics, see combine). Returns 0, or -1 when memory for a row could not be allocated. */
+/* Work comes in chunks: rows [r0, r0 + chunk) of one matrix (the last chunk of a matrix may be
+ * shorter), numbered matrix by matrix, chunks_per_matrix = ceil(out / chunk). The threads of a call
+ * take the next chunk from a shared counter (`next`, atomic; NULL: one thread, every chunk in turn), so
+ * a thread the machine takes away for a while (the report's read-ahead thread on a busy core) holds
+ * up one chunk, not a fixed share of the block. */
+static int64_t take(int64_t *next, int64_t *mine) {
+    if (!next) return (*mine)++;
+    return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+}
+
+/* nvfp4's first phase: part[c] = max |W| over chunk c's rows (a matrix's tensor scale is the max over
+ * its chunks, read by moetool_score once every chunk is done). */
+int moetool_amax(const void *w, int dtype, int64_t B, int64_t out, int64_t n, int64_t chunk, int64_t *next,
+                 float *part) {
+    size_t isz = dtype == DT_F32 ? 4 : 2;
+    int64_t cpm = (out + chunk - 1) / chunk, mine = 0;
+    float *tmp = aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
+    if (!tmp) return -1;
+    for (int64_t c; (c = take(next, &mine)) < B * cpm;) {
+        int64_t b = c / cpm, r0 = (c % cpm) * chunk, r1 = r0 + chunk < out ? r0 + chunk : out;
+        const char *mat = (const char *)w + (size_t)b * out * n * isz;
+        float amax = 0;
+        for (int64_t r = r0; r < r1; r++) {
+            to_f32(mat + (size_t)r * n * isz, dtype, n, tmp);
+            float a = absmax(tmp, n);
+            amax = a > amax ? a : amax;
+        }
+        part[c] = amax;
+    }
+    free(tmp);
+    return 0;
+}
+
+/* W [B, out, n]: `moments` (NULL or [7][R]: s, hi, lo, s1, s2, s3, s4), `errs` ([nschemes][R]), R = B * out
+ * rows, `diff` (NULL or [B, out, n], only with one scheme), `scales` (NULL or [B]: the error scale per
+ * matrix), `part` (with nvfp4: moetool_amax's chunk maxima, the same chunks). `chunk`: a multiple of 128
+ * (fp8_block's bands) or `out`. Returns 0, or -1 when memory for a row could not be allocated (the
+ * chunks this thread took are then left unscored). */
 int moetool_score(const void *w, int dtype, int64_t B, int64_t out, int64_t n, const float *scales,
-                  int nschemes, const int32_t *schemes, float *moments, float *errs, float *diff, int64_t stride,
-                  double *stats, int64_t stats_stride) {
+                  int nschemes, const int32_t *schemes, float *moments, float *errs, float *diff,
+                  int64_t chunk, int64_t *next, const float *part) {
     size_t isz = dtype == DT_F32 ? 4 : 2;
     int need_block = 0, need_amax = 0;
     for (int i = 0; i < nschemes; i++) { need_block |= schemes[i] == S_FP8_BLOCK; need_amax |= schemes[i] == S_NVFP4; }
-    int64_t nblk = (n + 127) / 128;
+    int64_t nblk = (n + 127) / 128, cpm = (out + chunk - 1) / chunk, mine = 0, R = B * out;
     float *xbuf = aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
     float *blk = need_block ? malloc(nblk * sizeof(float)) : NULL;
-    float *tmp = (need_block || need_amax) ? aligned_alloc(64, ((n * 4 + 63) / 64) * 64) : NULL;
+    float *tmp = need_block ? aligned_alloc(64, ((n * 4 + 63) / 64) * 64) : NULL;
     float *grp = malloc((n / 8 + 2) * sizeof(float));
-    if (!xbuf || !grp || (need_block && !blk) || ((need_block || need_amax) && !tmp)) {
+    if (!xbuf || !grp || (need_block && (!blk || !tmp))) {
         free(xbuf); free(blk); free(tmp); free(grp);
         return -1;
     }
-    int64_t R = stride;
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t c; (c = take(next, &mine)) < B * cpm;) {
+        int64_t b = c / cpm, r0 = (c % cpm) * chunk, r1 = r0 + chunk < out ? r0 + chunk : out;
         const char *mat = (const char *)w + (size_t)b * out * n * isz;
         float amax_t = 0;
-        if (need_amax) {  /* nvfp4's tensor scale: the matrix's max |W| first */
-            for (int64_t r = 0; r < out; r++) {
-                to_f32(mat + (size_t)r * n * isz, dtype, n, tmp);
-                float a = absmax(tmp, n);
-                amax_t = a > amax_t ? a : amax_t;
-            }
-        }
+        if (need_amax)  /* nvfp4's tensor scale: the matrix's max |W| */
+            for (int64_t k = 0; k < cpm; k++) amax_t = part[b * cpm + k] > amax_t ? part[b * cpm + k] : amax_t;
         float scale = scales ? scales[b] : 1.0f;
-        for (int64_t r = 0; r < out; r++) {
+        for (int64_t r = r0; r < r1; r++) {
             if (need_block && r % 128 == 0) {  /* fp8_block: the band's 128 x 128 block scales */
                 int64_t rend = r + 128 < out ? r + 128 : out;
-                for (int64_t c = 0; c < nblk; c++) blk[c] = 0;
+                for (int64_t c2 = 0; c2 < nblk; c2++) blk[c2] = 0;
                 for (int64_t rr = r; rr < rend; rr++) {
                     to_f32(mat + (size_t)rr * n * isz, dtype, n, tmp);
-                    for (int64_t c = 0; c < nblk; c++) {
-                        int64_t len = (c + 1) * 128 < n ? 128 : n - c * 128;
-                        float a = absmax(tmp + c * 128, len);
-                        blk[c] = a > blk[c] ? a : blk[c];
+                    for (int64_t c2 = 0; c2 < nblk; c2++) {
+                        int64_t len = (c2 + 1) * 128 < n ? 128 : n - c2 * 128;
+                        float a = absmax(tmp + c2 * 128, len);
+                        blk[c2] = a > blk[c2] ? a : blk[c2];
                     }
                 }
             }
@@ -454,8 +482,22 @@ int moetool_score(const void *w, int dtype, int64_t B, int64_t out, int64_t n, c
                                                diff ? diff + (size_t)row * n : NULL, scale, grp);
             }
         }
-        if (moments && stats) combine(moments + b * out, R, out, n, stats + b, stats_stride);
     }
     free(xbuf); free(blk); free(tmp); free(grp);
     return 0;
+}
+
+/* after moetool_score: every matrix's statistics from its rows' moments (`stats` [4][B], see combine; NULL:
+ * none) and each scheme's error summed over the matrix's rows in float64 (`sums` [nschemes][B]) */
+void moetool_combine(const float *moments, const float *errs, int nschemes, int64_t B, int64_t out, int64_t n,
+                     double *stats, double *sums) {
+    int64_t R = B * out;
+    for (int64_t b = 0; b < B; b++) {
+        if (stats) combine(moments + b * out, R, out, n, stats + b, B);
+        for (int i = 0; i < nschemes; i++) {
+            double acc = 0;
+            for (int64_t r = 0; r < out; r++) acc += errs[i * R + b * out + r];
+            sums[i * B + b] = acc;
+        }
+    }
 }

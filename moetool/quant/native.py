@@ -81,8 +81,12 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.moetool_score.argtypes = [p, ctypes.c_int, i64, i64, i64, p, ctypes.c_int, p, p, p, p, i64, p, i64]
+    lib.moetool_score.argtypes = [p, ctypes.c_int, i64, i64, i64, p, ctypes.c_int, p, p, p, p, i64, p, p]
     lib.moetool_score.restype = ctypes.c_int
+    lib.moetool_amax.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, p, p]
+    lib.moetool_amax.restype = ctypes.c_int
+    lib.moetool_combine.argtypes = [p, p, ctypes.c_int, i64, i64, i64, p, p]
+    lib.moetool_combine.restype = None
     lib.moetool_has_f16.restype = ctypes.c_int
     return lib
 
@@ -112,61 +116,89 @@ def supports(w: torch.Tensor, scheme: str) -> bool:
 
 
 def score(w: torch.Tensor, schemes: list[str], *, moments: bool, scale: Optional[torch.Tensor] = None,
-          diff: Optional[torch.Tensor] = None, threads: Optional[int] = None):
+          diff: Optional[torch.Tensor] = None, threads: Optional[int] = None, sums: bool = False):
     """W [B, out, in] -> (parts, stats, errors): with `moments`, each row's moments as
     kernels.row_moments gives them (float32 [7, B, out]) and each matrix's statistics as
     kernels.combine_moments gives them (||W||^2, kurtosis, max|W| / std, max|W|: float64 [4, B]), else
     None, None; errors {scheme: sum over each row of ((Q(W) - W) scale)^2, float32 [B, out]}.
-    Q(W) - W into `diff` (float32 [B, out, in], one scheme only). `scale`: float32 [B] or None."""
+    Q(W) - W into `diff` (float32 [B, out, in], one scheme only). `scale`: float32 [B] or None.
+    With `sums`, a fourth: each scheme's row errors summed per matrix in float64 ([len(schemes), B], the
+    schemes' order). The block's rows are split over `threads` (torch.get_num_threads()) in chunks."""
     lib = library()
     B, out, n = w.shape
     R = B * out
     ns = len(schemes)
-    f32 = torch.empty((7 if moments else 0) * R + ns * R, dtype=torch.float32)  # one allocation: rows' moments, errors
-    stats = torch.empty(4, B, dtype=torch.float64) if moments else None
-    ids = _ids(tuple(schemes))
-    sc = scale.to(torch.float32).contiguous() if scale is not None else None
+    ids, chunk, nvfp4 = _plan(tuple(schemes), out)
+    nchunks = B * -(-out // chunk)
+    threads = max(1, min(threads or torch.get_num_threads(), nchunks))
+    f32 = torch.empty(((7 if moments else 0) + ns) * R, dtype=torch.float32)  # one allocation: rows' moments, errors
+    m4 = 4 if moments else 0
+    f64 = torch.empty(m4 + (ns if sums else 0), B, dtype=torch.float64)  # matrices' statistics, error sums
     assert diff is None or (ns == 1 and diff.is_contiguous() and diff.dtype == torch.float32)
-    threads = max(1, min(threads or torch.get_num_threads(), B))
-    step = -(-B // threads)
-    isz = w.element_size()
-    wp, fp, dt = w.data_ptr(), f32.data_ptr(), _DTYPES[w.dtype]
-    ep = fp + (28 * R if moments else 0)
+    wp, fp, dt, f64p = w.data_ptr(), f32.data_ptr(), _DTYPES[w.dtype], f64.data_ptr()
+    mp, ep = (fp, fp + 28 * R) if moments else (None, fp)
+    scp = scale.to(torch.float32).contiguous() if scale is not None else None
+    dp = diff.data_ptr() if diff is not None else None
+    part = pp = None
+    if nvfp4:  # its tensor scale (each matrix's max |W|) before any row is scored
+        part = torch.empty(nchunks, dtype=torch.float32)
+        pp = part.data_ptr()
+        _parallel(threads, lambda nxt: lib.moetool_amax(wp, dt, B, out, n, chunk, nxt, pp))
+    sp = scp.data_ptr() if scp is not None else None
+    _parallel(threads, lambda nxt: lib.moetool_score(wp, dt, B, out, n, sp, ns, ids, mp, ep, dp, chunk, nxt, pp))
+    if moments or sums:
+        lib.moetool_combine(mp, ep, ns if sums else 0, B, out, n, f64p if moments else None, f64p + 8 * m4 * B)
+    rows = f32.view(-1, B, out)
+    result = (rows[:7], f64[:4]) if moments else (None, None)
+    result += (dict(zip(schemes, rows[7 if moments else 0:].unbind(0))),)
+    return result + (f64[m4:],) if sums else result
 
-    def run(b0: int) -> int:  # matrices [b0, b0 + step): their rows of mom / errs (no torch call here:
-        nb = min(B, b0 + step) - b0  # the pool's threads are outside the caller's inference mode)
-        return lib.moetool_score(wp + b0 * out * n * isz, dt, nb, out, n,
-                                 sc.data_ptr() + 4 * b0 if sc is not None else None, ns, ids,
-                                 fp + 4 * b0 * out if moments else None, ep + 4 * b0 * out,
-                                 diff.data_ptr() + 4 * b0 * out * n if diff is not None else None, R,
-                                 stats.data_ptr() + 8 * b0 if moments else None, B)
 
-    if threads == 1:
-        rcs = [run(0)]
-    else:
-        rcs = list(_pool(threads).map(run, range(0, B, step)))
+def _plan(schemes: tuple, out: int) -> tuple:
+    """(the schemes' ids as a C int32 array, rows per chunk: fp8_block's 128-row bands whole, nvfp4 among them)"""
+    key = (schemes, out)
+    plan = _PLANS.get(key)
+    if plan is None:
+        ids = (ctypes.c_int32 * max(1, len(schemes)))(*(SCHEME_IDS[s] for s in schemes))  # kept: read during calls
+        plan = _PLANS[key] = (ids, min(out, 128 if "fp8_block" in schemes else CHUNK_ROWS), "nvfp4" in schemes)
+    return plan
+
+
+_PLANS: dict = {}
+_POOLS: dict = {}
+CHUNK_ROWS = 32  # rows a thread takes at a time (~10-30 us of work at 1-4k columns)
+
+
+def _parallel(threads: int, call) -> None:
+    """call(next) on up to `threads` threads: this one and threads - 1 tasks on the shared pool (workers()),
+    `next` the address of their shared chunk counter; no torch call in `call` (the pool's threads are
+    outside the caller's inference mode). When this thread runs out of chunks, a task still queued
+    behind other work on the pool (the report's read of the next block) is cancelled, not waited for:
+    the reading thread joins the scoring once its read is done, and no call waits on a read. A memory
+    failure (-1 from any thread) raises MemoryError."""
+    counter = ctypes.c_int64(0)
+    nxt = ctypes.addressof(counter) if threads > 1 else None
+    futures = [workers(threads).submit(call, nxt) for _ in range(threads - 1)]
+    rcs = []
+    try:
+        rcs.append(call(nxt))
+    finally:  # the counter lives in this frame: no task may still be taking chunks once it returns
+        for f in futures:
+            if not f.cancel():
+                rcs.append(f.result())
     if any(rcs):
         raise MemoryError("quantize-report: out of memory for a row buffer")
-    rows = f32.view(-1, B, out)
-    errs = rows[7:] if moments else rows
-    return (rows[:7] if moments else None), stats, dict(zip(schemes, errs.unbind(0)))
 
 
-_ID_ARRAYS: dict = {}
-_POOLS: dict = {}
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """A pool kept for the process (starting threads for each call cost ~0.1 ms, a block's kernel ~1-5 ms)."""
-    pool = _POOLS.get(threads)
+def workers(threads: Optional[int] = None) -> ThreadPoolExecutor:
+    """The pool shared by the kernel's threads and the report's read-ahead (kept for the process: starting
+    threads for each call cost ~0.1 ms, a block's kernel ~1-5 ms): threads - 1 threads (the caller is the
+    other), one at least for the read-ahead; `threads`: torch.get_num_threads() by default. One pool, so
+    that reading the next block and scoring this one never run on more threads than the CPU has cores: a
+    kernel thread that waits for a core holds up its call (measured: two kernel threads beside a read
+    thread on two cores were slower than one)."""
+    n = max(1, (threads or torch.get_num_threads()) - 1)
+    pool = _POOLS.get(n)
     if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="moetool-quant")
+        pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="moetool-work")
     return pool
-
-
-def _ids(schemes: tuple) -> ctypes.Array:
-    """The schemes' ids as a C int32 array (kept: the kernel reads it during the call)."""
-    a = _ID_ARRAYS.get(schemes)
-    if a is None:
-        a = _ID_ARRAYS[schemes] = (ctypes.c_int32 * max(1, len(schemes)))(*(SCHEME_IDS[s] for s in schemes))
-    return a

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import random
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -200,15 +200,18 @@ class _Scorer:
                 continue
             # the native kernel (CPU): moments and, without diffs, every scheme it takes in one pass
             nat = [s for s in self.schemes if self.native and native.supports(W, s)]
-            fused = {}
+            fused = {}  # scheme -> each matrix's error, summed over its rows in float64
             if nat:
-                _, stats, fused = native.score(W, nat if diff is None else [], moments=True)
+                first = nat if diff is None else []
+                _, stats, _, err_sums = native.score(W, first, moments=True, sums=True)
+                rows = stats.tolist() + err_sums.tolist()  # one list per block; a block's Python in floats
+                fused = dict(zip(first, rows[4:]))
             else:
-                stats = torch.stack(_stats(W, compiled=self.compiled))
-            norm2, kurt, outlier, amax = stats.tolist()  # one sync per block; a block's Python in floats
+                rows = torch.stack(_stats(W, compiled=self.compiled)).tolist()
+            norm2, kurt, outlier, amax = rows[:4]
             scale = None  # errors squared as they are unless some weights are extreme
             if any(a < 2.0 ** -30 or a > 2.0 ** 30 for a in amax):
-                absmax = stats[3]
+                absmax = torch.tensor(amax, dtype=torch.float64, device=W.device)
                 k = torch.where(absmax > 0, -torch.floor(torch.log2(absmax)) - 1, torch.zeros_like(absmax))
                 scale = torch.exp2(k.clamp(-126, 126)).to(torch.float32)
                 fused = {}  # squared again with the scale
@@ -216,9 +219,9 @@ class _Scorer:
             for scheme in self.schemes:
                 if scheme in nat:
                     if scheme not in fused:
-                        fused.update(native.score(W, [scheme], moments=False, scale=scale, diff=diff)[2])
-                    err2 = fused[scheme].sum(-1, dtype=torch.float64)
-                    err2 = (err2 if scale is None else err2 / scale.double() ** 2).tolist()
+                        err2 = native.score(W, [scheme], moments=False, scale=scale, diff=diff, sums=True)[3][0]
+                        fused[scheme] = (err2 if scale is None else err2 / scale.double() ** 2).tolist()
+                    err2 = fused[scheme]
                 else:
                     err2 = _errors(W, scheme, diff, scale, self.compiled).tolist()
                 sums = {}
@@ -298,7 +301,8 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
     dev = torch.device(pick_device(device))  # where the schemes run (the forward's device)
     buffers: dict = {}  # the block buffers, allocated once and reused by every layer
     buffers2: dict = {}  # on a CPU, a second set: the next block is read while this one is scored
-    prefetch = ThreadPoolExecutor(1, thread_name_prefix="moetool-read") if dev.type == "cpu" else None
+    # on a CPU with the native kernel, the pool of its threads also reads the next block (native.workers)
+    inflight: list = []  # the read last started: done before the report returns
     readers: dict = {}  # per weight store: reads experts straight into the buffers (open files)
 
     carried: dict = {}  # weight space: the next layer's plan, its first block already read (see below)
@@ -330,7 +334,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         del first
         blocks = [chosen[s:s + per_block] for s in range(0, len(chosen), per_block)]
         sets = [bufs]
-        if prefetch is not None and scorer.native and (len(blocks) > 1 or weight_only):  # (8 MB more; float32: 64)
+        if dev.type == "cpu" and scorer.native and (len(blocks) > 1 or weight_only):  # (8 MB more; float32: 64)
             sets.append(_buffers(buffers2, {p: b[0] for p, b in bufs.items()}, per_block, dev, dtype))
         reader = readers.get(id(store))
         if reader is None:
@@ -364,9 +368,9 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         lp = carried.pop(layer, None) or plan_layer(dec, layer, idx)
         blocks, sets, s0 = lp["blocks"], lp["sets"], lp["start"]
         at = lambda j: sets[(s0 + j) % len(sets)]  # block j's buffers
-        # With the native kernel the next block is read (a thread: preadv and the store release the GIL,
-        # as does the kernel) while this one is scored, into the other set of buffers: the read's time hides
-        # behind the kernel's. In weight space the next layer's first block is read during this layer's
+        # With the native kernel the next block is read (on the kernel's pool, native.workers: preadv and the
+        # store release the GIL, as does the kernel) while this one is scored, into the other set of buffers:
+        # the read's time hides behind the kernel's, and the reading thread then helps score. In weight space the next layer's first block is read during this layer's
         # last (its plan is made here, before the read starts): the store is touched by one thread at a time.
         if blocks and not lp["filled"]:
             fill(lp, blocks[0], at(0))
@@ -386,7 +390,8 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                     def read_ahead(a=ahead, mode=mode):
                         with torch.inference_mode(mode):
                             fill(*a)
-                    pending = prefetch.submit(read_ahead)
+                    pending = native.workers().submit(read_ahead)
+                    inflight[:] = [pending]  # (the one before was waited for)
             data = []
             for e in block:
                 X = g = None
@@ -457,8 +462,7 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
                         ffn_hook=lambda dec, layer, h, routing: score_layer(dec, layer, h, routing),
                         last_layer=max(moe_layers))  # nothing to score after the last requested layer
     finally:
-        if prefetch is not None:
-            prefetch.shutdown(wait=True)
+        wait(inflight)  # (each is waited for where it is used; here too after an interrupt)
         for r in readers.values():
             r.close()
     bits_avg = {}
