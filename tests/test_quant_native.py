@@ -115,6 +115,35 @@ def test_statistics_against_float64(dtype):
             assert torch.allclose(got, ref, rtol=1e-12, atol=0, equal_nan=True), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_groups_from_the_first_pass_leave_the_rows_moments_unchanged(dtype):
+    """With int4_g128 the first pass takes each group's max and min and the row's from them: every row's
+    moments are the bits of a call without it (NaN rows, +-inf, signed zeros, partial groups included), and
+    its errors those of int4 alone."""
+    g = torch.Generator().manual_seed(5)
+    odd = torch.randn(1, 12, 320, generator=g)  # 320: two whole groups and half of one
+    odd[0, 0, 5] = float("nan")
+    odd[0, 1, 300] = float("nan")  # in the partial group
+    odd[0, 7, 127] = float("nan")  # in the last vector of a group (a group's max is NaN, the row's chain moves on)
+    odd[0, 8, 319] = float("nan")  # in the row's last vector
+    odd[0, 2, 3], odd[0, 2, 200] = float("inf"), float("-inf")  # sum NaN, no NaN in the row
+    odd[0, 3, 130] = float("inf")
+    odd[0, 4] = -odd[0, 4].abs()
+    odd[0, 4, 77] = -0.0  # max -0.0 ... and +0.0
+    odd[0, 5] = -odd[0, 5].abs()
+    odd[0, 5, 1], odd[0, 5, 250] = 0.0, -0.0
+    odd[0, 6] = 0.0
+    for name, w in [*_blocks(), ("non-finite and signed zeros", odd)]:
+        w = w.to(dtype)
+        if not N.supports(w, "int4_g128"):
+            continue
+        plain, _, _ = N.score(w, [], moments=True)
+        parts, _, errs = N.score(w, ["int4_g128", "int8"], moments=True)
+        assert torch.equal(_bits(parts), _bits(plain)), name
+        alone = N.score(w, ["int4_g128"], moments=False)[2]["int4_g128"]
+        assert torch.equal(_bits(errs["int4_g128"]), _bits(alone)), name
+
+
 @pytest.mark.parametrize("shape", [(5, 48, 128), (3, 300, 256)])
 def test_threads_split_the_block_and_agree(shape):
     """Threads take chunks of rows from a shared counter: 32-row chunks (48 rows: 32 + 16), fp8_block's
