@@ -92,6 +92,36 @@ def raw_reader(root: Path):
     return read, n
 
 
+def parallel_reader(root: Path, threads: int):
+    """read() as raw_reader's, the tensors dealt out to `threads` threads (os.preadv into one reused buffer
+    each; both release the GIL): the read a machine with that many cores can do, for --threads > 1."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moetool.source import resolve
+
+    ck = resolve(str(root))
+    experts = sorted((t for n, t in ck.tensors.items() if ".experts." in n), key=lambda t: t.begin)
+    start = 8 + int.from_bytes(open(experts[0].file, "rb").read(8), "little")
+    bufs = [memoryview(bytearray(max(t.nbytes for t in experts))) for _ in range(threads)]
+    pool = ThreadPoolExecutor(threads)
+
+    def part(k: int, fd: int) -> None:
+        for t in experts[k::threads]:
+            os.preadv(fd, [bufs[k][:t.nbytes]], start + t.begin)
+
+    def read() -> float:
+        fd = os.open(experts[0].file, os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            list(pool.map(lambda k: part(k, fd), range(threads)))
+            return time.perf_counter() - t0
+        finally:
+            os.close(fd)
+
+    return read
+
+
 def before_report(root: Path, schemes: list[str]) -> None:
     """The weight-space report as it was before issue 16: one expert at a time read as float32,
     one matrix per kernel call, float64 statistics and norms, the old kernels."""
@@ -141,7 +171,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=16, help="experts per layer of the timed checkpoint (16: 201 MB of "
                     "expert weights; 64: 805 MB, where the report's fixed costs weigh less, as on a real checkpoint)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the native kernel's too (1: as the raw read, one thread; "
-                    "the report's read-ahead thread comes on top)")
+                    "the report's read-ahead thread comes on top; N > 1: the kernel's threads and the read-ahead share N "
+                    "threads, and the ratios are also given against a read by N threads)")
     args = ap.parse_args()
     import torch
 
@@ -156,6 +187,11 @@ def main() -> None:
         print(f"checkpoint: 4 layers x {args.experts} experts x 3 projections of 1024x512, {nbytes / 1e6:.0f} MB of bf16 expert weights")
         print(f"raw read of the expert tensors (page cache warm, best of 5): {nbytes / secs / 1e9:.2f} GB/s wall, "
               f"{raw / 1e9:.2f} GB/s CPU time; torch threads: {args.threads}")
+        pread = parallel_reader(root, args.threads) if args.threads > 1 else None
+        if pread is not None:
+            print(f"raw read with {args.threads} threads (preadv, best of 5): "
+                  f"{nbytes / min(pread() for _ in range(5)) / 1e9:.2f} GB/s wall; each report's wall ratio is also "
+                  f"given against the best {args.threads}-thread read of its window ('x {args.threads}T')")
         print("weight-space report, MB/s of expert weights (x raw read); after: best of 5 reports, each after a raw "
               "read, the ratio against the best of those 5 reads (the same minutes of a machine whose speed moves); "
               "CPU time of this process")
@@ -186,14 +222,18 @@ def main() -> None:
             cpus = {}
             for mode in modes:
                 use(mode)
-                runs = [(read(), timed(lambda: quantize_report(str(root), schemes=ss, weight_only=True)))
-                        for _ in range(5)]
+                runs = [(read(), timed(lambda: quantize_report(str(root), schemes=ss, weight_only=True)),
+                         pread() if pread is not None else None) for _ in range(5)]
+                near_par = nbytes / min(r[2] for r in runs) if pread is not None else None
+                runs = [r[:2] for r in runs]
                 near = nbytes / min(r[1] for r, _ in runs)  # the raw read in this window (CPU time)
                 near_wall = nbytes / min(r[0] for r, _ in runs)
                 wall, cpu = min(w for _, (w, _) in runs), min(c for _, (_, c) in runs)
                 cpus[mode] = cpu
+                par = (f", {nbytes / wall / near_par:.3f} x {args.threads}T ({near_par / 1e9:.1f} GB/s)"
+                       if near_par is not None else "")
                 line += (f" {mode} wall {nbytes / wall / 1e6:7.1f} MB/s = {nbytes / wall / near_wall:.3f} x raw "
-                         f"({near_wall / 1e9:.1f} GB/s), CPU {nbytes / cpu / 1e6:7.1f} MB/s = "
+                         f"({near_wall / 1e9:.1f} GB/s){par}, CPU {nbytes / cpu / 1e6:7.1f} MB/s = "
                          f"{nbytes / cpu / near:.3f} x raw ({near / 1e9:.1f} GB/s);")
             use("native")
             if not args.no_before:
