@@ -447,9 +447,9 @@ int moetool_amax(const void *w, int dtype, int64_t B, int64_t out, int64_t n, in
 
 /* W [B, out, n]: `moments` (NULL or [7][R]: s, hi, lo, s1, s2, s3, s4), `errs` ([nschemes][R]), R = B * out
  * rows, `diff` (NULL or [B, out, n], only with one scheme), `scales` (NULL or [B]: the error scale per
- * matrix), `part` (with nvfp4: moetool_amax's chunk maxima, the same chunks). `chunk`: a multiple of 128
- * (fp8_block's bands) or `out`. Returns 0, or -1 when memory for a row could not be allocated (the
- * chunks this thread took are then left unscored). */
+ * matrix), `part` (with nvfp4: moetool_amax's chunk maxima, the same chunks). `chunk`: any number of
+ * rows; with fp8_block a multiple of 128 (its bands whole) or `out`. Returns 0, or -1 when memory for a
+ * row could not be allocated (the chunks this thread took are then left unscored). */
 int moetool_score(const void *w, int dtype, int64_t B, int64_t out, int64_t n, const float *scales,
                   int nschemes, const int32_t *schemes, float *moments, float *errs, float *diff,
                   int64_t chunk, int64_t *next, const float *part) {

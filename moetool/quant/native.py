@@ -12,8 +12,8 @@ Build: `$CC` (default `cc`) -O3 -march=native -ffp-contract=off, about half a se
 version, the flags and this CPU's feature flags; written to a temporary name and renamed, so a
 half-written library is never loaded. `MOETOOL_QUANT_NATIVE=0` turns it off (then the eager torch
 kernels, or inductor's with `MOETOOL_QUANT_COMPILE=1`); a missing or failing compiler says so once
-on stderr and the report goes on with the torch kernels. The calls release the GIL: a block's
-matrices are split over `torch.get_num_threads()` threads.
+on stderr and the report goes on with the torch kernels. The calls release the GIL: a block's rows
+are scored by `torch.get_num_threads()` threads in chunks taken from a shared counter (see _parallel).
 """
 
 from __future__ import annotations

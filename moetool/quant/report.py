@@ -370,8 +370,9 @@ def quantize_report(model: Optional[Any] = None, *, schemes: Optional[list[str]]
         at = lambda j: sets[(s0 + j) % len(sets)]  # block j's buffers
         # With the native kernel the next block is read (on the kernel's pool, native.workers: preadv and the
         # store release the GIL, as does the kernel) while this one is scored, into the other set of buffers:
-        # the read's time hides behind the kernel's, and the reading thread then helps score. In weight space the next layer's first block is read during this layer's
-        # last (its plan is made here, before the read starts): the store is touched by one thread at a time.
+        # the read's time hides behind the kernel's, and the reading thread then helps score. In weight
+        # space the next layer's first block is read during this layer's last (its plan is made here,
+        # before the read starts): the store is touched by one thread at a time.
         if blocks and not lp["filled"]:
             fill(lp, blocks[0], at(0))
         for j, block in enumerate(blocks):
