@@ -68,18 +68,23 @@ def make(root: Path, experts: int) -> None:
     (root / "config.json").write_text(json.dumps(cfg))
 
 
-def raw_reader(root: Path):
-    """(read, bytes): read() reads every routed-expert tensor's bytes from the file once (page cache warm)
-    and returns its (wall, CPU) seconds: the read's own CPU time is copying out of the page cache."""
+def _expert_tensors(root: Path) -> tuple[list, int]:
+    """The routed experts' tensors in file order, and where the file's data starts (after its header)."""
     from moetool.source import resolve
 
     ck = resolve(str(root))
     experts = sorted((t for n, t in ck.tensors.items() if ".experts." in n), key=lambda t: t.begin)
+    return experts, 8 + int.from_bytes(open(experts[0].file, "rb").read(8), "little")
+
+
+def raw_reader(root: Path):
+    """(read, bytes): read() reads every routed-expert tensor's bytes from the file once (page cache warm)
+    and returns its (wall, CPU) seconds: the read's own CPU time is copying out of the page cache."""
+    experts, start = _expert_tensors(root)
     n = sum(t.nbytes for t in experts)
     with open(experts[0].file, "rb") as f:  # warm the page cache
         while f.read(1 << 24):
             pass
-    start = 8 + int.from_bytes(open(experts[0].file, "rb").read(8), "little")
 
     def read() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -98,11 +103,7 @@ def parallel_reader(root: Path, threads: int):
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from moetool.source import resolve
-
-    ck = resolve(str(root))
-    experts = sorted((t for n, t in ck.tensors.items() if ".experts." in n), key=lambda t: t.begin)
-    start = 8 + int.from_bytes(open(experts[0].file, "rb").read(8), "little")
+    experts, start = _expert_tensors(root)
     bufs = [memoryview(bytearray(max(t.nbytes for t in experts))) for _ in range(threads)]
     pool = ThreadPoolExecutor(threads)
 
